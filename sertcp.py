@@ -1,0 +1,2316 @@
+#!/usr/bin/env python3
+"""sertcp - a serial device server in one file.
+
+sertcp joins serial ports (real UARTs, USB adapters, pyserial URLs, or
+virtual ports it creates as pseudo-terminals) to TCP: as a server that many
+clients share under clear rules, as a client that dials out, or both.
+
+The file reads top to bottom; each section uses only the ones above it:
+
+    1. constants
+    2. config       - the schema (every key once), INI and flag parsing,
+                      validation, --check output, the example file
+    3. cores        - sans-I/O: packer, client-selection policies
+                      (bytes, times and settings in; bytes, events and
+                      deadlines out; no sockets, no clocks)
+    4. reactor      - one selector loop with a timer heap
+    5. endpoints    - serial devices (fd, URL via a helper thread, virtual
+                      pty), client connections, listeners
+    6. port         - one serial port and its network side: admission,
+                      policies, buffering, packing, reopening
+    7. main         - command line, logging, signals, shutdown
+"""
+
+import errno
+import heapq
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+from collections import deque
+
+__version__ = "0.1.0"
+
+# =====================================================================
+# 1. Constants
+# =====================================================================
+
+PROGRAM = "sertcp"
+READ_CHUNK = 65536             # bytes asked of a device or socket per read
+DEVICE_HIGH_WATER = 65536      # queued for a device: stop reading clients
+CLIENT_HIGH_WATER = 65536      # queued for every recipient: pause the device
+MAX_PACKET = 65536             # a packer never holds more than this
+SHUTDOWN_DRAIN = 2.0           # seconds to write out what is queued at exit
+VIRTUAL_POLL = 0.1             # seconds between checks that a program opened a virtual port
+IDENTITY_PAUSE = 0.2           # an id ends at LF, CR LF or this pause
+
+EXIT_OK, EXIT_FATAL, EXIT_USAGE = 0, 1, 2
+
+
+# =====================================================================
+# 2. Configuration
+# =====================================================================
+
+class ConfigError(Exception):
+    """A configuration mistake; `where` names the file and line or the flag."""
+
+    def __init__(self, where, key, message):
+        self.where, self.key, self.message = where, key, message
+        super().__init__(self.__str__())
+
+    def __str__(self):
+        parts = [p for p in (self.where, self.key) if p]
+        return "%s: %s" % (": ".join(parts), self.message) if parts else self.message
+
+
+class ValueProblem(ValueError):
+    """Raised by a value parser; the caller adds where and which key."""
+
+
+def parse_bool(text):
+    value = text.strip().lower()
+    if value in ("yes", "true", "on", "1"):
+        return True
+    if value in ("no", "false", "off", "0"):
+        return False
+    raise ValueProblem("expected yes/no/true/false/on/off/1/0")
+
+
+def parse_size(text):
+    value = text.strip().lower()
+    scale = 1
+    if value[-1:] in ("k", "m", "g"):
+        scale = {"k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}[value[-1]]
+        value = value[:-1]
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueProblem("expected a size such as 4096, 64k or 1m")
+    if number < 0:
+        raise ValueProblem("must not be negative")
+    return number * scale
+
+
+def parse_bytes(text):
+    r"""C escapes (\r \n \t \\ \xNN \0) in a byte string."""
+    out = bytearray()
+    raw = text.encode("utf-8")
+    i = 0
+    simple = {b"r": b"\r", b"n": b"\n", b"t": b"\t", b"\\": b"\\", b"0": b"\0",
+              b"a": b"\a", b"b": b"\b", b"e": b"\x1b", b"'": b"'", b'"': b'"'}
+    while i < len(raw):
+        c = raw[i:i + 1]
+        if c != b"\\":
+            out += c
+            i += 1
+            continue
+        esc = raw[i + 1:i + 2]
+        if esc == b"x":
+            digits = raw[i + 2:i + 4]
+            try:
+                if len(digits) != 2:
+                    raise ValueError
+                out.append(int(digits, 16))
+            except ValueError:
+                raise ValueProblem("\\x needs two hex digits")
+            i += 4
+        elif esc in simple:
+            out += simple[esc]
+            i += 2
+        else:
+            raise ValueProblem("unknown escape \\%s (use \\r \\n \\t \\\\ \\xNN)"
+                               % esc.decode("utf-8", "replace"))
+    return bytes(out)
+
+
+def show_bytes(value):
+    """The inverse of parse_bytes, for --check output."""
+    out = []
+    for b in value:
+        ch = chr(b)
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch == "\r":
+            out.append("\\r")
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\t":
+            out.append("\\t")
+        elif 32 <= b < 127:
+            out.append(ch)
+        else:
+            out.append("\\x%02x" % b)
+    return "".join(out)
+
+
+def number_parser(kind, low=None, high=None):
+    def parse(text):
+        try:
+            value = kind(text.strip())
+        except ValueError:
+            raise ValueProblem("expected %s" % ("an integer" if kind is int else "a number"))
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueProblem("expected a finite number")
+        if low is not None and value < low:
+            raise ValueProblem("must be at least %s" % low)
+        if high is not None and value > high:
+            raise ValueProblem("must be at most %s" % high)
+        return value
+    return parse
+
+
+def choice_parser(*choices, aliases=None):
+    aliases = aliases or {}
+
+    def parse(text):
+        value = text.strip().lower()
+        value = aliases.get(value, value)
+        if value not in choices:
+            raise ValueProblem("expected one of: %s" % ", ".join(choices))
+        return value
+    return parse
+
+
+def parse_hostport(text, need_host=False):
+    """'PORT', 'HOST:PORT', '[V6]:PORT' -> (host or '', port)."""
+    value = text.strip()
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0 or value[end + 1:end + 2] != ":":
+            raise ValueProblem("expected [IPV6]:PORT")
+        host, port = value[1:end], value[end + 2:]
+    elif ":" in value:
+        host, _, port = value.rpartition(":")
+        if ":" in host:
+            raise ValueProblem("put IPv6 addresses in brackets: [::1]:PORT")
+    else:
+        host, port = "", value
+    if host == "*":
+        host = ""
+    if need_host and not host:
+        raise ValueProblem("expected HOST:PORT")
+    try:
+        number = int(port)
+    except ValueError:
+        raise ValueProblem("expected [HOST:]PORT with a numeric port")
+    if not 1 <= number <= 65535:
+        raise ValueProblem("port must be 1-65535")
+    return (host, number)
+
+
+def show_hostport(value):
+    host, port = value
+    if ":" in host:
+        return "[%s]:%d" % (host, port)
+    return "%s:%d" % (host, port) if host else str(port)
+
+
+def parse_listen(text):
+    return parse_hostport(text)
+
+
+def parse_connect(text):
+    peers = [p for p in (x.strip() for x in text.split(",")) if p]
+    if not peers:
+        raise ValueProblem("expected HOST:PORT[, HOST:PORT ...]")
+    return tuple(parse_hostport(p, need_host=True) for p in peers)
+
+
+def parse_keepalive(text):
+    parts = [p.strip() for p in text.split(",")]
+    if parts == ["0"]:
+        return (0, 0, 0)
+    if len(parts) != 3:
+        raise ValueProblem("expected IDLE,INTERVAL,COUNT (seconds, seconds, probes) or 0")
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        raise ValueProblem("expected three integers IDLE,INTERVAL,COUNT")
+    if min(values) < 1:
+        raise ValueProblem("each of IDLE,INTERVAL,COUNT must be at least 1 (0 alone turns keepalive off)")
+    return values
+
+
+def parse_line_state(text):
+    return choice_parser("on", "off", "keep", aliases={"yes": "on", "true": "on", "1": "on",
+                                                       "no": "off", "false": "off", "0": "off"})(text)
+
+
+REMOTE_CONTROL_ITEMS = ("settings", "dtr", "rts", "break", "purge")
+
+
+def parse_remote_control(text):
+    value = text.strip().lower()
+    if value in ("yes", "true", "on", "1", "all"):
+        return REMOTE_CONTROL_ITEMS
+    if value in ("no", "false", "off", "0", "none"):
+        return ()
+    items = tuple(x.strip() for x in value.split(",") if x.strip())
+    for item in items:
+        if item not in REMOTE_CONTROL_ITEMS:
+            raise ValueProblem("expected yes, no or a list of: %s" % ", ".join(REMOTE_CONTROL_ITEMS))
+    return items
+
+
+def parse_allow(text):
+    import ipaddress  # only configurations with allow lists pay for it
+    networks = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueProblem("%r is not an IP address or CIDR network" % item)
+    if not networks:
+        raise ValueProblem("expected a comma list of addresses or CIDRs")
+    return tuple(networks)
+
+
+def parse_text(text):
+    return text
+
+
+def parse_path(text):
+    value = text.strip()
+    if not value:
+        raise ValueProblem("expected a path")
+    return value
+
+
+class Key:
+    """One configuration key: declared once, used by the INI parser, the
+    flags, --check, the example file and the README table."""
+
+    def __init__(self, name, parse, default, help, show=str, secret=False):
+        self.name, self.parse, self.default, self.help = name, parse, default, help
+        self.show, self.secret = show, secret
+
+    @property
+    def flag(self):
+        return "--" + self.name.replace("_", "-")
+
+    def format(self, value):
+        if value is None:
+            return ""
+        if self.secret:
+            return "********"
+        return self.show(value)
+
+
+def _show_bool(v):
+    return "yes" if v else "no"
+
+
+def _show_float(v):
+    return ("%g" % v)
+
+
+def _show_list(v):
+    return ", ".join(str(x) for x in v)
+
+
+PORT_KEYS = [
+    # serial side
+    Key("device", parse_path, None, "path (/dev/ttyUSB0) or pyserial URL (loop://, socket://, rfc2217://) of the serial device"),
+    Key("virtual", parse_path, None, "create a pseudo-terminal with a symlink at this path: a virtual serial port for local programs"),
+    Key("baudrate", number_parser(int, 1), 9600, "bits per second; any rate the OS accepts"),
+    Key("bytesize", number_parser(int, 5, 8), 8, "data bits: 5-8"),
+    Key("parity", choice_parser("none", "even", "odd", "mark", "space",
+                                aliases={"n": "none", "e": "even", "o": "odd", "m": "mark", "s": "space"}),
+        "none", "none, even, odd, mark, space (N E O M S accepted)"),
+    Key("stopbits", choice_parser("1", "1.5", "2"), "1", "1, 1.5 or 2"),
+    Key("flow", choice_parser("none", "rtscts", "xonxoff", "dsrdtr"), "none", "flow control: none, rtscts, xonxoff, dsrdtr"),
+    Key("dtr_active", parse_line_state, "on", "DTR while at least one client is connected: on, off, keep"),
+    Key("rts_active", parse_line_state, "on", "RTS while at least one client is connected: on, off, keep"),
+    Key("dtr_idle", parse_line_state, "keep", "DTR while no client is connected: on, off, keep"),
+    Key("rts_idle", parse_line_state, "keep", "RTS while no client is connected: on, off, keep"),
+    Key("open_on_demand", parse_bool, False, "open the device only while at least one client is connected", _show_bool),
+    Key("reopen_interval", number_parser(float, 0.05), 2.0, "seconds between attempts to open a missing or failed device", _show_float),
+    Key("exclusive", parse_bool, True, "lock the device against other programs (TIOCEXCL and flock)", _show_bool),
+    Key("tx_pause_ms", number_parser(int, 0, 60000), 0, "milliseconds to pause between successive writes to the device"),
+    Key("strict_baud", parse_bool, False, "virtual ports: pace data at the port's baud rate, like a real line", _show_bool),
+    Key("listen_on_open", parse_bool, False, "virtual ports: accept or dial only while a local program has the port open", _show_bool),
+    # network side
+    Key("listen", parse_listen, None, "[HOST:]PORT to accept clients on ([::1]:PORT for IPv6; no host = all addresses)", show_hostport),
+    Key("connect", parse_connect, None, "HOST:PORT[, HOST:PORT ...] to dial, tried in order", lambda v: ", ".join(show_hostport(p) for p in v)),
+    Key("event_bytes", number_parser(int, 0), 0, "client role: 0 = dial at start and stay up; N = dial once N device bytes wait"),
+    Key("timeout", number_parser(float, 0), 0.0, "close a connection idle this many seconds in both directions (0 = never)", _show_float),
+    Key("reconnect_min", number_parser(float, 0.01), 1.0, "client role: shortest pause between failed dials", _show_float),
+    Key("reconnect_max", number_parser(float, 0.01), 60.0, "client role: longest pause between failed dials", _show_float),
+    Key("protocol", choice_parser("raw", "rfc2217"), "raw", "raw, or rfc2217 (Telnet COM-PORT-OPTION)"),
+    Key("rfc2217_role", choice_parser("auto", "server", "client"), "auto", "server, client, or auto (a virtual port is the client)"),
+    Key("remote_control", parse_remote_control, REMOTE_CONTROL_ITEMS, "rfc2217 server: what clients may change: yes, no, or a list of settings, dtr, rts, break, purge",
+        lambda v: "yes" if tuple(v) == REMOTE_CONTROL_ITEMS else (", ".join(v) if v else "no")),
+    Key("max_clients", number_parser(int, 1, 100000), 1, "server role: clients accepted at once"),
+    Key("backlog", number_parser(int, 1, 65535), 16, "server role: pending connections the kernel queues"),
+    Key("when_full", choice_parser("reject", "kick_oldest"), "reject", "when max_clients are connected: reject the newest, or kick_oldest"),
+    Key("send_to", choice_parser("all", "first", "last", "last_active", "none"), "all", "which clients get device data: all, first, last, last_active, none"),
+    Key("receive_from", choice_parser("all", "first", "last", "last_active", "none"), "all", "whose data goes to the device: all, first, last, last_active, none"),
+    Key("client_buffer", parse_size, 262144, "bytes queued for one client before slow_client applies", lambda v: str(v)),
+    Key("slow_client", choice_parser("disconnect", "drop"), "disconnect", "a client whose queue is full: disconnect it, or drop its data"),
+    Key("buffer", parse_size, 0, "device bytes held while no client is connected, for the next one (0 = discard)"),
+    Key("buffer_drop", choice_parser("newest", "oldest"), "newest", "when buffer is full: discard the newest or the oldest bytes"),
+    Key("nodelay", parse_bool, True, "TCP_NODELAY (send small packets at once)", _show_bool),
+    Key("keepalive", parse_keepalive, (60, 10, 3), "TCP keepalive IDLE,INTERVAL,COUNT, or 0 for off",
+        lambda v: "0" if not v[0] else "%d,%d,%d" % v),
+    Key("pack_size", parse_size, 0, "device->network: send when this many bytes are gathered (0 = off)"),
+    Key("pack_delimiter", parse_bytes, None, "device->network: send when this byte or 2-byte sequence arrives", show_bytes),
+    Key("pack_trailing", number_parser(int, 0, 2), 0, "bytes after the delimiter that belong to the packet (0-2)"),
+    Key("pack_strip", parse_bool, False, "drop the delimiter from the packet", _show_bool),
+    Key("pack_idle_ms", number_parser(int, 0, 3600000), 0, "device->network: send when the device was silent this long (0 = off)"),
+    Key("pack_max_ms", number_parser(int, 0, 3600000), 0, "device->network: never hold gathered data longer than this (0 = off)"),
+    Key("banner", parse_bytes, None, "bytes sent to each client on connect", show_bytes),
+    Key("connect_id", parse_bytes, None, "client role: bytes sent first on every connection (the device's identity)", show_bytes),
+    Key("identity", parse_bytes, None, "server role: the id a client must send first (shared listeners)", show_bytes),
+    Key("identity_timeout", number_parser(float, 0.01), 10.0, "seconds a client has to send its id or password", _show_float),
+    Key("allow", parse_allow, None, "comma list of IPs/CIDRs allowed to connect (IPv4 and IPv6)", _show_list),
+    Key("password", parse_text, None, "a client must send this password and a newline first", secret=True),
+    Key("password_file", parse_path, None, "file whose first line is the password"),
+    Key("tls_cert", parse_path, None, "server role: certificate chain (PEM) to serve TLS"),
+    Key("tls_key", parse_path, None, "server role: private key (PEM) for tls_cert"),
+    Key("tls_ca", parse_path, None, "server: require client certificates from this CA; client: verify the server with it"),
+    Key("tls", parse_bool, False, "client role: dial with TLS", _show_bool),
+    Key("tls_server_name", parse_text, None, "client role: name to verify (default: the host dialled)"),
+    Key("trace", parse_path, None, "file to which both directions are appended with timestamps"),
+    Key("trace_format", choice_parser("hex", "raw"), "hex", "hex (lines marked < device->net, > net->device) or raw"),
+]
+
+GLOBAL_KEYS = [
+    Key("log_level", choice_parser("debug", "info", "warning", "error"), "info", "debug, info, warning, error"),
+    Key("log", parse_path, "stderr", "stderr, syslog, or a file path"),
+    Key("pidfile", parse_path, None, "written at start, removed at exit"),
+    Key("status", parse_listen, None, "[HOST:]PORT of the HTTP status endpoint (/status JSON, /metrics)", show_hostport),
+    Key("user", parse_text, None, "after opening devices and binding, drop to this user"),
+]
+
+PORT_SCHEMA = {k.name: k for k in PORT_KEYS}
+GLOBAL_SCHEMA = {k.name: k for k in GLOBAL_KEYS}
+FLAG_TO_KEY = {k.flag: k for k in PORT_KEYS + GLOBAL_KEYS}
+CLI_PORT = "cli"
+
+# Keys whose feature a later release brings; they parse and validate now
+# so that files written for it are understood, but using them is refused
+# at start rather than silently ignored.
+NOT_YET = {
+    "protocol": lambda v: v != "raw",
+    "connect": lambda v: v is not None,
+    "identity": lambda v: v is not None,
+    "password": lambda v: v is not None,
+    "password_file": lambda v: v is not None,
+    "tls_cert": lambda v: v is not None,
+    "tls_ca": lambda v: v is not None,
+    "tls": lambda v: v,
+    "trace": lambda v: v is not None,
+}
+NOT_YET_GLOBAL = {"status": lambda v: v is not None, "user": lambda v: v is not None}
+
+
+class Setting:
+    """A raw key = value with where it came from."""
+    __slots__ = ("value", "where")
+
+    def __init__(self, value, where):
+        self.value, self.where = value, where
+
+
+def read_ini(path):
+    """Parse an INI file into {section: {key: Setting}} keeping line numbers.
+
+    Our own reader rather than configparser: errors must name the line, and
+    passwords and banners may hold '%' that configparser would interpolate.
+    Comment lines start with '#' or ';'; an indented line continues a value.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise ConfigError(path, None, "cannot read: %s" % e.strerror)
+    except UnicodeDecodeError:
+        raise ConfigError(path, None, "not UTF-8 text")
+    sections = {}
+    errors = []
+    current = None
+    last = None
+    for number, line in enumerate(lines, 1):
+        where = "%s:%d" % (path, number)
+        stripped = line.strip()
+        if not stripped or stripped[0] in "#;":
+            continue
+        if line[0] in " \t" and last is not None:
+            last.value += "\n" + stripped
+            continue
+        if stripped.startswith("["):
+            if not stripped.endswith("]") or len(stripped) < 3:
+                errors.append(ConfigError(where, None, "bad section header %r" % stripped))
+                current = None
+                continue
+            name = stripped[1:-1].strip()
+            if name in sections:
+                errors.append(ConfigError(where, None, "section [%s] appears twice" % name))
+            current = sections.setdefault(name, {})
+            last = None
+            continue
+        sep = min([i for i in (stripped.find("="), stripped.find(":")) if i > 0] or [-1])
+        if sep < 0:
+            errors.append(ConfigError(where, None, "expected 'key = value', got %r" % stripped))
+            continue
+        if current is None:
+            errors.append(ConfigError(where, None, "key outside any section"))
+            continue
+        key = stripped[:sep].strip().lower().replace("-", "_")
+        if key in current:
+            errors.append(ConfigError(where, key, "appears twice in this section"))
+        last = current[key] = Setting(stripped[sep + 1:].strip(), where)
+    return sections, errors
+
+
+class PortConfig:
+    """Every key of one port, parsed, defaults filled in."""
+
+    def __init__(self, name, values):
+        self.name = name
+        self.values = values
+
+    def __getattr__(self, key):
+        try:
+            return self.__dict__["values"][key]
+        except KeyError:
+            raise AttributeError(key)
+
+    def same_as(self, other):
+        return self.values == other.values
+
+
+class Config:
+    def __init__(self, global_values, ports, source=None):
+        self.globals = global_values
+        self.ports = ports          # list of PortConfig, in file order
+        self.source = source
+
+
+def _parse_settings(schema, settings, section_label, errors):
+    """Turn {key: Setting} into {key: value} with defaults; collect errors."""
+    values = {k.name: k.default for k in schema.values()}
+    for key, setting in settings.items():
+        spec = schema.get(key)
+        if spec is None:
+            known = sorted(schema)
+            hint = [k for k in known if k.startswith(key[:4])][:3]
+            errors.append(ConfigError(setting.where, key, "unknown key in %s%s" % (
+                section_label, ("; did you mean %s?" % " or ".join(hint)) if hint else "")))
+            continue
+        try:
+            values[key] = spec.parse(setting.value)
+        except ValueProblem as e:
+            shown = "********" if spec.secret else setting.value
+            errors.append(ConfigError(setting.where, key, "bad value %r: %s" % (shown, e)))
+    return values
+
+
+def _validate_port(port, where_of, errors):
+    """Combinations that each key alone cannot check."""
+    v = port.values
+
+    def err(key, message):
+        errors.append(ConfigError(where_of(key), key, message))
+
+    if v["device"] is None and v["virtual"] is None:
+        err("device", "port [%s] needs device or virtual" % port.name)
+    if v["device"] is not None and v["virtual"] is not None:
+        err("virtual", "port [%s] has both device and virtual; choose one" % port.name)
+    if v["listen"] is None and v["connect"] is None:
+        err("listen", "port [%s] needs listen or connect (or both)" % port.name)
+    if v["pack_delimiter"] is not None and not 1 <= len(v["pack_delimiter"]) <= 2:
+        err("pack_delimiter", "must be 1 or 2 bytes")
+    if v["pack_delimiter"] is None and (v["pack_trailing"] or v["pack_strip"]):
+        err("pack_trailing" if v["pack_trailing"] else "pack_strip", "needs pack_delimiter")
+    if v["reconnect_min"] > v["reconnect_max"]:
+        err("reconnect_min", "is larger than reconnect_max (%g > %g)" % (v["reconnect_min"], v["reconnect_max"]))
+    if v["virtual"] is None:
+        for key in ("strict_baud", "listen_on_open"):
+            if v[key]:
+                err(key, "applies only to virtual ports")
+    if v["password"] is not None and v["password_file"] is not None:
+        err("password_file", "set password or password_file, not both")
+    if (v["tls_cert"] is None) != (v["tls_key"] is None):
+        err("tls_key" if v["tls_key"] is None else "tls_cert", "tls_cert and tls_key go together")
+    if v["tls_cert"] is not None and v["listen"] is None:
+        err("tls_cert", "serves TLS on listen, which is not set")
+    if v["tls"] and v["connect"] is None:
+        err("tls", "dials with TLS on connect, which is not set")
+    if v["event_bytes"] and v["connect"] is None:
+        err("event_bytes", "needs connect")
+    if v["connect_id"] is not None and v["connect"] is None:
+        err("connect_id", "needs connect")
+    if v["identity"] is not None and v["listen"] is None:
+        err("identity", "needs listen")
+    if v["identity"] is not None and not v["identity"]:
+        err("identity", "must not be empty")
+    if v["identity"] is not None and (b"\n" in v["identity"] or b"\r" in v["identity"]):
+        err("identity", "must not contain CR or LF (they end an id)")
+    if v["device"] is not None and v["virtual"] is None and v["listen_on_open"]:
+        err("listen_on_open", "applies only to virtual ports")
+    for key in sorted(NOT_YET):
+        if NOT_YET[key](v[key]):
+            err(key, "is not supported by sertcp %s yet" % __version__)
+
+
+def _validate_ports(ports, where_of_port, errors):
+    """Rules across ports: shared listeners, one device per port."""
+    by_listen = {}
+    for port in ports:
+        if port.values["listen"] is not None:
+            by_listen.setdefault(port.values["listen"], []).append(port)
+    for address, group in by_listen.items():
+        if len(group) < 2:
+            continue
+        for port in group:
+            if port.values["identity"] is None and port.values["allow"] is None:
+                errors.append(ConfigError(where_of_port(port, "listen"), "listen",
+                                          "%s is shared by %s; each port on it needs identity or allow"
+                                          % (show_hostport(address), ", ".join("[%s]" % p.name for p in group))))
+    seen = {}
+    for port in ports:
+        for key in ("device", "virtual"):
+            path = port.values[key]
+            if path is None or "://" in path and path.startswith("loop://"):
+                continue
+            if path in seen:
+                errors.append(ConfigError(where_of_port(port, key), key,
+                                          "%s is already used by port [%s]" % (path, seen[path])))
+            seen[path] = port.name
+
+
+def parse_command_line(argv):
+    """Split argv into options: returns (opts, flag settings, device)."""
+    opts = {"config": None, "check": False, "print_service": None, "help": False, "version": False}
+    port_flags, global_flags = {}, {}
+    device = None
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        value = None
+        if arg.startswith("--") and "=" in arg:
+            arg, value = arg.split("=", 1)
+
+        def take():
+            nonlocal i
+            if value is not None:
+                return value
+            i += 1
+            if i >= len(argv):
+                raise ConfigError(arg, None, "needs a value")
+            return argv[i]
+        if arg in ("-h", "--help"):
+            opts["help"] = True
+        elif arg == "--version":
+            opts["version"] = True
+        elif arg == "--check":
+            opts["check"] = True
+        elif arg in ("-c", "--config"):
+            opts["config"] = take()
+        elif arg == "--print-service":
+            opts["print_service"] = take()
+        elif arg in FLAG_TO_KEY:
+            key = FLAG_TO_KEY[arg]
+            target = global_flags if key.name in GLOBAL_SCHEMA else port_flags
+            target[key.name] = Setting(take(), arg)
+        elif arg.startswith("-") and arg != "-":
+            raise ConfigError(arg, None, "unknown option (see --help)")
+        elif device is None:
+            device = arg
+        else:
+            raise ConfigError(arg, None, "only one DEVICE may be given (use -c FILE for several ports)")
+        i += 1
+    return opts, port_flags, global_flags, device
+
+
+def build_config(config_path, port_flags, global_flags, device):
+    """Merge file, flags and DEVICE into a validated Config, or raise a
+    list of every ConfigError found."""
+    errors = []
+    sections = {}
+    if config_path is not None:
+        try:
+            sections, read_errors = read_ini(config_path)
+            errors += read_errors
+        except ConfigError as e:
+            raise ConfigErrors([e])
+    global_settings = dict(sections.pop("global", {}))
+    default_settings = sections.pop("DEFAULT", {})
+    for key, setting in default_settings.items():
+        if key in GLOBAL_SCHEMA:
+            errors.append(ConfigError(setting.where, key, "is a global key; put it in [global]"))
+    if CLI_PORT in sections and (device or "virtual" in port_flags):
+        errors.append(ConfigError(config_path, None, "section [%s] clashes with the port given on the command line" % CLI_PORT))
+    global_settings.update(global_flags)
+    global_values = _parse_settings(GLOBAL_SCHEMA, global_settings, "[global]", errors)
+    for key in sorted(NOT_YET_GLOBAL):
+        if NOT_YET_GLOBAL[key](global_values[key]):
+            errors.append(ConfigError(global_settings[key].where, key, "is not supported by sertcp %s yet" % __version__))
+
+    port_sections = list(sections.items())
+    if device is not None or port_flags:
+        cli = dict(port_flags)
+        if device is not None:
+            cli["device"] = Setting(device, "DEVICE")
+        if "device" not in cli and "virtual" not in cli:
+            errors.append(ConfigError(None, None, "flags %s describe the command-line port, which needs DEVICE or --virtual"
+                                      % ", ".join(s.where for s in port_flags.values())))
+        else:
+            port_sections.append((CLI_PORT, cli))
+    if not port_sections:
+        errors.append(ConfigError(config_path, None, "no ports: give DEVICE or --virtual PATH, or -c FILE with a port section"))
+
+    ports = []
+    wheres = {}
+    for name, settings in port_sections:
+        merged = dict(default_settings)
+        merged.update(settings)
+        label = "[%s]" % name
+        values = _parse_settings(PORT_SCHEMA, {k: s for k, s in merged.items() if k not in GLOBAL_SCHEMA}, label, errors)
+        if values["password_file"] is not None and values["password"] is None:
+            pass  # read when the port starts, so that SIGHUP picks up a changed file
+        port = PortConfig(name, values)
+        ports.append(port)
+        wheres[name] = merged
+
+        def where_of(key, merged=merged, label=label):
+            s = merged.get(key)
+            return s.where if s is not None else (config_path or "command line") + " " + label
+        _validate_port(port, where_of, errors)
+
+    _validate_ports(ports, lambda port, key: (wheres[port.name][key].where if key in wheres[port.name]
+                                              else "[%s]" % port.name), errors)
+    if errors:
+        raise ConfigErrors(errors)
+    return Config(global_values, ports, config_path)
+
+
+class ConfigErrors(Exception):
+    def __init__(self, errors):
+        self.errors = errors
+        super().__init__("\n".join(str(e) for e in errors))
+
+
+def format_config(config):
+    """The effective configuration as INI text (for --check)."""
+    lines = ["# effective configuration (defaults filled in)", "[global]"]
+    for key in GLOBAL_KEYS:
+        lines.append("%s = %s" % (key.name, key.format(config.globals[key.name])))
+    for port in config.ports:
+        lines.append("")
+        lines.append("[%s]" % port.name)
+        for key in PORT_KEYS:
+            lines.append("%s = %s" % (key.name, key.format(port.values[key.name])))
+    return "\n".join(lines) + "\n"
+
+
+def example_ini():
+    """sertcp.ini.example, generated from the schema (a test keeps the file
+    in the repository equal to this)."""
+    out = ["# sertcp.ini.example - every key with its default and meaning.",
+           "# Generated from the schema in sertcp.py: python3 sertcp.py --print-example",
+           "#",
+           "# [global] holds process-wide keys; every other section is one serial port.",
+           "# [DEFAULT] keys apply to every port. Booleans: yes/no/true/false/on/off/1/0.",
+           "# Sizes: 4096, 64k, 1m. Times in seconds unless the key ends in _ms.",
+           "# Byte strings (banner, connect_id, identity, pack_delimiter) take C escapes.",
+           "", "[global]"]
+    for key in GLOBAL_KEYS:
+        out.append("# %s" % key.help)
+        out.append("%s%s = %s" % ("" if key.default is not None else ";", key.name, key.format(key.default)))
+    out += ["", "# One port: a virtual serial port bridged to TCP port 7000.",
+            "# Change 'virtual' to 'device = /dev/ttyUSB0' for a real adapter.", "[example]"]
+    for key in PORT_KEYS:
+        out.append("# %s" % key.help)
+        if key.name == "virtual":
+            out.append("virtual = /tmp/ttySERTCP0")
+        elif key.name == "listen":
+            out.append("listen = 127.0.0.1:7000")
+        else:
+            out.append("%s%s = %s" % ("" if key.default is not None else ";", key.name, key.format(key.default)))
+    return "\n".join(out) + "\n"
+
+
+# =====================================================================
+# 3. Protocol cores (sans-I/O)
+# =====================================================================
+
+class Packer:
+    """Device->network packetizing: size, delimiter (+ trailing bytes, strip),
+    idle gap and maximum hold, in any combination.
+
+    feed(data, now) returns the packets completed by data; deadline() says
+    when expire(now) must be called to flush on the idle or max timer.  With
+    no rule set, `enabled` is False and the caller bypasses the packer."""
+
+    def __init__(self, size=0, delimiter=None, trailing=0, strip=False, idle=0.0, max_hold=0.0,
+                 limit=MAX_PACKET):
+        self.size = size
+        self.delimiter = delimiter or b""
+        self.trailing = trailing
+        self.strip = strip
+        self.idle = idle
+        self.max_hold = max_hold
+        self.limit = max(limit, size)
+        self.enabled = bool(size or self.delimiter or idle or max_hold)
+        self.pending = bytearray()
+        self.first_at = None       # when the oldest pending byte arrived
+        self.last_at = None        # when the newest pending byte arrived
+        self.scan_from = 0         # delimiter search resumes here
+
+    @classmethod
+    def from_config(cls, port):
+        return cls(port.pack_size, port.pack_delimiter, port.pack_trailing, port.pack_strip,
+                   port.pack_idle_ms / 1000.0, port.pack_max_ms / 1000.0)
+
+    def feed(self, data, now):
+        if not data:
+            return []
+        if not self.pending:
+            self.first_at = now
+        self.last_at = now
+        self.pending += data
+        packets = []
+        while self.pending:
+            cut = self._find_cut()
+            if cut is None:
+                break
+            packets.append(self._take(cut))
+        if self.pending and len(self.pending) >= self.limit:
+            packets.append(self._take((len(self.pending), len(self.pending), 0)))
+        return packets
+
+    def _find_cut(self):
+        """(end of packet, end of delimiter region to strip, delimiter length)."""
+        best = None
+        if self.delimiter:
+            start = max(0, self.scan_from - len(self.delimiter) + 1)
+            at = self.pending.find(self.delimiter, start)
+            if at >= 0:
+                end = at + len(self.delimiter) + self.trailing
+                if end <= len(self.pending):
+                    best = (end, at, len(self.delimiter))
+                else:
+                    self.scan_from = at  # wait for the trailing bytes
+                    if self.size and len(self.pending) >= self.size and self.size <= at:
+                        return (self.size, self.size, 0)
+                    return None
+            else:
+                self.scan_from = len(self.pending)
+        if self.size and len(self.pending) >= self.size and (best is None or self.size < best[0]):
+            return (self.size, self.size, 0)
+        return best
+
+    def _take(self, cut):
+        end, delimiter_at, delimiter_len = cut
+        packet = bytes(self.pending[:end])
+        if self.strip and delimiter_len:
+            packet = packet[:delimiter_at] + packet[delimiter_at + delimiter_len:]
+        del self.pending[:end]
+        self.scan_from = 0
+        if self.pending:
+            self.first_at = self.last_at  # the rest arrived with the newest chunk
+        else:
+            self.first_at = None
+        return packet
+
+    def deadline(self):
+        if not self.pending:
+            return None
+        times = []
+        if self.idle:
+            times.append(self.last_at + self.idle)
+        if self.max_hold:
+            times.append(self.first_at + self.max_hold)
+        return min(times) if times else None
+
+    def expire(self, now):
+        """Flush what is pending if the idle gap or the maximum hold ran out."""
+        due = self.deadline()
+        if due is None or now < due:
+            return []
+        return [self.flush()]
+
+    def flush(self):
+        packet = bytes(self.pending)
+        self.pending.clear()
+        self.first_at = self.last_at = None
+        self.scan_from = 0
+        return packet
+
+
+def choose_clients(policy, clients, active):
+    """Which of `clients` (oldest first) a policy selects.
+
+    Serial to Ethernet Connector's terms: first / last are the oldest /
+    newest connection; last_active is the client that most recently sent
+    data (`active`), or the newest when none has sent yet."""
+    if not clients or policy == "none":
+        return ()
+    if policy == "all":
+        return clients
+    if policy == "first":
+        return clients[:1]
+    if policy == "last":
+        return clients[-1:]
+    if policy == "last_active":
+        return (active,) if active is not None else clients[-1:]
+    raise ValueError(policy)
+
+
+def client_selected(policy, client, clients, active):
+    """True if `client` may send to the device under `policy`."""
+    if policy == "all":
+        return True
+    if policy == "none" or not clients:
+        return False
+    if policy == "first":
+        return client is clients[0]
+    if policy == "last":
+        return client is clients[-1]
+    # last_active: the client that sent most recently holds the device; a
+    # client that sends becomes that client, so its own data is accepted.
+    return True
+
+
+class ByteBuffer:
+    """Device data held while nobody is connected, bounded, dropping the
+    newest or the oldest bytes when full; returns how much it dropped."""
+
+    def __init__(self, limit, drop="newest"):
+        self.limit, self.drop = limit, drop
+        self.data = bytearray()
+
+    def add(self, chunk):
+        if self.limit <= 0:
+            return len(chunk)
+        room = self.limit - len(self.data)
+        if len(chunk) <= room:
+            self.data += chunk
+            return 0
+        if self.drop == "newest":
+            self.data += chunk[:room]
+            return len(chunk) - room
+        self.data += chunk
+        dropped = len(self.data) - self.limit
+        del self.data[:dropped]
+        return dropped
+
+    def take(self):
+        data = bytes(self.data)
+        self.data.clear()
+        return data
+
+    def __len__(self):
+        return len(self.data)
+
+
+# =====================================================================
+# 4. Reactor: one selector loop with a timer heap
+# =====================================================================
+
+class Timer:
+    __slots__ = ("when", "callback", "cancelled")
+
+    def __init__(self, when, callback):
+        self.when, self.callback, self.cancelled = when, callback, False
+
+    def cancel(self):
+        self.cancelled = True
+
+    def __lt__(self, other):
+        return self.when < other.when
+
+
+class Reactor:
+    """Owns every file descriptor and deadline.  Handlers are objects with
+    fileno(), on_readable() and on_writable(); threads hand work in with
+    call_soon_threadsafe(), the only method they may call."""
+
+    def __init__(self):
+        self.selector = selectors.DefaultSelector()
+        self.timers = []
+        self.running = False
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        self.from_threads = deque()
+        self.selector.register(self.wake_r, selectors.EVENT_READ, None)
+        self.signals = deque()
+
+    @staticmethod
+    def now():
+        return time.monotonic()
+
+    def call_at(self, when, callback):
+        timer = Timer(when, callback)
+        heapq.heappush(self.timers, timer)
+        return timer
+
+    def call_later(self, delay, callback):
+        return self.call_at(time.monotonic() + delay, callback)
+
+    def call_soon_threadsafe(self, callback):
+        self.from_threads.append(callback)
+        self.wake()
+
+    def wake(self):
+        try:
+            os.write(self.wake_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass
+
+    def set_interest(self, handler, read, write):
+        """Watch handler's fd for reading and/or writing (neither = forget)."""
+        mask = (selectors.EVENT_READ if read else 0) | (selectors.EVENT_WRITE if write else 0)
+        old = handler.watched
+        if mask == old:
+            return
+        fd = handler.fileno()
+        if old == 0:
+            self.selector.register(fd, mask, handler)
+        elif mask == 0:
+            self.selector.unregister(fd)
+        else:
+            self.selector.modify(fd, mask, handler)
+        handler.watched = mask
+
+    def forget(self, handler):
+        if handler.watched:
+            try:
+                self.selector.unregister(handler.fileno())
+            except (KeyError, ValueError, OSError):
+                pass
+            handler.watched = 0
+
+    def run_once(self, max_wait=None):
+        now = time.monotonic()
+        timers = self.timers
+        while timers and timers[0].cancelled:
+            heapq.heappop(timers)
+        timeout = max(0.0, timers[0].when - now) if timers else None
+        if max_wait is not None:
+            timeout = max_wait if timeout is None else min(timeout, max_wait)
+        events = self.selector.select(timeout)
+        for key, mask in events:
+            handler = key.data
+            if handler is None:
+                self._drain_wake()
+                continue
+            if mask & selectors.EVENT_READ and handler.watched & selectors.EVENT_READ:
+                handler.on_readable()
+            if mask & selectors.EVENT_WRITE and handler.watched & selectors.EVENT_WRITE:
+                handler.on_writable()
+        now = time.monotonic()
+        while timers and (timers[0].cancelled or timers[0].when <= now):
+            timer = heapq.heappop(timers)
+            if not timer.cancelled:
+                timer.cancelled = True
+                timer.callback()
+        while self.from_threads:
+            self.from_threads.popleft()()
+
+    def _drain_wake(self):
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+
+# =====================================================================
+# 5. Endpoints: serial devices, connections, listeners
+# =====================================================================
+
+PARITY_TO_PYSERIAL = {"none": "N", "even": "E", "odd": "O", "mark": "M", "space": "S"}
+STOPBITS_TO_PYSERIAL = {"1": 1, "1.5": 1.5, "2": 2}
+
+
+def describe_error(exc):
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or exc.__class__.__name__
+
+
+class Device:
+    """The serial side of a port.  The port calls open(), write(), close()
+    and set_lines(); the device calls port.on_device_data(data),
+    port.on_device_lost(reason) and port.on_device_opened().
+
+    Writes are queued in `tx` and written as the device accepts them;
+    `tx_pause` spaces successive writes (ezTCP's TX interval)."""
+
+    watched = 0
+
+    def __init__(self, port, reactor):
+        self.port = port
+        self.config = port.config
+        self.reactor = reactor
+        self.tx = deque()
+        self.tx_bytes = 0
+        self.tx_pause = self.config.tx_pause_ms / 1000.0
+        self.tx_held_until = 0.0
+        self.tx_timer = None
+        self.is_open = False
+        self.reading_paused = False
+
+    # -- what every kind of device shares --
+
+    def write(self, data):
+        self.tx.append(data)
+        self.tx_bytes += len(data)
+        self._flush()
+
+    def _flush(self):
+        while self.tx and self.is_open:
+            if self.tx_pause:
+                now = self.reactor.now()
+                if now < self.tx_held_until:
+                    if self.tx_timer is None:
+                        self.tx_timer = self.reactor.call_at(self.tx_held_until, self._tx_timer_fired)
+                    return
+            chunk = self.tx[0]
+            try:
+                n = self._write_some(chunk)
+            except OSError as e:
+                self._lost("write failed: %s" % describe_error(e))
+                return
+            if n is None or n == 0:
+                self._want_write(True)
+                return
+            self.tx_bytes -= n
+            self.port.counted_to_device(chunk[:n])
+            if n < len(chunk):
+                self.tx[0] = chunk[n:]
+                self._want_write(True)
+                return
+            self.tx.popleft()
+            if self.tx_pause:
+                self.tx_held_until = self.reactor.now() + self.tx_pause
+        self._want_write(False)
+        self.port.on_device_drained()
+
+    def _tx_timer_fired(self):
+        self.tx_timer = None
+        self._flush()
+
+    def discard_tx(self):
+        dropped = self.tx_bytes
+        self.tx.clear()
+        self.tx_bytes = 0
+        return dropped
+
+    def pause_reading(self, paused):
+        if paused != self.reading_paused:
+            self.reading_paused = paused
+            self._update_interest()
+
+    def _lost(self, reason):
+        self.close()
+        self.port.on_device_lost(reason)
+
+    # -- what each kind provides --
+
+    def _write_some(self, data):
+        raise NotImplementedError
+
+    def _want_write(self, want):
+        pass
+
+    def _update_interest(self):
+        pass
+
+    def set_lines(self, dtr, rts):
+        """Set DTR/RTS (None = leave); returns a description for the log."""
+        return ""
+
+    def modem_status(self):
+        return {}
+
+
+class FdDevice(Device):
+    """A tty path opened with pyserial, then read and written through its
+    file descriptor by the selector loop (no thread, no polling)."""
+
+    def __init__(self, port, reactor):
+        super().__init__(port, reactor)
+        self.serial = None
+        self.fd = None
+        self.want_write = False
+
+    def fileno(self):
+        return self.fd
+
+    def label(self):
+        return self.config.device
+
+    def open(self):
+        import serial  # pyserial: imported where first needed, so --check stays fast
+        c = self.config
+        ser = serial.Serial()
+        ser.port = c.device
+        ser.baudrate = c.baudrate
+        ser.bytesize = c.bytesize
+        ser.parity = PARITY_TO_PYSERIAL[c.parity]
+        ser.stopbits = STOPBITS_TO_PYSERIAL[c.stopbits]
+        ser.xonxoff = c.flow == "xonxoff"
+        ser.rtscts = c.flow == "rtscts"
+        ser.dsrdtr = c.flow == "dsrdtr"
+        ser.exclusive = c.exclusive
+        ser.timeout = 0
+        dtr, rts = self.port.wanted_lines()
+        if dtr is not None:
+            ser.dtr = dtr
+        if rts is not None:
+            ser.rts = rts
+        try:
+            ser.open()
+        except (serial.SerialException, OSError, ValueError) as e:
+            raise OSError(getattr(e, "errno", None) or errno.EIO, describe_error(e))
+        if c.exclusive:
+            try:
+                import fcntl
+                import termios
+                fcntl.ioctl(ser.fd, termios.TIOCEXCL)
+            except (OSError, AttributeError):
+                pass  # not a tty that supports it; flock still holds
+        self.serial = ser
+        self.fd = ser.fd
+        self.is_open = True
+        self._update_interest()
+        self._flush()
+
+    def close(self):
+        if self.serial is None:
+            return
+        self.reactor.forget(self)
+        self.is_open = False
+        try:
+            self.serial.close()
+        except Exception:  # a vanished USB device may fail in any way here
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+        self.serial = None
+        self.fd = None
+
+    def _update_interest(self):
+        if self.is_open:
+            self.reactor.set_interest(self, not self.reading_paused, self.want_write)
+
+    def _want_write(self, want):
+        if want != self.want_write:
+            self.want_write = want
+            self._update_interest()
+
+    def on_readable(self):
+        try:
+            data = os.read(self.fd, READ_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            # EIO: the USB adapter was unplugged or the pty's other side closed
+            self._lost("read failed: %s" % describe_error(e))
+            return
+        if not data:
+            self._lost("hung up")
+            return
+        self.port.on_device_data(data)
+
+    def on_writable(self):
+        self._flush()
+
+    def _write_some(self, data):
+        try:
+            return os.write(self.fd, data)
+        except BlockingIOError:
+            return 0
+
+    def set_lines(self, dtr, rts):
+        if self.serial is None:
+            return ""
+        try:
+            if dtr is not None:
+                self.serial.dtr = dtr
+            if rts is not None:
+                self.serial.rts = rts
+        except (OSError, Exception) as e:  # ptys refuse modem ioctls (ENOTTY/EINVAL)
+            return "cannot set lines: %s" % describe_error(e)
+        return ""
+
+    def modem_status(self):
+        try:
+            s = self.serial
+            return {"CTS": s.cts, "DSR": s.dsr, "RI": s.ri, "CD": s.cd}
+        except Exception:
+            return {}
+
+
+class UrlDevice(Device):
+    """A pyserial URL (loop://, socket://, rfc2217://, ...) that has no file
+    descriptor to select on: a reader thread and a writer thread do the
+    blocking calls and hand results to the loop.  They never touch the
+    port's state; the loop never blocks on them."""
+
+    def __init__(self, port, reactor):
+        super().__init__(port, reactor)
+        self.serial = None
+        self.generation = 0
+        self.outbox = None
+        self.in_flight = 0
+
+    def label(self):
+        return self.config.device
+
+    def open(self):
+        import serial
+        import threading
+        import queue
+        c = self.config
+        ser = serial.serial_for_url(c.device, do_not_open=True)
+        ser.baudrate = c.baudrate
+        ser.bytesize = c.bytesize
+        ser.parity = PARITY_TO_PYSERIAL[c.parity]
+        ser.stopbits = STOPBITS_TO_PYSERIAL[c.stopbits]
+        ser.xonxoff = c.flow == "xonxoff"
+        ser.rtscts = c.flow == "rtscts"
+        ser.dsrdtr = c.flow == "dsrdtr"
+        ser.timeout = 0.05
+        dtr, rts = self.port.wanted_lines()
+        if dtr is not None:
+            ser.dtr = dtr
+        if rts is not None:
+            ser.rts = rts
+        try:
+            ser.open()
+        except (serial.SerialException, OSError, ValueError) as e:
+            raise OSError(getattr(e, "errno", None) or errno.EIO, describe_error(e))
+        self.serial = ser
+        self.generation += 1
+        self.outbox = queue.Queue()
+        self.in_flight = 0
+        self.is_open = True
+        generation = self.generation
+        threading.Thread(target=self._reader, args=(ser, generation), daemon=True,
+                         name="sertcp-read-%s" % self.port.name).start()
+        threading.Thread(target=self._writer, args=(ser, self.outbox, generation), daemon=True,
+                         name="sertcp-write-%s" % self.port.name).start()
+        self._flush()
+
+    def close(self):
+        if self.serial is None:
+            return
+        self.is_open = False
+        self.generation += 1
+        self.outbox.put(None)
+        ser, self.serial = self.serial, None
+        try:
+            ser.close()
+        except Exception:
+            pass
+
+    # The threads: blocking calls only, results posted to the loop.
+
+    def _reader(self, ser, generation):
+        while True:
+            try:
+                data = ser.read(max(1, min(READ_CHUNK, ser.in_waiting)))
+            except Exception as e:
+                if self.generation == generation:
+                    self.reactor.call_soon_threadsafe(lambda e=e: self._thread_failed(generation, e))
+                return
+            if self.generation != generation:
+                return
+            if data:
+                self.reactor.call_soon_threadsafe(lambda d=data: self._thread_data(generation, d))
+
+    def _writer(self, ser, outbox, generation):
+        while True:
+            data = outbox.get()
+            if data is None:
+                return
+            try:
+                ser.write(data)
+            except Exception as e:
+                self.reactor.call_soon_threadsafe(lambda e=e: self._thread_failed(generation, e))
+                return
+            self.reactor.call_soon_threadsafe(lambda n=len(data): self._thread_wrote(generation, n))
+
+    # Back on the loop.
+
+    def _thread_data(self, generation, data):
+        if generation == self.generation and self.is_open:
+            self.port.on_device_data(data)
+
+    def _thread_failed(self, generation, exc):
+        if generation == self.generation and self.is_open:
+            self._lost(describe_error(exc))
+
+    def _thread_wrote(self, generation, n):
+        if generation == self.generation:
+            self.in_flight -= n
+            if self.in_flight < DEVICE_HIGH_WATER:
+                self._flush()
+
+    def _write_some(self, data):
+        if self.in_flight >= DEVICE_HIGH_WATER:
+            return 0  # resumed by _thread_wrote
+        self.in_flight += len(data)
+        self.outbox.put(data)
+        return len(data)
+
+    def set_lines(self, dtr, rts):
+        if self.serial is None:
+            return ""
+        try:
+            if dtr is not None:
+                self.serial.dtr = dtr
+            if rts is not None:
+                self.serial.rts = rts
+        except Exception as e:
+            return "cannot set lines: %s" % describe_error(e)
+        return ""
+
+    def modem_status(self):
+        try:
+            s = self.serial
+            return {"CTS": s.cts, "DSR": s.dsr, "RI": s.ri, "CD": s.cd}
+        except Exception:
+            return {}
+
+
+def _termios_speeds():
+    import termios
+    table = {}
+    for name in dir(termios):
+        if name.startswith("B") and name[1:].isdigit():
+            table[getattr(termios, name)] = int(name[1:])
+    return table
+
+
+class VirtualDevice(Device):
+    """A pseudo-terminal whose slave side, reached through a symlink at
+    `virtual`, is the serial port local programs open.  sertcp keeps only
+    the master: reads fail with EIO while no program has the slave open,
+    which is how listen_on_open knows; the loop then checks every
+    VIRTUAL_POLL seconds instead of spinning on the hangup."""
+
+    def __init__(self, port, reactor):
+        super().__init__(port, reactor)
+        self.master = None
+        self.slave_name = None
+        self.peer_open = False
+        self.poll_timer = None
+        self.want_write = False
+        self.speeds = None
+        # strict_baud: a budget of bytes each way that refills at the line rate
+        self.pace_at = {"rx": 0.0, "tx": 0.0}
+        self.pace_timer = None
+
+    def fileno(self):
+        return self.master
+
+    def label(self):
+        return self.config.virtual
+
+    def open(self):
+        import tty
+        import termios
+        c = self.config
+        master, slave = os.openpty()
+        try:
+            tty.setraw(slave)
+            attrs = termios.tcgetattr(slave)
+            speed = getattr(termios, "B%d" % c.baudrate, None)
+            if speed is not None:
+                attrs[4] = attrs[5] = speed
+            attrs[2] &= ~termios.CSIZE
+            attrs[2] |= {5: termios.CS5, 6: termios.CS6, 7: termios.CS7, 8: termios.CS8}[c.bytesize]
+            termios.tcsetattr(slave, termios.TCSANOW, attrs)
+            self.slave_name = os.ttyname(slave)
+            path = c.virtual
+            if os.path.islink(path):
+                os.unlink(path)
+            elif os.path.exists(path):
+                raise OSError(errno.EEXIST, "%s exists and is not a symlink; not replacing it" % path)
+            os.symlink(self.slave_name, path)
+        except BaseException:
+            os.close(master)
+            os.close(slave)
+            raise
+        os.close(slave)  # only programs that open the port hold the slave
+        os.set_blocking(master, False)
+        self.master = master
+        self.is_open = True
+        self.peer_open = False
+        self._poll_peer()
+
+    def close(self):
+        if self.master is None:
+            return
+        self.reactor.forget(self)
+        self.is_open = False
+        for timer in (self.poll_timer, self.pace_timer):
+            if timer:
+                timer.cancel()
+        self.poll_timer = self.pace_timer = None
+        try:
+            if os.path.islink(self.config.virtual) and os.readlink(self.config.virtual) == self.slave_name:
+                os.unlink(self.config.virtual)
+        except OSError:
+            pass
+        os.close(self.master)
+        self.master = None
+
+    def _update_interest(self):
+        if self.is_open and self.peer_open:
+            self.reactor.set_interest(self, not self.reading_paused and not self._paced("rx"), self.want_write)
+
+    def _want_write(self, want):
+        if want != self.want_write:
+            self.want_write = want
+            self._update_interest()
+
+    def _peer_closed(self):
+        """The local program closed the port: watch for the next open."""
+        self.reactor.forget(self)
+        if self.peer_open:
+            self.peer_open = False
+            self.port.on_virtual_peer(False)
+        self.poll_timer = self.reactor.call_later(VIRTUAL_POLL, self._poll_peer)
+
+    def _poll_peer(self):
+        self.poll_timer = None
+        if self.master is None:
+            return
+        try:
+            data = os.read(self.master, READ_CHUNK)
+        except BlockingIOError:
+            data = b""
+        except OSError:
+            self.poll_timer = self.reactor.call_later(VIRTUAL_POLL, self._poll_peer)
+            return
+        self.peer_open = True
+        self.port.on_virtual_peer(True)
+        self._update_interest()
+        if data:
+            self.port.on_device_data(data)
+        self._flush()
+
+    def on_readable(self):
+        budget = self._budget("rx", READ_CHUNK)
+        try:
+            data = os.read(self.master, budget)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._peer_closed()
+            return
+        if not data:
+            self._peer_closed()
+            return
+        self._spend("rx", len(data))
+        self.port.on_device_data(data)
+
+    def on_writable(self):
+        self._flush()
+
+    def _write_some(self, data):
+        budget = self._budget("tx", len(data))
+        if budget == 0:
+            return None
+        try:
+            n = os.write(self.master, data[:budget])
+        except BlockingIOError:
+            return 0
+        self._spend("tx", n)
+        return n
+
+    # strict_baud pacing
+
+    def line_rate(self):
+        """Bytes per second at the baud rate the local program set."""
+        import termios
+        c = self.config
+        baud = c.baudrate
+        bits = 1 + c.bytesize + (0 if c.parity == "none" else 1) + float(c.stopbits)
+        try:
+            attrs = termios.tcgetattr(self.master)  # the slave's settings, seen from the master
+            if self.speeds is None:
+                self.speeds = _termios_speeds()
+            baud = self.speeds.get(attrs[4], baud) or baud
+            size = {termios.CS5: 5, termios.CS6: 6, termios.CS7: 7, termios.CS8: 8}[attrs[2] & termios.CSIZE]
+            bits = (1 + size + (1 if attrs[2] & termios.PARENB else 0)
+                    + (2 if attrs[2] & termios.CSTOPB else 1))
+        except (OSError, KeyError):
+            pass
+        return baud / bits
+
+    def _budget(self, direction, wanted):
+        if not self.config.strict_baud:
+            return wanted
+        now = self.reactor.now()
+        rate = self.line_rate()
+        # allow bursts of at most 10 ms worth of characters
+        ready_at = self.pace_at[direction]
+        if ready_at > now + 0.01:
+            self._schedule_pace(ready_at - 0.01)
+            return 0
+        return max(1, min(wanted, int(rate * 0.02)))
+
+    def _spend(self, direction, n):
+        if not self.config.strict_baud:
+            return
+        now = self.reactor.now()
+        start = max(self.pace_at[direction], now)
+        self.pace_at[direction] = start + n / self.line_rate()
+        if direction == "rx" and self._paced("rx"):
+            self._update_interest()
+            self._schedule_pace(self.pace_at["rx"] - 0.01)
+
+    def _paced(self, direction):
+        return self.config.strict_baud and self.pace_at[direction] > self.reactor.now() + 0.01
+
+    def _schedule_pace(self, when):
+        if self.pace_timer is None:
+            self.pace_timer = self.reactor.call_at(when, self._pace_fired)
+
+    def _pace_fired(self):
+        self.pace_timer = None
+        self._update_interest()
+        self._flush()
+
+
+def make_device(port, reactor):
+    c = port.config
+    if c.virtual is not None:
+        return VirtualDevice(port, reactor)
+    if "://" in c.device:
+        return UrlDevice(port, reactor)
+    return FdDevice(port, reactor)
+
+
+def format_peer(address):
+    host, port = address[0], address[1]
+    if ":" in host:
+        return "[%s]:%d" % (host, port)
+    return "%s:%d" % (host, port)
+
+
+class Connection:
+    """One TCP client of a port.  Outgoing data is sent at once when the
+    socket takes it; the rest waits in `out`, bounded by client_buffer."""
+
+    def __init__(self, port, reactor, sock, peer, now):
+        self.port = port
+        self.reactor = reactor
+        self.sock = sock
+        self.peer = peer
+        self.fd = sock.fileno()
+        self.watched = 0
+        self.out = bytearray()
+        self.since = time.time()
+        self.since_mono = now
+        self.last_io = now
+        self.last_active = None       # wall time of the last data from this client
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.bytes_dropped = 0
+        self.reading = True
+        self.closed = False
+        self.idle_timer = None
+        self.limit = port.config.client_buffer
+        self.drop_when_full = port.config.slow_client == "drop"
+
+    def fileno(self):
+        return self.fd
+
+    def start(self):
+        self.reactor.set_interest(self, self.reading, False)
+
+    def pause_reading(self, paused):
+        if self.closed:
+            return
+        self.reading = not paused
+        self.reactor.set_interest(self, self.reading, bool(self.out))
+
+    def send(self, data):
+        """Queue data for this client; False if the client was dropped."""
+        if self.closed:
+            return False
+        if self.out:
+            if len(self.out) + len(data) > self.limit:
+                return self._overflow(data)
+            self.out += data
+            return True
+        try:
+            n = self.sock.send(data)
+        except BlockingIOError:
+            n = 0
+        except OSError as e:
+            self.port.close_connection(self, "send failed: %s" % describe_error(e))
+            return False
+        self.bytes_out += n
+        if n < len(data):
+            rest = data[n:]
+            if len(rest) > self.limit:
+                return self._overflow(rest)
+            self.out += rest
+            self.reactor.set_interest(self, self.reading, True)
+        return True
+
+    def _overflow(self, data):
+        if self.drop_when_full:
+            self.bytes_dropped += len(data)
+            self.port.count_dropped(len(data), "client %s is not reading (client_buffer %d full)"
+                                    % (format_peer(self.peer), self.limit))
+            return True
+        self.port.close_connection(self, "slow client: client_buffer of %d bytes full" % self.limit)
+        return False
+
+    def on_writable(self):
+        try:
+            n = self.sock.send(self.out)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self.port.close_connection(self, "send failed: %s" % describe_error(e))
+            return
+        del self.out[:n]
+        self.bytes_out += n
+        self.last_io = self.reactor.now()
+        if not self.out:
+            self.reactor.set_interest(self, self.reading, False)
+            if self.port.closing_after_flush(self):
+                return
+        self.port.on_client_drained(self)
+
+    def on_readable(self):
+        try:
+            data = self.sock.recv(READ_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self.port.close_connection(self, describe_error(e))
+            return
+        if not data:
+            self.port.close_connection(self, "closed by peer")
+            return
+        self.bytes_in += len(data)
+        self.last_io = self.reactor.now()
+        self.port.on_client_data(self, data)
+
+    def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        if self.idle_timer:
+            self.idle_timer.cancel()
+        self.reactor.forget(self)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def tune_socket(sock, config):
+    """TCP_NODELAY and keepalive as configured (Linux names; others skip)."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1 if config.nodelay else 0)
+        idle, interval, count = config.keepalive
+        if idle:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", count)):
+                if hasattr(socket, name):
+                    sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+    except OSError:
+        pass
+
+
+def resolve_listen(address):
+    """[(family, sockaddr)] to bind for a listen address; no host = every
+    address, IPv6 and IPv4 in one dual-stack socket where the OS allows."""
+    host, port = address
+    if not host:
+        if socket.has_ipv6:
+            return [(socket.AF_INET6, ("::", port), True)]
+        return [(socket.AF_INET, ("0.0.0.0", port), False)]
+    infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    seen, out = set(), []
+    for family, _, _, _, sockaddr in infos:
+        if sockaddr in seen:
+            continue
+        seen.add(sockaddr)
+        out.append((family, sockaddr, False))
+    return out
+
+
+class Listener:
+    """A bound TCP socket; hands accepted sockets to the port that owns
+    the address (or, for a shared listener, to a router)."""
+
+    def __init__(self, reactor, address, backlog, on_accept, name):
+        self.reactor = reactor
+        self.address = address
+        self.on_accept = on_accept
+        self.name = name
+        self.sockets = []
+        self.watched = 0
+        self.paused_until = 0.0
+        for family, sockaddr, dual in resolve_listen(address):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual else 1)
+                sock.bind(sockaddr)
+                sock.listen(backlog)
+                sock.setblocking(False)
+            except OSError:
+                sock.close()
+                self.close()
+                raise
+            self.sockets.append(ListenSocket(self, sock))
+        for s in self.sockets:
+            reactor.set_interest(s, True, False)
+
+    def bound(self):
+        return ", ".join(format_peer(s.sock.getsockname()) for s in self.sockets)
+
+    def close(self):
+        for s in self.sockets:
+            self.reactor.forget(s)
+            s.sock.close()
+        self.sockets = []
+
+
+class ListenSocket:
+    def __init__(self, listener, sock):
+        self.listener = listener
+        self.sock = sock
+        self.watched = 0
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def on_readable(self):
+        for _ in range(64):  # accept a burst, then let the others run
+            try:
+                conn, peer = self.sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # out of descriptors: stop accepting for a moment instead of spinning
+                    self.listener.reactor.set_interest(self, False, False)
+                    log_warning("[%s] cannot accept: %s; pausing accepts for 1s"
+                                % (self.listener.name, describe_error(e)))
+                    self.listener.reactor.call_later(1.0, lambda: self.listener.reactor.set_interest(self, True, False))
+                    return
+                continue
+            conn.setblocking(False)
+            self.listener.on_accept(conn, peer)
+
+
+# =====================================================================
+# 6. Port: one serial device and its clients
+# =====================================================================
+
+class Port:
+    """One configured port: a device, a listener, its clients and the
+    rules between them.  Device states: closed -> open -> lost -> open ...
+    (and 'idle' while open_on_demand has no client)."""
+
+    def __init__(self, config, reactor, log):
+        self.config = config
+        self.name = config.name
+        self.reactor = reactor
+        self.log = log
+        self.device = make_device(self, reactor)
+        self.clients = []               # oldest first
+        self.active_client = None       # last_active: who sent data last
+        self.listener = None
+        self.packer = Packer.from_config(config)
+        self.pack_timer = None
+        self.held = ByteBuffer(config.buffer, config.buffer_drop)
+        self.reopen_timer = None
+        self.device_state = "closed"
+        self.device_reading_paused = False
+        self.clients_paused = False
+        self.stopping = False
+        self.counters = dict(bytes_from_device=0, bytes_to_device=0, bytes_dropped=0,
+                             connections_total=0, connections_rejected=0, dials_failed=0,
+                             device_errors=0)
+        self.drop_log_at = 0.0
+        self.drop_log_pending = 0
+
+    # -- life cycle --
+
+    def start(self):
+        c = self.config
+        if c.listen is not None:
+            self.listener = Listener(self.reactor, c.listen, c.backlog, self.on_accept, self.name)
+            self.log.info("[%s] listening on %s", self.name, self.listener.bound())
+        if not c.open_on_demand:
+            self.open_device()
+
+    def stop(self, reason="shutdown"):
+        self.stopping = True
+        if self.listener:
+            self.listener.close()
+            self.listener = None
+        for timer in (self.reopen_timer, self.pack_timer):
+            if timer:
+                timer.cancel()
+        for conn in list(self.clients):
+            self.close_connection(conn, reason)
+        self.close_device("shutdown")
+
+    def pending_to_device(self):
+        return self.device.tx_bytes if self.device.is_open else 0
+
+    # -- device side --
+
+    def open_device(self):
+        self.reopen_timer = None
+        if self.stopping or self.device.is_open:
+            return
+        try:
+            self.device.open()
+        except OSError as e:
+            self.counters["device_errors"] += 1
+            if self.device_state != "missing":
+                self.log.warning("[%s] device %s cannot be opened: %s; retrying every %gs",
+                                 self.name, self.device.label(), describe_error(e), self.config.reopen_interval)
+            self.device_state = "missing"
+            self.reopen_timer = self.reactor.call_later(self.config.reopen_interval, self.open_device)
+            return
+        except Exception as e:  # a bad URL or settings the device refuses
+            self.counters["device_errors"] += 1
+            self.log.error("[%s] device %s cannot be opened: %s; retrying every %gs",
+                           self.name, self.device.label(), describe_error(e), self.config.reopen_interval)
+            self.device_state = "missing"
+            self.reopen_timer = self.reactor.call_later(self.config.reopen_interval, self.open_device)
+            return
+        self.device_state = "open"
+        extra = ""
+        if isinstance(self.device, VirtualDevice):
+            extra = " (pty %s)" % self.device.slave_name
+        self.log.info("[%s] device %s opened%s", self.name, self.device.label(), extra)
+        self.apply_lines()
+        self.device.pause_reading(self.device_reading_paused)
+
+    def close_device(self, why):
+        if self.device.is_open:
+            self.device.close()
+            self.log.info("[%s] device %s closed (%s)", self.name, self.device.label(), why)
+        self.device_state = "closed"
+
+    def on_device_opened(self):
+        pass
+
+    def on_device_lost(self, reason):
+        self.counters["device_errors"] += 1
+        dropped = self.device.discard_tx()
+        if dropped:
+            self.count_dropped(dropped, "device lost with data still queued for it")
+        self.device_state = "missing"
+        self.log.warning("[%s] device %s lost: %s; reopening every %gs", self.name,
+                         self.device.label(), reason, self.config.reopen_interval)
+        if not self.stopping and self.reopen_timer is None:
+            self.reopen_timer = self.reactor.call_later(self.config.reopen_interval, self.open_device)
+
+    def on_virtual_peer(self, is_open):
+        self.log.info("[%s] virtual port %s %s by a local program", self.name, self.config.virtual,
+                      "opened" if is_open else "closed")
+
+    def wanted_lines(self):
+        """(DTR, RTS) as the configuration wants them now; None = keep."""
+        c = self.config
+        if self.clients:
+            dtr, rts = c.dtr_active, c.rts_active
+        else:
+            dtr, rts = c.dtr_idle, c.rts_idle
+        state = {"on": True, "off": False, "keep": None}
+        return state[dtr], state[rts]
+
+    def apply_lines(self):
+        if not self.device.is_open:
+            return
+        dtr, rts = self.wanted_lines()
+        if dtr is None and rts is None:
+            return
+        problem = self.device.set_lines(dtr, rts)
+        names = {True: "on", False: "off", None: "kept"}
+        if problem:
+            self.log.debug("[%s] DTR %s, RTS %s: %s", self.name, names[dtr], names[rts], problem)
+            return
+        modem = self.device.modem_status()
+        read_back = ", ".join("%s=%s" % (k, "on" if v else "off") for k, v in modem.items())
+        self.log.info("[%s] lines DTR=%s RTS=%s%s", self.name, names[dtr], names[rts],
+                      ("; device reports %s" % read_back) if read_back else "")
+
+    def on_device_data(self, data):
+        self.counters["bytes_from_device"] += len(data)
+        if self.packer.enabled:
+            now = self.reactor.now()
+            for packet in self.packer.feed(data, now):
+                self.deliver(packet)
+            self._arm_pack_timer()
+        else:
+            self.deliver(data)
+
+    def _arm_pack_timer(self):
+        due = self.packer.deadline()
+        if self.pack_timer is not None:
+            if due is not None and self.pack_timer.when == due:
+                return
+            self.pack_timer.cancel()
+            self.pack_timer = None
+        if due is not None:
+            self.pack_timer = self.reactor.call_at(due, self._pack_timer_fired)
+
+    def _pack_timer_fired(self):
+        self.pack_timer = None
+        for packet in self.packer.expire(self.reactor.now()):
+            self.deliver(packet)
+        self._arm_pack_timer()
+
+    def deliver(self, data):
+        """Device data (a packet, when packing) to the clients send_to picks."""
+        if not self.clients:
+            dropped = self.held.add(data)
+            if dropped:
+                self.count_dropped(dropped, "buffer of %d bytes full (buffer_drop = %s)"
+                                   % (self.config.buffer, self.config.buffer_drop)
+                                   if self.config.buffer else "no client connected (buffer = 0)")
+            return
+        recipients = choose_clients(self.config.send_to, self.clients, self.active_client)
+        if not recipients:
+            self.count_dropped(len(data), "send_to = %s selects no client" % self.config.send_to)
+            return
+        backlog = None
+        for conn in list(recipients):
+            conn.send(data)
+            if backlog is None or len(conn.out) < backlog:
+                backlog = len(conn.out)
+        # Pause the device only when every recipient is behind: one stalled
+        # client never slows the others (it overflows client_buffer instead).
+        if backlog is not None and backlog >= min(CLIENT_HIGH_WATER, self.config.client_buffer // 2 or 1):
+            self._pause_device(True)
+
+    def on_client_drained(self, conn):
+        if self.device_reading_paused and len(conn.out) < CLIENT_HIGH_WATER // 2:
+            self._pause_device(False)
+
+    def _pause_device(self, paused):
+        if paused != self.device_reading_paused:
+            self.device_reading_paused = paused
+            self.device.pause_reading(paused)
+
+    def count_dropped(self, n, why):
+        self.counters["bytes_dropped"] += n
+        now = self.reactor.now()
+        self.drop_log_pending += n
+        if now >= self.drop_log_at:  # at most one line a second about dropped data
+            self.log.warning("[%s] dropped %d bytes: %s", self.name, self.drop_log_pending, why)
+            self.drop_log_pending = 0
+            self.drop_log_at = now + 1.0
+
+    # -- network side --
+
+    def on_accept(self, sock, peer):
+        self.counters["connections_total"] += 1
+        c = self.config
+        if self.stopping:
+            sock.close()
+            return
+        if len(self.clients) >= c.max_clients:
+            if c.when_full == "reject":
+                self.counters["connections_rejected"] += 1
+                self.log.info("[%s] client %s rejected: %d of %d clients connected (when_full = reject)",
+                              self.name, format_peer(peer), len(self.clients), c.max_clients)
+                sock.close()
+                return
+            self.close_connection(self.clients[0], "kicked by newer client %s (when_full = kick_oldest)"
+                                  % format_peer(peer))
+        self.admit(sock, peer)
+
+    def admit(self, sock, peer):
+        c = self.config
+        tune_socket(sock, c)
+        now = self.reactor.now()
+        conn = Connection(self, self.reactor, sock, peer, now)
+        first = not self.clients
+        self.clients.append(conn)
+        self.log.info("[%s] client %s connected (%d of %d)", self.name, format_peer(peer),
+                      len(self.clients), c.max_clients)
+        conn.start()
+        if c.banner:
+            conn.send(c.banner)
+        if len(self.held):
+            data = self.held.take()
+            self.log.info("[%s] delivering %d buffered bytes to %s", self.name, len(data), format_peer(peer))
+            conn.send(data)
+        if c.timeout:
+            conn.idle_timer = self.reactor.call_at(now + c.timeout, lambda: self._idle_check(conn))
+        if self.clients_paused:
+            conn.pause_reading(True)
+        if first:
+            if not self.device.is_open and self.config.open_on_demand:
+                self.open_device()
+            else:
+                self.apply_lines()
+
+    def _idle_check(self, conn):
+        if conn.closed:
+            return
+        due = conn.last_io + self.config.timeout
+        now = self.reactor.now()
+        if now >= due:
+            self.close_connection(conn, "idle timeout (%gs without data)" % self.config.timeout)
+        else:
+            conn.idle_timer = self.reactor.call_at(due, lambda: self._idle_check(conn))
+
+    def on_client_data(self, conn, data):
+        conn.last_active = time.time()
+        self.active_client = conn
+        if not client_selected(self.config.receive_from, conn, self.clients, self.active_client):
+            self.count_dropped(len(data), "receive_from = %s ignores %s" % (self.config.receive_from,
+                                                                           format_peer(conn.peer)))
+            return
+        if not self.device.is_open:
+            self.count_dropped(len(data), "device %s is not open" % self.device.label())
+            return
+        self.device.write(data)
+        if self.device.tx_bytes >= DEVICE_HIGH_WATER and not self.clients_paused:
+            self.clients_paused = True
+            for c in self.clients:
+                c.pause_reading(True)
+
+    def counted_to_device(self, chunk):
+        self.counters["bytes_to_device"] += len(chunk)
+
+    def on_device_drained(self):
+        if self.clients_paused:
+            self.clients_paused = False
+            for c in self.clients:
+                c.pause_reading(False)
+
+    def closing_after_flush(self, conn):
+        return False
+
+    def close_connection(self, conn, reason):
+        if conn.closed:
+            return
+        out_pending = len(conn.out)
+        conn.close()
+        if conn in self.clients:
+            self.clients.remove(conn)
+        if self.active_client is conn:
+            self.active_client = None
+        if out_pending:
+            self.counters["bytes_dropped"] += out_pending
+        duration = self.reactor.now() - conn.since_mono
+        self.log.info("[%s] client %s disconnected: %s; %d bytes in, %d bytes out%s, %.1fs",
+                      self.name, format_peer(conn.peer), reason, conn.bytes_in, conn.bytes_out,
+                      (", %d unsent" % out_pending) if out_pending else "", duration)
+        if self.device_reading_paused:
+            self.on_client_drained(conn)
+        if not self.clients and not self.stopping:
+            if self.config.open_on_demand:
+                self.close_device("last client left (open_on_demand)")
+            else:
+                self.apply_lines()
+
+
+# =====================================================================
+# 7. Main: command line, logging, signals, shutdown
+# =====================================================================
+
+USAGE = """usage: python3 sertcp.py [-c FILE] [options] [DEVICE]
+
+Serial device server: joins serial ports to TCP.
+
+  -c FILE, --config FILE   read ports from an INI file (see sertcp.ini.example)
+  DEVICE                   serial device path or pyserial URL for the port 'cli'
+  --check                  validate, print the effective configuration, exit
+  --print-example          print an example INI file with every key
+  --version                print the version
+  -h, --help               this help
+
+Every INI key is also a flag: --some-key VALUE (booleans: yes|no).
+Port keys:
+%s
+Global keys:
+%s
+"""
+
+
+def usage_text():
+    def table(keys):
+        return "\n".join("  %-22s %s (default: %s)" % (k.flag, k.help, k.format(k.default) or "-")
+                         for k in keys)
+    return USAGE % (table(PORT_KEYS), table(GLOBAL_KEYS))
+
+
+_log = None
+
+
+def log_warning(message):
+    if _log is not None:
+        _log.warning(message)
+
+
+def setup_logging(global_values):
+    import logging
+    logger = logging.getLogger(PROGRAM)
+    logger.handlers[:] = []
+    target = global_values["log"]
+    if target == "stderr":
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    elif target == "syslog":
+        import logging.handlers
+        address = "/dev/log" if os.path.exists("/dev/log") else ("localhost", 514)
+        handler = logging.handlers.SysLogHandler(address=address)
+        handler.setFormatter(logging.Formatter(PROGRAM + "[%(process)d]: %(levelname)s %(message)s"))
+    else:
+        handler = logging.FileHandler(target)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(global_values["log_level"].upper())
+    logger.propagate = False
+    global _log
+    _log = logger
+    return logger
+
+
+class Server:
+    """All ports on one reactor, plus signal handling and shutdown."""
+
+    def __init__(self, config, log):
+        self.config = config
+        self.log = log
+        self.reactor = Reactor()
+        self.ports = []
+        self.stop_requested = None
+
+    def start(self):
+        for port_config in self.config.ports:
+            port = Port(port_config, self.reactor, self.log)
+            try:
+                port.start()
+            except OSError as e:
+                for p in self.ports + [port]:
+                    p.stop()
+                raise RuntimeError("[%s] cannot listen on %s: %s" % (
+                    port_config.name, show_hostport(port_config.listen), describe_error(e)))
+            self.ports.append(port)
+
+    def on_signal(self, signum, frame):
+        self.stop_requested = signum
+        self.reactor.wake()
+
+    def run(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.on_signal)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN) if hasattr(signal, "SIGPIPE") else None
+        while self.stop_requested is None:
+            self.reactor.run_once()
+        self.shutdown()
+
+    def shutdown(self):
+        name = signal.Signals(self.stop_requested).name
+        self.log.info("%s received: stopping", name)
+        for port in self.ports:
+            if port.listener:
+                port.listener.close()
+                port.listener = None
+            for conn in port.clients:
+                conn.pause_reading(True)
+        # write out what is queued for the devices, bounded in time
+        deadline = time.monotonic() + SHUTDOWN_DRAIN
+        while time.monotonic() < deadline and any(p.pending_to_device() for p in self.ports):
+            self.reactor.run_once(max_wait=0.05)
+        for port in self.ports:
+            left = port.pending_to_device()
+            if left:
+                self.log.warning("[%s] %d bytes for the device not written at shutdown", port.name, left)
+            port.stop("shutdown")
+        self.log.info("stopped")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        opts, port_flags, global_flags, device = parse_command_line(argv)
+    except ConfigError as e:
+        print("%s: %s" % (PROGRAM, e), file=sys.stderr)
+        return EXIT_USAGE
+    if opts["help"]:
+        print(usage_text())
+        return EXIT_OK
+    if opts["version"]:
+        print("%s %s" % (PROGRAM, __version__))
+        return EXIT_OK
+    if "--print-example" in argv:
+        sys.stdout.write(example_ini())
+        return EXIT_OK
+    try:
+        config = build_config(opts["config"], port_flags, global_flags, device)
+    except ConfigErrors as e:
+        for error in e.errors:
+            print("%s: error: %s" % (PROGRAM, error), file=sys.stderr)
+        print("%s: %d configuration error%s" % (PROGRAM, len(e.errors), "" if len(e.errors) == 1 else "s"),
+              file=sys.stderr)
+        return EXIT_USAGE
+    if opts["check"]:
+        sys.stdout.write(format_config(config))
+        return EXIT_OK
+    if opts["print_service"] is not None:
+        print("%s: --print-service is not supported by sertcp %s yet" % (PROGRAM, __version__), file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        log = setup_logging(config.globals)
+    except OSError as e:
+        print("%s: error: log: cannot open %s: %s" % (PROGRAM, config.globals["log"], describe_error(e)),
+              file=sys.stderr)
+        return EXIT_USAGE
+    server = Server(config, log)
+    pidfile = config.globals["pidfile"]
+    try:
+        server.start()
+    except RuntimeError as e:
+        log.error("%s", e)
+        return EXIT_FATAL
+    if pidfile:
+        try:
+            with open(pidfile, "w") as f:
+                f.write("%d\n" % os.getpid())
+        except OSError as e:
+            log.error("pidfile %s: %s", pidfile, describe_error(e))
+            return EXIT_FATAL
+    log.info("%s %s started with %d port%s", PROGRAM, __version__, len(server.ports),
+             "" if len(server.ports) == 1 else "s")
+    try:
+        server.run()
+    finally:
+        if pidfile:
+            try:
+                os.unlink(pidfile)
+            except OSError:
+                pass
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

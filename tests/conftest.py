@@ -1,0 +1,283 @@
+"""Shared fixtures: pseudo-terminals as serial devices, the real sertcp.py as
+a process, and loopback TCP clients.  Everything waits for conditions with a
+deadline; nothing sleeps a fixed time to let something happen."""
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import tty
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SERTCP = ROOT / "sertcp.py"
+
+
+def wait_for(predicate, timeout=10.0, interval=0.01, message="condition"):
+    """Poll predicate() until it returns a true value; return that value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after %.1fs waiting for %s" % (timeout, message))
+        time.sleep(interval)
+
+
+def free_port(host="127.0.0.1"):
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class Pty:
+    """A pseudo-terminal pair standing in for a serial device.
+
+    sertcp opens `path` (the slave side); the test reads and writes `master`.
+    The slave is put in raw mode at once so nothing is echoed before sertcp
+    configures it, and kept open by the test until close() so that the pair
+    survives sertcp reopening it."""
+
+    def __init__(self):
+        self.master, self.slave = os.openpty()
+        tty.setraw(self.slave)
+        os.set_blocking(self.master, False)
+        self.path = os.ttyname(self.slave)
+
+    def write(self, data, timeout=30.0):
+        view = memoryview(data)
+        deadline = time.monotonic() + timeout
+        while view:
+            try:
+                n = os.write(self.master, view)
+                view = view[n:]
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise AssertionError("pty write stalled with %d bytes left" % len(view))
+                select.select([], [self.master], [], 0.1)
+
+    def read(self, n, timeout=10.0):
+        """Read exactly n bytes from the master, or fail after timeout."""
+        out = bytearray()
+        deadline = time.monotonic() + timeout
+        while len(out) < n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError("pty read: got %d of %d bytes: %r" % (len(out), n, bytes(out[-64:])))
+            r, _, _ = select.select([self.master], [], [], min(left, 0.2))
+            if r:
+                try:
+                    out += os.read(self.master, min(65536, n - len(out)))
+                except (BlockingIOError, OSError):
+                    select.select([], [], [], 0.01)
+        return bytes(out)
+
+    def read_available(self, wait=0.3):
+        """Everything that arrives until the line has been quiet for `wait` s."""
+        out = bytearray()
+        while True:
+            r, _, _ = select.select([self.master], [], [], wait)
+            if not r:
+                return bytes(out)
+            try:
+                chunk = os.read(self.master, 65536)
+            except (BlockingIOError, OSError):
+                return bytes(out)
+            if not chunk:
+                return bytes(out)
+            out += chunk
+
+    def close(self):
+        for fd in (self.master, self.slave):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class Client:
+    """A loopback TCP client with exact-length reads."""
+
+    def __init__(self, port, host="127.0.0.1", timeout=10.0, source=None):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        if source:
+            self.sock.bind((source, 0))
+        self.sock.settimeout(timeout)
+        self.sock.connect((host, port))
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def recv(self, n, timeout=10.0):
+        out = bytearray()
+        deadline = time.monotonic() + timeout
+        while len(out) < n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError("socket read: got %d of %d bytes: %r" % (len(out), n, bytes(out[-64:])))
+            self.sock.settimeout(left)
+            try:
+                chunk = self.sock.recv(min(1 << 20, n - len(out)))
+            except socket.timeout:
+                continue
+            if not chunk:
+                raise AssertionError("connection closed after %d of %d bytes: %r" % (len(out), n, bytes(out[-64:])))
+            out += chunk
+        return bytes(out)
+
+    def recv_available(self, wait=0.3):
+        """Everything that arrives until the connection is quiet for `wait` s
+        (b'' also when the peer closed)."""
+        out = bytearray()
+        self.sock.settimeout(wait)
+        while True:
+            try:
+                chunk = self.sock.recv(65536)
+            except socket.timeout:
+                return bytes(out)
+            except OSError:
+                return bytes(out)
+            if not chunk:
+                return bytes(out)
+            out += chunk
+
+    def closed_by_peer(self, timeout=10.0):
+        """True once the peer has closed (EOF or reset) within timeout; data
+        still arriving is read and discarded."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                if not self.sock.recv(65536):
+                    return True
+            except socket.timeout:
+                return False
+            except OSError:
+                return True
+        return False
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class Sertcp:
+    """The real sertcp.py as a child process, stderr captured to a file."""
+
+    def __init__(self, args, tmpdir, config=None, env=None):
+        self.tmpdir = Path(tmpdir)
+        self.logpath = self.tmpdir / ("sertcp-%d.log" % id(self))
+        argv = [sys.executable, str(SERTCP)]
+        if config is not None:
+            self.config = self.tmpdir / ("sertcp-%d.ini" % id(self))
+            self.config.write_text(config)
+            argv += ["-c", str(self.config)]
+        argv += [str(a) for a in args]
+        self.argv = argv
+        self.logfile = open(self.logpath, "wb")
+        self.proc = subprocess.Popen(argv, stdout=self.logfile, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=env)
+
+    def log(self):
+        return self.logpath.read_text(errors="replace")
+
+    def wait_log(self, pattern, timeout=10.0, count=1):
+        """Wait until the log matches regex `pattern` at least `count` times."""
+        rx = re.compile(pattern)
+
+        def seen():
+            if self.proc.poll() is not None and len(rx.findall(self.log())) < count:
+                raise AssertionError("sertcp exited (%s) before log matched %r:\n%s"
+                                     % (self.proc.returncode, pattern, self.log()))
+            return len(rx.findall(self.log())) >= count
+        wait_for(seen, timeout, message="log line %r" % pattern)
+
+    def wait_listening(self, port, host="127.0.0.1", timeout=10.0):
+        self.wait_log(r"listening on .*%d" % port, timeout)
+
+    def signal(self, sig):
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout=10.0):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.logfile.close()
+        return self.proc.returncode
+
+
+def run_sertcp(args, timeout=20.0, config=None, tmpdir=None):
+    """Run sertcp.py to completion (for --check, --version, errors)."""
+    argv = [sys.executable, str(SERTCP)]
+    if config is not None:
+        fd, path = tempfile.mkstemp(suffix=".ini", dir=tmpdir)
+        with os.fdopen(fd, "w") as f:
+            f.write(config)
+        argv += ["-c", path]
+    argv += [str(a) for a in args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture
+def pty_factory():
+    made = []
+
+    def make():
+        p = Pty()
+        made.append(p)
+        return p
+    yield make
+    for p in made:
+        p.close()
+
+
+@pytest.fixture
+def pty(pty_factory):
+    return pty_factory()
+
+
+@pytest.fixture
+def sertcp(tmp_path):
+    """sertcp(args..., config=INI) starts the real process; all are stopped
+    (SIGTERM) after the test, and a crash or non-zero exit fails it."""
+    started = []
+
+    def start(*args, config=None, wait_port=None, host="127.0.0.1"):
+        s = Sertcp(args, tmp_path, config=config)
+        started.append(s)
+        if wait_port is not None:
+            s.wait_listening(wait_port, host)
+        return s
+    yield start
+    for s in started:
+        code = s.stop()
+        assert code == 0, "sertcp exited %s:\n%s" % (code, s.log())
+
+
+@pytest.fixture
+def clients():
+    made = []
+
+    def connect(port, host="127.0.0.1", **kw):
+        c = Client(port, host, **kw)
+        made.append(c)
+        return c
+    yield connect
+    for c in made:
+        c.close()
