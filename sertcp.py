@@ -45,6 +45,7 @@ MAX_PACKET = 65536             # a packer never holds more than this
 SHUTDOWN_DRAIN = 2.0           # seconds to write out what is queued at exit
 VIRTUAL_POLL = 0.1             # seconds between checks that a program opened a virtual port
 IDENTITY_PAUSE = 0.2           # an id ends at LF, CR LF or this pause
+DIAL_TIMEOUT = 10.0            # seconds a dial may take before the next peer is tried
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE = 0, 1, 2
 
@@ -396,8 +397,6 @@ CLI_PORT = "cli"
 # at start rather than silently ignored.
 NOT_YET = {
     "protocol": lambda v: v != "raw",
-    "connect": lambda v: v is not None,
-    "identity": lambda v: v is not None,
     "password": lambda v: v is not None,
     "password_file": lambda v: v is not None,
     "tls_cert": lambda v: v is not None,
@@ -586,7 +585,8 @@ def _validate_ports(ports, where_of_port, errors):
 
 def parse_command_line(argv):
     """Split argv into options: returns (opts, flag settings, device)."""
-    opts = {"config": None, "check": False, "print_service": None, "help": False, "version": False}
+    opts = {"config": None, "check": False, "print_service": None, "print_example": False,
+            "help": False, "version": False}
     port_flags, global_flags = {}, {}
     device = None
     i = 0
@@ -610,6 +610,8 @@ def parse_command_line(argv):
             opts["version"] = True
         elif arg == "--check":
             opts["check"] = True
+        elif arg == "--print-example":
+            opts["print_example"] = True
         elif arg in ("-c", "--config"):
             opts["config"] = take()
         elif arg == "--print-service":
@@ -876,6 +878,60 @@ def client_selected(policy, client, clients, active):
     # last_active: the client that sent most recently holds the device; a
     # client that sends becomes that client, so its own data is accepted.
     return True
+
+
+class IdentityMatcher:
+    """The id a client sends first on a shared listener (IOT-Tree's
+    "Common" identity): bytes up to LF, CR LF or a pause, compared with the
+    ids of the ports on that listener.
+
+    feed(data, now) and expire(now) return None while undecided, else
+    (outcome, id, rest): outcome is "match", "unknown" or "late"; rest is
+    what came after the id and belongs to the device."""
+
+    def __init__(self, ids, started, timeout, pause=IDENTITY_PAUSE):
+        self.ids = frozenset(ids)
+        self.buffer = bytearray()
+        self.give_up_at = started + timeout
+        self.pause = pause
+        self.last_at = None
+        # an id can be no longer than the longest known one (plus CR LF)
+        self.limit = max(len(i) for i in self.ids) + 2 if self.ids else 2
+
+    def feed(self, data, now):
+        self.buffer += data
+        self.last_at = now
+        end = self.buffer.find(b"\n")
+        if end >= 0:
+            return self._decide(bytes(self.buffer[:end]), bytes(self.buffer[end + 1:]))
+        if len(self.buffer) > self.limit:
+            return ("unknown", bytes(self.buffer[:self.limit]), b"")
+        return None
+
+    def deadline(self):
+        if self.buffer:
+            return min(self.give_up_at, self.last_at + self.pause)
+        return self.give_up_at
+
+    def expire(self, now):
+        if self.buffer and now >= self.last_at + self.pause:
+            return self._decide(bytes(self.buffer), b"")
+        if now >= self.give_up_at:
+            return ("late", bytes(self.buffer), b"")
+        return None
+
+    def _decide(self, line, rest):
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        return ("match" if line in self.ids else "unknown", line, rest)
+
+
+def next_backoff(failures, low, high, entropy):
+    """Pause before the next dial after `failures` failed rounds: doubling
+    from low up to high, with up to 20% jitter taken off (entropy in 0..1)
+    so that a fleet that lost its server does not redial in step."""
+    base = min(high, low * (2 ** min(failures - 1, 30)))
+    return max(low, base * (1.0 - 0.2 * entropy)) if failures else low
 
 
 class ByteBuffer:
@@ -1625,6 +1681,7 @@ class Connection:
         self.reading = True
         self.closed = False
         self.idle_timer = None
+        self.dialed = False           # True for the connection the client role made
         self.limit = port.config.client_buffer
         self.drop_when_full = port.config.slow_client == "drop"
 
@@ -1820,6 +1877,229 @@ class ListenSocket:
             self.listener.on_accept(conn, peer)
 
 
+def host_allowed(networks, host):
+    """Is `host` (a peer address string) inside one of `networks`?"""
+    import ipaddress
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if address.version == 6 and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # a dual-stack listener reports IPv4 peers as ::ffff:a.b.c.d
+    return any(address.version == net.version and address in net for net in networks)
+
+
+class Gate:
+    """Admission on one listen address, shared by one or more ports: the
+    source address (allow, "Fix IP") first, then the id the client sends
+    (identity, "Common"), then the port's own rules (max_clients, ...)."""
+
+    def __init__(self, reactor, address, ports, log):
+        self.reactor = reactor
+        self.ports = ports
+        self.log = log
+        self.name = ports[0].name if len(ports) == 1 else "listen %s" % show_hostport(address)
+        self.pending = set()
+        self.listener = Listener(reactor, address, max(p.config.backlog for p in ports), self.on_accept, self.name)
+        bound = self.listener.bound()
+        for port in ports:
+            others = [p.name for p in ports if p is not port]
+            how = ""
+            if others:
+                how = " (shared with %s; by %s)" % (", ".join(others), "identity" if port.config.identity is not None
+                                                    else "source address")
+            self.log.info("[%s] listening on %s%s", port.name, bound, how)
+
+    def refuse(self, sock, peer, reason):
+        self.log.info("[%s] client %s refused: %s", self.name, format_peer(peer), reason)
+        for port in self.ports:
+            port.counters["connections_rejected"] += 1 if len(self.ports) == 1 else 0
+        try:
+            sock.close()
+        except OSError:
+            pass
+
+    def on_accept(self, sock, peer):
+        host = peer[0]
+        candidates = [p for p in self.ports
+                      if p.config.allow is None or host_allowed(p.config.allow, host)]
+        if not candidates:
+            self.refuse(sock, peer, "address not allowed")
+            return
+        with_identity = [p for p in candidates if p.config.identity is not None]
+        if with_identity:
+            Handshake(self, sock, peer, with_identity).start()
+            return
+        candidates[0].on_accept(sock, peer, b"")
+
+    def close(self):
+        self.listener.close()
+        for handshake in list(self.pending):
+            handshake.close()
+
+
+class Handshake:
+    """A client on a listener whose ports want an id: reads the id with a
+    deadline, then hands the socket (and any bytes after the id) to the
+    port.  Each handshake costs one socket and at most a few bytes."""
+
+    def __init__(self, gate, sock, peer, ports):
+        self.gate = gate
+        self.reactor = gate.reactor
+        self.sock = sock
+        self.peer = peer
+        self.by_id = {p.config.identity: p for p in ports}
+        now = self.reactor.now()
+        timeout = min(p.config.identity_timeout for p in ports)
+        self.timeout = timeout
+        self.matcher = IdentityMatcher(self.by_id, now, timeout)
+        self.timer = None
+        self.watched = 0
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def start(self):
+        self.gate.pending.add(self)
+        self.reactor.set_interest(self, True, False)
+        self._arm()
+
+    def _arm(self):
+        if self.timer:
+            self.timer.cancel()
+        self.timer = self.reactor.call_at(self.matcher.deadline(), self._expired)
+
+    def _expired(self):
+        self.timer = None
+        result = self.matcher.expire(self.reactor.now())
+        if result is None:
+            self._arm()
+        else:
+            self._decided(result)
+
+    def on_readable(self):
+        try:
+            data = self.sock.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self._finish()
+            self.gate.refuse(self.sock, self.peer, "failed before sending an id: %s" % describe_error(e))
+            return
+        if not data:
+            self._finish()
+            self.gate.refuse(self.sock, self.peer, "closed before sending an id")
+            return
+        result = self.matcher.feed(data, self.reactor.now())
+        if result is None:
+            self._arm()
+        else:
+            self._decided(result)
+
+    def _decided(self, result):
+        outcome, identity, rest = result
+        self._finish()
+        if outcome == "match":
+            self.by_id[identity].on_accept(self.sock, self.peer, rest)
+        elif outcome == "late":
+            self.gate.refuse(self.sock, self.peer, "no id within %gs (identity_timeout)" % self.timeout)
+        else:
+            self.gate.refuse(self.sock, self.peer, "unknown id %r" % show_bytes(identity))
+
+    def _finish(self):
+        self.reactor.forget(self)
+        if self.timer:
+            self.timer.cancel()
+            self.timer = None
+        self.gate.pending.discard(self)
+
+    def close(self):
+        self._finish()
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def is_ip_literal(host):
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host.split("%", 1)[0])
+            return True
+        except (OSError, ValueError):
+            pass
+    return False
+
+
+def resolve_in_thread(reactor, host, port, callback):
+    """getaddrinfo without blocking the loop: literals at once, names in a
+    helper thread whose answer comes back through the loop."""
+    if is_ip_literal(host):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        callback([(family, (host, port))], None)
+        return
+    import threading
+
+    def work():
+        try:
+            infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+            result = [(info[0], info[4]) for info in infos]
+            reactor.call_soon_threadsafe(lambda: callback(result, None))
+        except OSError as e:
+            reactor.call_soon_threadsafe(lambda e=e: callback([], e))
+    threading.Thread(target=work, daemon=True, name="sertcp-resolve").start()
+
+
+class Dial:
+    """One non-blocking connect() in flight; reports to the port."""
+
+    def __init__(self, reactor, family, sockaddr, on_done):
+        self.reactor = reactor
+        self.on_done = on_done
+        self.watched = 0
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setblocking(False)
+        self.timer = None
+        code = self.sock.connect_ex(sockaddr)
+        if code in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
+            self.reactor.set_interest(self, False, True)
+            self.timer = reactor.call_later(DIAL_TIMEOUT, self._timed_out)
+        else:
+            reactor.call_later(0, lambda: self._done(os.strerror(code)))
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def on_writable(self):
+        code = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        self._done(os.strerror(code) if code else None)
+
+    def _timed_out(self):
+        self.timer = None
+        self._done("no answer within %gs" % DIAL_TIMEOUT)
+
+    def _done(self, error):
+        self.reactor.forget(self)
+        if self.timer:
+            self.timer.cancel()
+            self.timer = None
+        if self.on_done is None:
+            return
+        on_done, self.on_done = self.on_done, None
+        if error:
+            self.sock.close()
+            on_done(None, error)
+        else:
+            on_done(self.sock, None)
+
+    def cancel(self):
+        self.on_done = None
+        self.reactor.forget(self)
+        if self.timer:
+            self.timer.cancel()
+        self.sock.close()
+
+
 # =====================================================================
 # 6. Port: one serial device and its clients
 # =====================================================================
@@ -1837,10 +2117,19 @@ class Port:
         self.device = make_device(self, reactor)
         self.clients = []               # oldest first
         self.active_client = None       # last_active: who sent data last
-        self.listener = None
         self.packer = Packer.from_config(config)
         self.pack_timer = None
-        self.held = ByteBuffer(config.buffer, config.buffer_drop)
+        # the client role must keep at least the event bytes that make it dial
+        self.held = ByteBuffer(max(config.buffer, config.event_bytes), config.buffer_drop)
+        # client role: dial state is one of off, gathering, waiting, resolving,
+        # connecting, connected (the log names each transition)
+        self.dial_state = "off"
+        self.dial_peer = 0              # index into connect
+        self.dial_addresses = []        # resolved addresses of that peer still to try
+        self.dial_failures = 0          # failed rounds since the last success
+        self.dial = None                # the Dial in flight
+        self.dial_timer = None
+        self.dial_generation = 0
         self.reopen_timer = None
         self.device_state = "closed"
         self.device_reading_paused = False
@@ -1855,21 +2144,26 @@ class Port:
     # -- life cycle --
 
     def start(self):
+        """Open the device and start dialing; the server's Gate listens."""
         c = self.config
-        if c.listen is not None:
-            self.listener = Listener(self.reactor, c.listen, c.backlog, self.on_accept, self.name)
-            self.log.info("[%s] listening on %s", self.name, self.listener.bound())
         if not c.open_on_demand:
             self.open_device()
+        if c.connect is not None:
+            self.dial_state = "gathering"
+            if c.event_bytes:
+                self.log.info("[%s] gathering: dialing once %d bytes from the device wait",
+                              self.name, c.event_bytes)
+            self.maybe_dial()
 
     def stop(self, reason="shutdown"):
         self.stopping = True
-        if self.listener:
-            self.listener.close()
-            self.listener = None
-        for timer in (self.reopen_timer, self.pack_timer):
+        for timer in (self.reopen_timer, self.pack_timer, self.dial_timer):
             if timer:
                 timer.cancel()
+        if self.dial:
+            self.dial.cancel()
+            self.dial = None
+        self.dial_generation += 1
         for conn in list(self.clients):
             self.close_connection(conn, reason)
         self.close_device("shutdown")
@@ -1931,6 +2225,13 @@ class Port:
     def on_virtual_peer(self, is_open):
         self.log.info("[%s] virtual port %s %s by a local program", self.name, self.config.virtual,
                       "opened" if is_open else "closed")
+        if not self.config.listen_on_open:
+            return
+        if is_open:
+            self.maybe_dial()
+        else:
+            for conn in list(self.clients):
+                self.close_connection(conn, "virtual port closed by the local program (listen_on_open)")
 
     def wanted_lines(self):
         """(DTR, RTS) as the configuration wants them now; None = keep."""
@@ -1990,8 +2291,10 @@ class Port:
             dropped = self.held.add(data)
             if dropped:
                 self.count_dropped(dropped, "buffer of %d bytes full (buffer_drop = %s)"
-                                   % (self.config.buffer, self.config.buffer_drop)
-                                   if self.config.buffer else "no client connected (buffer = 0)")
+                                   % (self.held.limit, self.config.buffer_drop)
+                                   if self.held.limit else "no client connected (buffer = 0)")
+            if self.dial_state == "gathering":
+                self.maybe_dial()
             return
         recipients = choose_clients(self.config.send_to, self.clients, self.active_client)
         if not recipients:
@@ -2027,10 +2330,21 @@ class Port:
 
     # -- network side --
 
-    def on_accept(self, sock, peer):
+    def network_enabled(self):
+        """listen_on_open: the network side works only while a local
+        program has the virtual port open."""
+        return not self.config.listen_on_open or getattr(self.device, "peer_open", True)
+
+    def on_accept(self, sock, peer, first_data=b""):
         self.counters["connections_total"] += 1
         c = self.config
         if self.stopping:
+            sock.close()
+            return
+        if not self.network_enabled():
+            self.counters["connections_rejected"] += 1
+            self.log.info("[%s] client %s rejected: virtual port %s is not open (listen_on_open)",
+                          self.name, format_peer(peer), c.virtual)
             sock.close()
             return
         if len(self.clients) >= c.max_clients:
@@ -2042,20 +2356,30 @@ class Port:
                 return
             self.close_connection(self.clients[0], "kicked by newer client %s (when_full = kick_oldest)"
                                   % format_peer(peer))
-        self.admit(sock, peer)
+        conn = self.admit(sock, peer)
+        if first_data and not conn.closed:
+            conn.bytes_in += len(first_data)
+            self.on_client_data(conn, first_data)
 
-    def admit(self, sock, peer):
+    def admit(self, sock, peer, dialed=False):
+        """Make sock one of the port's connections: banner (or connect_id
+        when dialed), then what was held for it."""
         c = self.config
         tune_socket(sock, c)
         now = self.reactor.now()
         conn = Connection(self, self.reactor, sock, peer, now)
+        conn.dialed = dialed
         first = not self.clients
         self.clients.append(conn)
-        self.log.info("[%s] client %s connected (%d of %d)", self.name, format_peer(peer),
-                      len(self.clients), c.max_clients)
+        if dialed:
+            self.log.info("[%s] connected to %s", self.name, format_peer(peer))
+        else:
+            self.log.info("[%s] client %s connected (%d of %d)", self.name, format_peer(peer),
+                          len(self.clients), c.max_clients)
         conn.start()
-        if c.banner:
-            conn.send(c.banner)
+        greeting = c.connect_id if dialed else c.banner
+        if greeting:
+            conn.send(greeting)
         if len(self.held):
             data = self.held.take()
             self.log.info("[%s] delivering %d buffered bytes to %s", self.name, len(data), format_peer(peer))
@@ -2069,6 +2393,7 @@ class Port:
                 self.open_device()
             else:
                 self.apply_lines()
+        return conn
 
     def _idle_check(self, conn):
         if conn.closed:
@@ -2120,8 +2445,8 @@ class Port:
         if out_pending:
             self.counters["bytes_dropped"] += out_pending
         duration = self.reactor.now() - conn.since_mono
-        self.log.info("[%s] client %s disconnected: %s; %d bytes in, %d bytes out%s, %.1fs",
-                      self.name, format_peer(conn.peer), reason, conn.bytes_in, conn.bytes_out,
+        self.log.info("[%s] %s %s disconnected: %s; %d bytes in, %d bytes out%s, %.1fs",
+                      self.name, "peer" if conn.dialed else "client", format_peer(conn.peer), reason, conn.bytes_in, conn.bytes_out,
                       (", %d unsent" % out_pending) if out_pending else "", duration)
         if self.device_reading_paused:
             self.on_client_drained(conn)
@@ -2130,6 +2455,125 @@ class Port:
                 self.close_device("last client left (open_on_demand)")
             else:
                 self.apply_lines()
+        if conn.dialed and not self.stopping:
+            self.dial_state = "gathering"
+            if self.config.event_bytes:
+                self.log.info("[%s] gathering: dialing again once %d bytes from the device wait",
+                              self.name, self.config.event_bytes)
+                self.maybe_dial()
+            else:
+                self.log.info("[%s] redialing in %gs", self.name, self.config.reconnect_min)
+                self._dial_later(self.config.reconnect_min)
+
+    # -- client role: the dial state machine --
+    #
+    #   gathering --(event_bytes waiting, or event_bytes = 0)--> resolving
+    #   resolving --> connecting (each address of peer i in turn)
+    #   connecting --ok--> connected --closed--> gathering
+    #   connecting --failed--> next peer ... --all failed--> waiting (back-off)
+    #   waiting --timer--> gathering
+
+    def dial_wanted(self):
+        c = self.config
+        if c.connect is None or self.stopping or self.dial_state != "gathering":
+            return False
+        if not self.network_enabled():
+            return False
+        if any(conn.dialed for conn in self.clients):
+            return False
+        if c.event_bytes == 0:
+            return True
+        # mixed role: one connection at a time, incoming or outgoing (ezTCP)
+        return not self.clients and len(self.held) >= c.event_bytes
+
+    def maybe_dial(self):
+        if self.dial_wanted():
+            self.dial_peer = 0  # every new dial starts with the first peer
+            self._dial_next_peer()
+
+    def _dial_later(self, delay):
+        self.dial_state = "waiting"
+        if self.dial_timer:
+            self.dial_timer.cancel()
+
+        def fire():
+            self.dial_timer = None
+            self.dial_state = "gathering"
+            self.maybe_dial()
+        self.dial_timer = self.reactor.call_later(delay, fire)
+
+    def _dial_next_peer(self):
+        peers = self.config.connect
+        if self.dial_peer >= len(peers):
+            self.dial_failures += 1
+            self.counters["dials_failed"] += 1
+            delay = next_backoff(self.dial_failures, self.config.reconnect_min, self.config.reconnect_max,
+                                 int.from_bytes(os.urandom(2), "big") / 65535.0)
+            self.log.warning("[%s] every peer failed (%d round%s in a row); next dial in %.2fs",
+                             self.name, self.dial_failures, "" if self.dial_failures == 1 else "s", delay)
+            self._dial_later(delay)
+            return
+        host, port = peers[self.dial_peer]
+        self.dial_state = "resolving"
+        self.dial_generation += 1
+        generation = self.dial_generation
+        self.log.info("[%s] dialing %s (peer %d of %d)", self.name, show_hostport((host, port)),
+                      self.dial_peer + 1, len(peers))
+        resolve_in_thread(self.reactor, host, port,
+                          lambda addresses, error: self._dial_resolved(generation, addresses, error))
+
+    def _dial_resolved(self, generation, addresses, error):
+        if generation != self.dial_generation or self.stopping:
+            return
+        if error is not None or not addresses:
+            self._dial_peer_failed("cannot resolve: %s" % (describe_error(error) if error else "no address"))
+            return
+        self.dial_addresses = list(addresses)
+        self._dial_next_address()
+
+    def _dial_next_address(self):
+        if not self.dial_addresses:
+            self._dial_peer_failed(self.dial_last_error)
+            return
+        family, sockaddr = self.dial_addresses.pop(0)
+        self.dial_state = "connecting"
+        generation = self.dial_generation
+        try:
+            self.dial = Dial(self.reactor, family, sockaddr,
+                             lambda sock, error: self._dial_done(generation, sockaddr, sock, error))
+        except OSError as e:
+            self.dial_last_error = describe_error(e)
+            self._dial_next_address()
+
+    dial_last_error = "no address"
+
+    def _dial_done(self, generation, sockaddr, sock, error):
+        self.dial = None
+        if generation != self.dial_generation or self.stopping:
+            if sock:
+                sock.close()
+            return
+        if error:
+            self.dial_last_error = "%s: %s" % (format_peer(sockaddr), error)
+            self._dial_next_address()
+            return
+        if len(self.clients) >= self.config.max_clients:
+            # an incoming client took the only place meanwhile (mixed role)
+            self.log.info("[%s] dial to %s succeeded but a client is already connected; closing it",
+                          self.name, format_peer(sockaddr))
+            sock.close()
+            self.dial_state = "gathering"
+            return
+        self.dial_failures = 0
+        self.dial_state = "connected"
+        self.counters["connections_total"] += 1
+        self.admit(sock, sockaddr, dialed=True)
+
+    def _dial_peer_failed(self, error):
+        host_port = show_hostport(self.config.connect[self.dial_peer])
+        self.log.warning("[%s] dial to %s failed: %s", self.name, host_port, error)
+        self.dial_peer += 1
+        self._dial_next_peer()
 
 
 # =====================================================================
@@ -2202,19 +2646,27 @@ class Server:
         self.log = log
         self.reactor = Reactor()
         self.ports = []
+        self.gates = []
         self.stop_requested = None
 
     def start(self):
-        for port_config in self.config.ports:
-            port = Port(port_config, self.reactor, self.log)
+        """Bind every listen address first (a port that cannot listen is a
+        fatal error before anything is opened), then open and dial."""
+        self.ports = [Port(pc, self.reactor, self.log) for pc in self.config.ports]
+        by_address = {}
+        for port in self.ports:
+            if port.config.listen is not None:
+                by_address.setdefault(port.config.listen, []).append(port)
+        for address, ports in by_address.items():
             try:
-                port.start()
+                self.gates.append(Gate(self.reactor, address, ports, self.log))
             except OSError as e:
-                for p in self.ports + [port]:
-                    p.stop()
+                for gate in self.gates:
+                    gate.close()
                 raise RuntimeError("[%s] cannot listen on %s: %s" % (
-                    port_config.name, show_hostport(port_config.listen), describe_error(e)))
-            self.ports.append(port)
+                    ", ".join(p.name for p in ports), show_hostport(address), describe_error(e)))
+        for port in self.ports:
+            port.start()
 
     def on_signal(self, signum, frame):
         self.stop_requested = signum
@@ -2231,10 +2683,9 @@ class Server:
     def shutdown(self):
         name = signal.Signals(self.stop_requested).name
         self.log.info("%s received: stopping", name)
+        for gate in self.gates:
+            gate.close()
         for port in self.ports:
-            if port.listener:
-                port.listener.close()
-                port.listener = None
             for conn in port.clients:
                 conn.pause_reading(True)
         # write out what is queued for the devices, bounded in time
@@ -2262,7 +2713,7 @@ def main(argv=None):
     if opts["version"]:
         print("%s %s" % (PROGRAM, __version__))
         return EXIT_OK
-    if "--print-example" in argv:
+    if opts["print_example"]:
         sys.stdout.write(example_ini())
         return EXIT_OK
     try:
