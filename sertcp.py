@@ -18,7 +18,8 @@ The file reads top to bottom; each section uses only the ones above it:
                       pty), client connections, listeners
     6. port         - one serial port and its network side: admission,
                       policies, buffering, packing, reopening
-    7. main         - command line, logging, signals, shutdown
+    7. status       - /status and /metrics, traces, reload (SIGHUP)
+    8. main         - command line, logging, service files, signals
 """
 
 import errno
@@ -62,7 +63,10 @@ class ConfigError(Exception):
         super().__init__(self.__str__())
 
     def __str__(self):
-        parts = [p for p in (self.where, self.key) if p]
+        key = self.key
+        if key and self.where == "--" + key.replace("_", "-"):
+            key = None  # the flag already names the key
+        parts = [p for p in (self.where, key) if p]
         return "%s: %s" % (": ".join(parts), self.message) if parts else self.message
 
 
@@ -402,9 +406,8 @@ NOT_YET = {
     "tls_cert": lambda v: v is not None,
     "tls_ca": lambda v: v is not None,
     "tls": lambda v: v,
-    "trace": lambda v: v is not None,
 }
-NOT_YET_GLOBAL = {"status": lambda v: v is not None, "user": lambda v: v is not None}
+NOT_YET_GLOBAL = {}
 
 
 class Setting:
@@ -2140,6 +2143,7 @@ class Port:
                              device_errors=0)
         self.drop_log_at = 0.0
         self.drop_log_pending = 0
+        self.trace = Trace(config.trace, config.trace_format, log, self.name) if config.trace else None
 
     # -- life cycle --
 
@@ -2166,7 +2170,9 @@ class Port:
         self.dial_generation += 1
         for conn in list(self.clients):
             self.close_connection(conn, reason)
-        self.close_device("shutdown")
+        self.close_device("shutdown" if reason == "shutdown" else "port stopped: %s" % reason)
+        if self.trace:
+            self.trace.close()
 
     def pending_to_device(self):
         return self.device.tx_bytes if self.device.is_open else 0
@@ -2287,6 +2293,10 @@ class Port:
 
     def deliver(self, data):
         """Device data (a packet, when packing) to the clients send_to picks."""
+        if self.trace:
+            self.trace.record("<", ",".join(format_peer(c.peer) for c in
+                                            choose_clients(self.config.send_to, self.clients, self.active_client))
+                              or "(no client)", data)
         if not self.clients:
             dropped = self.held.add(data)
             if dropped:
@@ -2406,6 +2416,8 @@ class Port:
             conn.idle_timer = self.reactor.call_at(due, lambda: self._idle_check(conn))
 
     def on_client_data(self, conn, data):
+        if self.trace:
+            self.trace.record(">", format_peer(conn.peer), data)
         conn.last_active = time.time()
         self.active_client = conn
         if not client_selected(self.config.receive_from, conn, self.clients, self.active_client):
@@ -2577,7 +2589,261 @@ class Port:
 
 
 # =====================================================================
-# 7. Main: command line, logging, signals, shutdown
+# 7. Status, traces, reload and signals
+# =====================================================================
+
+def port_status(port):
+    """One port as /status reports it (SPEC "Status")."""
+    c = port.config
+    now_mono = port.reactor.now()
+    wall = time.time()
+    clients = []
+    for conn in port.clients:
+        clients.append({
+            "peer": format_peer(conn.peer),
+            "dialed": conn.dialed,
+            "since": round(conn.since, 3),
+            "bytes_in": conn.bytes_in,
+            "bytes_out": conn.bytes_out,
+            "queued": len(conn.out),
+            "last_active": round(conn.last_active, 3) if conn.last_active else None,
+            "idle_seconds": round(now_mono - conn.last_io, 3),
+        })
+    status = {
+        "name": port.name,
+        "device": c.device if c.device is not None else c.virtual,
+        "virtual": c.virtual is not None,
+        "open": bool(port.device.is_open),
+        "settings": {"baudrate": c.baudrate, "bytesize": c.bytesize, "parity": c.parity,
+                     "stopbits": c.stopbits, "flow": c.flow},
+        "listen": show_hostport(c.listen) if c.listen else None,
+        "connect": [show_hostport(p) for p in c.connect] if c.connect else None,
+        "dial_state": port.dial_state,
+        "clients": clients,
+    }
+    status.update(port.counters)
+    status["bytes_held"] = len(port.held)
+    status["updated"] = round(wall, 3)
+    return status
+
+
+def server_status(server):
+    return {"program": PROGRAM, "version": __version__, "pid": os.getpid(),
+            "uptime": round(time.monotonic() - server.started, 3),
+            "ports": [port_status(p) for p in server.ports]}
+
+
+COUNTER_HELP = {
+    "bytes_from_device": "Bytes read from the serial device.",
+    "bytes_to_device": "Bytes written to the serial device.",
+    "bytes_dropped": "Bytes discarded (full buffer, slow or excluded client, device gone).",
+    "connections_total": "TCP connections accepted or dialed.",
+    "connections_rejected": "TCP connections refused (port full, not allowed).",
+    "dials_failed": "Dial rounds in which every peer failed.",
+    "device_errors": "Failures to open or keep the device.",
+}
+
+
+def format_metrics(server):
+    """Prometheus text exposition of the counters and a few gauges."""
+    def label(port):
+        return port.name.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    lines = []
+    for counter, help_text in COUNTER_HELP.items():
+        metric = "sertcp_%s" % counter
+        lines.append("# HELP %s %s" % (metric, help_text))
+        lines.append("# TYPE %s counter" % metric)
+        for port in server.ports:
+            lines.append('%s{port="%s"} %d' % (metric, label(port), port.counters[counter]))
+    for gauge, help_text, value in (
+            ("clients", "Connections open now.", lambda p: len(p.clients)),
+            ("device_open", "1 if the device is open.", lambda p: 1 if p.device.is_open else 0)):
+        metric = "sertcp_%s" % gauge
+        lines.append("# HELP %s %s" % (metric, help_text))
+        lines.append("# TYPE %s gauge" % metric)
+        for port in server.ports:
+            lines.append('%s{port="%s"} %d' % (metric, label(port), value(port)))
+    return "\n".join(lines) + "\n"
+
+
+class HttpProblem(Exception):
+    def __init__(self, code, reason):
+        self.code, self.reason = code, reason
+
+
+def parse_http_request(head):
+    """The request line of an HTTP/1.x request head (bytes up to the blank
+    line) -> (method, path).  Raises HttpProblem for anything else."""
+    try:
+        text = head.decode("latin-1")
+    except ValueError:
+        raise HttpProblem(400, "Bad Request")
+    request_line = text.split("\r\n", 1)[0].split("\n", 1)[0]
+    parts = request_line.split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise HttpProblem(400, "Bad Request")
+    method, target = parts[0], parts[1]
+    if method not in ("GET", "HEAD"):
+        raise HttpProblem(405, "Method Not Allowed")
+    path = target.split("?", 1)[0]
+    return method, path
+
+
+STATUS_REQUEST_LIMIT = 8192
+STATUS_REQUEST_TIMEOUT = 5.0
+
+
+class StatusEndpoint:
+    """GET /status (JSON) and GET /metrics (Prometheus) on the same loop.
+    A tiny HTTP/1.0 responder instead of http.server, which would pull in
+    email and urllib (absent from OpenWrt's python3-light)."""
+
+    def __init__(self, server, address):
+        self.server = server
+        self.listener = Listener(server.reactor, address, 16, self.on_accept, "status")
+        server.log.info("status endpoint on http://%s/status and /metrics", self.listener.bound())
+
+    def on_accept(self, sock, peer):
+        StatusRequest(self, sock).start()
+
+    def respond(self, method, path):
+        if path == "/status":
+            import json
+            body = json.dumps(server_status(self.server), indent=1).encode() + b"\n"
+            return 200, "OK", "application/json", body
+        if path == "/metrics":
+            return 200, "OK", "text/plain; version=0.0.4", format_metrics(self.server).encode()
+        return 404, "Not Found", "text/plain", b"not found: try /status or /metrics\n"
+
+    def close(self):
+        self.listener.close()
+
+
+class StatusRequest:
+    def __init__(self, endpoint, sock):
+        self.endpoint = endpoint
+        self.reactor = endpoint.server.reactor
+        self.sock = sock
+        self.watched = 0
+        self.head = bytearray()
+        self.reply = b""
+        self.timer = None
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def start(self):
+        self.reactor.set_interest(self, True, False)
+        self.timer = self.reactor.call_later(STATUS_REQUEST_TIMEOUT, self.close)
+
+    def on_readable(self):
+        try:
+            data = self.sock.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.close()
+            return
+        if not data:
+            self.close()
+            return
+        self.head += data
+        end = self.head.find(b"\r\n\r\n")
+        if end < 0:
+            end = self.head.find(b"\n\n")
+        if end < 0 and len(self.head) <= STATUS_REQUEST_LIMIT:
+            return
+        method = "GET"
+        try:
+            if end < 0:
+                raise HttpProblem(431, "Request Header Fields Too Large")
+            method, path = parse_http_request(bytes(self.head[:end]))
+            code, reason, kind, body = self.endpoint.respond(method, path)
+        except HttpProblem as e:
+            code, reason, kind, body = e.code, e.reason, "text/plain", (e.reason + "\n").encode()
+        header = ("HTTP/1.0 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+                  % (code, reason, kind, len(body))).encode()
+        self.reply = header + (body if method != "HEAD" else b"")
+        self.reactor.set_interest(self, False, True)
+
+    def on_writable(self):
+        try:
+            n = self.sock.send(self.reply)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.close()
+            return
+        self.reply = self.reply[n:]
+        if not self.reply:
+            self.close()
+
+    def close(self):
+        if self.timer:
+            self.timer.cancel()
+            self.timer = None
+        self.reactor.forget(self)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class Trace:
+    """Both directions of a port appended to a file with timestamps and the
+    peer: `hex` (hexdump lines, '<' device->net, '>' net->device) or `raw`.
+    A write error disables the trace with one log line; the bridge goes on."""
+
+    def __init__(self, path, fmt, log, name):
+        self.path, self.format, self.log, self.name = path, fmt, log, name
+        self.file = None
+        try:
+            self.file = open(path, "ab")
+        except OSError as e:
+            self._fail(e)
+
+    def _fail(self, exc):
+        self.log.error("[%s] trace %s disabled: %s", self.name, self.path, describe_error(exc))
+        if self.file is not None:
+            try:
+                self.file.close()
+            except OSError:
+                pass
+        self.file = None
+
+    def record(self, direction, peer, data):
+        if self.file is None:
+            return
+        now = time.time()
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now)) + ".%06d" % int((now % 1) * 1e6)
+        try:
+            if self.format == "raw":
+                self.file.write(data)
+            else:
+                self.file.write(format_hexdump(stamp, direction, peer, data).encode())
+            self.file.flush()
+        except (OSError, ValueError) as e:
+            self._fail(e)
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+def format_hexdump(stamp, direction, peer, data):
+    """'<' or '>' lines: timestamp, peer, offset, 16 bytes hex, printable."""
+    lines = ["%s %s %s %d bytes\n" % (stamp, direction, peer, len(data))]
+    for offset in range(0, len(data), 16):
+        chunk = data[offset:offset + 16]
+        hexes = " ".join("%02x" % b for b in chunk)
+        text = "".join(chr(b) if 32 <= b < 127 else "." for b in chunk)
+        lines.append("%s %04x  %-47s  |%s|\n" % (direction, offset, hexes, text))
+    return "".join(lines)
+
+
+# =====================================================================
+# 8. Main: command line, logging, service files, the server
 # =====================================================================
 
 USAGE = """usage: python3 sertcp.py [-c FILE] [options] [DEVICE]
@@ -2588,10 +2854,14 @@ Serial device server: joins serial ports to TCP.
   DEVICE                   serial device path or pyserial URL for the port 'cli'
   --check                  validate, print the effective configuration, exit
   --print-example          print an example INI file with every key
+  --print-service KIND     print a systemd unit, OpenWrt procd script, SysV
+                           script or crontab line (systemd|openwrt|sysv|cron)
+                           that starts this same command line, and exit
   --version                print the version
   -h, --help               this help
 
 Every INI key is also a flag: --some-key VALUE (booleans: yes|no).
+Signals: TERM/INT stop, HUP reloads the file, USR1 logs the status.
 Port keys:
 %s
 Global keys:
@@ -2617,7 +2887,9 @@ def log_warning(message):
 def setup_logging(global_values):
     import logging
     logger = logging.getLogger(PROGRAM)
-    logger.handlers[:] = []
+    for old in logger.handlers[:]:
+        logger.removeHandler(old)
+        old.close()
     target = global_values["log"]
     if target == "stderr":
         handler = logging.StreamHandler(sys.stderr)
@@ -2638,53 +2910,259 @@ def setup_logging(global_values):
     return logger
 
 
-class Server:
-    """All ports on one reactor, plus signal handling and shutdown."""
+def reopen_log_file(logger):
+    """After logrotate moved the file: SIGHUP makes a FileHandler start anew."""
+    for handler in logger.handlers:
+        stream = getattr(handler, "stream", None)
+        opener = getattr(handler, "_open", None)
+        if opener is not None and stream is not None and stream not in (sys.stderr, sys.stdout):
+            handler.acquire()
+            try:
+                stream.close()
+                handler.stream = opener()
+            finally:
+                handler.release()
 
-    def __init__(self, config, log):
+
+def service_text(kind, argv):
+    """A unit, init script or crontab line starting this same command line
+    with absolute paths (and without --print-service)."""
+    args = []
+    skip = False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg == "--print-service":
+            skip = True
+            continue
+        if arg.startswith("--print-service="):
+            continue
+        args.append(arg)
+    # make file arguments absolute so the service finds them from /
+    path_flags = {"-c", "--config", "--virtual", "--pidfile", "--log", "--trace", "--password-file",
+                  "--tls-cert", "--tls-key", "--tls-ca"}
+    for i, arg in enumerate(args):
+        if i > 0 and args[i - 1] in path_flags and args[i] not in ("stderr", "syslog"):
+            args[i] = os.path.abspath(arg)
+        elif not arg.startswith("-") and (i == 0 or args[i - 1] not in FLAG_TO_KEY and args[i - 1] not in path_flags) \
+                and os.path.exists(arg):
+            args[i] = os.path.abspath(arg)
+    command = [os.path.abspath(sys.executable), os.path.abspath(__file__)] + args
+    import shlex
+    line = " ".join(shlex.quote(a) for a in command)
+    if kind == "systemd":
+        return ("[Unit]\nDescription=sertcp serial device server\nAfter=network.target\n\n"
+                "[Service]\nType=simple\nExecStart=%s\nExecReload=/bin/kill -HUP $MAINPID\n"
+                "Restart=always\nRestartSec=2\n\n[Install]\nWantedBy=multi-user.target\n" % line)
+    if kind == "openwrt":
+        params = "\n".join("\tprocd_append_param command %s" % shlex.quote(a) for a in command[1:])
+        return ("#!/bin/sh /etc/rc.common\n# sertcp serial device server (procd)\n"
+                "USE_PROCD=1\nSTART=95\nSTOP=10\n\nstart_service() {\n"
+                "\tprocd_open_instance\n\tprocd_set_param command %s\n%s\n"
+                "\tprocd_set_param respawn\n\tprocd_set_param stderr 1\n\tprocd_close_instance\n}\n\n"
+                "reload_service() {\n\tprocd_send_signal sertcp\n}\n"
+                % (shlex.quote(command[0]), params))
+    if kind == "sysv":
+        return ("#!/bin/sh\n### BEGIN INIT INFO\n# Provides:          sertcp\n"
+                "# Required-Start:    $network $remote_fs\n# Required-Stop:     $network $remote_fs\n"
+                "# Default-Start:     2 3 4 5\n# Default-Stop:      0 1 6\n"
+                "# Short-Description: sertcp serial device server\n### END INIT INFO\n\n"
+                "PIDFILE=/run/sertcp.pid\n\n"
+                "case \"$1\" in\n"
+                "  start)\n"
+                "    if [ -f \"$PIDFILE\" ] && kill -0 \"$(cat \"$PIDFILE\")\" 2>/dev/null; then echo 'sertcp is running'; exit 0; fi\n"
+                "    %s >>/var/log/sertcp.log 2>&1 &\n"
+                "    echo $! >\"$PIDFILE\"\n    ;;\n"
+                "  stop)\n"
+                "    [ -f \"$PIDFILE\" ] && kill \"$(cat \"$PIDFILE\")\" && rm -f \"$PIDFILE\"\n    ;;\n"
+                "  reload)\n    [ -f \"$PIDFILE\" ] && kill -HUP \"$(cat \"$PIDFILE\")\"\n    ;;\n"
+                "  restart)\n    \"$0\" stop; sleep 1; \"$0\" start\n    ;;\n"
+                "  status)\n"
+                "    if [ -f \"$PIDFILE\" ] && kill -0 \"$(cat \"$PIDFILE\")\" 2>/dev/null; then echo running; else echo stopped; exit 3; fi\n    ;;\n"
+                "  *)\n    echo \"usage: $0 {start|stop|reload|restart|status}\"; exit 2\n    ;;\n"
+                "esac\n" % line)
+    if kind == "cron":
+        # every minute: start it unless it runs (flock holds while it lives)
+        return "* * * * * flock -n /tmp/sertcp.cron.lock %s >>/tmp/sertcp.log 2>&1\n" % line
+    raise ValueError(kind)
+
+
+SERVICE_KINDS = ("systemd", "openwrt", "sysv", "cron")
+
+
+def drop_privileges(user, log):
+    """After opening and binding: become `user`, keeping its supplementary
+    groups (dialout) so that unplugged devices can be reopened."""
+    import pwd
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise RuntimeError("user: no such user %r" % user)
+    if os.getuid() == entry.pw_uid:
+        return
+    try:
+        os.initgroups(entry.pw_name, entry.pw_gid)
+        os.setgid(entry.pw_gid)
+        os.setuid(entry.pw_uid)
+    except OSError as e:
+        raise RuntimeError("user: cannot become %s: %s" % (user, describe_error(e)))
+    log.info("running as user %s (uid %d, groups %s)", user, entry.pw_uid,
+             ",".join(str(g) for g in os.getgroups()))
+
+
+def raise_fd_limit(log):
+    """Thousands of clients need descriptors: soft limit up to the hard one."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = 1 << 20
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            log.debug("descriptor limit raised from %d to %d", soft, hard)
+    except (ImportError, ValueError, OSError):
+        pass
+
+
+class Server:
+    """All ports on one reactor, plus reload, status and shutdown."""
+
+    def __init__(self, config, log, reload_config=None):
         self.config = config
         self.log = log
         self.reactor = Reactor()
         self.ports = []
         self.gates = []
+        self.status = None
         self.stop_requested = None
+        self.signals_seen = deque()
+        self.reload_config = reload_config
+        self.started = time.monotonic()
 
     def start(self):
         """Bind every listen address first (a port that cannot listen is a
         fatal error before anything is opened), then open and dial."""
         self.ports = [Port(pc, self.reactor, self.log) for pc in self.config.ports]
-        by_address = {}
-        for port in self.ports:
-            if port.config.listen is not None:
-                by_address.setdefault(port.config.listen, []).append(port)
-        for address, ports in by_address.items():
-            try:
-                self.gates.append(Gate(self.reactor, address, ports, self.log))
-            except OSError as e:
-                for gate in self.gates:
-                    gate.close()
-                raise RuntimeError("[%s] cannot listen on %s: %s" % (
-                    ", ".join(p.name for p in ports), show_hostport(address), describe_error(e)))
+        try:
+            self.gates = self._bind(self.ports, {})
+            if self.config.globals["status"] is not None:
+                self.status = StatusEndpoint(self, self.config.globals["status"])
+        except OSError as e:
+            for gate in self.gates:
+                gate.close()
+            raise RuntimeError(str(e))
         for port in self.ports:
             port.start()
 
+    def _bind(self, ports, keep):
+        """Gates for ports grouped by listen address; `keep` maps an address
+        to a gate that may stay because its ports did not change."""
+        by_address = {}
+        for port in ports:
+            if port.config.listen is not None:
+                by_address.setdefault(port.config.listen, []).append(port)
+        gates = []
+        for address, group in by_address.items():
+            old = keep.get(address)
+            if old is not None and [p for p in old.ports] == group:
+                gates.append(old)
+                continue
+            if old is not None:
+                old.close()
+            try:
+                gates.append(Gate(self.reactor, address, group, self.log))
+            except OSError as e:
+                for gate in gates:
+                    if gate not in keep.values():
+                        gate.close()
+                raise OSError(e.errno, "[%s] cannot listen on %s: %s" % (
+                    ", ".join(p.name for p in group), show_hostport(address), describe_error(e)))
+        return gates
+
     def on_signal(self, signum, frame):
-        self.stop_requested = signum
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self.stop_requested = signum
+        else:
+            self.signals_seen.append(signum)
         self.reactor.wake()
 
     def run(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             signal.signal(sig, self.on_signal)
-        signal.signal(signal.SIGPIPE, signal.SIG_IGN) if hasattr(signal, "SIGPIPE") else None
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         while self.stop_requested is None:
             self.reactor.run_once()
+            while self.signals_seen and self.stop_requested is None:
+                signum = self.signals_seen.popleft()
+                if signum == signal.SIGHUP:
+                    self.reload()
+                elif signum == signal.SIGUSR1:
+                    import json
+                    self.log.info("status %s", json.dumps(server_status(self)))
         self.shutdown()
+
+    def reload(self):
+        """SIGHUP: re-read the configuration; unchanged ports keep their
+        device and connections, changed ones restart, removed ones close,
+        new ones start.  An invalid file changes nothing."""
+        self.log.info("SIGHUP received: reloading configuration")
+        reopen_log_file(self.log)
+        if self.reload_config is None:
+            return
+        try:
+            new = self.reload_config()
+        except ConfigErrors as e:
+            for error in e.errors:
+                self.log.error("reload refused: %s", error)
+            self.log.error("reload refused: %d error%s; the running configuration stays",
+                           len(e.errors), "" if len(e.errors) == 1 else "s")
+            return
+        old_by_name = {p.name: p for p in self.ports}
+        kept, restarted, started, stopped = [], [], [], []
+        ports = []
+        for pc in new.ports:
+            old = old_by_name.pop(pc.name, None)
+            if old is not None and old.config.same_as(pc):
+                ports.append(old)
+                kept.append(old.name)
+                continue
+            if old is not None:
+                old.stop("configuration changed")
+                restarted.append(pc.name)
+            else:
+                started.append(pc.name)
+            ports.append(Port(pc, self.reactor, self.log))
+        for old in old_by_name.values():
+            old.stop("port removed from the configuration")
+            stopped.append(old.name)
+        # gates whose ports all stayed keep their sockets; others are rebuilt
+        keep = {g.listener.address: g for g in self.gates if all(p in ports for p in g.ports)}
+        for gate in self.gates:
+            if gate not in keep.values():
+                gate.close()
+        try:
+            self.gates = self._bind(ports, keep)
+        except OSError as e:
+            self.log.error("reload: %s", e)
+            self.gates = [g for g in keep.values()]
+        self.ports = ports
+        for port in ports:
+            if port.name in started or port.name in restarted:
+                port.start()
+        if new.globals["log_level"] != self.config.globals["log_level"]:
+            self.log.setLevel(new.globals["log_level"].upper())
+        self.config = new
+        self.log.info("reloaded: kept %s; restarted %s; started %s; stopped %s",
+                      *(", ".join(names) or "none" for names in (kept, restarted, started, stopped)))
 
     def shutdown(self):
         name = signal.Signals(self.stop_requested).name
         self.log.info("%s received: stopping", name)
         for gate in self.gates:
             gate.close()
+        if self.status:
+            self.status.close()
         for port in self.ports:
             for conn in port.clients:
                 conn.pause_reading(True)
@@ -2716,8 +3194,14 @@ def main(argv=None):
     if opts["print_example"]:
         sys.stdout.write(example_ini())
         return EXIT_OK
+    if opts["print_service"] is not None and opts["print_service"] not in SERVICE_KINDS:
+        print("%s: --print-service: expected one of %s" % (PROGRAM, ", ".join(SERVICE_KINDS)), file=sys.stderr)
+        return EXIT_USAGE
+
+    def load():
+        return build_config(opts["config"], port_flags, global_flags, device)
     try:
-        config = build_config(opts["config"], port_flags, global_flags, device)
+        config = load()
     except ConfigErrors as e:
         for error in e.errors:
             print("%s: error: %s" % (PROGRAM, error), file=sys.stderr)
@@ -2728,18 +3212,21 @@ def main(argv=None):
         sys.stdout.write(format_config(config))
         return EXIT_OK
     if opts["print_service"] is not None:
-        print("%s: --print-service is not supported by sertcp %s yet" % (PROGRAM, __version__), file=sys.stderr)
-        return EXIT_USAGE
+        sys.stdout.write(service_text(opts["print_service"], argv))
+        return EXIT_OK
     try:
         log = setup_logging(config.globals)
     except OSError as e:
         print("%s: error: log: cannot open %s: %s" % (PROGRAM, config.globals["log"], describe_error(e)),
               file=sys.stderr)
         return EXIT_USAGE
-    server = Server(config, log)
+    raise_fd_limit(log)
+    server = Server(config, log, load)
     pidfile = config.globals["pidfile"]
     try:
         server.start()
+        if config.globals["user"]:
+            drop_privileges(config.globals["user"], log)
     except RuntimeError as e:
         log.error("%s", e)
         return EXIT_FATAL
