@@ -2727,6 +2727,7 @@ class StatusRequest:
         self.watched = 0
         self.head = bytearray()
         self.reply = b""
+        self.replied = False
         self.timer = None
 
     def fileno(self):
@@ -2747,6 +2748,8 @@ class StatusRequest:
         if not data:
             self.close()
             return
+        if self.replied:
+            return  # draining what the client still sends, so close() sends FIN, not RST
         self.head += data
         end = self.head.find(b"\r\n\r\n")
         if end < 0:
@@ -2776,7 +2779,13 @@ class StatusRequest:
             return
         self.reply = self.reply[n:]
         if not self.reply:
-            self.close()
+            self.replied = True
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                self.close()
+                return
+            self.reactor.set_interest(self, True, False)
 
     def close(self):
         if self.timer:
@@ -3087,10 +3096,14 @@ class Server:
             self.signals_seen.append(signum)
         self.reactor.wake()
 
-    def run(self):
+    def install_signals(self):
+        """Before anything is opened, so that a signal during start-up is
+        queued for the loop instead of killing the process."""
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             signal.signal(sig, self.on_signal)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+
+    def run(self):
         while self.stop_requested is None:
             self.reactor.run_once()
             while self.signals_seen and self.stop_requested is None:
@@ -3106,8 +3119,8 @@ class Server:
         """SIGHUP: re-read the configuration; unchanged ports keep their
         device and connections, changed ones restart, removed ones close,
         new ones start.  An invalid file changes nothing."""
-        self.log.info("SIGHUP received: reloading configuration")
         reopen_log_file(self.log)
+        self.log.info("SIGHUP received: reloading configuration")
         if self.reload_config is None:
             return
         try:
@@ -3223,6 +3236,7 @@ def main(argv=None):
     raise_fd_limit(log)
     server = Server(config, log, load)
     pidfile = config.globals["pidfile"]
+    server.install_signals()
     try:
         server.start()
         if config.globals["user"]:

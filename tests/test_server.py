@@ -147,8 +147,8 @@ def test_both_directions_at_once(sertcp, pty, clients):
     down, up = payload(1 << 20, seed=2), payload(1 << 20, seed=3)
     writer = Background(pty.write, down)
     sender = Background(c.send, up)
-    from_device = Background(lambda: received.append(c.recv(len(down), timeout=30)))
     received = []
+    from_device = Background(lambda: received.append(c.recv(len(down), timeout=30)))
     assert pty.read(len(up), timeout=30) == up
     from_device.join()
     writer.join()

@@ -1,0 +1,355 @@
+"""Running unattended: /status and /metrics, SIGHUP reload, SIGUSR1,
+traces, log files, pidfile, service files, and what is imported."""
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from conftest import SERTCP, Client, Sertcp, free_port, run_sertcp, wait_for
+
+
+def http_get(port, path, timeout=5.0):
+    with urllib.request.urlopen("http://127.0.0.1:%d%s" % (port, path), timeout=timeout) as r:
+        return r.status, r.read().decode()
+
+
+def raw_http(port, request, timeout=5.0):
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(request)
+        out = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return out
+            out += chunk
+
+
+def test_status_and_metrics_count_the_bytes_moved(sertcp, pty, clients):
+    port, status = free_port(), free_port()
+    s = sertcp(pty.path, "--listen", "127.0.0.1:%d" % port, "--status", "127.0.0.1:%d" % status,
+               "--max-clients", "2", wait_port=port)
+    s.wait_log("status endpoint on")
+    a, b = clients(port), clients(port)
+    s.wait_log("connected \\(2 of 2\\)")
+    pty.write(b"x" * 1000)
+    assert a.recv(1000) == b"x" * 1000 and b.recv(1000) == b"x" * 1000
+    a.send(b"y" * 300)
+    assert pty.read(300) == b"y" * 300
+
+    code, body = http_get(status, "/status")
+    assert code == 200
+    doc = json.loads(body)
+    (p,) = doc["ports"]
+    assert p["name"] == "cli" and p["device"] == pty.path and p["open"] is True
+    assert p["settings"] == {"baudrate": 9600, "bytesize": 8, "parity": "none", "stopbits": "1", "flow": "none"}
+    assert p["bytes_from_device"] == 1000 and p["bytes_to_device"] == 300
+    assert p["connections_total"] == 2 and p["connections_rejected"] == 0
+    assert sorted(c["bytes_out"] for c in p["clients"]) == [1000, 1000]
+    assert sorted(c["bytes_in"] for c in p["clients"]) == [0, 300]
+    for c in p["clients"]:
+        assert set(c) >= {"peer", "since", "bytes_in", "bytes_out", "last_active"}
+
+    code, text = http_get(status, "/metrics")
+    assert code == 200
+    assert 'sertcp_bytes_from_device{port="cli"} 1000' in text
+    assert 'sertcp_bytes_to_device{port="cli"} 300' in text
+    assert 'sertcp_connections_total{port="cli"} 2' in text
+    for counter in ("bytes_dropped", "connections_rejected", "dials_failed", "device_errors"):
+        assert re.search(r"^sertcp_%s\{port=\"cli\"\} \d+$" % counter, text, re.M), counter
+
+
+def test_status_endpoint_answers_bad_requests_and_survives(sertcp, pty):
+    port, status = free_port(), free_port()
+    s = sertcp(pty.path, "--listen", "127.0.0.1:%d" % port, "--status", "127.0.0.1:%d" % status, wait_port=port)
+    s.wait_log("status endpoint on")
+    assert raw_http(status, b"GET /nothing HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 404")
+    assert raw_http(status, b"garbage\r\n\r\n").startswith(b"HTTP/1.0 400")
+    assert raw_http(status, b"POST /status HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.0 405")
+    assert raw_http(status, b"GET /" + b"a" * 20000).startswith(b"HTTP/1.0 431")
+    assert raw_http(status, b"\xff\xfe\x00\r\n\r\n").startswith(b"HTTP/1.0 400")
+    # a client that connects and says nothing does not block the others
+    idle = socket.create_connection(("127.0.0.1", status))
+    try:
+        assert http_get(status, "/status")[0] == 200
+    finally:
+        idle.close()
+
+
+def test_sigusr1_writes_status_to_the_log(sertcp, pty):
+    port = free_port()
+    s = sertcp(pty.path, "--listen", "127.0.0.1:%d" % port, wait_port=port)
+    s.signal(signal.SIGUSR1)
+    s.wait_log(r"status \{")
+    line = [l for l in s.log().splitlines() if "status {" in l][0]
+    doc = json.loads(line.split("status ", 1)[1])
+    assert doc["ports"][0]["name"] == "cli"
+
+
+def write_ini(path, ports, extra_global=""):
+    text = "[global]\n" + extra_global
+    for name, keys in ports.items():
+        text += "\n[%s]\n" % name + "".join("%s = %s\n" % kv for kv in keys.items())
+    path.write_text(text)
+
+
+def test_sighup_keeps_unchanged_port_mid_stream_and_restarts_changed(tmp_path, pty_factory):
+    keep_pty, change_pty, new_pty = pty_factory(), pty_factory(), pty_factory()
+    keep_port, change_port, change_port2, new_port = free_port(), free_port(), free_port(), free_port()
+    ini = tmp_path / "ports.ini"
+    write_ini(ini, {"keep": {"device": keep_pty.path, "listen": "127.0.0.1:%d" % keep_port},
+                    "change": {"device": change_pty.path, "listen": "127.0.0.1:%d" % change_port}})
+    s = Sertcp(["-c", ini], tmp_path)
+    try:
+        s.wait_listening(keep_port)
+        s.wait_listening(change_port)
+        kept = Client(keep_port)
+        changed = Client(change_port)
+        s.wait_log("connected", count=2)
+
+        # a stream flows through `keep` while the file changes and SIGHUP lands
+        total = 2 * 1024 * 1024
+        data = bytes(range(256)) * (total // 256)
+        writer = threading.Thread(target=keep_pty.write, args=(data,))
+        writer.start()
+        write_ini(ini, {"keep": {"device": keep_pty.path, "listen": "127.0.0.1:%d" % keep_port},
+                        "change": {"device": change_pty.path, "listen": "127.0.0.1:%d" % change_port2},
+                        "new": {"device": new_pty.path, "listen": "127.0.0.1:%d" % new_port}})
+        s.signal(signal.SIGHUP)
+        assert kept.recv(total, timeout=30) == data
+        writer.join()
+        s.wait_log(r"reloaded: kept keep; restarted change; started new; stopped none")
+        assert changed.closed_by_peer(5)
+        s.wait_listening(change_port2)
+        s.wait_listening(new_port)
+        kept.send(b"still here")
+        assert keep_pty.read(10) == b"still here"
+        fresh = Client(new_port)
+        new_pty.write(b"hello new")
+        assert fresh.recv(9) == b"hello new"
+        # the old address of the changed port is closed
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", change_port), timeout=2).close()
+        # removing a port closes it
+        write_ini(ini, {"keep": {"device": keep_pty.path, "listen": "127.0.0.1:%d" % keep_port}})
+        s.signal(signal.SIGHUP)
+        s.wait_log(r"reloaded: kept keep; restarted none; started none; stopped change, new")
+        assert fresh.closed_by_peer(5)
+    finally:
+        assert s.stop() == 0, s.log()
+
+
+def test_invalid_reload_is_refused_whole(tmp_path, pty):
+    port = free_port()
+    ini = tmp_path / "ports.ini"
+    write_ini(ini, {"one": {"device": pty.path, "listen": "127.0.0.1:%d" % port}})
+    s = Sertcp(["-c", ini], tmp_path)
+    try:
+        s.wait_listening(port)
+        c = Client(port)
+        s.wait_log("connected")
+        ini.write_text(ini.read_text() + "baudrate = fast\nnonsense = 1\n")
+        s.signal(signal.SIGHUP)
+        s.wait_log(r"reload refused: .*baudrate")
+        s.wait_log(r"reload refused: .*nonsense")
+        s.wait_log(r"reload refused: 2 errors")
+        c.send(b"abc")
+        assert pty.read(3) == b"abc"
+        pty.write(b"def")
+        assert c.recv(3) == b"def"
+    finally:
+        assert s.stop() == 0
+
+
+def test_trace_hex_records_both_directions(sertcp, pty, clients, tmp_path):
+    port = free_port()
+    trace = tmp_path / "trace.txt"
+    s = sertcp(pty.path, "--listen", "127.0.0.1:%d" % port, "--trace", trace, wait_port=port)
+    c = clients(port)
+    s.wait_log("connected")
+    c.send(b"AT\r\n")
+    assert pty.read(4) == b"AT\r\n"
+    pty.write(b"OK\x00\xff")
+    assert c.recv(4) == b"OK\x00\xff"
+    peer = "127.0.0.1:%d" % c.sock.getsockname()[1]
+    text = wait_for(lambda: trace.exists() and trace.read_text().count("|") >= 4 and trace.read_text())
+    assert re.search(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6} > %s 4 bytes$" % re.escape(peer), text, re.M)
+    assert "> 0000  41 54 0d 0a" in text and "|AT..|" in text
+    assert re.search(r"< %s 4 bytes$" % re.escape(peer), text, re.M)
+    assert "< 0000  4f 4b 00 ff" in text and "|OK..|" in text
+
+
+def test_trace_raw_and_a_failing_trace_never_stops_the_bridge(sertcp, pty, clients, tmp_path):
+    port = free_port()
+    trace = tmp_path / "raw.bin"
+    s = sertcp(pty.path, "--listen", "127.0.0.1:%d" % port, "--trace", trace, "--trace-format", "raw",
+               wait_port=port)
+    c = clients(port)
+    s.wait_log("connected")
+    c.send(b"abc")
+    assert pty.read(3) == b"abc"
+    wait_for(lambda: trace.read_bytes() == b"abc")
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    port2 = free_port()
+    pty2_master, pty2_slave = os.openpty()
+    import tty
+    tty.setraw(pty2_slave)
+    try:
+        s2 = sertcp(os.ttyname(pty2_slave), "--listen", "127.0.0.1:%d" % port2, "--trace", "/dev/full",
+                    wait_port=port2)
+        c2 = clients(port2)
+        s2.wait_log("connected")
+        for _ in range(3):
+            c2.send(b"z" * 10)
+        s2.wait_log(r"trace /dev/full disabled")
+        got = b""
+        deadline = time.monotonic() + 5
+        while len(got) < 30 and time.monotonic() < deadline:
+            try:
+                got += os.read(pty2_master, 100)
+            except BlockingIOError:
+                time.sleep(0.01)
+        assert got == b"z" * 30
+        assert len(re.findall("disabled", s2.log())) == 1
+    finally:
+        os.close(pty2_master)
+        os.close(pty2_slave)
+
+
+def test_log_file_is_reopened_on_sighup(tmp_path, pty):
+    port = free_port()
+    log = tmp_path / "sertcp.log"
+    s = Sertcp([pty.path, "--listen", "127.0.0.1:%d" % port, "--log", log], tmp_path)
+    try:
+        wait_for(lambda: log.exists() and "listening on" in log.read_text())
+        log.rename(tmp_path / "sertcp.log.1")
+        s.signal(signal.SIGHUP)
+        wait_for(lambda: log.exists() and "SIGHUP received" in log.read_text(), message="new log file")
+        c = Client(port)
+        wait_for(lambda: "connected" in log.read_text())
+        c.close()
+        wait_for(lambda: re.search(r"disconnected: closed by peer; 0 bytes in, 0 bytes out, \d+\.\ds",
+                                   log.read_text()))
+    finally:
+        assert s.stop() == 0
+
+
+def test_pidfile_lifecycle(tmp_path, pty):
+    port = free_port()
+    pidfile = tmp_path / "sertcp.pid"
+    s = Sertcp([pty.path, "--listen", "127.0.0.1:%d" % port, "--pidfile", pidfile], tmp_path)
+    try:
+        s.wait_listening(port)
+        wait_for(lambda: pidfile.exists() and pidfile.read_text().strip() == str(s.proc.pid))
+    finally:
+        assert s.stop() == 0
+    assert not pidfile.exists()
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_print_service_systemd_unit_verifies(tmp_path):
+    ini = tmp_path / "a.ini"
+    ini.write_text("[a]\nvirtual = /tmp/sertcp-test-v\nlisten = 7000\n")
+    r = run_sertcp(["-c", ini, "--print-service", "systemd"])
+    assert r.returncode == 0, r.stderr
+    assert "ExecStart=%s %s -c %s" % (sys.executable, SERTCP, ini) in r.stdout
+    unit = tmp_path / "sertcp.service"
+    unit.write_text(r.stdout)
+    v = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+    assert v.returncode == 0, v.stdout + v.stderr
+
+
+@pytest.mark.parametrize("kind", ["openwrt", "sysv"])
+def test_print_service_scripts_parse(kind, tmp_path):
+    r = run_sertcp(["--virtual", "/tmp/sertcp-v", "--listen", "7000", "--print-service", kind])
+    assert r.returncode == 0, r.stderr
+    script = tmp_path / "script"
+    script.write_text(r.stdout)
+    assert subprocess.run(["sh", "-n", str(script)]).returncode == 0
+    assert str(SERTCP) in r.stdout and sys.executable in r.stdout
+    assert "--print-service" not in r.stdout
+    if kind == "openwrt":
+        assert r.stdout.startswith("#!/bin/sh /etc/rc.common") and "USE_PROCD=1" in r.stdout
+        assert "procd_set_param respawn" in r.stdout
+    else:
+        assert "### BEGIN INIT INFO" in r.stdout
+        for action in ("start)", "stop)", "reload)", "status)"):
+            assert action in r.stdout
+
+
+def test_print_service_cron_line():
+    r = run_sertcp(["--virtual", "/tmp/sertcp-v", "--listen", "7000", "--print-service", "cron"])
+    assert r.returncode == 0
+    line = r.stdout.strip()
+    assert len(line.splitlines()) == 1
+    fields = line.split()
+    assert fields[:5] == ["*"] * 5
+    assert "%s %s --virtual /tmp/sertcp-v --listen 7000" % (sys.executable, SERTCP) in line
+    bad = run_sertcp(["--virtual", "/tmp/v", "--listen", "7000", "--print-service", "launchd"])
+    assert bad.returncode == 2 and "systemd, openwrt, sysv, cron" in bad.stderr
+
+
+IMPORT_PROBE = """
+import runpy, sys
+before = set(sys.modules)
+out, script = sys.argv[1], sys.argv[2]
+sys.argv = sys.argv[2:]
+try:
+    runpy.run_path(script, run_name="__main__")
+finally:
+    with open(out, "w") as f:
+        f.write("\\n".join(sorted(set(sys.modules) - before)))
+"""
+
+
+def imported_modules(args, tmp_path, port, extra_wait=None):
+    """Start the real sertcp.py (through runpy, so that the interpreter's
+    own start-up imports are not counted), wait until it serves, stop it and
+    return the top-level names of every module sertcp imported."""
+    log = tmp_path / "probe.log"
+    out = tmp_path / "modules.txt"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([sys.executable, "-c", IMPORT_PROBE, str(out), str(SERTCP)] + [str(a) for a in args],
+                                stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: "listening on" in log.read_text(), message="listening")
+        if extra_wait:
+            extra_wait()
+        c = Client(port)
+        c.close()
+        wait_for(lambda: "disconnected" in log.read_text())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0, log.read_text()
+    return {name.split(".")[0] for name in out.read_text().split()}
+
+
+HEAVY = {"ssl", "http", "email", "urllib", "asyncio", "multiprocessing", "xml", "ctypes", "json"}
+
+
+def test_nothing_heavy_is_imported_with_optional_features_off(pty, tmp_path):
+    port = free_port()
+    names = imported_modules([pty.path, "--listen", "127.0.0.1:%d" % port], tmp_path, port)
+    assert "serial" in names and "selectors" in names
+    assert not (names & HEAVY), sorted(names & HEAVY)
+
+
+def test_status_endpoint_works_without_http_server_modules(pty, tmp_path):
+    port, status = free_port(), free_port()
+
+    def ask():
+        assert json.loads(raw_http(status, b"GET /status HTTP/1.0\r\n\r\n").split(b"\r\n\r\n", 1)[1])
+    names = imported_modules([pty.path, "--listen", "127.0.0.1:%d" % port, "--status", "127.0.0.1:%d" % status],
+                             tmp_path, port, extra_wait=ask)
+    assert "json" in names
+    assert not (names & {"ssl", "http", "email", "urllib"}), sorted(names & {"ssl", "http", "email", "urllib"})
