@@ -47,6 +47,12 @@ SHUTDOWN_DRAIN = 2.0           # seconds to write out what is queued at exit
 VIRTUAL_POLL = 0.1             # seconds between checks that a program opened a virtual port
 IDENTITY_PAUSE = 0.2           # an id ends at LF, CR LF or this pause
 DIAL_TIMEOUT = 10.0            # seconds a dial may take before the next peer is tried
+MAX_PENDING_HANDSHAKES = 1024  # per listener: clients in TLS/password/id before a port
+PASSWORD_LINE_LIMIT = 256      # bytes: a longer first line is not a password
+WRONG_PASSWORD_DELAY = 1.0     # seconds before a wrong password is answered by closing
+PASSWORD_FAILURES, PASSWORD_WINDOW, PASSWORD_BLOCK = 5, 60.0, 60  # then refuse that address
+PEER_LOG_BURST, PEER_LOG_WINDOW = 10, 10.0  # per-peer log lines per window
+DEBUG, INFO, WARNING = 10, 20, 30  # logging's levels, without importing logging here
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE = 0, 1, 2
 
@@ -401,11 +407,6 @@ CLI_PORT = "cli"
 # at start rather than silently ignored.
 NOT_YET = {
     "protocol": lambda v: v != "raw",
-    "password": lambda v: v is not None,
-    "password_file": lambda v: v is not None,
-    "tls_cert": lambda v: v is not None,
-    "tls_ca": lambda v: v is not None,
-    "tls": lambda v: v,
 }
 NOT_YET_GLOBAL = {}
 
@@ -482,8 +483,10 @@ class PortConfig:
         except KeyError:
             raise AttributeError(key)
 
+    secret = None  # the password as bytes, from password or password_file
+
     def same_as(self, other):
-        return self.values == other.values
+        return self.values == other.values and self.secret == other.secret
 
 
 class Config:
@@ -569,6 +572,13 @@ def _validate_ports(ports, where_of_port, errors):
     for address, group in by_listen.items():
         if len(group) < 2:
             continue
+        for key in ("tls_cert", "tls_key", "tls_ca", "password", "password_file"):
+            settings = {p.values[key] for p in group}
+            if len(settings) > 1:
+                errors.append(ConfigError(where_of_port(group[1], key), key,
+                                          "ports sharing %s (%s) must have the same %s: TLS and the password "
+                                          "come before the id that picks the port"
+                                          % (show_hostport(address), ", ".join("[%s]" % p.name for p in group), key)))
         for port in group:
             if port.values["identity"] is None and port.values["allow"] is None:
                 errors.append(ConfigError(where_of_port(port, "listen"), "listen",
@@ -677,9 +687,21 @@ def build_config(config_path, port_flags, global_flags, device):
         merged.update(settings)
         label = "[%s]" % name
         values = _parse_settings(PORT_SCHEMA, {k: s for k, s in merged.items() if k not in GLOBAL_SCHEMA}, label, errors)
-        if values["password_file"] is not None and values["password"] is None:
-            pass  # read when the port starts, so that SIGHUP picks up a changed file
         port = PortConfig(name, values)
+        if values["password"] is not None:
+            port.secret = values["password"].encode("utf-8")
+        elif values["password_file"] is not None:
+            # read at every (re)load, so SIGHUP picks up a changed file
+            try:
+                with open(values["password_file"], "rb") as f:
+                    port.secret = f.readline().rstrip(b"\r\n")
+            except OSError as e:
+                errors.append(ConfigError(merged["password_file"].where, "password_file",
+                                          "cannot read %s: %s" % (values["password_file"], e.strerror)))
+            else:
+                if not port.secret:
+                    errors.append(ConfigError(merged["password_file"].where, "password_file",
+                                              "the first line of %s is empty" % values["password_file"]))
         ports.append(port)
         wheres[name] = merged
 
@@ -1779,6 +1801,93 @@ class Connection:
             pass
 
 
+class TlsConnection(Connection):
+    """A client over TLS: the SSL layer may hold decrypted bytes that the
+    selector cannot see, so reading goes on while it has some."""
+
+    def on_readable(self):
+        Connection.on_readable(self)
+        while not self.closed and self.reading and self.sock.pending():
+            Connection.on_readable(self)
+
+
+class TlsStream:
+    """An SSLSocket that behaves like a non-blocking plain socket for
+    Connection: SSL's want-read/want-write become BlockingIOError."""
+
+    def __init__(self, ssl_sock):
+        import ssl
+        self.ssl_sock = ssl_sock
+        self.want = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+    def send(self, data):
+        try:
+            return self.ssl_sock.send(data)
+        except self.want:
+            raise BlockingIOError(errno.EAGAIN, "TLS wants I/O")
+
+    def recv(self, size):
+        try:
+            return self.ssl_sock.recv(size)
+        except self.want:
+            raise BlockingIOError(errno.EAGAIN, "TLS wants I/O")
+
+    def __getattr__(self, name):
+        return getattr(self.ssl_sock, name)
+
+
+class TlsStart:
+    """Drives a non-blocking TLS handshake on the loop, then hands the
+    socket back through on_done(error or None)."""
+
+    def __init__(self, reactor, ssl_sock, on_done, timeout=None):
+        self.reactor = reactor
+        self.sock = ssl_sock
+        self.on_done = on_done
+        self.watched = 0
+        self.timer = None
+        if timeout is not None:
+            self.timer = reactor.call_later(timeout, lambda: self._done("no TLS handshake within %gs" % timeout))
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def step(self):
+        import ssl
+        try:
+            self.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self.reactor.set_interest(self, True, False)
+            return
+        except ssl.SSLWantWriteError:
+            self.reactor.set_interest(self, False, True)
+            return
+        except (ssl.SSLError, ssl.CertificateError, OSError, ValueError) as e:
+            self._done(getattr(e, "verify_message", None) or getattr(e, "reason", None) or describe_error(e))
+            return
+        self._done(None)
+
+    on_readable = on_writable = step
+
+    def _done(self, error):
+        self.reactor.forget(self)
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.on_done is not None:
+            on_done, self.on_done = self.on_done, None
+            on_done(error)
+
+    def cancel(self):
+        self.on_done = None
+        self.reactor.forget(self)
+        if self.timer is not None:
+            self.timer.cancel()
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
 def tune_socket(sock, config):
     """TCP_NODELAY and keepalive as configured (Linux names; others skip)."""
     if sock.family not in (socket.AF_INET, socket.AF_INET6):
@@ -1892,17 +2001,113 @@ def host_allowed(networks, host):
     return any(address.version == net.version and address in net for net in networks)
 
 
-class Gate:
-    """Admission on one listen address, shared by one or more ports: the
-    source address (allow, "Fix IP") first, then the id the client sends
-    (identity, "Common"), then the port's own rules (max_clients, ...)."""
+class PeerLog:
+    """Per-peer log lines, rate-limited per source address so that one peer
+    cannot flood the log: at most PEER_LOG_BURST lines per PEER_LOG_WINDOW
+    seconds, then one line saying how many were suppressed."""
 
-    def __init__(self, reactor, address, ports, log):
+    def __init__(self, log):
+        self.log = log
+        self.windows = {}   # host -> [window start, lines, suppressed]
+
+    def __call__(self, host, level, message, *args):
+        now = time.monotonic()
+        window = self.windows.get(host)
+        if window is None or now - window[0] >= PEER_LOG_WINDOW:
+            if window is not None and window[2]:
+                self.log.warning("suppressed %d log lines about %s", window[2], host)
+            if len(self.windows) >= 4096:
+                self._forget_old(now)
+            window = self.windows[host] = [now, 0, 0]
+        window[1] += 1
+        if window[1] > PEER_LOG_BURST:
+            window[2] += 1
+            return
+        self.log.log(level, message, *args)
+
+    def _forget_old(self, now):
+        for host, window in list(self.windows.items()):
+            if now - window[0] >= PEER_LOG_WINDOW:
+                if window[2]:
+                    self.log.warning("suppressed %d log lines about %s", window[2], host)
+                del self.windows[host]
+        if len(self.windows) >= 4096:
+            self.windows.clear()
+
+
+def make_server_tls(config):
+    import ssl  # only configurations with TLS pay for it
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(config.tls_cert, config.tls_key)
+    if config.tls_ca is not None:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(cafile=config.tls_ca)
+    return context
+
+
+def make_client_tls(config):
+    import ssl
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if config.tls_ca is not None:
+        context.load_verify_locations(cafile=config.tls_ca)
+    else:
+        context.load_default_certs()
+    return context
+
+
+class FailedPasswords:
+    """Wrong passwords per source address: after PASSWORD_FAILURES within
+    PASSWORD_WINDOW seconds the address is refused for PASSWORD_BLOCK."""
+
+    def __init__(self):
+        self.failures = {}      # host -> [times]
+        self.blocked = {}       # host -> until
+
+    def is_blocked(self, host, now):
+        until = self.blocked.get(host)
+        if until is None:
+            return False
+        if now >= until:
+            del self.blocked[host]
+            return False
+        return True
+
+    def failed(self, host, now):
+        """Record a failure; True if the address is now blocked."""
+        if len(self.failures) >= 4096:
+            self.failures.clear()  # bounded memory beats perfect memory of old failures
+        times = [t for t in self.failures.get(host, ()) if now - t < PASSWORD_WINDOW]
+        times.append(now)
+        self.failures[host] = times
+        if len(times) >= PASSWORD_FAILURES:
+            self.blocked[host] = now + PASSWORD_BLOCK
+            del self.failures[host]
+            return True
+        return False
+
+
+class Gate:
+    """Admission on one listen address, shared by one or more ports, in
+    this order: the source address (allow, "Fix IP"), TLS, the password,
+    the id the client sends (identity, "Common"), then the port's own rules
+    (max_clients, banner ...).  Each step before the port is bounded by
+    identity_timeout."""
+
+    def __init__(self, reactor, address, ports, log, peer_log):
         self.reactor = reactor
         self.ports = ports
         self.log = log
+        self.peer_log = peer_log
         self.name = ports[0].name if len(ports) == 1 else "listen %s" % show_hostport(address)
-        self.pending = set()
+        self.pending = deque()
+        first = ports[0].config
+        # ports sharing a listener agree on these (checked by the config)
+        self.tls = make_server_tls(first) if first.tls_cert is not None else None
+        self.password = ports[0].password
+        self.timeout = min(p.config.identity_timeout for p in ports)
+        self.failed_passwords = FailedPasswords()
         self.listener = Listener(reactor, address, max(p.config.backlog for p in ports), self.on_accept, self.name)
         bound = self.listener.bound()
         for port in ports:
@@ -1911,12 +2116,14 @@ class Gate:
             if others:
                 how = " (shared with %s; by %s)" % (", ".join(others), "identity" if port.config.identity is not None
                                                     else "source address")
-            self.log.info("[%s] listening on %s%s", port.name, bound, how)
+            extras = [word for word, on in (("TLS", self.tls), ("password", self.password)) if on]
+            self.log.info("[%s] listening on %s%s%s", port.name, bound, how,
+                          (" with %s" % " and ".join(extras)) if extras else "")
 
     def refuse(self, sock, peer, reason):
-        self.log.info("[%s] client %s refused: %s", self.name, format_peer(peer), reason)
-        for port in self.ports:
-            port.counters["connections_rejected"] += 1 if len(self.ports) == 1 else 0
+        self.peer_log(peer[0], INFO, "[%s] client %s refused: %s", self.name, format_peer(peer), reason)
+        if len(self.ports) == 1:
+            self.ports[0].counters["connections_rejected"] += 1
         try:
             sock.close()
         except OSError:
@@ -1929,99 +2136,194 @@ class Gate:
         if not candidates:
             self.refuse(sock, peer, "address not allowed")
             return
-        with_identity = [p for p in candidates if p.config.identity is not None]
-        if with_identity:
-            Handshake(self, sock, peer, with_identity).start()
+        if self.password is not None and self.failed_passwords.is_blocked(host, self.reactor.now()):
+            self.refuse(sock, peer, "too many wrong passwords from %s (blocked for %ds)" % (host, PASSWORD_BLOCK))
             return
-        candidates[0].on_accept(sock, peer, b"")
+        with_identity = [p for p in candidates if p.config.identity is not None]
+        if self.tls is None and self.password is None and not with_identity:
+            candidates[0].on_accept(sock, peer, b"")  # the plain case: straight to the port
+            return
+        if len(self.pending) >= MAX_PENDING_HANDSHAKES:
+            oldest = self.pending.popleft()
+            oldest.abandon("too many connections still in their handshake")
+        Handshake(self, sock, peer, candidates, with_identity).start()
 
     def close(self):
         self.listener.close()
         for handshake in list(self.pending):
-            handshake.close()
+            handshake.abandon("listener closed")
 
 
 class Handshake:
-    """A client on a listener whose ports want an id: reads the id with a
-    deadline, then hands the socket (and any bytes after the id) to the
-    port.  Each handshake costs one socket and at most a few bytes."""
+    """A client between accept and its port: TLS, then the password line,
+    then the id, each step fed by the same reads, all within one deadline.
+    Costs one socket and a few hundred bytes however hostile the peer."""
 
-    def __init__(self, gate, sock, peer, ports):
+    def __init__(self, gate, sock, peer, candidates, with_identity):
         self.gate = gate
         self.reactor = gate.reactor
         self.sock = sock
         self.peer = peer
-        self.by_id = {p.config.identity: p for p in ports}
-        now = self.reactor.now()
-        timeout = min(p.config.identity_timeout for p in ports)
-        self.timeout = timeout
-        self.matcher = IdentityMatcher(self.by_id, now, timeout)
-        self.timer = None
+        self.candidates = candidates
+        self.by_id = {p.config.identity: p for p in with_identity}
         self.watched = 0
+        self.done = False
+        now = self.reactor.now()
+        self.deadline = now + gate.timeout
+        self.timer = None
+        self.line = bytearray()     # the password line being read
+        self.matcher = IdentityMatcher(self.by_id, now, gate.timeout) if self.by_id else None
+        self.stage = "tls" if gate.tls else "password" if gate.password is not None else "identity"
 
     def fileno(self):
         return self.sock.fileno()
 
     def start(self):
-        self.gate.pending.add(self)
-        self.reactor.set_interest(self, True, False)
-        self._arm()
+        self.gate.pending.append(self)
+        if self.stage == "tls":
+            try:
+                self.sock = self.gate.tls.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
+            except OSError as e:
+                self._refuse("TLS set-up failed: %s" % describe_error(e))
+                return
+            self.tls_start = TlsStart(self.reactor, self.sock, self._tls_done)
+            self.tls_start.step()
+        else:
+            self.reactor.set_interest(self, True, False)
+        if not self.done:
+            self._arm(self.deadline)
 
-    def _arm(self):
+    def _arm(self, when):
         if self.timer:
             self.timer.cancel()
-        self.timer = self.reactor.call_at(self.matcher.deadline(), self._expired)
+        self.timer = self.reactor.call_at(when, self._expired)
 
     def _expired(self):
         self.timer = None
-        result = self.matcher.expire(self.reactor.now())
-        if result is None:
-            self._arm()
-        else:
-            self._decided(result)
+        now = self.reactor.now()
+        if self.stage == "identity":
+            result = self.matcher.expire(now)
+            if result is not None:
+                self._identity_decided(result)
+                return
+            self._arm(self.matcher.deadline())
+            return
+        what = {"tls": "no TLS handshake", "password": "no password"}.get(self.stage, "nothing")
+        self._refuse("%s within %gs (identity_timeout)" % (what, self.gate.timeout))
+
+    # TLS
+
+    tls_start = None
+
+    def _tls_done(self, error):
+        self.tls_start = None
+        if error:
+            self._refuse("TLS handshake failed: %s" % error)
+            return
+        self.sock = TlsStream(self.sock)
+        self.stage = "password" if self.gate.password is not None else "identity" if self.by_id else "port"
+        if self.stage == "port":
+            self._to_port(self.candidates[0], b"")
+            return
+        self.reactor.set_interest(self, True, False)
+        if self.sock.pending():
+            self.on_readable()
 
     def on_readable(self):
         try:
-            data = self.sock.recv(4096)
-        except BlockingIOError:
+            data = self.sock.recv(1024)
+        except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
-            self._finish()
-            self.gate.refuse(self.sock, self.peer, "failed before sending an id: %s" % describe_error(e))
+            self._refuse("failed in its handshake: %s" % describe_error(e))
             return
         if not data:
-            self._finish()
-            self.gate.refuse(self.sock, self.peer, "closed before sending an id")
+            self._refuse("closed before %s" % ("its password" if self.stage == "password" else "its id"))
             return
+        if self.stage == "password":
+            self._password_data(data)
+        else:
+            self._identity_data(data)
+
+    # password: the first line, compared in constant time
+
+    def _password_data(self, data):
+        self.line += data
+        end = self.line.find(b"\n")
+        if end < 0:
+            if len(self.line) > PASSWORD_LINE_LIMIT:
+                self._refuse("password line too long")
+            return
+        given = bytes(self.line[:end])
+        rest = bytes(self.line[end + 1:])
+        self.line = bytearray()
+        if given.endswith(b"\r"):
+            given = given[:-1]
+        import hmac
+        if not hmac.compare_digest(given, self.gate.password):
+            self._wrong_password()
+            return
+        if self.by_id:
+            self.stage = "identity"
+            if rest:
+                self._identity_data(rest)
+        else:
+            self._to_port(self.candidates[0], rest)
+
+    def _wrong_password(self):
+        host = self.peer[0]
+        blocked = self.gate.failed_passwords.failed(host, self.reactor.now())
+        reason = "wrong password" + ("; %s blocked for %ds" % (host, PASSWORD_BLOCK) if blocked else "")
+        # close after a pause: guessing costs the guesser time, not us memory
+        self.stage = "closing"
+        self.reactor.forget(self)
+        self._arm(self.reactor.now() + WRONG_PASSWORD_DELAY)
+        self.timer.callback = lambda: self._refuse(reason)
+
+    # identity
+
+    def _identity_data(self, data):
         result = self.matcher.feed(data, self.reactor.now())
         if result is None:
-            self._arm()
+            self._arm(self.matcher.deadline())
         else:
-            self._decided(result)
+            self._identity_decided(result)
 
-    def _decided(self, result):
+    def _identity_decided(self, result):
         outcome, identity, rest = result
-        self._finish()
         if outcome == "match":
-            self.by_id[identity].on_accept(self.sock, self.peer, rest)
+            self._to_port(self.by_id[identity], rest)
         elif outcome == "late":
-            self.gate.refuse(self.sock, self.peer, "no id within %gs (identity_timeout)" % self.timeout)
+            self._refuse("no id within %gs (identity_timeout)" % self.gate.timeout)
         else:
-            self.gate.refuse(self.sock, self.peer, "unknown id %r" % show_bytes(identity))
+            self._refuse("unknown id %r" % show_bytes(identity))
+
+    # endings
 
     def _finish(self):
+        self.done = True
+        if self.tls_start is not None:
+            self.tls_start.cancel()
         self.reactor.forget(self)
         if self.timer:
             self.timer.cancel()
             self.timer = None
-        self.gate.pending.discard(self)
-
-    def close(self):
-        self._finish()
         try:
-            self.sock.close()
-        except OSError:
+            self.gate.pending.remove(self)
+        except ValueError:
             pass
+
+    def _to_port(self, port, rest):
+        self._finish()
+        port.on_accept(self.sock, self.peer, rest)
+
+    def _refuse(self, reason):
+        self._finish()
+        self.gate.refuse(self.sock, self.peer, reason)
+
+    def abandon(self, reason):
+        if not self.done:
+            self._refuse(reason)
 
 
 def is_ip_literal(host):
@@ -2112,11 +2414,13 @@ class Port:
     rules between them.  Device states: closed -> open -> lost -> open ...
     (and 'idle' while open_on_demand has no client)."""
 
-    def __init__(self, config, reactor, log):
+    def __init__(self, config, reactor, log, peer_log=None):
         self.config = config
         self.name = config.name
         self.reactor = reactor
         self.log = log
+        self.peer_log = peer_log or PeerLog(log)
+        self.password = config.secret
         self.device = make_device(self, reactor)
         self.clients = []               # oldest first
         self.active_client = None       # last_active: who sent data last
@@ -2353,14 +2657,14 @@ class Port:
             return
         if not self.network_enabled():
             self.counters["connections_rejected"] += 1
-            self.log.info("[%s] client %s rejected: virtual port %s is not open (listen_on_open)",
+            self.peer_log(peer[0], INFO, "[%s] client %s rejected: virtual port %s is not open (listen_on_open)",
                           self.name, format_peer(peer), c.virtual)
             sock.close()
             return
         if len(self.clients) >= c.max_clients:
             if c.when_full == "reject":
                 self.counters["connections_rejected"] += 1
-                self.log.info("[%s] client %s rejected: %d of %d clients connected (when_full = reject)",
+                self.peer_log(peer[0], INFO, "[%s] client %s rejected: %d of %d clients connected (when_full = reject)",
                               self.name, format_peer(peer), len(self.clients), c.max_clients)
                 sock.close()
                 return
@@ -2377,17 +2681,21 @@ class Port:
         c = self.config
         tune_socket(sock, c)
         now = self.reactor.now()
-        conn = Connection(self, self.reactor, sock, peer, now)
+        conn = (TlsConnection if isinstance(sock, TlsStream) else Connection)(self, self.reactor, sock, peer, now)
         conn.dialed = dialed
         first = not self.clients
         self.clients.append(conn)
         if dialed:
             self.log.info("[%s] connected to %s", self.name, format_peer(peer))
         else:
-            self.log.info("[%s] client %s connected (%d of %d)", self.name, format_peer(peer),
+            self.peer_log(peer[0], INFO, "[%s] client %s connected (%d of %d)", self.name, format_peer(peer),
                           len(self.clients), c.max_clients)
         conn.start()
-        greeting = c.connect_id if dialed else c.banner
+        if dialed:
+            # a sertcp (or any) server with a password wants it first, then the id
+            greeting = (self.password + b"\n" if self.password is not None else b"") + (c.connect_id or b"")
+        else:
+            greeting = c.banner
         if greeting:
             conn.send(greeting)
         if len(self.held):
@@ -2457,7 +2765,7 @@ class Port:
         if out_pending:
             self.counters["bytes_dropped"] += out_pending
         duration = self.reactor.now() - conn.since_mono
-        self.log.info("[%s] %s %s disconnected: %s; %d bytes in, %d bytes out%s, %.1fs",
+        self.peer_log(conn.peer[0], INFO, "[%s] %s %s disconnected: %s; %d bytes in, %d bytes out%s, %.1fs",
                       self.name, "peer" if conn.dialed else "client", format_peer(conn.peer), reason, conn.bytes_in, conn.bytes_out,
                       (", %d unsent" % out_pending) if out_pending else "", duration)
         if self.device_reading_paused:
@@ -2576,6 +2884,44 @@ class Port:
             sock.close()
             self.dial_state = "gathering"
             return
+        if self.config.tls:
+            self._dial_tls(generation, sockaddr, sock)
+            return
+        self._dial_connected(sock, sockaddr)
+
+    def _dial_tls(self, generation, sockaddr, sock):
+        """Client-role TLS: verify the server (tls_ca or the system store)
+        against tls_server_name or the host dialled."""
+        host = self.config.connect[self.dial_peer][0]
+        name = self.config.tls_server_name or host
+        try:
+            if self.tls_context is None:
+                self.tls_context = make_client_tls(self.config)
+            ssl_sock = self.tls_context.wrap_socket(sock, server_hostname=name, do_handshake_on_connect=False)
+        except (OSError, ValueError) as e:
+            sock.close()
+            self.dial_last_error = "%s: TLS set-up failed: %s" % (format_peer(sockaddr), describe_error(e))
+            self._dial_next_address()
+            return
+        self.dial_state = "tls"
+
+        def done(error):
+            self.dial = None
+            if generation != self.dial_generation or self.stopping:
+                ssl_sock.close()
+                return
+            if error:
+                ssl_sock.close()
+                self.dial_last_error = "%s: TLS handshake failed: %s" % (format_peer(sockaddr), error)
+                self._dial_next_address()
+                return
+            self._dial_connected(TlsStream(ssl_sock), sockaddr)
+        self.dial = TlsStart(self.reactor, ssl_sock, done, timeout=DIAL_TIMEOUT)
+        self.dial.step()
+
+    tls_context = None
+
+    def _dial_connected(self, sock, sockaddr):
         self.dial_failures = 0
         self.dial_state = "connected"
         self.counters["connections_total"] += 1
@@ -3052,7 +3398,8 @@ class Server:
     def start(self):
         """Bind every listen address first (a port that cannot listen is a
         fatal error before anything is opened), then open and dial."""
-        self.ports = [Port(pc, self.reactor, self.log) for pc in self.config.ports]
+        self.peer_log = PeerLog(self.log)
+        self.ports = [Port(pc, self.reactor, self.log, self.peer_log) for pc in self.config.ports]
         try:
             self.gates = self._bind(self.ports, {})
             if self.config.globals["status"] is not None:
@@ -3080,7 +3427,7 @@ class Server:
             if old is not None:
                 old.close()
             try:
-                gates.append(Gate(self.reactor, address, group, self.log))
+                gates.append(Gate(self.reactor, address, group, self.log, self.peer_log))
             except OSError as e:
                 for gate in gates:
                     if gate not in keep.values():
@@ -3145,7 +3492,7 @@ class Server:
                 restarted.append(pc.name)
             else:
                 started.append(pc.name)
-            ports.append(Port(pc, self.reactor, self.log))
+            ports.append(Port(pc, self.reactor, self.log, self.peer_log))
         for old in old_by_name.values():
             old.stop("port removed from the configuration")
             stopped.append(old.name)
