@@ -47,6 +47,9 @@ SHUTDOWN_DRAIN = 2.0           # seconds to write out what is queued at exit
 VIRTUAL_POLL = 0.1             # seconds between checks that a program opened a virtual port
 IDENTITY_PAUSE = 0.2           # an id ends at LF, CR LF or this pause
 DIAL_TIMEOUT = 10.0            # seconds a dial may take before the next peer is tried
+MODEM_POLL = 0.1               # rfc2217: seconds between looks at modem lines (only while asked for)
+RFC2217_AGREE_TIMEOUT = 5.0    # rfc2217 client: seconds the server has to accept COM-PORT-OPTION
+BREAK_DURATION = 0.25          # seconds of break for a Telnet IAC BRK
 MAX_PENDING_HANDSHAKES = 1024  # per listener: clients in TLS/password/id before a port
 PASSWORD_LINE_LIMIT = 256      # bytes: a longer first line is not a password
 WRONG_PASSWORD_DELAY = 1.0     # seconds before a wrong password is answered by closing
@@ -406,7 +409,6 @@ CLI_PORT = "cli"
 # so that files written for it are understood, but using them is refused
 # at start rather than silently ignored.
 NOT_YET = {
-    "protocol": lambda v: v != "raw",
 }
 NOT_YET_GLOBAL = {}
 
@@ -959,6 +961,526 @@ def next_backoff(failures, low, high, entropy):
     return max(low, base * (1.0 - 0.2 * entropy)) if failures else low
 
 
+# ---------------------------------------------------------------------
+# Telnet (RFC 854/855) with loop-free option negotiation (RFC 1143)
+# ---------------------------------------------------------------------
+
+IAC, DONT, DO, WONT, WILL, SB = 255, 254, 253, 252, 251, 250
+GA, EL, EC, AYT, AO, IP, BRK, DM, NOP, SE = 249, 248, 247, 246, 245, 244, 243, 242, 241, 240
+OPT_BINARY, OPT_ECHO, OPT_SGA, OPT_COM_PORT = 0, 1, 3, 44
+TELNET_OPTION_NAMES = {OPT_BINARY: "BINARY", OPT_ECHO: "ECHO", OPT_SGA: "SGA", OPT_COM_PORT: "COM-PORT-OPTION"}
+TELNET_COMMAND_NAMES = {NOP: "NOP", DM: "DM", BRK: "BRK", IP: "IP", AO: "AO", AYT: "AYT", EC: "EC",
+                        EL: "EL", GA: "GA", SE: "SE"}
+TELNET_SB_LIMIT = 512          # bytes in one subnegotiation; a longer one is discarded whole
+
+# RFC 1143 section 7 as a table, for one side of one option.  "us" is our
+# WILL/WONT (the peer's DO/DONT asks for it), "him" is the peer's
+# WILL/WONT (our DO/DONT).  A state is (state, opposite queued).
+#   (state, queued, peer says yes) -> (new state, queued, we answer)
+# where the answer is our "yes" verb, our "no" verb or nothing.  A peer
+# asking for an option we do not support is answered "no" instead.
+Q_ON_PEER = {
+    ("no", False, True): ("yes", False, "yes"),
+    ("no", False, False): ("no", False, None),
+    ("yes", False, True): ("yes", False, None),
+    ("yes", False, False): ("no", False, "no"),
+    ("wantno", False, True): ("no", False, None),        # the peer broke the rules: DONT answered by WILL
+    ("wantno", True, True): ("yes", False, None),
+    ("wantno", False, False): ("no", False, None),
+    ("wantno", True, False): ("wantyes", False, "yes"),
+    ("wantyes", False, True): ("yes", False, None),
+    ("wantyes", True, True): ("wantno", False, "no"),
+    ("wantyes", False, False): ("no", False, None),
+    ("wantyes", True, False): ("no", False, None),
+}
+#   (state, queued, we want it on) -> (new state, queued, we send)
+Q_ON_REQUEST = {
+    ("no", False, True): ("wantyes", False, "yes"),
+    ("no", False, False): ("no", False, None),
+    ("yes", False, True): ("yes", False, None),
+    ("yes", False, False): ("wantno", False, "no"),
+    ("wantno", False, True): ("wantno", True, None),
+    ("wantno", True, True): ("wantno", True, None),
+    ("wantno", False, False): ("wantno", False, None),
+    ("wantno", True, False): ("wantno", False, None),
+    ("wantyes", False, True): ("wantyes", False, None),
+    ("wantyes", True, True): ("wantyes", False, None),
+    ("wantyes", False, False): ("wantyes", True, None),
+    ("wantyes", True, False): ("wantyes", True, None),
+}
+TELNET_VERBS = {("us", "yes"): WILL, ("us", "no"): WONT, ("him", "yes"): DO, ("him", "no"): DONT}
+
+_T_DATA, _T_IAC, _T_VERB, _T_SB, _T_SB_IAC = range(5)
+
+
+class TelnetCodec:
+    """Telnet for one connection, sans-I/O.
+
+    feed(data) returns, in the order they arrived, bytes (payload for the
+    device: IAC IAC undone, and CR NUL undone while the peer does not send
+    BINARY) and event tuples:
+        ("enabled", side, option) / ("disabled", side, option)
+        ("sb", option, body)      a complete subnegotiation, IAC IAC undone
+        ("break",)                IAC BRK
+        ("command", code)         NOP, DM, AYT, GA ...: never payload
+        ("refused", side, option) the peer said no to our request
+        ("malformed", text)       something discarded, for a debug log line
+    Negotiation answers pile up until data_to_send() takes them.  `local`
+    and `remote` are the options we will enable on our side (we WILL) and
+    let the peer enable (we DO); every other option is refused."""
+
+    def __init__(self, local=(), remote=(), ask_local=(), ask_remote=()):
+        self.supported = {"us": frozenset(local), "him": frozenset(remote)}
+        # only supported options get an entry: an unknown one is always "no"
+        self.options = {"us": {}, "him": {}}
+        self.outgoing = bytearray()
+        self.state = _T_DATA
+        self.verb = 0
+        self.sb = bytearray()
+        self.sb_discarding = False
+        self.after_cr = False          # the last payload byte was CR (non-binary only)
+        self.binary_in = False         # the peer sends BINARY: no CR NUL to undo
+        self.binary_out = False        # we send BINARY: no CR to pad
+        self.heard_telnet = False      # the peer has sent at least one Telnet command
+        for option in ask_local:
+            self.request("us", option, True)
+        for option in ask_remote:
+            self.request("him", option, True)
+
+    # -- what the caller asks --
+
+    def enabled(self, side, option):
+        entry = self.options[side].get(option)
+        return entry is not None and entry[0] == "yes"
+
+    def request(self, side, option, enable):
+        """Ask for an option on our side ("us") or the peer's ("him")."""
+        state, queued = self.options[side].get(option, ("no", False))
+        new_state, new_queued, send = Q_ON_REQUEST[(state, queued, enable)]
+        if send:
+            self.outgoing += bytes((IAC, TELNET_VERBS[(side, send)], option))
+        self._store(side, option, new_state, new_queued, None)
+
+    def data_to_send(self):
+        """Negotiation bytes due to the peer (and forget them)."""
+        out = bytes(self.outgoing)
+        self.outgoing.clear()
+        return out
+
+    def escape(self, data):
+        """Payload framed for the peer: IAC doubled, CR padded if not BINARY."""
+        if b"\xff" in data:
+            data = data.replace(b"\xff", b"\xff\xff")
+        if not self.binary_out and b"\r" in data:
+            # RFC 854: a bare CR goes as CR NUL; CR LF stays as it is
+            data = data.replace(b"\r", b"\r\0").replace(b"\r\0\n", b"\r\n")
+        return data
+
+    @staticmethod
+    def subnegotiation(option, body):
+        """IAC SB option body IAC SE, with IAC in the body doubled."""
+        return bytes((IAC, SB, option)) + body.replace(b"\xff", b"\xff\xff") + bytes((IAC, SE))
+
+    # -- what the peer sent --
+
+    def feed(self, data):
+        if self.state == _T_DATA and self.binary_in:
+            # fast path: plain data, or data whose every IAC is doubled
+            if b"\xff" not in data:
+                return [data] if data else []
+            body = data
+            odd_tail = (len(data) - len(data.rstrip(b"\xff"))) & 1
+            if odd_tail:
+                body = data[:-1]   # a lone IAC at the end: its command comes next time
+            if b"\xff" not in body.replace(b"\xff\xff", b""):
+                if odd_tail:
+                    self.state = _T_IAC
+                body = body.replace(b"\xff\xff", b"\xff")
+                return [body] if body else []
+        return self._parse(data)
+
+    def _parse(self, data):
+        out = []
+        payload = bytearray()
+        i, n = 0, len(data)
+        while i < n:
+            state = self.state
+            if state == _T_DATA:
+                j = data.find(b"\xff", i)
+                if j < 0:
+                    payload += data[i:]
+                    break
+                payload += data[i:j]
+                i = j + 1
+                self.state = _T_IAC
+                continue
+            if state == _T_SB:
+                j = data.find(b"\xff", i)
+                end = n if j < 0 else j
+                self._sb_add(data[i:end])
+                if j < 0:
+                    break
+                i = j + 1
+                self.state = _T_SB_IAC
+                continue
+            byte = data[i]
+            i += 1
+            if state == _T_IAC:
+                if byte == IAC:
+                    payload.append(IAC)
+                    self.state = _T_DATA
+                    continue
+                self.heard_telnet = True
+                self._flush(payload, out)
+                if byte in (WILL, WONT, DO, DONT):
+                    self.verb = byte
+                    self.state = _T_VERB
+                elif byte == SB:
+                    self.sb.clear()
+                    self.sb_discarding = False
+                    self.state = _T_SB
+                else:
+                    self.state = _T_DATA
+                    if byte == BRK:
+                        out.append(("break",))
+                    elif byte == SE:
+                        out.append(("malformed", "IAC SE outside a subnegotiation"))
+                    else:
+                        out.append(("command", byte))
+            elif state == _T_VERB:
+                self.state = _T_DATA
+                self._peer_says(self.verb, byte, out)
+            else:  # _T_SB_IAC
+                if byte == IAC:
+                    self._sb_add(b"\xff")
+                    self.state = _T_SB
+                elif byte == SE:
+                    self.state = _T_DATA
+                    self._flush(payload, out)
+                    if self.sb_discarding:
+                        out.append(("malformed", "subnegotiation longer than %d bytes discarded" % TELNET_SB_LIMIT))
+                    elif not self.sb:
+                        out.append(("malformed", "empty subnegotiation"))
+                    else:
+                        out.append(("sb", self.sb[0], bytes(self.sb[1:])))
+                    self.sb.clear()
+                else:
+                    # RFC 855 allows only IAC IAC and IAC SE here: drop the
+                    # broken subnegotiation and read this IAC as a command
+                    self._flush(payload, out)
+                    out.append(("malformed", "subnegotiation cut short by IAC %d" % byte))
+                    self.sb.clear()
+                    self.state = _T_IAC
+                    i -= 1
+        self._flush(payload, out)
+        return out
+
+    def _sb_add(self, chunk):
+        if self.sb_discarding:
+            return
+        if len(self.sb) + len(chunk) > TELNET_SB_LIMIT:
+            self.sb_discarding = True
+            self.sb.clear()
+            return
+        self.sb += chunk
+
+    def _flush(self, payload, out):
+        if not payload:
+            return
+        piece = bytes(payload)
+        payload.clear()
+        if not self.binary_in:
+            if self.after_cr and piece[:1] == b"\0":
+                piece = piece[1:]
+            self.after_cr = piece[-1:] == b"\r"
+            if b"\r\0" in piece:
+                piece = piece.replace(b"\r\0", b"\r")
+        if piece:
+            out.append(piece)
+
+    def _peer_says(self, verb, option, out):
+        side = "us" if verb in (DO, DONT) else "him"
+        yes = verb in (DO, WILL)
+        state, queued = self.options[side].get(option, ("no", False))
+        new_state, new_queued, answer = Q_ON_PEER[(state, queued, yes)]
+        if state == "no" and yes and option not in self.supported[side]:
+            new_state, answer = "no", "no"
+        if answer:
+            self.outgoing += bytes((IAC, TELNET_VERBS[(side, answer)], option))
+        self._store(side, option, new_state, new_queued, out)
+
+    def _store(self, side, option, state, queued, out):
+        table = self.options[side]
+        before = table.get(option, ("no", False))[0]
+        if option in self.supported[side] or state != "no":
+            table[option] = (state, queued)
+        if (before == "yes") != (state == "yes"):
+            if option == OPT_BINARY:
+                if side == "him":
+                    self.binary_in = state == "yes"
+                else:
+                    self.binary_out = state == "yes"
+            if out is not None:
+                out.append(("enabled" if state == "yes" else "disabled", side, option))
+        elif before == "wantyes" and state == "no" and out is not None:
+            out.append(("refused", side, option))
+
+
+# ---------------------------------------------------------------------
+# RFC 2217: the COM-PORT-OPTION (option 44) carried in subnegotiations
+# ---------------------------------------------------------------------
+
+RFC2217_SERVER_OFFSET = 100    # a server's code is the client's code + 100
+RFC2217_COMMANDS = ("SIGNATURE", "SET-BAUDRATE", "SET-DATASIZE", "SET-PARITY", "SET-STOPSIZE",
+                    "SET-CONTROL", "NOTIFY-LINESTATE", "NOTIFY-MODEMSTATE", "FLOWCONTROL-SUSPEND",
+                    "FLOWCONTROL-RESUME", "SET-LINESTATE-MASK", "SET-MODEMSTATE-MASK", "PURGE-DATA")
+# what each command is about, in sertcp's terms
+RFC2217_ITEMS = ("signature", "baudrate", "bytesize", "parity", "stopbits", "control", "linestate",
+                 "modemstate", "suspend", "resume", "linemask", "modemmask", "purge")
+RFC2217_MAX_BAUD = 20000000    # a requested rate above this is out of range (answered, not applied)
+PARITY_CODES = {"none": 1, "odd": 2, "even": 3, "mark": 4, "space": 5}
+STOPBITS_CODES = {"1": 1, "2": 2, "1.5": 3}
+FLOW_CODES = {"none": 1, "xonxoff": 2, "rtscts": 3, "dsrdtr": 19}          # outbound / both
+FLOW_IN_CODES = {"none": 14, "xonxoff": 15, "rtscts": 16, "dsrdtr": 18}    # inbound
+# SET-CONTROL values -> (what, wanted); wanted None asks for the value in
+# force.  17 (DCD flow control) has no termios equivalent: answered like 0.
+CONTROL_VALUES = {0: ("flow", None), 1: ("flow", "none"), 2: ("flow", "xonxoff"), 3: ("flow", "rtscts"),
+                  4: ("break", None), 5: ("break", True), 6: ("break", False),
+                  7: ("dtr", None), 8: ("dtr", True), 9: ("dtr", False),
+                  10: ("rts", None), 11: ("rts", True), 12: ("rts", False),
+                  13: ("flow_in", None), 14: ("flow_in", "none"), 15: ("flow_in", "xonxoff"),
+                  16: ("flow_in", "rtscts"), 18: ("flow_in", "dsrdtr"), 19: ("flow", "dsrdtr")}
+LINE_CODES = {"break": (5, 6), "dtr": (8, 9), "rts": (11, 12)}
+MODEM_CTS, MODEM_DSR, MODEM_RI, MODEM_CD = 0x10, 0x20, 0x40, 0x80
+LINE_THRE, LINE_TSRE = 0x20, 0x40   # transfer holding / shift register empty
+
+
+def decode_com_port_request(body):
+    """A client's COM-PORT-OPTION subnegotiation (the bytes after 44) ->
+    (code, what, wanted, problem).
+
+    `what` names the setting ("baudrate", "bytesize", "parity",
+    "stopbits", "flow", "flow_in", "break", "dtr", "rts", "linemask",
+    "modemmask", "purge") or the action ("signature", "linestate",
+    "modemstate", "suspend", "resume"); None for a code that is not a
+    client command.  `wanted` is the value asked for, or None for "tell me
+    the value in force" -- a query, or a value that cannot be applied,
+    which `problem` then explains."""
+    if not body:
+        return None, None, None, "empty COM-PORT-OPTION subnegotiation"
+    code, value = body[0], body[1:]
+    if code >= len(RFC2217_COMMANDS):
+        return code, None, None, "COM-PORT-OPTION command %d is not a client command" % code
+    what = RFC2217_ITEMS[code]
+    name = RFC2217_COMMANDS[code]
+
+    def one_byte():
+        if len(value) != 1:
+            return None, "%s with %d value bytes (1 expected)" % (name, len(value))
+        return value[0], None
+
+    if what == "signature":
+        return code, what, value or None, None
+    if what == "baudrate":
+        if len(value) != 4:
+            return code, what, None, "SET-BAUDRATE with %d value bytes (4 expected)" % len(value)
+        baud = int.from_bytes(value, "big")
+        if baud == 0:
+            return code, what, None, None
+        if baud > RFC2217_MAX_BAUD:
+            return code, what, None, "baud rate %d out of range (1-%d)" % (baud, RFC2217_MAX_BAUD)
+        return code, what, baud, None
+    if what in ("linestate", "modemstate", "suspend", "resume"):
+        return code, what, None, None   # any value bytes are ignored
+    number, problem = one_byte()
+    if problem:
+        return code, ("flow" if what == "control" else what), None, problem
+    if what == "bytesize":
+        if number == 0:
+            return code, what, None, None
+        if not 5 <= number <= 8:
+            return code, what, None, "data size %d out of range (5-8)" % number
+        return code, what, number, None
+    if what == "parity":
+        names = {v: k for k, v in PARITY_CODES.items()}
+        if number == 0:
+            return code, what, None, None
+        if number not in names:
+            return code, what, None, "parity %d out of range (1-5)" % number
+        return code, what, names[number], None
+    if what == "stopbits":
+        names = {v: k for k, v in STOPBITS_CODES.items()}
+        if number == 0:
+            return code, what, None, None
+        if number not in names:
+            return code, what, None, "stop size %d out of range (1-3)" % number
+        return code, what, names[number], None
+    if what == "control":
+        if number not in CONTROL_VALUES:
+            return code, "flow", None, "SET-CONTROL %d is not supported" % number
+        item, wanted = CONTROL_VALUES[number]
+        return code, item, wanted, None
+    if what in ("linemask", "modemmask"):
+        return code, what, number, None
+    # purge: 1 receive buffer, 2 transmit buffer, 3 both
+    if number not in (1, 2, 3):
+        return code, what, None, "PURGE-DATA %d out of range (1-3)" % number
+    return code, what, number, None
+
+
+def encode_com_port_value(what, value):
+    """The value bytes that report `what` (see decode_com_port_request)."""
+    if what == "baudrate":
+        return int(value).to_bytes(4, "big")
+    if what in ("bytesize", "linemask", "modemmask", "purge", "linestate", "modemstate"):
+        return bytes((value,))
+    if what == "parity":
+        return bytes((PARITY_CODES[value],))
+    if what == "stopbits":
+        return bytes((STOPBITS_CODES[value],))
+    if what == "flow":
+        return bytes((FLOW_CODES[value],))
+    if what == "flow_in":
+        return bytes((FLOW_IN_CODES[value],))
+    if what in LINE_CODES:
+        return bytes((LINE_CODES[what][0 if value else 1],))
+    if what == "signature":
+        return value
+    return b""
+
+
+def com_port_code(what):
+    """The client command code that carries `what`."""
+    if what in ("flow", "flow_in", "break", "dtr", "rts"):
+        return 5
+    return RFC2217_ITEMS.index(what)
+
+
+def com_port_reply(what, value):
+    """A server's answer (code + 100) reporting `what` = value."""
+    return bytes((com_port_code(what) + RFC2217_SERVER_OFFSET,)) + encode_com_port_value(what, value)
+
+
+def com_port_request(what, value):
+    """A client's request (code) to set `what` to value (None: a query)."""
+    code = com_port_code(what)
+    if value is None:
+        query = {"flow": 0, "flow_in": 13, "break": 4, "dtr": 7, "rts": 10}
+        if what in query:
+            return bytes((code, query[what]))
+        return bytes((code,)) + (b"\0\0\0\0" if what == "baudrate" else b"\0" if code in (2, 3, 4) else b"")
+    return bytes((code,)) + encode_com_port_value(what, value)
+
+
+def decode_com_port_reply(body):
+    """A server's COM-PORT-OPTION subnegotiation -> (what, value) or None.
+
+    Tolerates what real servers send: the client's code instead of code +
+    100, 8-byte baud rates (sredird: the rate, then 4 zero bytes), and
+    FLOWCONTROL-SUSPEND/RESUME under either code."""
+    if not body:
+        return None
+    code, value = body[0], body[1:]
+    if code >= RFC2217_SERVER_OFFSET:
+        code -= RFC2217_SERVER_OFFSET
+    if code >= len(RFC2217_COMMANDS):
+        return None
+    what = RFC2217_ITEMS[code]
+    if what in ("suspend", "resume"):
+        return what, None
+    if what == "signature":
+        return what, value
+    if what == "baudrate":
+        if len(value) < 4:
+            return None   # a 1-byte "Cisco" rate index: not a rate
+        return what, int.from_bytes(value[:4], "big")
+    if not value:
+        return None
+    number = value[0]
+    if what == "parity":
+        names = {v: k for k, v in PARITY_CODES.items()}
+        return (what, names[number]) if number in names else None
+    if what == "stopbits":
+        names = {v: k for k, v in STOPBITS_CODES.items()}
+        return (what, names[number]) if number in names else None
+    if what == "control":
+        item, state = CONTROL_VALUES.get(number, (None, None))
+        if item is None or state is None:
+            return None
+        return item, state
+    return what, number
+
+
+class ComPortServer:
+    """The RFC 2217 server state of one connection: its masks and what it
+    was last told; builds NOTIFY bodies.  The settings themselves belong to
+    the port (one device, several clients)."""
+
+    def __init__(self):
+        self.active = False            # COM-PORT-OPTION agreed in either direction
+        self.modem_mask = 255          # RFC 2217 default: every modem line and delta
+        self.line_mask = 0             # line state is only sent once asked for
+
+    def modem_notification(self, state, previous):
+        """NOTIFY-MODEMSTATE body for a change from `previous` to `state`
+        (lines in the high nibble), or None if the mask selects nothing
+        that changed.  previous None: a report asked for (no deltas)."""
+        if previous is None:
+            return com_port_reply("modemstate", state & self.modem_mask)
+        changed = (state ^ previous) & 0xF0
+        deltas = (changed >> 4) & 0x0B                  # CTS, DSR and CD deltas
+        if previous & MODEM_RI and not state & MODEM_RI:
+            deltas |= 0x04                              # RI: the trailing edge only
+        value = (state | deltas) & self.modem_mask
+        if not (changed | deltas) & self.modem_mask:
+            return None
+        return com_port_reply("modemstate", value)
+
+    def line_notification(self, state, previous):
+        if previous is None:
+            return com_port_reply("linestate", state & self.line_mask)
+        if not (state ^ previous) & self.line_mask:
+            return None
+        return com_port_reply("linestate", state & self.line_mask)
+
+
+class ComPortClient:
+    """The RFC 2217 client state of one connection: the settings asked
+    of the server and what it answered.
+
+    update(settings) returns request bodies for the settings that differ
+    from what was last asked; reply(body) returns (what, value, asked) --
+    asked being the value we had asked for, None if we had not -- or None
+    for a body that reports nothing sertcp understands."""
+
+    SETTINGS = ("baudrate", "bytesize", "parity", "stopbits", "flow")
+
+    def __init__(self):
+        self.active = False            # the server agreed to COM-PORT-OPTION
+        self.asked = {}
+        self.heard = {}
+        self.timer = None              # the deadline for the server to agree
+
+    def update(self, settings):
+        bodies = []
+        for what in self.SETTINGS:
+            value = settings.get(what)
+            if value is None or (what == "baudrate" and not 0 < value <= RFC2217_MAX_BAUD):
+                continue  # B0 (hang up) or an unknown rate: nothing to ask for
+            if self.asked.get(what) != value:
+                self.asked[what] = value
+                bodies.append(com_port_request(what, value))
+        return bodies
+
+    def reply(self, body):
+        decoded = decode_com_port_reply(body)
+        if decoded is None:
+            return None
+        what, value = decoded
+        self.heard[what] = value
+        return what, value, self.asked.get(what)
+
+
 class ByteBuffer:
     """Device data held while nobody is connected, bounded, dropping the
     newest or the oldest bytes when full; returns how much it dropped."""
@@ -970,7 +1492,7 @@ class ByteBuffer:
     def add(self, chunk):
         if self.limit <= 0:
             return len(chunk)
-        room = self.limit - len(self.data)
+        room = max(0, self.limit - len(self.data))
         if len(chunk) <= room:
             self.data += chunk
             return 0
@@ -1212,6 +1734,73 @@ class Device:
 
     def modem_status(self):
         return {}
+
+    # -- RFC 2217: what a remote client may change (see ComPortBridge) --
+    # These use the pyserial object of FdDevice and UrlDevice, which keeps
+    # the line states it last set even where the ioctl fails (a pty has no
+    # modem lines); VirtualDevice overrides them with termios.
+
+    def apply_setting(self, name, value):
+        """Change baudrate, bytesize, parity, stopbits or flow on the open
+        device; raises if the device or the OS refuses the value."""
+        ser = getattr(self, "serial", None)
+        if ser is None:
+            raise OSError(errno.ENODEV, "device not open")
+        if name == "baudrate":
+            ser.baudrate = value
+        elif name == "bytesize":
+            ser.bytesize = value
+        elif name == "parity":
+            ser.parity = PARITY_TO_PYSERIAL[value]
+        elif name == "stopbits":
+            ser.stopbits = STOPBITS_TO_PYSERIAL[value]
+        elif name == "flow":
+            ser.xonxoff = value == "xonxoff"
+            ser.rtscts = value == "rtscts"
+            ser.dsrdtr = value == "dsrdtr"
+        else:
+            raise ValueError(name)
+
+    def line_states(self, fallback):
+        """{"dtr", "rts", "break"}: as last set; `fallback` where unknown."""
+        ser = getattr(self, "serial", None)
+        if ser is None:
+            return dict(fallback)
+        return {"dtr": bool(ser.dtr), "rts": bool(ser.rts), "break": bool(ser.break_condition)}
+
+    def set_break(self, on):
+        """Start or end a break; returns a problem for the log, or ""."""
+        ser = getattr(self, "serial", None)
+        if ser is None:
+            return "device not open"
+        try:
+            ser.break_condition = on
+        except Exception as e:  # a pty has no break (ENOTTY/EINVAL)
+            return "cannot %s break: %s" % ("start" if on else "end", describe_error(e))
+        return ""
+
+    def purge(self, receive, transmit):
+        """Drop what waits: bytes received but not yet read, and/or bytes
+        not yet written to the line (sertcp's queue and the OS's)."""
+        ser = getattr(self, "serial", None)
+        if transmit:
+            self.discard_tx()
+        if ser is None:
+            return
+        try:
+            if receive:
+                ser.reset_input_buffer()
+            if transmit:
+                ser.reset_output_buffer()
+        except Exception:
+            pass
+
+    def output_pending(self):
+        """Bytes the OS still holds for the line, if it says (else 0)."""
+        try:
+            return self.serial.out_waiting if getattr(self, "fd", None) is not None else 0
+        except Exception:
+            return 0
 
 
 class FdDevice(Device):
@@ -1475,6 +2064,70 @@ def _termios_speeds():
     return table
 
 
+TCGETS2 = 0x802C542A    # Linux (asm-generic): termios2 with the rate in numbers
+_speed_table = None
+
+
+def termios_settings(fd):
+    """The serial settings a tty or pty holds, in configuration terms:
+    {baudrate, bytesize, parity, stopbits, flow}.  On a pty master this is
+    what the program on the slave set (Linux shares one termios)."""
+    import termios
+    global _speed_table
+    if _speed_table is None:
+        _speed_table = _termios_speeds()
+    iflag, _, cflag, _, _, ospeed, _ = termios.tcgetattr(fd)
+    baud = _speed_table.get(ospeed)
+    if baud is None:  # BOTHER: a rate without a B constant, set through termios2
+        try:
+            import fcntl
+            raw = fcntl.ioctl(fd, TCGETS2, bytes(44))
+            baud = int.from_bytes(raw[40:44], sys.byteorder)
+        except (OSError, ImportError):
+            baud = 0
+    size = {termios.CS5: 5, termios.CS6: 6, termios.CS7: 7, termios.CS8: 8}[cflag & termios.CSIZE]
+    cmspar = getattr(termios, "CMSPAR", 0o10000000000)
+    if not cflag & termios.PARENB:
+        parity = "none"
+    elif cflag & cmspar:
+        parity = "mark" if cflag & termios.PARODD else "space"
+    else:
+        parity = "odd" if cflag & termios.PARODD else "even"
+    crtscts = getattr(termios, "CRTSCTS", 0o20000000000)
+    flow = "rtscts" if cflag & crtscts else "xonxoff" if iflag & termios.IXON else "none"
+    return {"baudrate": baud, "bytesize": size, "parity": parity,
+            "stopbits": "2" if cflag & termios.CSTOPB else "1", "flow": flow}
+
+
+def termios_apply(fd, name, value):
+    """Change one serial setting of a tty or pty with termios (standard
+    rates only); raises OSError if it cannot."""
+    import termios
+    attrs = termios.tcgetattr(fd)
+    cmspar = getattr(termios, "CMSPAR", 0o10000000000)
+    crtscts = getattr(termios, "CRTSCTS", 0o20000000000)
+    if name == "baudrate":
+        speed = getattr(termios, "B%d" % value, None)
+        if speed is None:
+            raise OSError(errno.EINVAL, "%d is not a standard baud rate" % value)
+        attrs[4] = attrs[5] = speed
+    elif name == "bytesize":
+        attrs[2] = (attrs[2] & ~termios.CSIZE) | {5: termios.CS5, 6: termios.CS6, 7: termios.CS7, 8: termios.CS8}[value]
+    elif name == "parity":
+        attrs[2] &= ~(termios.PARENB | termios.PARODD | cmspar)
+        attrs[2] |= {"none": 0, "even": termios.PARENB, "odd": termios.PARENB | termios.PARODD,
+                     "mark": termios.PARENB | termios.PARODD | cmspar, "space": termios.PARENB | cmspar}[value]
+    elif name == "stopbits":
+        attrs[2] = (attrs[2] & ~termios.CSTOPB) | (0 if value == "1" else termios.CSTOPB)
+    elif name == "flow":
+        attrs[2] = (attrs[2] & ~crtscts) | (crtscts if value == "rtscts" else 0)
+        xon = termios.IXON | termios.IXOFF
+        attrs[0] = (attrs[0] & ~xon) | (xon if value == "xonxoff" else 0)
+    else:
+        raise ValueError(name)
+    termios.tcsetattr(fd, termios.TCSANOW, attrs)
+
+
 class VirtualDevice(Device):
     """A pseudo-terminal whose slave side, reached through a symlink at
     `virtual`, is the serial port local programs open.  sertcp keeps only
@@ -1667,6 +2320,20 @@ class VirtualDevice(Device):
         self._update_interest()
         self._flush()
 
+    # RFC 2217 on a virtual port: its settings are the pty's termios, which
+    # the local program sees; it has no modem lines and no break.
+
+    def settings(self):
+        return termios_settings(self.master)
+
+    def apply_setting(self, name, value):
+        if self.master is None:
+            raise OSError(errno.ENODEV, "device not open")
+        termios_apply(self.master, name, value)
+
+    def set_break(self, on):
+        return "a virtual port has no break line"
+
 
 def make_device(port, reactor):
     c = port.config
@@ -1709,6 +2376,9 @@ class Connection:
         self.dialed = False           # True for the connection the client role made
         self.limit = port.config.client_buffer
         self.drop_when_full = port.config.slow_client == "drop"
+        self.telnet = None            # protocol = rfc2217: this connection's TelnetCodec
+        self.com_port = None          # and its RFC 2217 state (ComPortServer, or "client")
+        self.suspended = False        # RFC 2217 FLOWCONTROL-SUSPEND: hold what we send
 
     def fileno(self):
         return self.fd
@@ -1720,13 +2390,25 @@ class Connection:
         if self.closed:
             return
         self.reading = not paused
-        self.reactor.set_interest(self, self.reading, bool(self.out))
+        self.reactor.set_interest(self, self.reading, bool(self.out) and not self.suspended)
+
+    def send_data(self, data):
+        """Send payload: framed by Telnet (IAC doubled) on rfc2217 ports."""
+        return self.send(self.telnet.escape(data) if self.telnet is not None else data)
+
+    def suspend(self, suspended):
+        """RFC 2217 flow control: hold (or release) what is sent to the
+        peer; held bytes count against client_buffer like any backlog."""
+        if self.closed or suspended == self.suspended:
+            return
+        self.suspended = suspended
+        self.reactor.set_interest(self, self.reading, bool(self.out) and not suspended)
 
     def send(self, data):
         """Queue data for this client; False if the client was dropped."""
         if self.closed:
             return False
-        if self.out:
+        if self.out or self.suspended:
             if len(self.out) + len(data) > self.limit:
                 return self._overflow(data)
             self.out += data
@@ -1739,6 +2421,8 @@ class Connection:
             self.port.close_connection(self, "send failed: %s" % describe_error(e))
             return False
         self.bytes_out += n
+        if n:
+            self.last_io = self.reactor.now()  # timeout counts data in either direction
         if n < len(data):
             rest = data[n:]
             if len(rest) > self.limit:
@@ -1757,6 +2441,9 @@ class Connection:
         return False
 
     def on_writable(self):
+        if self.suspended:
+            self.reactor.set_interest(self, self.reading, False)
+            return
         try:
             n = self.sock.send(self.out)
         except BlockingIOError:
@@ -1912,6 +2599,8 @@ def resolve_listen(address):
         if socket.has_ipv6:
             return [(socket.AF_INET6, ("::", port), True)]
         return [(socket.AF_INET, ("0.0.0.0", port), False)]
+    if is_ip_literal(host):  # no resolver (and no idna codec import) for addresses
+        return [(socket.AF_INET6 if ":" in host else socket.AF_INET, (host, port), False)]
     infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
     seen, out = set(), []
     for family, _, _, _, sockaddr in infos:
@@ -2139,7 +2828,12 @@ class Gate:
         if self.password is not None and self.failed_passwords.is_blocked(host, self.reactor.now()):
             self.refuse(sock, peer, "too many wrong passwords from %s (blocked for %ds)" % (host, PASSWORD_BLOCK))
             return
-        with_identity = [p for p in candidates if p.config.identity is not None]
+        # "Fix IP" ports that name this address win over ids ("Common")
+        fixed = [p for p in candidates if p.config.allow is not None and p.config.identity is None]
+        if fixed:
+            candidates, with_identity = fixed[:1], []
+        else:
+            with_identity = [p for p in candidates if p.config.identity is not None]
         if self.tls is None and self.password is None and not with_identity:
             candidates[0].on_accept(sock, peer, b"")  # the plain case: straight to the port
             return
@@ -2409,6 +3103,452 @@ class Dial:
 # 6. Port: one serial device and its clients
 # =====================================================================
 
+class ComPortBridge:
+    """A port's RFC 2217 side (protocol = rfc2217): a TelnetCodec on every
+    connection, and the role the port plays on all of them.
+
+    Server (the port owns the real device): clients change the one device;
+    a change is applied once, answered with the value in force and heard
+    by every RFC 2217 client; remote_control limits what may change; when
+    the last client leaves, the configured settings and lines come back.
+    Modem lines are polled only while some client's mask wants them.
+
+    Client (a virtual port, or rfc2217_role = client): the settings of the
+    local side -- the pty's termios, which the local program sets, or the
+    configuration -- are pushed to the server, and again on every change."""
+
+    SETTINGS = ("baudrate", "bytesize", "parity", "stopbits", "flow")
+
+    def __init__(self, port):
+        self.port = port
+        c = port.config
+        role = c.rfc2217_role
+        if role == "auto":
+            role = "client" if c.virtual is not None else "server"
+        self.role = role
+        self.allowed = frozenset(c.remote_control)
+        self.configured = {name: getattr(c, name) for name in self.SETTINGS}
+        self.in_force = dict(self.configured)
+        self.lines = {"dtr": True, "rts": True, "break": False}  # for devices without lines
+        self.lines_before = None        # line states before a client first changed one
+        self.modem_state = None         # modem lines at the last poll (high nibble)
+        self.line_state = None
+        self.modem_supported = True     # False once the device says it has no modem lines
+        self.poll_timer = None
+        self.break_timer = None
+        self.local_settings = None      # client role: the local side's settings last pushed
+        self.watch_timer = None
+
+    # -- connections --
+
+    def attach(self, conn):
+        """A new connection: give it a codec (nothing is sent yet)."""
+        if self.role == "server":
+            conn.telnet = TelnetCodec(local=(OPT_BINARY, OPT_SGA, OPT_ECHO, OPT_COM_PORT),
+                                      remote=(OPT_BINARY, OPT_SGA, OPT_COM_PORT),
+                                      ask_local=(OPT_BINARY, OPT_SGA, OPT_ECHO),
+                                      ask_remote=(OPT_BINARY, OPT_COM_PORT))
+            conn.com_port = ComPortServer()
+        else:
+            conn.telnet = TelnetCodec(local=(OPT_BINARY, OPT_SGA, OPT_COM_PORT),
+                                      remote=(OPT_BINARY, OPT_SGA, OPT_ECHO, OPT_COM_PORT),
+                                      ask_local=(OPT_BINARY, OPT_SGA, OPT_COM_PORT),
+                                      ask_remote=(OPT_BINARY, OPT_SGA))
+            conn.com_port = ComPortClient()
+            conn.com_port.timer = self.port.reactor.call_later(
+                RFC2217_AGREE_TIMEOUT, lambda: self._agree_timeout(conn))
+
+    def start(self, conn):
+        """Send the opening negotiation (after any password, id or banner)."""
+        opening = conn.telnet.data_to_send()
+        if opening:
+            conn.send(opening)
+
+    def detach(self, conn):
+        """A connection closed; the last one takes the clients' changes along."""
+        if isinstance(conn.com_port, ComPortClient) and conn.com_port.timer is not None:
+            conn.com_port.timer.cancel()
+        self._update_timers()
+        if self.role == "server" and not self.port.clients and not self.port.stopping:
+            self.restore()
+
+    def stop(self):
+        for timer in (self.poll_timer, self.break_timer, self.watch_timer):
+            if timer is not None:
+                timer.cancel()
+        self.poll_timer = self.break_timer = self.watch_timer = None
+
+    def received(self, conn, data):
+        """Bytes from a connection: payload on to the port, Telnet handled here."""
+        codec = conn.telnet
+        for item in codec.feed(data):
+            if conn.closed:
+                return
+            if item.__class__ is bytes:
+                self.port.client_payload(conn, item)
+            else:
+                self._event(conn, item)
+        answer = codec.data_to_send()
+        if answer and not conn.closed:
+            conn.send(answer)
+
+    def _event(self, conn, event):
+        kind = event[0]
+        if kind == "sb":
+            if event[1] != OPT_COM_PORT:
+                self._debug(conn, "ignoring a subnegotiation of Telnet option %d", event[1])
+            elif not (conn.telnet.enabled("us", OPT_COM_PORT) or conn.telnet.enabled("him", OPT_COM_PORT)):
+                self._debug(conn, "ignoring COM-PORT-OPTION subnegotiation before the option was agreed")
+            elif self.role == "server":
+                self.serve(conn, event[2])
+            else:
+                self.client_reply(conn, event[2])
+        elif kind == "enabled":
+            if event[2] == OPT_COM_PORT and not conn.com_port.active:
+                conn.com_port.active = True
+                if self.role == "server":
+                    self._agreed_server(conn)
+                else:
+                    self._agreed_client(conn)
+        elif kind == "refused":
+            if event[2] == OPT_COM_PORT and self.role == "client" and event[1] == "us":
+                self._not_rfc2217(conn, "refuses COM-PORT-OPTION (DONT 44)")
+        elif kind == "break":
+            if self.role != "server":
+                self._debug(conn, "ignoring IAC BRK from the server")
+            elif "break" not in self.allowed:
+                self._info(conn, "IAC BRK refused (remote_control does not allow break)")
+            else:
+                self.send_break(conn)
+        elif kind == "malformed":
+            self._debug(conn, "Telnet: %s", event[1])
+        elif kind == "command":
+            self._debug(conn, "Telnet command %s ignored", TELNET_COMMAND_NAMES.get(event[1], str(event[1])))
+
+    def _send_sb(self, conn, body):
+        conn.send(conn.telnet.subnegotiation(OPT_COM_PORT, body))
+
+    def _who(self, conn):
+        return "%s %s" % ("peer" if conn.dialed else "client", format_peer(conn.peer))
+
+    def _debug(self, conn, message, *args):
+        self.port.peer_log(conn.peer[0], DEBUG, "[%s] %s: " + message, self.port.name, self._who(conn), *args)
+
+    def _info(self, conn, message, *args):
+        self.port.peer_log(conn.peer[0], INFO, "[%s] %s: " + message, self.port.name, self._who(conn), *args)
+
+    def _servers(self):
+        return [c for c in self.port.clients if isinstance(c.com_port, ComPortServer) and c.com_port.active]
+
+    # -- server role --
+
+    def _agreed_server(self, conn):
+        self._debug(conn, "speaks RFC 2217")
+        # pyserial reads CTS/DSR from notifications: give it the state at once
+        self._send_sb(conn, conn.com_port.modem_notification(self.read_modem(), None))
+        self._update_timers()
+
+    def serve(self, conn, body):
+        """One request: apply it if allowed and valid, answer with what is in force."""
+        code, what, wanted, problem = decode_com_port_request(body)
+        if problem:
+            self._debug(conn, "%s%s", problem, "; answering with the value in force" if what else "; ignored")
+        if what is None:
+            return
+        cp = conn.com_port
+        if what == "signature":
+            if wanted is None:
+                self._send_sb(conn, com_port_reply("signature", ("%s %s" % (PROGRAM, __version__)).encode()))
+            else:
+                self._info(conn, "signature %r", wanted.decode("utf-8", "replace")[:100])
+        elif what in ("suspend", "resume"):
+            # RFC 2217: no answer; hold everything sent to this client until RESUME
+            conn.suspend(what == "suspend")
+            self._debug(conn, "FLOWCONTROL-%s", what.upper())
+        elif what == "modemstate":
+            self._send_sb(conn, cp.modem_notification(self.read_modem(), None))
+        elif what == "linestate":
+            self._send_sb(conn, cp.line_notification(self.read_line_state(), None))
+        elif what in ("modemmask", "linemask"):
+            if wanted is not None:
+                setattr(cp, "modem_mask" if what == "modemmask" else "line_mask", wanted)
+                self._update_timers()
+            self._send_sb(conn, com_port_reply(what, cp.modem_mask if what == "modemmask" else cp.line_mask))
+        elif what == "purge":
+            done = 0
+            if wanted is not None:
+                if "purge" in self.allowed:
+                    self.port.device.purge(bool(wanted & 1), bool(wanted & 2))
+                    done = wanted
+                    self._debug(conn, "purged %s", {1: "receive buffer", 2: "transmit buffer", 3: "both buffers"}[wanted])
+                else:
+                    self._info(conn, "PURGE-DATA refused (remote_control does not allow purge)")
+            self._send_sb(conn, com_port_reply("purge", done))
+        else:
+            self._serve_setting(conn, what, wanted)
+
+    def _serve_setting(self, conn, what, wanted):
+        permission = "settings" if what in self.SETTINGS or what == "flow_in" else what
+        before = self.value_of(what)
+        if wanted is not None and wanted != before:
+            if permission not in self.allowed:
+                self._info(conn, "%s %s refused (remote_control does not allow %s); keeping %s",
+                           what, wanted, permission, before)
+            else:
+                self.change(conn, what, wanted)
+        after = self.value_of(what)
+        if what in ("dtr", "rts") and after != before:
+            self.poll_modem()  # the notification goes before the answer
+        reply = com_port_reply(what, after)
+        self._send_sb(conn, reply)
+        if after != before:
+            for other in self._servers():
+                if other is not conn:
+                    self._send_sb(other, reply)
+
+    def value_of(self, what):
+        if what in self.SETTINGS:
+            return self.in_force[what]
+        if what == "flow_in":
+            return self.in_force["flow"]
+        return self.port.device.line_states(self.lines)[what]
+
+    def change(self, conn, what, wanted):
+        name = "flow" if what == "flow_in" else what
+        if name in self.SETTINGS:
+            old = self.in_force[name]
+            if self.port.device.is_open:
+                try:
+                    self.port.device.apply_setting(name, wanted)
+                except Exception as e:  # an OS or driver that refuses the value
+                    try:
+                        self.port.device.apply_setting(name, old)
+                    except Exception:
+                        pass
+                    self._info(conn, "cannot set %s %s: %s; keeping %s", name, wanted, describe_error(e), old)
+                    return
+            self.in_force[name] = wanted
+            self._info(conn, "set %s %s", name, wanted)
+            return
+        if self.lines_before is None:
+            self.lines_before = self.port.device.line_states(self.lines)
+        self.lines[name] = wanted
+        if name == "break":
+            problem = self.port.device.set_break(wanted)
+        else:
+            problem = self.port.device.set_lines(wanted if name == "dtr" else None, wanted if name == "rts" else None)
+        self._info(conn, "set %s %s%s", name.upper(), "on" if wanted else "off",
+                   (" (%s)" % problem) if problem else "")
+
+    def send_break(self, conn):
+        """IAC BRK: a break of BREAK_DURATION, timed on the loop."""
+        problem = self.port.device.set_break(True)
+        self._info(conn, "IAC BRK: break for %gs%s", BREAK_DURATION, (" (%s)" % problem) if problem else "")
+        if self.break_timer is not None:
+            self.break_timer.cancel()
+
+        def end():
+            self.break_timer = None
+            if self.port.device.is_open:
+                self.port.device.set_break(self.lines["break"])
+        self.break_timer = self.port.reactor.call_later(BREAK_DURATION, end)
+
+    def restore(self):
+        """The last client left: the configured settings and lines return."""
+        device = self.port.device
+        for name, value in self.configured.items():
+            if self.in_force[name] != value:
+                if device.is_open:
+                    try:
+                        device.apply_setting(name, value)
+                    except Exception as e:
+                        self.port.log.warning("[%s] cannot restore %s %s: %s", self.port.name, name, value,
+                                              describe_error(e))
+                self.in_force[name] = value
+                self.port.log.info("[%s] last client left: %s back to %s", self.port.name, name, value)
+        if self.lines_before is not None:
+            before, self.lines_before = self.lines_before, None
+            if device.is_open:
+                device.set_lines(before["dtr"], before["rts"])
+                if before["break"] != self.lines["break"]:
+                    device.set_break(before["break"])
+            self.lines = dict(before)
+            self.port.log.info("[%s] last client left: DTR %s, RTS %s, break %s as before", self.port.name,
+                               *("on" if before[k] else "off" for k in ("dtr", "rts", "break")))
+
+    def device_opened(self):
+        """The device (re)opened with the configured settings: re-apply
+        what clients changed, and look at its modem lines afresh."""
+        self.modem_supported = True
+        self.modem_state = self.line_state = None
+        for name, value in self.in_force.items():
+            if value != self.configured[name]:
+                try:
+                    self.port.device.apply_setting(name, value)
+                except Exception as e:
+                    self.port.log.warning("[%s] cannot re-apply %s %s: %s", self.port.name, name, value,
+                                          describe_error(e))
+                    self.in_force[name] = self.configured[name]
+        self._update_timers()
+
+    # modem and line state
+
+    def read_modem(self):
+        status = self.port.device.modem_status() if self.port.device.is_open else {}
+        if not status:
+            self.modem_supported = False   # a pty or socket: no lines to watch
+            return 0
+        return ((MODEM_CTS if status.get("CTS") else 0) | (MODEM_DSR if status.get("DSR") else 0)
+                | (MODEM_RI if status.get("RI") else 0) | (MODEM_CD if status.get("CD") else 0))
+
+    def read_line_state(self):
+        device = self.port.device
+        if not device.is_open or device.tx_bytes:
+            return 0
+        return LINE_THRE | (0 if device.output_pending() else LINE_TSRE)
+
+    def poll_modem(self):
+        """Look at the lines now; notify each client whose mask selects a change."""
+        clients = self._servers()
+        wants_modem = any(c.com_port.modem_mask for c in clients) and self.modem_supported
+        wants_line = any(c.com_port.line_mask for c in clients)
+        if wants_modem:
+            state = self.read_modem()
+            previous, self.modem_state = self.modem_state, state
+            if previous is not None and state != previous:
+                for conn in clients:
+                    body = conn.com_port.modem_notification(state, previous)
+                    if body is not None:
+                        self._send_sb(conn, body)
+        if wants_line:
+            state = self.read_line_state()
+            previous, self.line_state = self.line_state, state
+            if previous is not None and state != previous:
+                for conn in clients:
+                    body = conn.com_port.line_notification(state, previous)
+                    if body is not None:
+                        self._send_sb(conn, body)
+
+    def _poll_fired(self):
+        self.poll_timer = None
+        self.poll_modem()
+        self._update_timers()
+
+    def _update_timers(self):
+        """Run the modem poll (server) or the termios watch (client) only
+        while a connection wants it."""
+        reactor = self.port.reactor
+        if self.role == "server":
+            clients = self._servers()
+            wanted = self.port.device.is_open and any(
+                (c.com_port.modem_mask and self.modem_supported) or c.com_port.line_mask for c in clients)
+            if wanted and self.poll_timer is None:
+                if self.modem_state is None and self.modem_supported:
+                    self.modem_state = self.read_modem()
+                self.poll_timer = reactor.call_later(MODEM_POLL, self._poll_fired)
+            elif not wanted and self.poll_timer is not None:
+                self.poll_timer.cancel()
+                self.poll_timer = None
+                self.modem_state = self.line_state = None
+        else:
+            wanted = isinstance(self.port.device, VirtualDevice) and any(
+                isinstance(c.com_port, ComPortClient) and c.com_port.active for c in self.port.clients)
+            if wanted and self.watch_timer is None:
+                self.watch_timer = reactor.call_later(VIRTUAL_POLL, self._watch_fired)
+            elif not wanted and self.watch_timer is not None:
+                self.watch_timer.cancel()
+                self.watch_timer = None
+
+    # -- client role --
+
+    def local_settings_now(self):
+        device = self.port.device
+        if isinstance(device, VirtualDevice) and device.master is not None:
+            try:
+                return device.settings()
+            except (OSError, KeyError):
+                pass
+        return dict(self.configured)
+
+    def _agreed_client(self, conn):
+        cp = conn.com_port
+        if cp.timer is not None:
+            cp.timer.cancel()
+            cp.timer = None
+        settings = self.local_settings_now()
+        self.local_settings = settings
+        self.port.log.info("[%s] %s speaks RFC 2217; asking for %s", self.port.name, self._who(conn),
+                           describe_settings(settings))
+        self._send_sb(conn, com_port_request("signature", None))
+        for body in cp.update(settings):
+            self._send_sb(conn, body)
+        self._update_timers()
+
+    def _watch_fired(self):
+        """Client role, virtual port: follow what the local program sets."""
+        self.watch_timer = None
+        settings = self.local_settings_now()
+        if settings != self.local_settings:
+            changed = {k: v for k, v in settings.items() if self.local_settings is None or self.local_settings.get(k) != v}
+            self.local_settings = settings
+            self.port.log.info("[%s] local program set %s", self.port.name, describe_settings(changed))
+            for conn in self.port.clients:
+                if isinstance(conn.com_port, ComPortClient) and conn.com_port.active:
+                    for body in conn.com_port.update(settings):
+                        self._send_sb(conn, body)
+        self._update_timers()
+
+    def client_reply(self, conn, body):
+        result = conn.com_port.reply(body)
+        if result is None:
+            self._debug(conn, "ignoring COM-PORT-OPTION %r", list(body[:8]))
+            return
+        what, value, asked = result
+        if what == "signature":
+            self._info(conn, "server signature %r", value.decode("utf-8", "replace")[:100])
+        elif what in ("suspend", "resume"):
+            conn.suspend(what == "suspend")   # the server asks us to hold our data
+            self._debug(conn, "server sent FLOWCONTROL-%s", what.upper())
+        elif what in ("modemstate", "linestate"):
+            self._debug(conn, "%s 0x%02x", what, value)
+        elif what == "flow_in" or asked is None:
+            self._debug(conn, "server reports %s %s", what, value)
+        elif value != asked:
+            self._info(conn, "server keeps %s %s (asked for %s)", what, value, asked)
+        else:
+            self._debug(conn, "server set %s %s", what, value)
+
+    def _agree_timeout(self, conn):
+        cp = conn.com_port
+        cp.timer = None
+        if conn.closed or cp.active:
+            return
+        if not conn.telnet.heard_telnet:
+            self.port.log.warning("[%s] %s sent no Telnet negotiation within %gs: not an RFC 2217 server; "
+                                  "carrying on as raw TCP (serial settings are not sent)",
+                                  self.port.name, self._who(conn), RFC2217_AGREE_TIMEOUT)
+            conn.telnet = None
+            return
+        self._not_rfc2217(conn, "did not accept COM-PORT-OPTION within %gs" % RFC2217_AGREE_TIMEOUT)
+
+    def _not_rfc2217(self, conn, why):
+        cp = conn.com_port
+        if cp.timer is not None:
+            cp.timer.cancel()
+            cp.timer = None
+        self.port.log.warning("[%s] %s %s: it is a plain Telnet server, not RFC 2217; data goes on, "
+                              "serial settings are not sent", self.port.name, self._who(conn), why)
+
+
+def describe_settings(settings):
+    """'115200 8N1, flow none' for the log (missing items left out)."""
+    s = settings
+    if all(k in s for k in ("baudrate", "bytesize", "parity", "stopbits")):
+        text = "%s %s%s%s" % (s["baudrate"], s["bytesize"], s["parity"][0].upper(), s["stopbits"])
+        return text + (", flow %s" % s["flow"] if "flow" in s else "")
+    return ", ".join("%s %s" % (k, v) for k, v in s.items())
+
+
 class Port:
     """One configured port: a device, a listener, its clients and the
     rules between them.  Device states: closed -> open -> lost -> open ...
@@ -2427,7 +3567,7 @@ class Port:
         self.packer = Packer.from_config(config)
         self.pack_timer = None
         # the client role must keep at least the event bytes that make it dial
-        self.held = ByteBuffer(max(config.buffer, config.event_bytes), config.buffer_drop)
+        self.held = ByteBuffer(self.held_limit(), config.buffer_drop)
         # client role: dial state is one of off, gathering, waiting, resolving,
         # connecting, connected (the log names each transition)
         self.dial_state = "off"
@@ -2448,6 +3588,7 @@ class Port:
         self.drop_log_at = 0.0
         self.drop_log_pending = 0
         self.trace = Trace(config.trace, config.trace_format, log, self.name) if config.trace else None
+        self.rfc2217 = ComPortBridge(self) if config.protocol == "rfc2217" else None
 
     # -- life cycle --
 
@@ -2472,6 +3613,8 @@ class Port:
             self.dial.cancel()
             self.dial = None
         self.dial_generation += 1
+        if self.rfc2217:
+            self.rfc2217.stop()
         for conn in list(self.clients):
             self.close_connection(conn, reason)
         self.close_device("shutdown" if reason == "shutdown" else "port stopped: %s" % reason)
@@ -2509,6 +3652,8 @@ class Port:
         if isinstance(self.device, VirtualDevice):
             extra = " (pty %s)" % self.device.slave_name
         self.log.info("[%s] device %s opened%s", self.name, self.device.label(), extra)
+        if self.rfc2217:
+            self.rfc2217.device_opened()
         self.apply_lines()
         self.device.pause_reading(self.device_reading_paused)
 
@@ -2602,6 +3747,7 @@ class Port:
                                             choose_clients(self.config.send_to, self.clients, self.active_client))
                               or "(no client)", data)
         if not self.clients:
+            self.held.limit = self.held_limit()
             dropped = self.held.add(data)
             if dropped:
                 self.count_dropped(dropped, "buffer of %d bytes full (buffer_drop = %s)"
@@ -2615,8 +3761,16 @@ class Port:
             self.count_dropped(len(data), "send_to = %s selects no client" % self.config.send_to)
             return
         backlog = None
+        framed = None                   # rfc2217: IAC doubled once for every BINARY client
         for conn in list(recipients):
-            conn.send(data)
+            if conn.telnet is None:
+                conn.send(data)
+            elif conn.telnet.binary_out:
+                if framed is None:
+                    framed = conn.telnet.escape(data)
+                conn.send(framed)
+            else:
+                conn.send_data(data)
             if backlog is None or len(conn.out) < backlog:
                 backlog = len(conn.out)
         # Pause the device only when every recipient is behind: one stalled
@@ -2643,6 +3797,19 @@ class Port:
             self.drop_log_at = now + 1.0
 
     # -- network side --
+
+    def held_limit(self):
+        """How much device data waits while no connection is up: `buffer`;
+        a port that dials on event_bytes keeps at least those bytes, and all
+        of the burst that made it dial and what arrives during the dial
+        (up to client_buffer), so the peer gets the whole message first."""
+        c = self.config
+        limit = c.buffer
+        if c.connect is not None and c.event_bytes:
+            limit = max(limit, c.event_bytes)
+            if getattr(self, "dial_state", "off") != "waiting":
+                limit = max(limit, c.client_buffer)
+        return limit
 
     def network_enabled(self):
         """listen_on_open: the network side works only while a local
@@ -2691,17 +3858,24 @@ class Port:
             self.peer_log(peer[0], INFO, "[%s] client %s connected (%d of %d)", self.name, format_peer(peer),
                           len(self.clients), c.max_clients)
         conn.start()
+        if self.rfc2217:
+            self.rfc2217.attach(conn)
         if dialed:
             # a sertcp (or any) server with a password wants it first, then the id
             greeting = (self.password + b"\n" if self.password is not None else b"") + (c.connect_id or b"")
         else:
             greeting = c.banner
         if greeting:
-            conn.send(greeting)
+            if dialed:
+                conn.send(greeting)  # the password and id come before Telnet starts
+            else:
+                conn.send_data(greeting)
+        if self.rfc2217:
+            self.rfc2217.start(conn)
         if len(self.held):
             data = self.held.take()
             self.log.info("[%s] delivering %d buffered bytes to %s", self.name, len(data), format_peer(peer))
-            conn.send(data)
+            conn.send_data(data)
         if c.timeout:
             conn.idle_timer = self.reactor.call_at(now + c.timeout, lambda: self._idle_check(conn))
         if self.clients_paused:
@@ -2724,6 +3898,12 @@ class Port:
             conn.idle_timer = self.reactor.call_at(due, lambda: self._idle_check(conn))
 
     def on_client_data(self, conn, data):
+        if conn.telnet is not None:
+            self.rfc2217.received(conn, data)  # payload comes back through client_payload
+            return
+        self.client_payload(conn, data)
+
+    def client_payload(self, conn, data):
         if self.trace:
             self.trace.record(">", format_peer(conn.peer), data)
         conn.last_active = time.time()
@@ -2762,6 +3942,8 @@ class Port:
             self.clients.remove(conn)
         if self.active_client is conn:
             self.active_client = None
+        if self.rfc2217:
+            self.rfc2217.detach(conn)
         if out_pending:
             self.counters["bytes_dropped"] += out_pending
         duration = self.reactor.now() - conn.since_mono

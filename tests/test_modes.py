@@ -186,8 +186,6 @@ def test_eztcp_time_chart_server_then_client_on_event_bytes(pty, sertcp, clients
     assert len(re.findall(r"\] dialing ", s.log())) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="device bytes beyond event_bytes in the read that triggers the dial are "
-                   "dropped: held = ByteBuffer(max(buffer, event_bytes)) caps what is kept (Port.__init__)")
 def test_event_bytes_burst_longer_than_event_bytes_arrives_whole(pty, sertcp, peer_server):
     """ezTCP sends the data that made it dial ("Data #3"); a 15-byte message
     with event_bytes 10 must reach the peer whole, not cut after 10 bytes."""
@@ -201,9 +199,7 @@ def test_event_bytes_burst_longer_than_event_bytes_arrives_whole(pty, sertcp, pe
 
 @pytest.mark.parametrize("direction", [
     "net->device",
-    pytest.param("device->net", marks=pytest.mark.xfail(
-        strict=True, reason="Connection.send() does not refresh last_io when the socket takes the data at once, "
-                            "so device->network traffic does not count as activity for timeout")),
+    "device->net",
 ])
 def test_timeout_counts_data_in_either_direction(direction, pty, sertcp, clients):
     """`timeout` closes a connection with no data in *either* direction: a
@@ -296,6 +292,20 @@ def test_failover_to_next_peer_and_first_peer_again_on_next_dial(pty, sertcp, pe
     pty.write(b"to P1")
     assert conn1.recv(5) == b"to P1"
     assert second.no_connection_within(0.3)
+
+
+def test_failover_from_unresolvable_name_to_named_peer(pty, sertcp, peer_server):
+    """Names are resolved without blocking the loop; a name that does not
+    resolve is a failed peer like a refused one."""
+    peer = peer_server()
+    s = sertcp("--connect", "no-such-host.invalid:%d, localhost:%d" % (peer.port, peer.port),
+               "--connect-id", "named", pty.path)
+    conn = peer.accept(timeout=15.0)
+    assert conn.recv(5) == b"named"
+    s.wait_log(r"\[cli\] dial to no-such-host\.invalid:%d failed: cannot resolve" % peer.port)
+    s.wait_log(r"\[cli\] connected to 127\.0\.0\.1:%d" % peer.port)
+    pty.write(b"by name")
+    assert conn.recv(7) == b"by name"
 
 
 def test_backoff_doubles_up_to_reconnect_max_and_restarts_after_success(pty, sertcp, peer_server):
@@ -486,6 +496,33 @@ max_clients = 2
     assert two.read(2) == b"ok"
 
 
+def test_fix_ip_port_reachable_beside_a_common_port(pty_factory, sertcp, clients):
+    """A listener shared by a Fix IP port (allow) and a Common port
+    (identity, any address): a client from the fixed address belongs to its
+    port at once, as IOT-Tree's Fix IP does, with no id to send."""
+    fixed, common = pty_factory(), pty_factory()
+    port = free_port()
+    s = sertcp(config="""
+[fixed]
+device = %s
+listen = 127.0.0.1:%d
+allow = 127.0.0.2
+
+[common]
+device = %s
+listen = 127.0.0.1:%d
+identity = c0001
+identity_timeout = 1
+""" % (fixed.path, port, common.path, port))
+    s.wait_log(r"listening on .*:%d \(shared with" % port, count=2)
+    by_id = clients(port, source="127.0.0.3")
+    by_id.send(b"c0001\nvia id")
+    assert common.read(6) == b"via id"
+    by_address = clients(port, source="127.0.0.2")
+    by_address.send(b"modbus frame")
+    assert fixed.read(12, timeout=2.0) == b"modbus frame"
+
+
 # ---------------------------------------------------------------------------
 # virtual ports on the client side; sertcp dialing sertcp
 # ---------------------------------------------------------------------------
@@ -550,3 +587,26 @@ identity = site-2
     assert line2.read(4) == b"\x11\x13\x7f\x03"
     assert site1.read_available(0.1) == b""
     assert line1.read_available(0.1) == b""
+
+
+def test_virtual_port_dials_only_while_a_program_has_it_open(tmp_path, sertcp, peer_server, local_programs):
+    """Real COM with listen_on_open: opening the virtual port makes the
+    connection, closing it hangs up, opening it again dials again."""
+    peer = peer_server()
+    path = tmp_path / "ttyONDEMAND"
+    s = sertcp("--virtual", path, "--connect", "%s:%d" % (LOCALHOST, peer.port), "--connect-id", "rc\n",
+               "--listen-on-open", "yes", "--reconnect-min", "0.1")
+    s.wait_log(r"\[cli\] device .*ttyONDEMAND opened")
+    assert peer.no_connection_within(0.5)
+    for round in (1, 2):
+        program = local_programs(path)
+        conn = peer.accept()
+        assert conn.recv(3) == b"rc\n"
+        program.write(b"open %d" % round)
+        assert conn.recv(6) == b"open %d" % round
+        conn.send(b"ack")
+        assert program.read(3) == b"ack"
+        program.close()
+        assert conn.closed_by_peer(timeout=5.0)
+        s.wait_log(r"\[cli\] peer 127\.0\.0\.1:%d disconnected: virtual port closed" % peer.port, count=round)
+    assert peer.no_connection_within(0.5)
