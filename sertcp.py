@@ -4768,18 +4768,19 @@ def main(argv=None):
     server.install_signals()
     try:
         server.start()
+        if pidfile:
+            try:
+                with open(pidfile, "w") as f:
+                    f.write("%d\n" % os.getpid())
+            except OSError as e:
+                raise RuntimeError("pidfile %s: %s" % (pidfile, describe_error(e)))
         if config.globals["user"]:
             drop_privileges(config.globals["user"], log)
     except RuntimeError as e:
         log.error("%s", e)
+        for port in server.ports:
+            port.stop("fatal error")
         return EXIT_FATAL
-    if pidfile:
-        try:
-            with open(pidfile, "w") as f:
-                f.write("%d\n" % os.getpid())
-        except OSError as e:
-            log.error("pidfile %s: %s", pidfile, describe_error(e))
-            return EXIT_FATAL
     log.info("%s %s started with %d port%s", PROGRAM, __version__, len(server.ports),
              "" if len(server.ports) == 1 else "s")
     try:

@@ -353,3 +353,31 @@ def test_status_endpoint_works_without_http_server_modules(pty, tmp_path):
                              tmp_path, port, extra_wait=ask)
     assert "json" in names
     assert not (names & {"ssl", "http", "email", "urllib"}), sorted(names & {"ssl", "http", "email", "urllib"})
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+def test_user_drops_root_after_opening_and_binding(sertcp, pty, clients):
+    import pwd
+    nobody = pwd.getpwnam("nobody")
+    port = free_port()
+    s = sertcp(pty.path, "--listen", "127.0.0.1:%d" % port, "--user", "nobody", wait_port=port)
+    s.wait_log("running as user nobody")
+
+    def ids(field):
+        for line in open("/proc/%d/status" % s.proc.pid):
+            if line.startswith(field + ":"):
+                return [int(x) for x in line.split()[1:]]
+    assert set(ids("Uid")) == {nobody.pw_uid} and set(ids("Gid")) == {nobody.pw_gid}
+    c = clients(port)
+    c.send(b"as nobody")
+    assert pty.read(9) == b"as nobody"
+    pty.write(b"ok")
+    assert c.recv(2) == b"ok"
+
+
+def test_unknown_user_is_a_fatal_error(tmp_path, pty):
+    port = free_port()
+    s = Sertcp([pty.path, "--listen", "127.0.0.1:%d" % port, "--user", "no-such-user-here"], tmp_path)
+    assert s.proc.wait(10) == 1
+    assert "no such user" in s.log()
+    s.stop()
