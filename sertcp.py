@@ -1084,20 +1084,29 @@ class TelnetCodec:
     # -- what the peer sent --
 
     def feed(self, data):
-        if self.state == _T_DATA and self.binary_in:
+        if not self.binary_in:
+            return self._parse(data)
+        head = b""
+        if self.state == _T_IAC and data[:1] == b"\xff":
+            # the last chunk ended inside an IAC IAC pair
+            head, data, self.state = b"\xff", data[1:], _T_DATA
+        if self.state == _T_DATA:
             # fast path: plain data, or data whose every IAC is doubled
             if b"\xff" not in data:
-                return [data] if data else []
+                body = head + data
+                return [body] if body else []
             body = data
             odd_tail = (len(data) - len(data.rstrip(b"\xff"))) & 1
             if odd_tail:
-                body = data[:-1]   # a lone IAC at the end: its command comes next time
-            if b"\xff" not in body.replace(b"\xff\xff", b""):
+                body = data[:-1]   # a lone IAC at the end: what it starts comes next time
+            halved = body.replace(b"\xff\xff", b"\xff")
+            # every IAC was doubled exactly when each one left has lost its twin
+            if len(body) - len(halved) == halved.count(b"\xff"):
                 if odd_tail:
                     self.state = _T_IAC
-                body = body.replace(b"\xff\xff", b"\xff")
+                body = head + halved
                 return [body] if body else []
-        return self._parse(data)
+        return ([head] if head else []) + self._parse(data)
 
     def _parse(self, data):
         out = []
@@ -1760,6 +1769,12 @@ class Device:
             ser.dsrdtr = value == "dsrdtr"
         else:
             raise ValueError(name)
+
+    def settings(self):
+        """The settings the OS reports for the line (termios), or None
+        where it cannot say (a URL device)."""
+        fd = getattr(self, "fd", None)
+        return termios_settings(fd) if fd is not None else None
 
     def line_states(self, fallback):
         """{"dtr", "rts", "break"}: as last set; `fallback` where unknown."""
@@ -3232,7 +3247,7 @@ class ComPortBridge:
         return "%s %s" % ("peer" if conn.dialed else "client", format_peer(conn.peer))
 
     def _debug(self, conn, message, *args):
-        self.port.peer_log(conn.peer[0], DEBUG, "[%s] %s: " + message, self.port.name, self._who(conn), *args)
+        self.port.log.debug("[%s] %s: " + message, self.port.name, self._who(conn), *args)
 
     def _info(self, conn, message, *args):
         self.port.peer_log(conn.peer[0], INFO, "[%s] %s: " + message, self.port.name, self._who(conn), *args)
@@ -3320,12 +3335,15 @@ class ComPortBridge:
             if self.port.device.is_open:
                 try:
                     self.port.device.apply_setting(name, wanted)
+                    kept = self.read_back(name, wanted)
+                    if kept != wanted:  # a driver may take the call and keep part of it
+                        raise OSError(errno.EINVAL, "the device kept %s" % kept)
                 except Exception as e:  # an OS or driver that refuses the value
                     try:
                         self.port.device.apply_setting(name, old)
                     except Exception:
                         pass
-                    self._info(conn, "cannot set %s %s: %s; keeping %s", name, wanted, describe_error(e), old)
+                    self._info(conn, "cannot set %s %s: %s; keeping %s", name, wanted, describe_setting_error(e), old)
                     return
             self.in_force[name] = wanted
             self._info(conn, "set %s %s", name, wanted)
@@ -3339,6 +3357,21 @@ class ComPortBridge:
             problem = self.port.device.set_lines(wanted if name == "dtr" else None, wanted if name == "rts" else None)
         self._info(conn, "set %s %s%s", name.upper(), "on" if wanted else "off",
                    (" (%s)" % problem) if problem else "")
+
+    def read_back(self, name, wanted):
+        """What the device holds for `name` after setting it to `wanted`."""
+        try:
+            settings = self.port.device.settings()
+        except (OSError, KeyError, ValueError):
+            settings = None
+        if not settings:
+            return wanted
+        kept = settings[name]
+        if name == "stopbits" and wanted == "1.5" and kept == "2":
+            return wanted   # termios has one bit (CSTOPB) for both
+        if name == "flow" and wanted == "dsrdtr" and kept == "none":
+            return wanted   # pyserial keeps DSR/DTR flow itself; termios has no flag for it
+        return kept
 
     def send_break(self, conn):
         """IAC BRK: a break of BREAK_DURATION, timed on the loop."""
@@ -3538,6 +3571,13 @@ class ComPortBridge:
             cp.timer = None
         self.port.log.warning("[%s] %s %s: it is a plain Telnet server, not RFC 2217; data goes on, "
                               "serial settings are not sent", self.port.name, self._who(conn), why)
+
+
+def describe_setting_error(exc):
+    """termios.error is (errno, text) but not an OSError."""
+    if len(getattr(exc, "args", ())) == 2 and isinstance(exc.args[1], str):
+        return exc.args[1]
+    return describe_error(exc)
 
 
 def describe_settings(settings):

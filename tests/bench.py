@@ -19,6 +19,9 @@ process for each measurement:
   startup  spawn to the listening port accepting a connection (ms), beside
            the wall time of `python3 -c pass`
 
+The servers' rounds are interleaved (sertcp, socat, ser2net, sertcp, ...) so
+that changes in the machine's load hit them alike; throughput is the best
+round (the median is in --json), round trips are taken in blocks likewise.
 CPU seconds per MB (utime+stime of the server from /proc/PID/stat) are taken
 over the timed part of the throughput runs, peak RSS from VmHWM in
 /proc/PID/status; a bare python3 is measured the same way for reference.
@@ -71,15 +74,18 @@ class BenchError(Exception):
 class Settings:
     """Sizes and time bounds of one bench run."""
 
-    def __init__(self, size=16 * MiB, rounds=3, echo_count=2000, echo_warmup=20,
-                 fanout_clients=8, budget=20.0, stall_bound=8.0, startup_runs=5,
-                 ready_timeout=10.0):
-        self.size = int(size)            # bytes per transfer round
-        self.rounds = int(rounds)        # throughput rounds (median reported)
-        self.echo_count = int(echo_count)
+    def __init__(self, size=16 * MiB, rounds=5, echo_count=2000, echo_warmup=20,
+                 fanout_clients=8, budget=15.0, stall_size=16 * MiB, stall_bound=6.0,
+                 startup_runs=5, ready_timeout=10.0):
+        self.size = int(size)              # bytes per throughput round
+        self.rounds = int(rounds)          # throughput rounds per server (at most)
+        self.echo_count = int(echo_count)  # timed 1-byte round trips
         self.echo_warmup = int(echo_warmup)
         self.fanout_clients = int(fanout_clients)
-        self.budget = float(budget)      # seconds one throughput measurement may use
+        self.budget = float(budget)        # seconds one measurement may use per server
+        self.stall_size = int(stall_size)  # bytes written in the stalled-client run;
+        # larger than what the kernel buffers for the stalled client plus
+        # sertcp's client_buffer, so that the stall does take effect
         self.stall_bound = float(stall_bound)  # seconds the stalled-client run may use
         self.startup_runs = int(startup_runs)
         self.ready_timeout = float(ready_timeout)
@@ -90,8 +96,8 @@ class Settings:
 
     @classmethod
     def quick(cls):
-        return cls(size=4 * MiB, rounds=1, echo_count=500, budget=6.0,
-                   stall_bound=3.0, startup_runs=3)
+        return cls(size=4 * MiB, rounds=2, echo_count=500, budget=4.0,
+                   stall_bound=2.5, startup_runs=3)
 
     def as_dict(self):
         return dict(vars(self))
@@ -108,6 +114,16 @@ def _kill_leftovers():
 
 
 atexit.register(_kill_leftovers)
+
+
+def _die_with_parent():
+    """preexec_fn: have the kernel SIGTERM the server if the bench dies
+    (Linux prctl PR_SET_PDEATHSIG); silently nothing elsewhere."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)
+    except Exception:
+        pass
 
 
 def stop_process(proc, grace=3.0):
@@ -136,13 +152,46 @@ def proc_cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def proc_hwm_kib(pid):
-    """Peak resident set size (VmHWM) of a process, in KiB."""
+def proc_status_kib(pid, key):
+    """A size field of /proc/PID/status (VmHWM: peak RSS, VmRSS: RSS now), in KiB."""
     with open("/proc/%d/status" % pid) as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1])
     return None
+
+
+def proc_hwm_kib(pid):
+    """Peak resident set size (VmHWM) of a process, in KiB."""
+    return proc_status_kib(pid, "VmHWM")
+
+
+def device_openers(path, exclude=()):
+    """Processes other than `exclude` that have `path` open (diagnostics:
+    another program reading the same pty steals the bench's bytes)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in exclude:
+            continue
+        try:
+            fds = os.listdir("/proc/%s/fd" % entry)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink("/proc/%s/fd/%s" % (entry, fd)) == path:
+                    break
+            except OSError:
+                continue
+        else:
+            continue
+        try:
+            with open("/proc/%s/cmdline" % entry, "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            cmd = "?"
+        found.append("%s (%s)" % (entry, cmd[:100]))
+    return found
 
 
 def free_port():
@@ -251,7 +300,8 @@ class Server:
         log = open(self.logpath, "wb")
         try:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
-                                         stdout=log, stderr=subprocess.STDOUT)
+                                         stdout=log, stderr=subprocess.STDOUT,
+                                         preexec_fn=_die_with_parent)
         finally:
             log.close()
         _LIVE.add(self.proc)
@@ -267,6 +317,12 @@ class Server:
     def hwm_kib(self):
         try:
             return proc_hwm_kib(self.pid)
+        except OSError:
+            return None
+
+    def rss_kib(self):
+        try:
+            return proc_status_kib(self.pid, "VmRSS")
         except OSError:
             return None
 
@@ -528,198 +584,285 @@ def client_to_device(pty, client, payload, deadline):
 
 
 # ---------------------------------------------------------------- measurements
-
-def _rounds(settings, one_round):
-    """Run up to settings.rounds rounds within settings.budget seconds."""
-    results = []
-    begin = time.monotonic()
-    for _ in range(settings.rounds):
-        deadline = begin + settings.budget
-        if results and time.monotonic() + results[-1]["seconds"] > deadline:
-            break
-        r = one_round(deadline)
-        results.append(r)
-        if not r["complete"]:
-            break
-    return results
-
-
-def _summarise(results, nbytes_key, server, cpu0):
-    mbps = [r["mbps"] for r in results]
-    cpu = server.cpu() - cpu0
-    device_mb = sum(r[nbytes_key] for r in results) / MB
-    out = {
-        "mbps": statistics.median(mbps) if mbps else None,
-        "rounds": results,
-        "partial": any(not r["complete"] for r in results),
-        "cpu_s": cpu,
-        "mb": device_mb,
-        "cpu_s_per_mb": cpu / device_mb if device_mb else None,
-        "rss_kib": server.hwm_kib(),
-    }
-    return out
-
-
-def measure_dev2net(kind, settings, workdir):
-    payload = make_payload(settings.size)
-    with Session(kind, settings, workdir) as s:
-        c = s.clients[0]
-        prime(s.pty, s.clients, time.monotonic() + settings.ready_timeout)
-        cpu0 = s.server.cpu()
-
-        def one(deadline):
-            before = c.payload
-            secs, complete = device_to_clients(s.pty, payload, [c], deadline)
-            got = c.payload - before
-            if complete and got != len(payload):
-                raise BenchError("client received %d bytes, expected %d" % (got, len(payload)))
-            return {"bytes": got, "seconds": secs, "mbps": got / secs / MB,
-                    "complete": complete}
-
-        results = _rounds(settings, one)
-        out = _summarise(results, "bytes", s.server, cpu0)
-        if all(r["complete"] for r in results):
-            expect = 0
-            for _ in results:
-                expect = zlib.crc32(payload, expect)
-            out["data_ok"] = (c.crc == expect)
-            if not out["data_ok"]:
-                raise BenchError("device->network data corrupted (CRC mismatch)")
-        return out
-
-
-def measure_net2dev(kind, settings, workdir):
-    payload = make_payload(settings.size)
-    want_crc = zlib.crc32(payload)
-    with Session(kind, settings, workdir) as s:
-        c = s.clients[0]
-        # One byte end to end first: the server has the device open.
-        c.sock.setblocking(True)
-        c.sock.sendall(PRIME)
-        c.sock.setblocking(False)
-        read_master_exact(s.pty, 1, time.monotonic() + settings.ready_timeout)
-        cpu0 = s.server.cpu()
-
-        def one(deadline):
-            secs, got, crc, complete = client_to_device(s.pty, c, payload, deadline)
-            if complete and (got != len(payload) or crc != want_crc):
-                raise BenchError("network->device data corrupted (%d bytes, CRC %s)"
-                                 % (got, "ok" if crc == want_crc else "mismatch"))
-            return {"bytes": got, "seconds": secs, "mbps": got / secs / MB,
-                    "complete": complete}
-
-        results = _rounds(settings, one)
-        out = _summarise(results, "bytes", s.server, cpu0)
-        if not out["partial"]:
-            out["data_ok"] = True
-        return out
-
+#
+# A measurement is an object with start() (server up, clients attached),
+# step() (one timed round; returns whether another round is wanted),
+# result() and close().  run() starts one per server and calls their steps
+# in turn -- sertcp, socat, ser2net, sertcp, ... -- so that a change in the
+# machine's load during the run affects every server alike.
 
 def percentile(sorted_values, fraction):
     if not sorted_values:
         return None
-    k = max(0, min(len(sorted_values) - 1, int(math.ceil(fraction * len(sorted_values))) - 1))
-    return sorted_values[k]
+    k = int(math.ceil(fraction * len(sorted_values))) - 1
+    return sorted_values[max(0, min(len(sorted_values) - 1, k))]
 
 
-def measure_echo(kind, settings, workdir):
-    with Session(kind, settings, workdir) as s:
-        c = s.clients[0]
-        sock, master = c.sock, s.pty.master
-        dev_poll = select.poll()
-        dev_poll.register(master, select.POLLIN)
-        net_poll = select.poll()
-        net_poll.register(c.fd, select.POLLIN)
+class Measurement:
+    name = None
+    clients = 1
+    max_clients = 1
+    stalled = 0
+
+    def __init__(self, kind, settings, workdir):
+        self.kind = kind
+        self.settings = settings
+        self.workdir = workdir
+        self.session = None
+        self.spent = 0.0     # seconds used by steps so far
+        self.steps = 0
+
+    def start(self):
+        self.session = Session(self.kind, self.settings, self.workdir, clients=self.clients,
+                               max_clients=self.max_clients, stalled=self.stalled).__enter__()
+        self.prepare()
+
+    def prepare(self):
+        pass
+
+    def step(self):
+        t0 = time.monotonic()
+        try:
+            return self.run_step(t0 + max(0.5, self.settings.budget - self.spent))
+        except BenchError as e:
+            raise BenchError(str(e) + self.intruders())
+        finally:
+            self.spent += time.monotonic() - t0
+            self.steps += 1
+
+    def run_step(self, deadline):
+        raise NotImplementedError
+
+    def result(self):
+        raise NotImplementedError
+
+    def close(self):
+        if self.session is not None:
+            self.session.__exit__(None, None, None)
+            self.session = None
+
+    def intruders(self):
+        if self.session is None or self.session.pty is None:
+            return ""
+        others = device_openers(self.session.pty.path,
+                                exclude=(os.getpid(), self.session.server.pid))
+        if not others:
+            return ""
+        return "; other processes have %s open: %s" % (self.session.pty.path, ", ".join(others))
+
+    @property
+    def server(self):
+        return self.session.server
+
+    @property
+    def pty(self):
+        return self.session.pty
+
+
+class Throughput(Measurement):
+    """Rounds of one transfer; reports the best and the median round."""
+
+    def prepare(self):
+        self.payload = make_payload(self.settings.size)
+        self.rounds = []
+        self.attach(time.monotonic() + self.settings.ready_timeout)
+        self.cpu0 = self.server.cpu()
+
+    def run_step(self, deadline):
+        r = self.one_round(deadline)
+        self.rounds.append(r)
+        if not r["complete"] or len(self.rounds) >= self.settings.rounds:
+            return False
+        # Another round only if one more of the same length fits the budget.
+        return self.spent + r["seconds"] * 2 <= self.settings.budget
+
+    def result(self):
+        cpu = self.server.cpu() - self.cpu0
+        mbps = [r["mbps"] for r in self.rounds]
+        device_mb = sum(r["device_bytes"] for r in self.rounds) / MB
+        out = {
+            "mbps": max(mbps) if mbps else None,
+            "median_mbps": statistics.median(mbps) if mbps else None,
+            "rounds": self.rounds,
+            "partial": any(not r["complete"] for r in self.rounds),
+            "cpu_s": cpu,
+            "mb": device_mb,
+            "cpu_s_per_mb": cpu / device_mb if device_mb else None,
+            "rss_kib": self.server.hwm_kib(),
+            "rss_end_kib": self.server.rss_kib(),
+        }
+        out.update(self.extra())
+        return out
+
+    def extra(self):
+        return {}
+
+    def check_clients_crc(self):
+        if self.rounds and all(r["complete"] for r in self.rounds):
+            expect = 0
+            for _ in self.rounds:
+                expect = zlib.crc32(self.payload, expect)
+            if any(c.crc != expect for c in self.session.clients):
+                raise BenchError("device->network data corrupted (CRC mismatch)")
+            return {"data_ok": True}
+        return {}
+
+
+class Dev2Net(Throughput):
+    name = "dev2net"
+
+    def attach(self, deadline):
+        prime(self.pty, self.session.clients, deadline)
+
+    def one_round(self, deadline):
+        clients = self.session.clients
+        before = [c.payload for c in clients]
+        secs, complete = device_to_clients(self.pty, self.payload, clients, deadline)
+        each = [c.payload - b for c, b in zip(clients, before)]
+        got = sum(each)
+        return {"bytes": got, "device_bytes": min(each), "seconds": secs,
+                "mbps": got / secs / MB, "complete": complete}
+
+    def extra(self):
+        return self.check_clients_crc()
+
+
+class FanOut(Dev2Net):
+    name = "fanout"
+
+    def __init__(self, kind, settings, workdir):
+        Dev2Net.__init__(self, kind, settings, workdir)
+        self.clients = self.max_clients = settings.fanout_clients
+
+    def extra(self):
+        out = self.check_clients_crc()
+        out["clients"] = self.clients
+        return out
+
+
+class Net2Dev(Throughput):
+    name = "net2dev"
+
+    def attach(self, deadline):
+        # One byte end to end first: then the server has the device open.
+        c = self.session.clients[0]
+        c.sock.setblocking(True)
+        try:
+            c.sock.sendall(PRIME)
+        finally:
+            c.sock.setblocking(False)
+        read_master_exact(self.pty, 1, deadline)
+        self.want_crc = zlib.crc32(self.payload)
+
+    def one_round(self, deadline):
+        secs, got, crc, complete = client_to_device(self.pty, self.session.clients[0],
+                                                    self.payload, deadline)
+        if complete and (got != len(self.payload) or crc != self.want_crc):
+            raise BenchError("network->device data corrupted (%d bytes, CRC %s)"
+                             % (got, "ok" if crc == self.want_crc else "mismatch"))
+        return {"bytes": got, "device_bytes": got, "seconds": secs,
+                "mbps": got / secs / MB, "complete": complete}
+
+    def extra(self):
+        return {"data_ok": True} if self.rounds and not any(
+            not r["complete"] for r in self.rounds) else {}
+
+
+class Echo(Measurement):
+    """1-byte round trips, in blocks taken in turn with the other servers."""
+    name = "echo"
+    BLOCKS = 10
+
+    def prepare(self):
+        self.rtts = []
+        self.done = 0
+        self.total = self.settings.echo_warmup + self.settings.echo_count
+        self.block = max(1, int(math.ceil(self.settings.echo_count / float(self.BLOCKS))))
+        c = self.session.clients[0]
+        self.dev_poll = select.poll()
+        self.dev_poll.register(self.pty.master, select.POLLIN)
+        self.net_poll = select.poll()
+        self.net_poll.register(c.fd, select.POLLIN)
+
+    def run_step(self, deadline):
+        sock, master = self.session.clients[0].sock, self.pty.master
         clock = time.perf_counter
-        rtts = []
-        deadline = time.monotonic() + settings.budget
-        total = settings.echo_warmup + settings.echo_count
-        first_timeout = int(settings.ready_timeout * 1000)
-        for i in range(total):
+        warmup = self.settings.echo_warmup
+        end = min(self.total, self.done + self.block + (warmup if self.done == 0 else 0))
+        while self.done < end:
+            i = self.done
             if time.monotonic() > deadline:
-                break
+                return False
             byte = bytes((i % 255 + 1,))
-            wait_ms = first_timeout if i == 0 else 2000
+            wait_ms = int(self.settings.ready_timeout * 1000) if i == 0 else 2000
             t0 = clock()
             sock.send(byte)
-            if not dev_poll.poll(wait_ms):
-                raise BenchError("round trip %d: byte never reached the device" % i)
+            if not self.dev_poll.poll(wait_ms):
+                raise BenchError("round trip %d: the byte never reached the device" % i)
             got = os.read(master, 16)
             if got != byte:
                 raise BenchError("round trip %d: device got %r, expected %r" % (i, got, byte))
             os.write(master, got)
-            if not net_poll.poll(wait_ms):
-                raise BenchError("round trip %d: byte never came back" % i)
+            if not self.net_poll.poll(wait_ms):
+                raise BenchError("round trip %d: the byte never came back" % i)
             back = sock.recv(16)
             t1 = clock()
             if back != byte:
                 raise BenchError("round trip %d: client got %r, expected %r" % (i, back, byte))
-            if i >= settings.echo_warmup:
-                rtts.append((t1 - t0) * 1e6)
-        rtts.sort()
+            if i >= warmup:
+                self.rtts.append((t1 - t0) * 1e6)
+            self.done += 1
+        return self.done < self.total
+
+    def result(self):
+        rtts = sorted(self.rtts)
         return {
             "count": len(rtts),
-            "partial": len(rtts) < settings.echo_count,
+            "partial": len(rtts) < self.settings.echo_count,
             "median_us": statistics.median(rtts) if rtts else None,
             "p99_us": percentile(rtts, 0.99),
             "min_us": rtts[0] if rtts else None,
             "max_us": rtts[-1] if rtts else None,
-            "rss_kib": s.server.hwm_kib(),
+            "rss_kib": self.server.hwm_kib(),
+            "rss_end_kib": self.server.rss_kib(),
         }
 
 
-def measure_fanout(kind, settings, workdir):
-    n = settings.fanout_clients
-    payload = make_payload(settings.size)
-    with Session(kind, settings, workdir, clients=n, max_clients=n) as s:
-        prime(s.pty, s.clients, time.monotonic() + settings.ready_timeout)
-        cpu0 = s.server.cpu()
+class Stalled(Measurement):
+    """Two clients, one never reads: how fast does the other one get data?"""
+    name = "stalled"
+    clients = 2
+    max_clients = 2
+    stalled = 1
 
-        def one(deadline):
-            before = sum(c.payload for c in s.clients)
-            secs, complete = device_to_clients(s.pty, payload, s.clients, deadline)
-            got = sum(c.payload for c in s.clients) - before
-            return {"device_bytes": len(payload), "bytes": got, "seconds": secs,
-                    "mbps": got / secs / MB, "complete": complete}
+    def prepare(self):
+        self.payload = make_payload(self.settings.stall_size)
+        # Both clients read the priming bytes; after that one never reads.
+        prime(self.pty, self.session.clients, time.monotonic() + self.settings.ready_timeout)
+        self.cpu0 = self.server.cpu()
+        self.out = None
 
-        results = _rounds(settings, one)
-        out = _summarise(results, "device_bytes", s.server, cpu0)
-        out["clients"] = n
-        if not out["partial"]:
-            expect = 0
-            for _ in results:
-                expect = zlib.crc32(payload, expect)
-            out["data_ok"] = all(c.crc == expect for c in s.clients)
-            if not out["data_ok"]:
-                raise BenchError("fan-out data corrupted (CRC mismatch on some client)")
-        return out
-
-
-def measure_stalled(kind, settings, workdir):
-    payload = make_payload(settings.size)
-    with Session(kind, settings, workdir, clients=2, max_clients=2, stalled=1) as s:
-        good, stalled = s.clients
-        prime(s.pty, s.clients, time.monotonic() + settings.ready_timeout)
-        # From here on the stalled client is never read.
-        cpu0 = s.server.cpu()
-        secs, complete = device_to_clients(s.pty, payload, [good],
-                                           time.monotonic() + settings.stall_bound)
-        got = good.payload
-        out = {
-            "bytes": got,
+    def run_step(self, deadline):
+        good, stalled = self.session.clients
+        deadline = min(deadline, time.monotonic() + self.settings.stall_bound)
+        secs, complete = device_to_clients(self.pty, self.payload, [good], deadline)
+        self.out = {
+            "bytes": good.payload,
+            "payload_bytes": len(self.payload),
             "seconds": secs,
-            "mbps": got / secs / MB,
+            "mbps": good.payload / secs / MB,
             "complete": complete,
             "partial": not complete,
-            "cpu_s": s.server.cpu() - cpu0,
-            "rss_kib": s.server.hwm_kib(),
+            "cpu_s": self.server.cpu() - self.cpu0,
+            "rss_kib": self.server.hwm_kib(),
+            "rss_end_kib": self.server.rss_kib(),
         }
         # What became of the stalled client (bounded drain): cut off or not?
-        stalled_bytes, cut = 0, False
+        got, cut = 0, False
         end = time.monotonic() + 1.0
         poller = select.poll()
         poller.register(stalled.fd, select.POLLIN)
-        while time.monotonic() < end and stalled_bytes < 2 * len(payload):
+        while time.monotonic() < end and got < 2 * len(self.payload):
             if not poller.poll(100):
                 continue
             try:
@@ -731,41 +874,96 @@ def measure_stalled(kind, settings, workdir):
             if not data:
                 cut = True
                 break
-            stalled_bytes += len(data)
-        out["stalled_client_bytes"] = stalled_bytes
-        out["stalled_client_cut"] = cut
-        return out
+            got += len(data)
+        self.out["stalled_client_bytes"] = got
+        self.out["stalled_client_cut"] = cut
+        return False
+
+    def result(self):
+        return self.out
 
 
-def measure_startup(kind, settings, workdir):
-    times = []
-    for _ in range(settings.startup_runs):
+class Startup(Measurement):
+    """Spawn to the first accepted connection; one spawn per step."""
+    name = "startup"
+
+    def start(self):
+        self.times = []
+        self.bare = []   # `python3 -c pass`, timed beside each sertcp spawn
+
+    def run_step(self, deadline):
+        if self.kind == "sertcp":
+            t0 = time.monotonic()
+            subprocess.run([sys.executable, "-c", "pass"], timeout=30)
+            self.bare.append(time.monotonic() - t0)
         pty = Pty()
-        server = None
-        client = None
+        server = client = None
         try:
-            server = Server(kind, pty.path, free_port(), 1, workdir)
+            server = Server(self.kind, pty.path, free_port(), 1, self.workdir)
             t0 = time.monotonic()
             server.start()
-            client = connect(server, t0 + settings.ready_timeout)
-            times.append(time.monotonic() - t0)
+            client = connect(server, t0 + self.settings.ready_timeout)
+            self.times.append(time.monotonic() - t0)
         finally:
             if client is not None:
                 client.close()
             if server is not None:
                 server.stop()
             pty.close()
-    return {"ms": statistics.median(times) * 1000, "runs_ms": [t * 1000 for t in times]}
+        return len(self.times) < self.settings.startup_runs
+
+    def result(self):
+        out = {"ms": statistics.median(self.times) * 1000,
+               "runs_ms": [t * 1000 for t in self.times]}
+        if self.bare:
+            out["python_pass_ms"] = statistics.median(self.bare) * 1000
+        return out
 
 
-MEASURE = {
-    "dev2net": measure_dev2net,
-    "net2dev": measure_net2dev,
-    "echo": measure_echo,
-    "fanout": measure_fanout,
-    "stalled": measure_stalled,
-    "startup": measure_startup,
-}
+MEASURE = {cls.name: cls for cls in (Dev2Net, Net2Dev, Echo, FanOut, Stalled, Startup)}
+
+
+def measure(name, kinds, settings, workdir, errors, progress=None):
+    """Run measurement `name` for each server in `kinds`, steps interleaved.
+    Returns {kind: result}; failures go to errors["kind.name"]."""
+    progress = progress or (lambda _msg: None)
+    running, results = {}, {}
+    t0 = time.monotonic()
+    try:
+        for kind in kinds:
+            m = running[kind] = MEASURE[name](kind, settings, workdir)
+            try:
+                m.start()
+            except (BenchError, OSError) as e:
+                running.pop(kind).close()
+                errors["%s.%s" % (kind, name)] = str(e)
+                progress("%-8s %-8s ERROR %s" % (kind, name, e))
+        active = list(running)
+        while active:
+            for kind in list(active):
+                try:
+                    more = running[kind].step()
+                except (BenchError, OSError) as e:
+                    errors["%s.%s" % (kind, name)] = str(e)
+                    progress("%-8s %-8s ERROR %s" % (kind, name, e))
+                    active.remove(kind)
+                    running.pop(kind).close()
+                    continue
+                if not more:
+                    active.remove(kind)
+        for kind, m in running.items():
+            try:
+                results[kind] = m.result()
+            except (BenchError, OSError) as e:
+                errors["%s.%s" % (kind, name)] = str(e)
+                progress("%-8s %-8s ERROR %s" % (kind, name, e))
+                continue
+            progress("%-8s %-8s %s" % (kind, name, _brief(name, results[kind])))
+    finally:
+        for m in running.values():
+            m.close()
+    progress("%-17s(%.1fs)" % (name, time.monotonic() - t0))
+    return results
 
 
 def bare_python(settings):
@@ -784,21 +982,18 @@ def bare_python(settings):
     try:
         proc.stdout.readline()
         hwm = proc_hwm_kib(proc.pid)
+        rss = proc_status_kib(proc.pid, "VmRSS")
     finally:
         proc.stdout.close()
-        proc.kill()
-        proc.wait()
-        _LIVE.discard(proc)
-    return {"pass_ms": statistics.median(walls) * 1000, "rss_kib": hwm}
+        stop_process(proc)
+    return {"pass_ms": statistics.median(walls) * 1000, "rss_kib": hwm, "rss_end_kib": rss}
 
 
 # ---------------------------------------------------------------- run & report
 
 def run(settings, servers=SERVERS, measurements=MEASUREMENTS, progress=None):
     """Run the chosen measurements; returns the result dictionary."""
-    if progress is None:
-        def progress(_msg):
-            pass
+    progress = progress or (lambda _msg: None)
     started = time.monotonic()
     report = {
         "meta": {
@@ -808,39 +1003,37 @@ def run(settings, servers=SERVERS, measurements=MEASUREMENTS, progress=None):
             "settings": settings.as_dict(),
             "versions": {},
             "mb": "10**6 bytes",
+            "throughput": "mbps = best round, median_mbps = median round; servers' rounds interleaved",
+            "cpu_clock_ticks_per_s": os.sysconf("SC_CLK_TCK"),
             "stalled_client_rcvbuf": STALLED_RCVBUF,
-            "ser2net_options": "defaults (chardelay on, 1000 us minimum; max-connections as needed)",
+            "ser2net_options": "defaults (chardelay on: >= 1000 us before sending device data)",
         },
         "bare_python": None,
         "results": {},
         "skipped": {},
         "errors": {},
     }
+    kinds = []
+    for kind in servers:
+        if available(kind):
+            kinds.append(kind)
+            report["meta"]["versions"][kind] = tool_version(kind)
+            report["results"][kind] = {}
+        else:
+            report["skipped"][kind] = "not found"
+            progress("%s: not found, skipped" % kind)
     workdir = tempfile.mkdtemp(prefix="sertcp-bench-")
     try:
         report["bare_python"] = bare_python(settings)
-        for kind in servers:
-            if not available(kind):
-                report["skipped"][kind] = "not found"
-                progress("%s: not found, skipped" % kind)
-                continue
-            report["meta"]["versions"][kind] = tool_version(kind)
-            res = report["results"].setdefault(kind, {})
-            for name in measurements:
-                if kind == "socat" and name in SHARED_ONLY:
-                    continue
-                t0 = time.monotonic()
-                try:
-                    res[name] = MEASURE[name](kind, settings, workdir)
-                except (BenchError, OSError) as e:
-                    report["errors"]["%s.%s" % (kind, name)] = str(e)
-                    progress("%-8s %-8s ERROR %s" % (kind, name, e))
-                    continue
-                progress("%-8s %-8s %s  (%.1fs)" % (kind, name, _brief(name, res[name]),
-                                                    time.monotonic() - t0))
-            stalled = res.get("stalled")
-            if stalled and res.get("dev2net") and res["dev2net"]["mbps"]:
-                stalled["fraction"] = stalled["mbps"] / res["dev2net"]["mbps"]
+        for name in measurements:
+            these = [k for k in kinds if not (k == "socat" and name in SHARED_ONLY)]
+            for kind, result in measure(name, these, settings, workdir,
+                                        report["errors"], progress).items():
+                report["results"][kind][name] = result
+        for res in report["results"].values():
+            stalled, plain = res.get("stalled"), res.get("dev2net")
+            if stalled and plain and plain.get("mbps"):
+                stalled["fraction"] = stalled["mbps"] / plain["mbps"]
     finally:
         _kill_leftovers()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -866,9 +1059,9 @@ def _get(report, kind, *path):
     return value
 
 
-def _rss(report, kind):
-    values = [r.get("rss_kib") for r in report["results"].get(kind, {}).values()
-              if isinstance(r, dict) and r.get("rss_kib")]
+def _rss(report, kind, field="rss_kib"):
+    values = [r.get(field) for r in report["results"].get(kind, {}).values()
+              if isinstance(r, dict) and r.get(field)]
     return max(values) if values else None
 
 
@@ -883,9 +1076,11 @@ def _cpu_throughput(report, kind):
 
 
 def metric(report, kind, key):
-    if key == "rss_kib":
-        return _rss(report, kind)
+    if key in ("rss_kib", "rss_end_kib"):
+        return _rss(report, kind, key)
     if key == "rss_above_python_kib":
+        if kind != "sertcp":   # the only server that is a Python program
+            return None
         rss, bare = _rss(report, kind), (report.get("bare_python") or {}).get("rss_kib")
         return rss - bare if rss and bare else None
     if key == "cpu_s_per_mb":
@@ -907,7 +1102,8 @@ ROWS = [
     ("dev2net.cpu_s_per_mb", "CPU s/MB device->network", "%.4f", "low", None),
     ("net2dev.cpu_s_per_mb", "CPU s/MB network->device", "%.4f", "low", None),
     ("fanout.cpu_s_per_mb", "CPU s/MB fan-out (per dev MB)", "%.4f", "low", None),
-    ("rss_kib", "peak RSS MiB", "%.1f", "low", None),
+    ("rss_kib", "peak RSS (VmHWM) MiB", "%.1f", "low", None),
+    ("rss_end_kib", "RSS at end (VmRSS) MiB", "%.1f", "low", None),
     ("rss_above_python_kib", "RSS above bare python MiB", "%.1f", "low", None),
     ("startup.ms", "start-up ms", "%.0f", "low", None),
 ]
@@ -917,7 +1113,7 @@ def compare(report):
     ratios, targets = {}, {}
     for key, _label, _fmt, _better, target in ROWS:
         mine = metric(report, "sertcp", key)
-        for peer in ("socat", "ser2net"):
+        for peer in (() if key == "stalled.fraction" else ("socat", "ser2net")):
             theirs = metric(report, peer, key)
             if mine is not None and theirs:
                 ratios.setdefault(key, {})[peer] = mine / theirs
@@ -929,7 +1125,8 @@ def compare(report):
                 targets[key] = {"value": got, "target": "%s %s%s" % (op, value, "" if peer == "self" else "x " + peer),
                                 "ok": ok}
     startup = _get(report, "sertcp", "startup", "ms")
-    bare = (report.get("bare_python") or {}).get("pass_ms")
+    bare = (_get(report, "sertcp", "startup", "python_pass_ms")
+            or (report.get("bare_python") or {}).get("pass_ms"))
     if startup and bare:
         ratios["startup.ms"] = dict(ratios.get("startup.ms", {}), python_pass=startup / bare)
     return ratios, targets
@@ -939,7 +1136,8 @@ def format_table(report):
     kinds = [k for k in SERVERS if k in report["results"]]
     s = report["meta"]["settings"]
     lines = []
-    lines.append("sertcp bench: %.0f MiB x %d rounds, %d round trips, %d fan-out clients; python %s, %d CPUs, %.0f s"
+    lines.append("sertcp bench: %g MiB x up to %d rounds, %d round trips, %d fan-out clients;"
+                 " python %s, %d CPUs, %.0f s"
                  % (s["size"] / MiB, s["rounds"], s["echo_count"], s["fanout_clients"],
                     report["meta"]["python"], report["meta"]["cpus"] or 0,
                     report["meta"].get("seconds", 0)))
@@ -973,8 +1171,9 @@ def format_table(report):
         if t:
             line += "  %s: %s" % (t["target"], "ok" if t["ok"] else "MISS")
         elif key == "startup.ms" and "python_pass" in r:
-            bare = report["bare_python"]["pass_ms"]
-            line += "  python -c pass %.0f ms (%.2fx)" % (bare, r["python_pass"])
+            bare = (_get(report, "sertcp", "startup", "python_pass_ms")
+                    or report["bare_python"]["pass_ms"])
+            line += "  python3 -c pass %.0f ms (%.2fx)" % (bare, r["python_pass"])
         lines.append(line)
     bare = report.get("bare_python") or {}
     if bare.get("rss_kib"):
@@ -993,6 +1192,8 @@ def format_table(report):
                             st["stalled_client_bytes"]))
     if "ser2net" in kinds:
         lines.append("ser2net runs with its defaults (chardelay: waits >= 1 ms before sending device data)")
+    lines.append("MB/s: best round (servers' rounds interleaved; medians in --json);"
+                 " MB = 10^6 bytes; CPU in %d Hz clock ticks" % os.sysconf("SC_CLK_TCK"))
     lines.append("ratios are sertcp/peer: throughput higher is better; time, CPU, RSS lower is better")
     for name, err in sorted(report["errors"].items()):
         lines.append("ERROR %s: %s" % (name, err.splitlines()[0] if err else ""))
@@ -1006,8 +1207,8 @@ def parse_args(argv):
     p.add_argument("--only", metavar="NAME", action="append", default=[],
                    help="measurement (%s) and/or server (%s); comma separated, repeatable"
                         % (", ".join(MEASUREMENTS), ", ".join(SERVERS)))
-    p.add_argument("--size-mib", type=float, help="MiB per transfer round")
-    p.add_argument("--rounds", type=int, help="throughput rounds (median reported)")
+    p.add_argument("--size-mib", type=float, help="MiB per transfer round (and stalled-client run)")
+    p.add_argument("--rounds", type=int, help="throughput rounds per server (best reported)")
     p.add_argument("--echo-count", type=int, help="timed 1-byte round trips")
     args = p.parse_args(argv)
     servers, measurements = [], []
@@ -1030,7 +1231,7 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     settings = Settings.quick() if args.quick else Settings.full()
     if args.size_mib:
-        settings.size = max(1, int(args.size_mib * MiB))
+        settings.size = settings.stall_size = max(1, int(args.size_mib * MiB))
     if args.rounds:
         settings.rounds = args.rounds
     if args.echo_count:
@@ -1053,10 +1254,182 @@ def main(argv=None):
         if argv is None:
             signal.signal(signal.SIGTERM, previous)
     print(format_table(report))
+    if "sertcp" in args.servers and {"dev2net", "net2dev"} & set(args.measurements):
+        try:
+            report["rfc2217"] = rfc2217_throughput(settings, progress)
+            print(format_rfc2217(report["rfc2217"]))
+        except BenchError as e:
+            report["errors"]["sertcp.rfc2217"] = str(e)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2, sort_keys=True)
     return 1 if report["errors"] else 0
+
+
+# ---------------------------------------------------------------- rfc2217
+# (a separate measurement, added with protocol = rfc2217; it uses only the
+# helpers above and reports beside the main table)
+
+def rfc2217_payload(size, every=2):
+    """Data in which every `every`-th byte is 0xFF (which travels as IAC
+    IAC in rfc2217 mode) and the rest cycle through 0x01-0xFE; no 0x00,
+    the priming byte."""
+    block = bytearray()
+    for b in range(1, 255):
+        if len(block) % every == every - 1:
+            block.append(0xFF)
+        block.append(b)
+    reps = size // len(block) + 1
+    return bytes((bytes(block) * reps)[:size])
+
+
+def _rfc2217_session(protocol, workdir, deadline):
+    """sertcp on a fresh pty with `protocol`; a client that has agreed
+    BINARY both ways (rfc2217) and waits for nothing else."""
+    pty = Pty()
+    port = free_port()
+    log = open(os.path.join(workdir, "sertcp-%s-%d.log" % (protocol, port)), "wb")
+    proc = subprocess.Popen([sys.executable, str(SERTCP), pty.path, "--listen", "%s:%d" % (HOST, port),
+                             "--baudrate", "115200", "--protocol", protocol],
+                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                            preexec_fn=_die_with_parent)
+    log.close()
+    _LIVE.add(proc)
+    server = Server("sertcp", pty.path, port, 1, workdir)
+    server.proc = proc
+    client = connect(server, deadline)
+    if protocol == "rfc2217":
+        sock = client.sock
+        sock.setblocking(True)
+        sock.settimeout(max(0.1, deadline - time.monotonic()))
+        # DO/WILL BINARY and COM-PORT-OPTION, then a NOTIFY-MODEMSTATE
+        # question: its answer means sertcp has read all of ours
+        sock.sendall(bytes((255, 253, 0, 255, 251, 0, 255, 251, 44)))
+        sock.sendall(bytes((255, 250, 44, 7, 255, 240)))
+        seen = b""
+        while seen.count(bytes((255, 250, 44, 107))) < 2:   # the first notification, then the answer
+            chunk = sock.recv(4096)
+            if not chunk:
+                raise BenchError("sertcp closed the rfc2217 client; log:\n%s" % server.log_tail())
+            seen += chunk
+        sock.setblocking(False)
+    prime(pty, [client], deadline)
+    drain_until = time.monotonic() + 0.1   # priming bytes still on their way
+    while time.monotonic() < drain_until:
+        try:
+            client.sock.recv(CHUNK)
+        except BlockingIOError:
+            time.sleep(0.005)
+    return pty, server, client
+
+
+def _rfc2217_round(direction, protocol, payload, workdir, bound):
+    deadline = time.monotonic() + bound
+    pty, server, client = _rfc2217_session(protocol, workdir, deadline)
+    try:
+        wire = payload.replace(b"\xff", b"\xff\xff") if protocol == "rfc2217" else payload
+        cpu0 = server.cpu()
+        if direction == "dev2net":
+            view, off, got, crc = memoryview(payload), 0, 0, 0
+            poller = select.poll()
+            poller.register(client.fd, select.POLLIN)
+            poller.register(pty.master, select.POLLOUT)
+            start = time.monotonic()
+            while got < len(wire) and time.monotonic() < deadline:
+                for fd, _ in poller.poll(100):
+                    if fd == pty.master:
+                        try:
+                            off += os.write(pty.master, view[off:off + CHUNK])
+                        except BlockingIOError:
+                            continue
+                        if off >= len(payload):
+                            poller.unregister(pty.master)
+                    else:
+                        try:
+                            data = client.sock.recv(CHUNK)
+                        except BlockingIOError:
+                            continue
+                        if not data:
+                            raise BenchError("sertcp closed the client")
+                        got += len(data)
+                        crc = zlib.crc32(data, crc)
+            seconds = time.monotonic() - start
+            ok = got == len(wire) and crc == zlib.crc32(wire)
+        else:
+            view, off, got, crc = memoryview(wire), 0, 0, 0
+            poller = select.poll()
+            poller.register(client.fd, select.POLLOUT)
+            poller.register(pty.master, select.POLLIN)
+            start = time.monotonic()
+            while got < len(payload) and time.monotonic() < deadline:
+                for fd, _ in poller.poll(100):
+                    if fd == pty.master:
+                        try:
+                            data = os.read(pty.master, 65536)
+                        except BlockingIOError:
+                            continue
+                        got += len(data)
+                        crc = zlib.crc32(data, crc)
+                    else:
+                        try:
+                            off += client.sock.send(view[off:off + CHUNK])
+                        except BlockingIOError:
+                            continue
+                        if off >= len(wire):
+                            poller.unregister(client.fd)
+            seconds = time.monotonic() - start
+            ok = got == len(payload) and crc == zlib.crc32(payload)
+        cpu = server.cpu() - cpu0
+        return {"mbps": len(payload) / seconds / MB if ok else None, "cpu_s_per_mb": cpu / (len(payload) / MB),
+                "complete": ok}
+    finally:
+        client.close()
+        server.stop()
+        pty.close()
+
+
+def rfc2217_throughput(settings, progress):
+    """dev2net and net2dev through sertcp in raw and in rfc2217 mode, with
+    0xFF-rich payloads (half and a quarter of the bytes 0xFF) and a plain
+    one (1 in 64); payload MB/s
+    (best of the rounds), and rfc2217 as a fraction of raw."""
+    size = min(settings.size, 8 * MiB)
+    rounds = max(1, min(settings.rounds, 3))
+    out = {"size": size, "rounds": rounds, "results": {}}
+    workdir = tempfile.mkdtemp(prefix="sertcp-bench-rfc2217-")
+    try:
+        for every in (2, 4, 64):
+            payload = rfc2217_payload(size, every)
+            density = payload.count(b"\xff") / len(payload)
+            for direction in ("dev2net", "net2dev"):
+                best = {}
+                for _ in range(rounds):          # raw and rfc2217 rounds interleaved
+                    for protocol in ("raw", "rfc2217"):
+                        r = _rfc2217_round(direction, protocol, payload, workdir, max(10.0, settings.budget))
+                        if r["mbps"] is not None and r["mbps"] > best.get(protocol, {}).get("mbps", 0):
+                            best[protocol] = r
+                key = "%s %.3g%% 0xFF" % (direction, density * 100)
+                raw, telnet = best.get("raw"), best.get("rfc2217")
+                ratio = telnet["mbps"] / raw["mbps"] if raw and telnet else None
+                out["results"][key] = {"raw": raw, "rfc2217": telnet, "ratio": ratio}
+                progress("rfc2217: %s: raw %s, rfc2217 %s MB/s" % (
+                    key, "%.1f" % raw["mbps"] if raw else "-", "%.1f" % telnet["mbps"] if telnet else "-"))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return out
+
+
+def format_rfc2217(result):
+    lines = ["", "protocol = rfc2217 beside raw (payload MB/s, best of %d rounds of %g MiB; target: >= 0.80x raw)"
+             % (result["rounds"], result["size"] / MiB),
+             "%-22s%10s%10s%8s%16s" % ("transfer", "raw", "rfc2217", "ratio", "cpu s/MB r/t")]
+    for key, r in result["results"].items():
+        raw, telnet = r["raw"], r["rfc2217"]
+        lines.append("%-22s%10s%10s%8s%16s" % (
+            key, "%.1f" % raw["mbps"] if raw else "-", "%.1f" % telnet["mbps"] if telnet else "-",
+            "%.2fx" % r["ratio"] if r["ratio"] else "-",
+            "%.3f/%.3f" % (raw["cpu_s_per_mb"], telnet["cpu_s_per_mb"]) if raw and telnet else "-"))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,19 @@
 --check parses and validates without opening or binding anything, so these
 tests run sertcp to completion and read what it printed."""
 import configparser
+import contextlib
+import io
 import socket
+import subprocess
+import sys
 import textwrap
 
 import pytest
 
 from conftest import ROOT, run_sertcp
+
+sys.path.insert(0, str(ROOT))
+import sertcp as sertcp_module  # noqa: E402  (the module under test, not the fixture)
 
 # The key names SPEC.md fixes; the schema must hold exactly these.
 SPEC_PORT_KEYS = """
@@ -31,11 +38,22 @@ def write_ini(tmp_path, text, name="sertcp.ini"):
 
 
 def check(*args, ini=None):
-    """Run --check (with -c ini if given); returns the CompletedProcess."""
+    """Run --check (with -c ini if given) as its own process; returns the
+    CompletedProcess."""
     argv = ["--check"]
     if ini is not None:
         argv += ["-c", ini]
     return run_sertcp(argv + list(args))
+
+
+def quick_check(*args, ini=None):
+    """The same through sertcp.main() in this process: for the long tables
+    of values, where starting a process per case would dominate the run."""
+    argv = ["--check"] + (["-c", str(ini)] if ini is not None else []) + [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = sertcp_module.main(argv)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def effective(result):
@@ -190,7 +208,7 @@ def test_booleans_accept_yes_no_true_false_on_off_1_0(tmp_path, text, shown):
         pack_strip = %s
         pack_delimiter = \\n
     """ % (text, text))
-    port = effective(check(ini=ini))["a"]
+    port = effective(quick_check(ini=ini))["a"]
     assert port["nodelay"] == shown
     assert port["pack_strip"] == shown
 
@@ -206,7 +224,7 @@ def test_sizes_accept_plain_k_and_m(tmp_path, text, size):
         client_buffer = %s
         buffer = %s
     """ % (text, text))
-    port = effective(check(ini=ini))["a"]
+    port = effective(quick_check(ini=ini))["a"]
     assert int(port["client_buffer"]) == size
     assert int(port["buffer"]) == size
 
@@ -227,7 +245,7 @@ def test_byte_strings_take_c_escapes(tmp_path, text, shown):
         listen = 7001
         banner = %s
     """ % text)
-    assert effective(check(ini=ini))["a"]["banner"] == shown
+    assert effective(quick_check(ini=ini))["a"]["banner"] == shown
 
 
 def test_parity_letters_and_listen_forms(tmp_path):
@@ -368,7 +386,7 @@ def test_bad_value_names_file_line_and_key(tmp_path, key, value):
     lines.append("%s = %s" % (key, value))
     ini = tmp_path / "bad.ini"
     ini.write_text("\n".join(lines) + "\n")
-    stderr = errors_of(check(ini=ini))
+    stderr = errors_of(quick_check(ini=ini))
     assert "%s:%d: %s" % (ini, len(lines), key) in stderr
     if key != "listen":  # a bad listen also leaves the port without listen or connect
         assert "1 configuration error" in stderr
@@ -376,8 +394,7 @@ def test_bad_value_names_file_line_and_key(tmp_path, key, value):
 
 def test_bad_flag_value_names_the_flag():
     stderr = errors_of(check("--listen", "127.0.0.1:7000", "--max-clients", "many", "/dev/ttyUSB0"))
-    assert "--max-clients" in stderr
-    assert "max_clients" in stderr
+    assert "--max-clients: bad value 'many'" in stderr
 
 
 def test_unknown_flag_is_a_usage_error():

@@ -1,0 +1,353 @@
+"""Faults and limits: devices that vanish and come back, devices missing at
+start, clients that never read, read slowly, flood, or vanish, and local
+programs that close and reopen a virtual port.  The rest of the process
+keeps working through each of them."""
+import fcntl
+import os
+import random
+import re
+import socket
+import struct
+import termios
+import threading
+
+import pytest
+
+from conftest import free_port, wait_for
+
+CONNECTED = r"\[cli\] client \S+ connected"
+DISCONNECTED = r"\[cli\] client \S+ disconnected"
+OPENED = r"\[cli\] device \S+ opened"
+
+
+# --- helpers ---------------------------------------------------------------
+
+def log_count(s, pattern):
+    return len(re.findall(pattern, s.log()))
+
+
+def join(s, clients, port, **kw):
+    before = log_count(s, CONNECTED)
+    c = clients(port, **kw)
+    s.wait_log(CONNECTED, count=before + 1)
+    return c
+
+
+def repoint(link, target):
+    """Point the symlink at target in one step, as udev would."""
+    fresh = link.with_name(link.name + ".new")
+    if os.path.lexists(fresh):
+        os.unlink(fresh)
+    os.symlink(target, fresh)
+    os.replace(fresh, link)
+
+
+def payload(n, seed):
+    return random.Random(seed).randbytes(n)
+
+
+class Background(threading.Thread):
+    """Run fn(*args) in a thread; join() re-raises what it raised."""
+
+    def __init__(self, fn, *args):
+        super().__init__(daemon=True)
+        self.fn, self.args, self.error = fn, args, None
+        self.start()
+
+    def run(self):
+        try:
+            self.fn(*self.args)
+        except BaseException as e:  # handed to the test thread
+            self.error = e
+
+    def join(self, timeout=60.0):
+        super().join(timeout)
+        assert not self.is_alive(), "background %s still running" % self.fn
+        if self.error:
+            raise self.error
+
+
+class LazyClient:
+    """A client that does not read: a small receive buffer so that the
+    backlog piles up in sertcp quickly instead of in the kernel."""
+
+    def __init__(self, port):
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.sock.settimeout(10)
+        self.sock.connect(("127.0.0.1", port))
+        self.local = self.sock.getsockname()[1]
+
+    def drain(self, quiet=0.3):
+        out = bytearray()
+        self.sock.settimeout(quiet)
+        while True:
+            try:
+                chunk = self.sock.recv(1 << 20)
+            except socket.timeout:
+                return bytes(out)
+            if not chunk:
+                return bytes(out)
+            out += chunk
+
+    def closed_by_peer(self, timeout=10.0):
+        self.sock.settimeout(timeout)
+        try:
+            while self.sock.recv(1 << 20):
+                pass
+            return True
+        except socket.timeout:
+            return False
+        except OSError:
+            return True
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def lazy_clients():
+    made = []
+
+    def connect(port):
+        c = LazyClient(port)
+        made.append(c)
+        return c
+    yield connect
+    for c in made:
+        c.close()
+
+
+# --- the device goes away and comes back --------------------------------------
+
+def test_device_unplugged_and_plugged_back(sertcp, clients, pty_factory, tmp_path):
+    link = tmp_path / "ttyUSB0"
+    first = pty_factory()
+    link.symlink_to(first.path)
+    port = free_port()
+    s = sertcp("--listen", "127.0.0.1:%d" % port, "--reopen-interval", "0.2", link, wait_port=port)
+    s.wait_log(OPENED)
+    c = join(s, clients, port)
+    first.write(b"before")
+    assert c.recv(6) == b"before"
+    c.send(b"up")
+    assert first.read(2) == b"up"
+
+    first.close()  # unplugged
+    s.wait_log(r"\[cli\] device %s lost: .*; reopening every 0.2s" % re.escape(str(link)))
+    c.send(b"void")  # nowhere to go: dropped and said so, never kept for later
+    s.wait_log(r"\[cli\] dropped 4 bytes: device \S+ is not open")
+    assert c.recv_available(0.3) == b""  # nothing invented meanwhile
+
+    second = pty_factory()
+    repoint(link, second.path)  # plugged back
+    s.wait_log(OPENED, count=2)
+    assert second.read_available(0.3) == b""
+    second.write(b"after")
+    assert c.recv(5) == b"after"
+    c.send(b"again")
+    assert second.read(5) == b"again"
+    assert log_count(s, DISCONNECTED) == 0  # the same connection all along
+
+
+def test_device_unplugged_twice_and_clients_come_and_go_meanwhile(sertcp, clients, pty_factory, tmp_path):
+    link = tmp_path / "ttyACM0"
+    device = pty_factory()
+    link.symlink_to(device.path)
+    port = free_port()
+    s = sertcp("--listen", "127.0.0.1:%d" % port, "--reopen-interval", "0.2", link, wait_port=port)
+    s.wait_log(OPENED)
+    for round_ in (1, 2):
+        device.close()
+        s.wait_log(r"\[cli\] device \S+ lost", count=round_)
+        c = join(s, clients, port)  # the listener stays up while the device is gone
+        c.close()
+        s.wait_log(DISCONNECTED, count=round_)
+        device = pty_factory()
+        repoint(link, device.path)
+        s.wait_log(OPENED, count=round_ + 1)
+    c = join(s, clients, port)
+    device.write(b"still here")
+    assert c.recv(10) == b"still here"
+
+
+def test_device_missing_at_start_appears_later(sertcp, clients, pty_factory, tmp_path):
+    link = tmp_path / "ttyLATE"
+    port = free_port()
+    s = sertcp("--listen", "127.0.0.1:%d" % port, "--reopen-interval", "0.2", link, wait_port=port)
+    s.wait_log(r"\[cli\] device %s cannot be opened: " % re.escape(str(link)))
+    c = join(s, clients, port)  # clients are accepted while the device is missing
+    c.send(b"early")
+    s.wait_log(r"dropped 5 bytes: device \S+ is not open")
+    pty = pty_factory()
+    link.symlink_to(pty.path)
+    s.wait_log(OPENED)
+    assert pty.read_available(0.3) == b""
+    pty.write(b"hello")
+    assert c.recv(5) == b"hello"
+    c.send(b"world")
+    assert pty.read(5) == b"world"
+
+
+def test_one_missing_device_does_not_stop_another_port(sertcp, clients, pty, tmp_path):
+    good, bad = free_port(), free_port()
+    s = sertcp(config="""
+[good]
+device = %s
+listen = 127.0.0.1:%d
+[bad]
+device = %s
+listen = 127.0.0.1:%d
+reopen_interval = 0.2
+""" % (pty.path, good, tmp_path / "absent", bad))
+    s.wait_log(r"\[good\] device \S+ opened")
+    s.wait_log(r"\[bad\] device \S+ cannot be opened")
+    c = clients(good)
+    s.wait_log(r"\[good\] client \S+ connected")
+    pty.write(b"fine")
+    assert c.recv(4) == b"fine"
+
+
+# --- clients that do not keep up --------------------------------------------------
+
+EIGHT_MB = 8 << 20
+
+
+def test_client_that_never_reads_is_disconnected_while_another_gets_everything(
+        sertcp, pty, clients, lazy_clients):
+    port = free_port()
+    s = sertcp("--listen", "127.0.0.1:%d" % port, "--max-clients", "2", "--client-buffer", "64k",
+               pty.path, wait_port=port)
+    s.wait_log(OPENED)
+    lazy = lazy_clients(port)
+    s.wait_log(CONNECTED)
+    reader = join(s, clients, port)
+    data = payload(EIGHT_MB, seed=10)
+    writer = Background(pty.write, data)
+    assert reader.recv(EIGHT_MB, timeout=60) == data
+    writer.join()
+    s.wait_log(r"\[cli\] client 127.0.0.1:%d disconnected: slow client: client_buffer" % lazy.local)
+    assert lazy.closed_by_peer(5)
+    assert reader.recv_available(0.2) == b""
+
+
+def test_slow_client_drop_keeps_it_connected_and_drops_only_its_data(
+        sertcp, pty, clients, lazy_clients):
+    port = free_port()
+    s = sertcp("--listen", "127.0.0.1:%d" % port, "--max-clients", "2", "--client-buffer", "64k",
+               "--slow-client", "drop", pty.path, wait_port=port)
+    s.wait_log(OPENED)
+    lazy = lazy_clients(port)
+    s.wait_log(CONNECTED)
+    reader = join(s, clients, port)
+    data = payload(EIGHT_MB, seed=11)
+    writer = Background(pty.write, data)
+    assert reader.recv(EIGHT_MB, timeout=60) == data
+    writer.join()
+    s.wait_log(r"\[cli\] dropped \d+ bytes: client 127.0.0.1:%d is not reading" % lazy.local)
+    got = lazy.drain()
+    assert 0 < len(got) < EIGHT_MB
+    assert got[:4096] == data[:4096]
+    assert log_count(s, DISCONNECTED) == 0
+    pty.write(b"END")  # its queue has room again: it is served as before
+    assert reader.recv(3) == b"END"
+    assert lazy.drain() == b"END"
+
+
+def test_a_lone_slow_reader_pauses_the_device_and_loses_nothing(sertcp, pty, clients):
+    port = free_port()
+    s = sertcp("--listen", "127.0.0.1:%d" % port, "--client-buffer", "64k", pty.path, wait_port=port)
+    s.wait_log(OPENED)
+    c = join(s, clients, port)
+    data = payload(4 << 20, seed=12)
+    writer = Background(pty.write, data)
+    # not reading at first: the device must be paused, not the client dropped
+    wait_for(lambda: not writer.is_alive() or pty_backlog(pty) > 0, 5, message="device backlog")
+    got = bytearray()
+    while len(got) < len(data):
+        chunk = c.recv(min(16384, len(data) - len(got)), timeout=30)
+        got += chunk
+    writer.join()
+    assert bytes(got) == data
+    assert log_count(s, DISCONNECTED) == 0
+
+
+def pty_backlog(pty):
+    """Bytes written to the device that sertcp has not read yet."""
+    return struct.unpack("i", fcntl.ioctl(pty.slave, termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
+def unread_on_master(pty):
+    """Bytes sertcp wrote to the device that the test has not read yet."""
+    return struct.unpack("i", fcntl.ioctl(pty.master, termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
+def test_client_flood_waits_for_a_device_that_is_not_read(sertcp, pty, clients):
+    port = free_port()
+    s = sertcp("--listen", "127.0.0.1:%d" % port, pty.path, wait_port=port)
+    s.wait_log(OPENED)
+    c = join(s, clients, port)
+    data = payload(4 << 20, seed=13)
+    sender = Background(c.send, data)
+    # nobody reads the device until its buffer is full; sertcp must hold
+    # the rest back (and the sender with it), not drop it
+    wait_for(lambda: unread_on_master(pty) >= 4000, 5, message="the device's buffer to fill")
+    assert pty.read(len(data), timeout=30) == data
+    sender.join()
+    assert "dropped" not in s.log()
+
+
+def test_a_client_that_resets_leaves_the_others_alone(sertcp, pty, clients):
+    port = free_port()
+    s = sertcp("--listen", "127.0.0.1:%d" % port, "--max-clients", "2", pty.path, wait_port=port)
+    s.wait_log(OPENED)
+    gone = join(s, clients, port)
+    stays = join(s, clients, port)
+    data = payload(1 << 20, seed=14)
+    writer = Background(pty.write, data)
+    assert stays.recv(4096) == data[:4096]
+    gone.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    gone.close()  # an RST, mid-stream
+    assert stays.recv(len(data) - 4096, timeout=30) == data[4096:]
+    writer.join()
+    s.wait_log(DISCONNECTED)
+    stays.send(b"alive")
+    assert pty.read(5) == b"alive"
+
+
+def test_a_burst_of_rejected_connections_leaves_the_port_working(sertcp, pty, clients):
+    port = free_port()
+    s = sertcp("--listen", "127.0.0.1:%d" % port, pty.path, wait_port=port)
+    s.wait_log(OPENED)
+    kept = join(s, clients, port)
+    for _ in range(30):
+        extra = socket.create_connection(("127.0.0.1", port), timeout=5)
+        extra.close()
+    s.wait_log(r"rejected", count=1)
+    pty.write(b"ok")
+    assert kept.recv(2) == b"ok"
+    kept.send(b"ok")
+    assert pty.read(2) == b"ok"
+
+
+# --- the local program behind a virtual port ------------------------------------
+
+def test_virtual_port_closed_and_reopened_by_the_local_program(sertcp, clients, tmp_path):
+    import serial
+    path = tmp_path / "ttyV0"
+    port = free_port()
+    s = sertcp("--listen", "127.0.0.1:%d" % port, "--virtual", path, wait_port=port)
+    s.wait_log(OPENED)
+    c = join(s, clients, port)
+    for round_ in (1, 2):
+        program = serial.Serial(str(path), timeout=5)
+        try:
+            s.wait_log(r"virtual port \S+ opened by a local program", count=round_)
+            program.write(b"round %d" % round_)
+            assert c.recv(7) == b"round %d" % round_
+            c.send(b"reply")
+            assert program.read(5) == b"reply"
+        finally:
+            program.close()
+        s.wait_log(r"virtual port \S+ closed by a local program", count=round_)
+    assert log_count(s, DISCONNECTED) == 0
