@@ -40,6 +40,7 @@ __version__ = "0.1.0"
 
 PROGRAM = "sertcp"
 READ_CHUNK = 65536             # bytes asked of a device or socket per read
+BURST_READ = 1024              # a device read this large means more is waiting
 DEVICE_HIGH_WATER = 65536      # queued for a device: stop reading clients
 CLIENT_HIGH_WATER = 65536      # queued for every recipient: pause the device
 MAX_PACKET = 65536             # a packer never holds more than this
@@ -1906,6 +1907,22 @@ class FdDevice(Device):
         if not data:
             self._lost("hung up")
             return
+        if len(data) >= BURST_READ:
+            # A tty hands out about 4 KiB a read: during a burst, gather what
+            # is already there so that clients get one send, not sixteen.
+            chunks = [data]
+            total = len(data)
+            while total < READ_CHUNK:
+                try:
+                    more = os.read(self.fd, READ_CHUNK - total)
+                except OSError:
+                    break  # EAGAIN, or a failure the next wake-up reports
+                if not more:
+                    break
+                chunks.append(more)
+                total += len(more)
+            if len(chunks) > 1:
+                data = b"".join(chunks)
         self.port.on_device_data(data)
 
     def on_writable(self):
