@@ -1912,9 +1912,12 @@ class FdDevice(Device):
             # is already there so that clients get one send, not sixteen.
             chunks = [data]
             total = len(data)
-            while total < READ_CHUNK:
+            # at most a quarter of client_buffer, so one delivery can never
+            # overflow a client that is only a little behind
+            limit = max(BURST_READ, min(READ_CHUNK, self.config.client_buffer // 4))
+            while total < limit:
                 try:
-                    more = os.read(self.fd, READ_CHUNK - total)
+                    more = os.read(self.fd, limit - total)
                 except OSError:
                     break  # EAGAIN, or a failure the next wake-up reports
                 if not more:
