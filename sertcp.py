@@ -10,14 +10,17 @@ The file reads top to bottom; each section uses only the ones above it:
     1. constants
     2. config       - the schema (every key once), INI and flag parsing,
                       validation, --check output, the example file
-    3. cores        - sans-I/O: packer, client-selection policies
+    3. cores        - sans-I/O: Telnet codec (RFC 854/855/1143), RFC 2217
+                      encoders and per-connection state, packer,
+                      client-selection policies, identity matcher
                       (bytes, times and settings in; bytes, events and
                       deadlines out; no sockets, no clocks)
     4. reactor      - one selector loop with a timer heap
     5. endpoints    - serial devices (fd, URL via a helper thread, virtual
                       pty), client connections, listeners
     6. port         - one serial port and its network side: admission,
-                      policies, buffering, packing, reopening
+                      policies, buffering, packing, reopening; the RFC 2217
+                      bridge (server or client role) of an rfc2217 port
     7. status       - /status and /metrics, traces, reload (SIGHUP)
     8. main         - command line, logging, service files, signals
 """
@@ -1675,6 +1678,18 @@ class Device:
     # -- what every kind of device shares --
 
     def write(self, data):
+        if not self.tx and not self.tx_pause and self.is_open:
+            # the common case: nothing queued, so try the device at once
+            try:
+                n = self._write_some(data)
+            except OSError as e:
+                self._lost("write failed: %s" % describe_error(e))
+                return
+            if n:
+                self.port.counters["bytes_to_device"] += n
+                if n == len(data):
+                    return
+                data = data[n:]
         self.tx.append(data)
         self.tx_bytes += len(data)
         self._flush()
@@ -1697,7 +1712,7 @@ class Device:
                 self._want_write(True)
                 return
             self.tx_bytes -= n
-            self.port.counted_to_device(chunk[:n])
+            self.port.counters["bytes_to_device"] += n
             if n < len(chunk):
                 self.tx[0] = chunk[n:]
                 self._want_write(True)
@@ -3981,9 +3996,6 @@ class Port:
             for c in self.clients:
                 c.pause_reading(True)
 
-    def counted_to_device(self, chunk):
-        self.counters["bytes_to_device"] += len(chunk)
-
     def on_device_drained(self):
         if self.clients_paused:
             self.clients_paused = False
@@ -4202,8 +4214,9 @@ def port_status(port):
         "device": c.device if c.device is not None else c.virtual,
         "virtual": c.virtual is not None,
         "open": bool(port.device.is_open),
-        "settings": {"baudrate": c.baudrate, "bytesize": c.bytesize, "parity": c.parity,
-                     "stopbits": c.stopbits, "flow": c.flow},
+        "settings": (dict(port.rfc2217.in_force) if port.rfc2217 and port.rfc2217.role == "server" else  # as clients set them
+                     {"baudrate": c.baudrate, "bytesize": c.bytesize, "parity": c.parity,
+                      "stopbits": c.stopbits, "flow": c.flow}),
         "listen": show_hostport(c.listen) if c.listen else None,
         "connect": [show_hostport(p) for p in c.connect] if c.connect else None,
         "dial_state": port.dial_state,
