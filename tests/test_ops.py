@@ -381,3 +381,12 @@ def test_unknown_user_is_a_fatal_error(tmp_path, pty):
     assert s.proc.wait(10) == 1
     assert "no such user" in s.log()
     s.stop()
+
+
+def test_sertcp_stays_valid_for_python_3_8():
+    """OpenWrt and older Raspberry Pi OS ship Python 3.8: no newer syntax
+    or library calls in the one file users copy."""
+    vermin = pytest.importorskip("vermin")
+    r = subprocess.run([sys.executable, "-m", "vermin", "--target=3.8-", "--violations", "--no-tips", str(SERTCP)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
