@@ -425,6 +425,15 @@ class Setting:
         self.value, self.where = value, where
 
 
+class IniSections(dict):
+    """{section: {key: Setting}} that also knows where each header stood,
+    so that a missing key can be blamed on its section's line."""
+
+    def __init__(self):
+        super().__init__()
+        self.headers = {}
+
+
 def read_ini(path):
     """Parse an INI file into {section: {key: Setting}} keeping line numbers.
 
@@ -439,7 +448,7 @@ def read_ini(path):
         raise ConfigError(path, None, "cannot read: %s" % e.strerror)
     except UnicodeDecodeError:
         raise ConfigError(path, None, "not UTF-8 text")
-    sections = {}
+    sections = IniSections()
     errors = []
     current = None
     last = None
@@ -460,6 +469,7 @@ def read_ini(path):
             if name in sections:
                 errors.append(ConfigError(where, None, "section [%s] appears twice" % name))
             current = sections.setdefault(name, {})
+            sections.headers.setdefault(name, where)
             last = None
             continue
         sep = min([i for i in (stripped.find("="), stripped.find(":")) if i > 0] or [-1])
@@ -653,7 +663,7 @@ def build_config(config_path, port_flags, global_flags, device):
     """Merge file, flags and DEVICE into a validated Config, or raise a
     list of every ConfigError found."""
     errors = []
-    sections = {}
+    sections = IniSections()
     if config_path is not None:
         try:
             sections, read_errors = read_ini(config_path)
@@ -692,6 +702,8 @@ def build_config(config_path, port_flags, global_flags, device):
         merged = dict(default_settings)
         merged.update(settings)
         label = "[%s]" % name
+        for key in sorted(set(settings) & set(GLOBAL_SCHEMA)):
+            errors.append(ConfigError(settings[key].where, key, "is a global key; put it in [global]"))
         values = _parse_settings(PORT_SCHEMA, {k: s for k, s in merged.items() if k not in GLOBAL_SCHEMA}, label, errors)
         port = PortConfig(name, values)
         if values["password"] is not None:
@@ -711,9 +723,13 @@ def build_config(config_path, port_flags, global_flags, device):
         ports.append(port)
         wheres[name] = merged
 
-        def where_of(key, merged=merged, label=label):
+        header = sections.headers.get(name)
+
+        def where_of(key, merged=merged, label=label, header=header):
             s = merged.get(key)
-            return s.where if s is not None else (config_path or "command line") + " " + label
+            if s is not None:
+                return s.where
+            return header or (config_path or "command line") + " " + label
         _validate_port(port, where_of, errors)
 
     _validate_ports(ports, lambda port, key: (wheres[port.name][key].where if key in wheres[port.name]

@@ -149,6 +149,17 @@ def test_file_ports_plus_the_command_line_port_cli(tmp_path):
     assert config["cli"]["baudrate"] == "57600"
 
 
+def test_a_file_section_named_cli_clashes_with_the_command_line_port(tmp_path):
+    ini = write_ini(tmp_path, """
+        [cli]
+        device = /dev/ttyUSB0
+        listen = 7001
+    """)
+    stderr = errors_of(check("--listen", "7002", "/dev/ttyUSB1", ini=ini))
+    assert str(ini) in stderr and "[cli]" in stderr
+    assert effective(check(ini=ini))["cli"]["device"] == "/dev/ttyUSB0"  # alone it is fine
+
+
 def test_global_flags_override_the_file(tmp_path):
     ini = write_ini(tmp_path, """
         [global]
@@ -307,9 +318,6 @@ def test_unknown_key_in_global_names_file_line_and_key(tmp_path):
     assert "%s:2: loglevel" % ini in errors_of(check(ini=ini))
 
 
-@pytest.mark.xfail(reason="sertcp.py build_config drops global keys found in a port section "
-                          "(the filter `k not in GLOBAL_SCHEMA`) instead of reporting them",
-                   strict=True)
 def test_global_key_in_a_port_section_is_an_error(tmp_path):
     ini = write_ini(tmp_path, """
         [a]
@@ -449,9 +457,6 @@ def test_neither_listen_nor_connect_is_an_error(tmp_path):
     assert "listen" in errors_of(check("/dev/ttyUSB0"))
 
 
-@pytest.mark.xfail(reason="sertcp.py build_config/read_ini: an error about a key that is absent "
-                          "(device/virtual, listen/connect) names the section but not the line "
-                          "of its [header]", strict=True)
 def test_missing_key_error_names_the_section_line(tmp_path):
     ini = write_ini(tmp_path, """
         [a]

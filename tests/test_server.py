@@ -472,6 +472,24 @@ def test_listen_on_ipv6_loopback(sertcp, pty, clients):
     assert pty.read(4) == b"back"
 
 
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback")
+def test_a_bare_port_listens_on_ipv4_and_ipv6(sertcp, pty, clients):
+    with socket.socket(socket.AF_INET6) as probe:  # a port free on every address
+        probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        probe.bind(("::", 0))
+        port = probe.getsockname()[1]
+    s = sertcp("--listen", str(port), "--max-clients", "2", pty.path)
+    s.wait_log(r"\[cli\] listening on .*:%d" % port)
+    s.wait_log(r"\[cli\] device \S+ opened")
+    v4 = clients(port)
+    s.wait_log(CONNECTED)
+    v6 = clients(port, host="::1")
+    s.wait_log(CONNECTED, count=2)
+    pty.write(b"both")
+    assert v4.recv(4) == b"both"
+    assert v6.recv(4) == b"both"
+
+
 # --- DTR / RTS ------------------------------------------------------------------
 
 def test_dtr_and_rts_follow_clients_on_a_loop_device(sertcp, clients):
