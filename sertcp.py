@@ -1850,7 +1850,54 @@ class Device:
             return 0
 
 
-class FdDevice(Device):
+class PyserialDevice(Device):
+    """What the devices pyserial opens share: the configured settings and
+    line states applied before opening, and the modem lines."""
+
+    serial = None
+
+    def _open_serial(self, ser):
+        import serial
+        c = self.config
+        ser.baudrate = c.baudrate
+        ser.bytesize = c.bytesize
+        ser.parity = PARITY_TO_PYSERIAL[c.parity]
+        ser.stopbits = STOPBITS_TO_PYSERIAL[c.stopbits]
+        ser.xonxoff = c.flow == "xonxoff"
+        ser.rtscts = c.flow == "rtscts"
+        ser.dsrdtr = c.flow == "dsrdtr"
+        dtr, rts = self.port.wanted_lines()
+        if dtr is not None:
+            ser.dtr = dtr
+        if rts is not None:
+            ser.rts = rts
+        try:
+            ser.open()
+        except (serial.SerialException, OSError, ValueError) as e:
+            raise OSError(getattr(e, "errno", None) or errno.EIO, describe_error(e))
+        self.serial = ser
+
+    def set_lines(self, dtr, rts):
+        if self.serial is None:
+            return ""
+        try:
+            if dtr is not None:
+                self.serial.dtr = dtr
+            if rts is not None:
+                self.serial.rts = rts
+        except Exception as e:  # ptys refuse modem ioctls (ENOTTY/EINVAL)
+            return "cannot set lines: %s" % describe_error(e)
+        return ""
+
+    def modem_status(self):
+        try:
+            s = self.serial
+            return {"CTS": s.cts, "DSR": s.dsr, "RI": s.ri, "CD": s.cd}
+        except Exception:
+            return {}
+
+
+class FdDevice(PyserialDevice):
     """A tty path opened with pyserial, then read and written through its
     file descriptor by the selector loop (no thread, no polling)."""
 
@@ -1871,24 +1918,9 @@ class FdDevice(Device):
         c = self.config
         ser = serial.Serial()
         ser.port = c.device
-        ser.baudrate = c.baudrate
-        ser.bytesize = c.bytesize
-        ser.parity = PARITY_TO_PYSERIAL[c.parity]
-        ser.stopbits = STOPBITS_TO_PYSERIAL[c.stopbits]
-        ser.xonxoff = c.flow == "xonxoff"
-        ser.rtscts = c.flow == "rtscts"
-        ser.dsrdtr = c.flow == "dsrdtr"
         ser.exclusive = c.exclusive
         ser.timeout = 0
-        dtr, rts = self.port.wanted_lines()
-        if dtr is not None:
-            ser.dtr = dtr
-        if rts is not None:
-            ser.rts = rts
-        try:
-            ser.open()
-        except (serial.SerialException, OSError, ValueError) as e:
-            raise OSError(getattr(e, "errno", None) or errno.EIO, describe_error(e))
+        self._open_serial(ser)
         if c.exclusive:
             try:
                 import fcntl
@@ -1896,7 +1928,6 @@ class FdDevice(Device):
                 fcntl.ioctl(ser.fd, termios.TIOCEXCL)
             except (OSError, AttributeError):
                 pass  # not a tty that supports it; flock still holds
-        self.serial = ser
         self.fd = ser.fd
         self.is_open = True
         self._update_interest()
@@ -1968,27 +1999,9 @@ class FdDevice(Device):
         except BlockingIOError:
             return 0
 
-    def set_lines(self, dtr, rts):
-        if self.serial is None:
-            return ""
-        try:
-            if dtr is not None:
-                self.serial.dtr = dtr
-            if rts is not None:
-                self.serial.rts = rts
-        except (OSError, Exception) as e:  # ptys refuse modem ioctls (ENOTTY/EINVAL)
-            return "cannot set lines: %s" % describe_error(e)
-        return ""
-
-    def modem_status(self):
-        try:
-            s = self.serial
-            return {"CTS": s.cts, "DSR": s.dsr, "RI": s.ri, "CD": s.cd}
-        except Exception:
-            return {}
 
 
-class UrlDevice(Device):
+class UrlDevice(PyserialDevice):
     """A pyserial URL (loop://, socket://, rfc2217://, ...) that has no file
     descriptor to select on: a reader thread and a writer thread do the
     blocking calls and hand results to the loop.  They never touch the
@@ -2010,24 +2023,8 @@ class UrlDevice(Device):
         import queue
         c = self.config
         ser = serial.serial_for_url(c.device, do_not_open=True)
-        ser.baudrate = c.baudrate
-        ser.bytesize = c.bytesize
-        ser.parity = PARITY_TO_PYSERIAL[c.parity]
-        ser.stopbits = STOPBITS_TO_PYSERIAL[c.stopbits]
-        ser.xonxoff = c.flow == "xonxoff"
-        ser.rtscts = c.flow == "rtscts"
-        ser.dsrdtr = c.flow == "dsrdtr"
         ser.timeout = 0.05
-        dtr, rts = self.port.wanted_lines()
-        if dtr is not None:
-            ser.dtr = dtr
-        if rts is not None:
-            ser.rts = rts
-        try:
-            ser.open()
-        except (serial.SerialException, OSError, ValueError) as e:
-            raise OSError(getattr(e, "errno", None) or errno.EIO, describe_error(e))
-        self.serial = ser
+        self._open_serial(ser)
         self.generation += 1
         self.outbox = queue.Queue()
         self.in_flight = 0
@@ -2100,25 +2097,6 @@ class UrlDevice(Device):
         self.in_flight += len(data)
         self.outbox.put(data)
         return len(data)
-
-    def set_lines(self, dtr, rts):
-        if self.serial is None:
-            return ""
-        try:
-            if dtr is not None:
-                self.serial.dtr = dtr
-            if rts is not None:
-                self.serial.rts = rts
-        except Exception as e:
-            return "cannot set lines: %s" % describe_error(e)
-        return ""
-
-    def modem_status(self):
-        try:
-            s = self.serial
-            return {"CTS": s.cts, "DSR": s.dsr, "RI": s.ri, "CD": s.cd}
-        except Exception:
-            return {}
 
 
 def _termios_speeds():
