@@ -556,6 +556,17 @@ def _validate_port(port, where_of, errors):
                 err(key, "applies only to virtual ports")
     if v["password"] is not None and v["password_file"] is not None:
         err("password_file", "set password or password_file, not both")
+    for key in ("tls_cert", "tls_key", "tls_ca", "password_file"):
+        if v[key] is not None and key != "password_file":
+            try:
+                with open(v[key], "rb") as f:
+                    head = f.read(65536)
+            except OSError as e:
+                err(key, "cannot read %s: %s" % (v[key], e.strerror))
+                continue
+            wanted = b"PRIVATE KEY-----" if key == "tls_key" else b"-----BEGIN CERTIFICATE-----"
+            if wanted not in head:
+                err(key, "%s is not a PEM %s" % (v[key], "private key" if key == "tls_key" else "certificate"))
     if (v["tls_cert"] is None) != (v["tls_key"] is None):
         err("tls_key" if v["tls_key"] is None else "tls_cert", "tls_cert and tls_key go together")
     if v["tls_cert"] is not None and v["listen"] is None:
@@ -830,8 +841,8 @@ class Packer:
             if cut is None:
                 break
             packets.append(self._take(cut))
-        if self.pending and len(self.pending) >= self.limit:
-            packets.append(self._take((len(self.pending), len(self.pending), 0)))
+        while len(self.pending) >= self.limit:
+            packets.append(self._take((self.limit, self.limit, 0)))
         return packets
 
     def _find_cut(self):
@@ -2436,9 +2447,9 @@ class Connection:
         self.reading = not paused
         self.reactor.set_interest(self, self.reading, bool(self.out) and not self.suspended)
 
-    def send_data(self, data):
+    def send_data(self, data, bounded=True):
         """Send payload: framed by Telnet (IAC doubled) on rfc2217 ports."""
-        return self.send(self.telnet.escape(data) if self.telnet is not None else data)
+        return self.send(self.telnet.escape(data) if self.telnet is not None else data, bounded)
 
     def suspend(self, suspended):
         """RFC 2217 flow control: hold (or release) what is sent to the
@@ -2448,12 +2459,14 @@ class Connection:
         self.suspended = suspended
         self.reactor.set_interest(self, self.reading, bool(self.out) and not suspended)
 
-    def send(self, data):
-        """Queue data for this client; False if the client was dropped."""
+    def send(self, data, bounded=True):
+        """Queue data for this client; False if the client was dropped.
+        bounded=False is for what the port held for this very client (the
+        `buffer`, which may be larger than client_buffer)."""
         if self.closed:
             return False
         if self.out or self.suspended:
-            if len(self.out) + len(data) > self.limit:
+            if bounded and len(self.out) + len(data) > self.limit:
                 return self._overflow(data)
             self.out += data
             return True
@@ -2469,7 +2482,7 @@ class Connection:
             self.last_io = self.reactor.now()  # timeout counts data in either direction
         if n < len(data):
             rest = data[n:]
-            if len(rest) > self.limit:
+            if bounded and len(rest) > self.limit:
                 return self._overflow(rest)
             self.out += rest
             self.reactor.set_interest(self, self.reading, True)
@@ -2625,6 +2638,10 @@ def tune_socket(sock, config):
         return
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1 if config.nodelay else 0)
+        # The kernel would let a non-reader's send buffer grow to megabytes
+        # (tcp_wmem autotuning) before client_buffer even starts to fill:
+        # cap it so that a stalled client costs about client_buffer.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, max(65536, min(config.client_buffer, 1 << 20)))
         idle, interval, count = config.keepalive
         if idle:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -3944,7 +3961,7 @@ class Port:
         if len(self.held):
             data = self.held.take()
             self.log.info("[%s] delivering %d buffered bytes to %s", self.name, len(data), format_peer(peer))
-            conn.send_data(data)
+            conn.send_data(data, bounded=False)
         if c.timeout:
             conn.idle_timer = self.reactor.call_at(now + c.timeout, lambda: self._idle_check(conn))
         if self.clients_paused:

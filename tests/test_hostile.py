@@ -105,6 +105,27 @@ class DeviceSink:
         self.thread.join(5)
 
 
+class Discard(threading.Thread):
+    """Reads and throws away what a socket receives until it closes, so
+    that an attacker that sends to the device is not also a slow client
+    of the device's stream (which sertcp would rightly drop)."""
+
+    def __init__(self, sock):
+        super().__init__(daemon=True)
+        self.sock = sock
+        self.start()
+
+    def run(self):
+        while True:
+            try:
+                if not self.sock.recv(65536):
+                    return
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+
+
 def rss_mib(pid, field="VmRSS"):
     with open("/proc/%d/status" % pid) as f:
         for line in f:
@@ -274,6 +295,9 @@ def test_half_open_connections_left_idle(sertcp, pty, clients):
         alive(s)
         memory.check()
         attack.check_log(at_least=1)
+        # 2 MiB is far more than client_buffer and a socket's send buffer:
+        # every idle client was dropped as a slow client
+        assert all_closed_by_peer(idle, timeout=5), "idle clients were kept past client_buffer"
     finally:
         close_all(idle)
     bystander.send(b"still here")
@@ -392,9 +416,45 @@ def test_client_that_never_reads_while_the_device_streams(sertcp, pty, clients):
         sleeper.close()
 
 
-@pytest.mark.xfail(strict=True, reason="sertcp bug: the kernel send buffer of a client socket is left to "
-                   "autotune (tcp_wmem max, ~4 MiB), so a non-reader holds megabytes before client_buffer "
-                   "even starts to fill")
+def test_a_client_flooding_a_device_that_does_not_drain(sertcp, pty, clients):
+    """16 MiB towards a device nobody reads: sertcp stops reading that
+    client instead of queueing, the bystander's stream from the device goes
+    on, and once the device drains every byte arrives in order."""
+    s, port = serve(sertcp, pty, "--max-clients", "2", "--send-to", "first")  # the flooder never reads: only the bystander hears the device
+    bystander = clients(port)
+    admitted(s)
+    memory = RssWatch(s.proc)
+    attack = Attack(s, "127.0.0.17")
+    flooder = connect(port, attack.source)
+    Discard(flooder)
+    flood = junk(16 << 20, 7)
+    progress = [0]
+
+    def pour():
+        view = memoryview(flood)
+        while progress[0] < len(flood):
+            progress[0] += flooder.send(view[progress[0]:progress[0] + 65536])
+    pourer = Background(pour)
+    stream = Bystander(bystander, pty)
+    stream.check()
+
+    def stalled():
+        before = progress[0]
+        time.sleep(0.3)   # "no progress for 0.3 s" is the condition
+        return progress[0] == before and progress[0] < len(flood)
+    wait_for(stalled, 10, interval=0, message="the flooder to be held back")
+    held_at = progress[0]
+    alive(s)
+    memory.check()
+    sink = DeviceSink(pty)
+    assert sink.wait(len(flood), timeout=60) == flood
+    sink.stop()
+    pourer.result()
+    print("flooder held back after %.1f MiB of 16 MiB" % (held_at / 1048576.0))
+    attack.check_log(at_least=1)
+    flooder.close()
+
+
 def test_a_non_reader_is_dropped_soon_after_client_buffer_fills(sertcp, pty, clients):
     """client_buffer is what a stalled client may cost: it is dropped once
     about that much is waiting for it, not after megabytes more sit in the
@@ -435,7 +495,7 @@ MALFORMED = [
 
 
 def test_malformed_bytes_on_a_raw_port_are_just_data(sertcp, pty, clients):
-    s, port = serve(sertcp, pty, "--max-clients", "2")
+    s, port = serve(sertcp, pty, "--max-clients", "2", "--send-to", "first")  # the attacker never reads: only the bystander hears the device
     bystander = clients(port)
     admitted(s)
     memory = RssWatch(s.proc)
@@ -443,6 +503,7 @@ def test_malformed_bytes_on_a_raw_port_are_just_data(sertcp, pty, clients):
     stream = Bystander(bystander, pty)
     attack = Attack(s, "127.0.0.11")
     sock = connect(port, attack.source)
+    Discard(sock)
     sent = b"".join(MALFORMED) + junk(1 << 20, 1)
     Background(sock.sendall, sent).result()
     assert sink.wait(len(sent)) == sent      # raw means raw: every byte reaches the device

@@ -16,7 +16,7 @@ import warnings
 import pytest
 
 from certs import TlsClient, TlsServer, certs, recv_exactly, refused_in_tls  # noqa: F401 (fixture)
-from conftest import Client, free_port, run_sertcp, wait_for
+from conftest import free_port, run_sertcp
 
 EVERY_BYTE = bytes(range(256))
 SECRET = "Sw0rdf1sh-7f3a"          # distinctive, so that a leak is easy to find
@@ -325,10 +325,13 @@ def test_wrong_password_is_closed_after_a_pause(sertcp, pty, clients):
     assert closed and 0.5 <= took <= 4, took
     refused(s, "wrong password")
     assert pty.read_available(0.1) == b""
-    for near_miss in (SECRET[:-1], SECRET + "x", SECRET.upper(), " " + SECRET, ""):
-        c = clients(port)
+    # near misses, at once and each from its own address (five from one would block it)
+    near_misses = [SECRET[:-1], SECRET + "x", SECRET.upper(), " " + SECRET, ""]
+    tries = [clients(port, source="127.0.0.%d" % (20 + i)) for i in range(len(near_misses))]
+    for c, near_miss in zip(tries, near_misses):
         c.send(near_miss.encode() + b"\n")
-        assert c.closed_by_peer(5)
+    assert all(c.closed_by_peer(5) for c in tries)
+    assert log_count(s, r"refused: wrong password") == 1 + len(near_misses)
     assert pty.read_available(0.1) == b""
 
 
@@ -514,6 +517,27 @@ def test_password_line_comes_before_the_id(sertcp, pty_factory, clients):
     assert a.read_available(0.1) == b""
 
 
+def test_shared_tls_listener_routes_by_id_after_the_handshake(sertcp, pty_factory, certs, clients):
+    a, b = pty_factory(), pty_factory()
+    port = free_port()
+    tls = "tls_cert = %s\ntls_key = %s" % certs.server
+    s = sertcp(config=shared_config(port, a.path, b.path, tls, tls))
+    s.wait_log(r"listening on 127\.0\.0\.1:%d .*with TLS" % port, count=2)
+    s.wait_log(r"\[b\] device \S+ opened")
+    c = TlsClient(port, certs.client_context())
+    c.send(b"B\nto b")
+    s.wait_log(r"\[b\] client 127\.0\.0\.1:\d+ connected")
+    assert b.read(4) == b"to b"
+    b.write(EVERY_BYTE)
+    assert c.recv(256) == EVERY_BYTE
+    plain = clients(port, source="127.0.0.2")
+    plain.send(b"B\nhello, in the clear\n")   # an id without TLS first
+    assert plain.closed_by_peer(5)
+    # a shared listener is named by its address in the log
+    s.wait_log(r"\[listen 127\.0\.0\.1:%d\] client 127\.0\.0\.2:\d+ refused: TLS handshake failed" % port)
+    assert a.read_available(0.1) == b"" and b.read_available(0.1) == b""
+
+
 @pytest.mark.parametrize("key", ["password", "tls_cert"])
 def test_ports_sharing_a_listener_must_agree_on_tls_and_password(key, certs, tmp_path):
     extra = {"password": "password = %s" % SECRET,
@@ -522,3 +546,37 @@ def test_ports_sharing_a_listener_must_agree_on_tls_and_password(key, certs, tmp
     assert r.returncode == 2, r.stdout + r.stderr
     assert key in r.stderr
     assert SECRET not in r.stdout + r.stderr
+
+
+# --- TLS files are configuration ----------------------------------------------
+
+TLS_FILE_CASES = {
+    "missing tls_cert": (["--listen", "7000", "--tls-cert", "{missing}", "--tls-key", "{key}"], "tls_cert"),
+    "tls_key not a key": (["--listen", "7000", "--tls-cert", "{cert}", "--tls-key", "{garbage}"], "tls_key"),
+    "missing tls_ca": (["--connect", "127.0.0.1:7000", "--tls", "yes", "--tls-ca", "{missing}"], "tls_ca"),
+}
+
+
+def tls_file_args(case, certs, tmp_path):
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not PEM at all\n")
+    names = dict(missing=tmp_path / "missing.pem", key=certs.server[1], cert=certs.server[0], garbage=garbage)
+    args, key = TLS_FILE_CASES[case]
+    return [a.format(**names) for a in args], key
+
+
+@pytest.mark.parametrize("case", sorted(TLS_FILE_CASES))
+def test_check_refuses_unusable_tls_files(case, certs, tmp_path, pty):
+    args, key = tls_file_args(case, certs, tmp_path)
+    r = run_sertcp(["--check"] + args + [pty.path], tmpdir=tmp_path)
+    flag = "--" + key.replace("_", "-")  # a flag is named as the flag (SPEC: "or the flag")
+    assert r.returncode == 2 and (key in r.stderr or flag in r.stderr), (r.returncode, r.stderr)
+
+
+@pytest.mark.parametrize("case", ["missing tls_cert", "tls_key not a key"])
+def test_unusable_tls_files_are_a_configuration_error_at_start(case, certs, tmp_path, pty):
+    args, key = tls_file_args(case, certs, tmp_path)
+    args[1] = str(free_port())
+    r = run_sertcp(args + [pty.path], timeout=10, tmpdir=tmp_path)
+    flag = "--" + key.replace("_", "-")  # a flag is named as the flag (SPEC: "or the flag")
+    assert r.returncode == 2 and (key in r.stderr or flag in r.stderr), (r.returncode, r.stderr)
