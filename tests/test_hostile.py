@@ -12,6 +12,9 @@ attacking address.  Attackers use their own loopback addresses (127.0.0.x)
 so that the log lines about them can be counted; every loop is bounded in
 count and in time."""
 import os
+import signal
+import subprocess
+import sys
 import random
 import re
 import select
@@ -23,7 +26,7 @@ import time
 import pytest
 
 from certs import TlsClient, certs  # noqa: F401 (fixture)
-from conftest import free_port, run_sertcp, wait_for
+from conftest import Client, free_port, run_sertcp, wait_for
 
 # The sertcp process (CPython, ~27 MiB resident at rest here) must stay under
 # this while attacked.  Tests whose attackers are clients that receive device
@@ -663,3 +666,54 @@ def test_tls_clients_that_never_finish_the_handshake(sertcp, pty, certs):
         assert any("no TLS handshake within 1s" in line for line in lines)
     finally:
         close_all(stalled)
+
+
+def test_running_out_of_descriptors_pauses_accepting_instead_of_spinning(pty, tmp_path):
+    """With the descriptor limit nearly reached, accept() fails with EMFILE:
+    sertcp logs it, stops accepting for a moment (no busy loop on the
+    still-readable listener) and serves again once descriptors are free."""
+    import resource
+    from conftest import SERTCP
+
+    port = free_port()
+    log_path = tmp_path / "emfile.log"
+
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, str(SERTCP), pty.path, "--listen", "127.0.0.1:%d" % port,
+                                 "--max-clients", "200", "--backlog", "256"],
+                                stdout=log, stderr=subprocess.STDOUT, preexec_fn=low_limit)
+    socks = []
+    try:
+        wait_for(lambda: "listening on" in log_path.read_text(), message="listening")
+        for _ in range(80):  # more than the limit: the kernel queues what sertcp cannot accept
+            s = socket.socket()
+            s.settimeout(5)
+            s.connect(("127.0.0.1", port))
+            socks.append(s)
+        wait_for(lambda: "cannot accept" in log_path.read_text(), message="EMFILE logged")
+        ticks = os.sysconf("SC_CLK_TCK")
+
+        def cpu():
+            fields = open("/proc/%d/stat" % proc.pid).read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / ticks
+        before, started = cpu(), time.monotonic()
+        deadline = started + 2.0
+        while time.monotonic() < deadline:
+            time.sleep(0.1)  # measuring a span of time, not waiting for a condition
+        spent = cpu() - before
+        assert spent < 0.5 * (time.monotonic() - started), "sertcp spun: %.2f CPU s in 2 s" % spent
+        for s in socks:
+            s.close()
+        socks = []
+        c = Client(port)
+        c.send(b"served again")
+        assert pty.read(12, timeout=15) == b"served again"
+        c.close()
+        assert proc.poll() is None
+    finally:
+        for s in socks:
+            s.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
