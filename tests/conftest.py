@@ -5,6 +5,7 @@ import os
 import re
 import select
 import signal
+import threading
 import socket
 import subprocess
 import sys
@@ -36,6 +37,31 @@ def free_port(host="127.0.0.1"):
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def log_count(s, pattern):
+    return len(re.findall(pattern, s.log()))
+
+
+class Background(threading.Thread):
+    """Run fn(*args) in a thread; join() re-raises what it raised."""
+
+    def __init__(self, fn, *args):
+        super().__init__(daemon=True)
+        self.fn, self.args, self.error = fn, args, None
+        self.start()
+
+    def run(self):
+        try:
+            self.fn(*self.args)
+        except BaseException as e:  # handed to the test thread
+            self.error = e
+
+    def join(self, timeout=60.0):
+        super().join(timeout)
+        assert not self.is_alive(), "background %s still running" % self.fn
+        if self.error:
+            raise self.error
 
 
 class Pty:

@@ -9,12 +9,11 @@ import re
 import socket
 import struct
 import termios
-import threading
 import time
 
 import pytest
 
-from conftest import free_port, wait_for
+from conftest import Background, free_port, log_count, wait_for
 
 CONNECTED = r"\[cli\] client \S+ connected"
 DISCONNECTED = r"\[cli\] client \S+ disconnected"
@@ -22,10 +21,6 @@ OPENED = r"\[cli\] device \S+ opened"
 
 
 # --- helpers ---------------------------------------------------------------
-
-def log_count(s, pattern):
-    return len(re.findall(pattern, s.log()))
-
 
 def join(s, clients, port, **kw):
     before = log_count(s, CONNECTED)
@@ -45,27 +40,6 @@ def repoint(link, target):
 
 def payload(n, seed):
     return random.Random(seed).randbytes(n)
-
-
-class Background(threading.Thread):
-    """Run fn(*args) in a thread; join() re-raises what it raised."""
-
-    def __init__(self, fn, *args):
-        super().__init__(daemon=True)
-        self.fn, self.args, self.error = fn, args, None
-        self.start()
-
-    def run(self):
-        try:
-            self.fn(*self.args)
-        except BaseException as e:  # handed to the test thread
-            self.error = e
-
-    def join(self, timeout=60.0):
-        super().join(timeout)
-        assert not self.is_alive(), "background %s still running" % self.fn
-        if self.error:
-            raise self.error
 
 
 class LazyClient:

@@ -13,12 +13,11 @@ import signal
 import socket
 import struct
 import termios
-import threading
 import time
 
 import pytest
 
-from conftest import free_port, wait_for
+from conftest import Background, free_port, log_count, wait_for
 
 CONNECTED = r"\[cli\] client \S+ connected"
 DISCONNECTED = r"\[cli\] client \S+ disconnected"
@@ -33,10 +32,6 @@ def serve(sertcp, device, *flags):
     s = sertcp("--listen", "127.0.0.1:%d" % port, *flags, device, wait_port=port)
     s.wait_log(r"\[cli\] device \S+ opened")
     return s, port
-
-
-def log_count(s, pattern):
-    return len(re.findall(pattern, s.log()))
 
 
 def join(s, clients, port, n=1, **kw):
@@ -75,27 +70,6 @@ def payload(n, seed=0):
         base = bytes(range(256))
         return base + random.Random(seed).randbytes(n - 256)
     return random.Random(seed).randbytes(n)
-
-
-class Background(threading.Thread):
-    """Run fn(*args) in a thread; join() re-raises what it raised."""
-
-    def __init__(self, fn, *args):
-        super().__init__(daemon=True)
-        self.fn, self.args, self.error = fn, args, None
-        self.start()
-
-    def run(self):
-        try:
-            self.fn(*self.args)
-        except BaseException as e:  # handed to the test thread
-            self.error = e
-
-    def join(self, timeout=30.0):
-        super().join(timeout)
-        assert not self.is_alive(), "background %s still running" % self.fn
-        if self.error:
-            raise self.error
 
 
 def nothing_for(*who, wait=0.2):
