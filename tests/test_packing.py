@@ -12,7 +12,7 @@ import time
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from conftest import ROOT, free_port, run_sertcp
+from conftest import ROOT, Background, free_port, run_sertcp
 
 sys.path.insert(0, str(ROOT))
 import sertcp as sertcp_module  # noqa: E402  (the module under test, not the fixture)
@@ -380,9 +380,12 @@ def test_packing_leaves_client_to_device_data_alone(sertcp, pty, clients):
 def test_packed_data_survives_a_large_stream(sertcp, pty, clients):
     s, c = serve(sertcp, pty, clients, "--pack-delimiter", r"\n", "--pack-strip", "yes")
     lines = [b"line %06d %s" % (i, b"z" * (i % 50)) for i in range(20000)]
-    pty.write(b"\n".join(lines) + b"\n")
+    # write while reading: a client that reads nothing until 1.2 MB were
+    # written would rightly pause the device once its queue is full
+    writer = Background(pty.write, b"\n".join(lines) + b"\n")
     expected = b"".join(lines)
     assert c.recv(len(expected), timeout=20) == expected
+    writer.join()
 
 
 # --- configuration of packing ---------------------------------------------------
