@@ -1364,62 +1364,47 @@ def _rfc2217_attach(protocol, pty, server, client, deadline):
             time.sleep(0.005)
 
 
+def _pump(out_fd, write, data, in_fd, read, expected, deadline):
+    """Write `data` through write() as out_fd takes it while read() gathers
+    from in_fd; (seconds, whether exactly `expected` arrived)."""
+    view, off, got, crc = memoryview(data), 0, 0, 0
+    poller = select.poll()
+    poller.register(in_fd, select.POLLIN)
+    poller.register(out_fd, select.POLLOUT)
+    start = time.monotonic()
+    while got < len(expected) and time.monotonic() < deadline:
+        for fd, _ in poller.poll(100):
+            try:
+                if fd == out_fd:
+                    off += write(view[off:off + CHUNK])
+                    if off >= len(data):
+                        poller.unregister(out_fd)
+                    continue
+                chunk = read()
+            except BlockingIOError:
+                continue
+            if not chunk:
+                raise BenchError("the connection closed during the transfer")
+            got += len(chunk)
+            crc = zlib.crc32(chunk, crc)
+    return time.monotonic() - start, got == len(expected) and crc == zlib.crc32(expected)
+
+
 def _rfc2217_round(direction, protocol, payload, workdir, bound):
     deadline = time.monotonic() + bound
     pty, server, client = _rfc2217_session(protocol, workdir, deadline)
     try:
         wire = payload.replace(b"\xff", b"\xff\xff") if protocol == "rfc2217" else payload
         cpu0 = server.cpu()
+        client_send = lambda chunk: client.sock.send(chunk)  # noqa: E731
+        client_recv = lambda: client.sock.recv(CHUNK)  # noqa: E731
+        pty_write = lambda chunk: os.write(pty.master, chunk)  # noqa: E731
+        pty_read = lambda: os.read(pty.master, 65536)  # noqa: E731
         if direction == "dev2net":
-            view, off, got, crc = memoryview(payload), 0, 0, 0
-            poller = select.poll()
-            poller.register(client.fd, select.POLLIN)
-            poller.register(pty.master, select.POLLOUT)
-            start = time.monotonic()
-            while got < len(wire) and time.monotonic() < deadline:
-                for fd, _ in poller.poll(100):
-                    if fd == pty.master:
-                        try:
-                            off += os.write(pty.master, view[off:off + CHUNK])
-                        except BlockingIOError:
-                            continue
-                        if off >= len(payload):
-                            poller.unregister(pty.master)
-                    else:
-                        try:
-                            data = client.sock.recv(CHUNK)
-                        except BlockingIOError:
-                            continue
-                        if not data:
-                            raise BenchError("sertcp closed the client")
-                        got += len(data)
-                        crc = zlib.crc32(data, crc)
-            seconds = time.monotonic() - start
-            ok = got == len(wire) and crc == zlib.crc32(wire)
+            # the device side writes the payload; the client reads it framed
+            seconds, ok = _pump(pty.master, pty_write, payload, client.fd, client_recv, wire, deadline)
         else:
-            view, off, got, crc = memoryview(wire), 0, 0, 0
-            poller = select.poll()
-            poller.register(client.fd, select.POLLOUT)
-            poller.register(pty.master, select.POLLIN)
-            start = time.monotonic()
-            while got < len(payload) and time.monotonic() < deadline:
-                for fd, _ in poller.poll(100):
-                    if fd == pty.master:
-                        try:
-                            data = os.read(pty.master, 65536)
-                        except BlockingIOError:
-                            continue
-                        got += len(data)
-                        crc = zlib.crc32(data, crc)
-                    else:
-                        try:
-                            off += client.sock.send(view[off:off + CHUNK])
-                        except BlockingIOError:
-                            continue
-                        if off >= len(wire):
-                            poller.unregister(client.fd)
-            seconds = time.monotonic() - start
-            ok = got == len(payload) and crc == zlib.crc32(payload)
+            seconds, ok = _pump(client.fd, client_send, wire, pty.master, pty_read, payload, deadline)
         cpu = server.cpu() - cpu0
         return {"mbps": len(payload) / seconds / MB if ok else None, "cpu_s_per_mb": cpu / (len(payload) / MB),
                 "complete": ok}
