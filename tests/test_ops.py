@@ -262,7 +262,9 @@ def test_print_service_systemd_unit_verifies(tmp_path):
     ini.write_text("[a]\nvirtual = /tmp/sertcp-test-v\nlisten = 7000\n")
     r = run_sertcp(["-c", ini, "--print-service", "systemd"])
     assert r.returncode == 0, r.stderr
-    assert "ExecStart=%s %s -c %s" % (sys.executable, SERTCP, ini) in r.stdout
+    # the module form, so that Python loads cached bytecode at each start
+    assert "ExecStart=%s -m sertcp -c %s" % (sys.executable, ini) in r.stdout
+    assert "Environment=PYTHONPATH=%s\n" % SERTCP.parent in r.stdout
     unit = tmp_path / "sertcp.service"
     unit.write_text(r.stdout)
     v = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
@@ -276,7 +278,8 @@ def test_print_service_scripts_parse(kind, tmp_path):
     script = tmp_path / "script"
     script.write_text(r.stdout)
     assert subprocess.run(["sh", "-n", str(script)]).returncode == 0
-    assert str(SERTCP) in r.stdout and sys.executable in r.stdout
+    assert "PYTHONPATH=%s" % SERTCP.parent in r.stdout
+    assert sys.executable in r.stdout and "-m sertcp" in r.stdout.replace("command -m\n\tprocd_append_param command ", "-m ")
     assert "--print-service" not in r.stdout
     if kind == "openwrt":
         assert r.stdout.startswith("#!/bin/sh /etc/rc.common") and "USE_PROCD=1" in r.stdout
@@ -287,6 +290,41 @@ def test_print_service_scripts_parse(kind, tmp_path):
             assert action in r.stdout
 
 
+def test_service_command_starts_from_cached_bytecode(tmp_path):
+    """The command the service files hold really starts sertcp, from a
+    directory that is not the file's own, and Python caches its bytecode
+    so the next start need not compile the file again."""
+    port = free_port()
+    virtual = tmp_path / "ttyV0"
+    r = run_sertcp(["--virtual", virtual, "--listen", "127.0.0.1:%d" % port, "--print-service", "cron"])
+    line = r.stdout.strip()
+    command = line.split(None, 5)[5]
+    command = re.sub(r"flock -n \S+ ", "", command).replace(" >>/tmp/sertcp.log 2>&1", "")
+    env = dict(os.environ, PYTHONPYCACHEPREFIX=str(tmp_path / "cache"))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env.pop("PYTHONPATH", None)
+    for start in range(2):
+        proc = subprocess.Popen(["sh", "-c", "exec env " + command], cwd="/", env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            c = wait_for(lambda: _try_connect(port), timeout=20, message="the service command listening")
+            c.close()
+            assert virtual.is_symlink()
+        finally:
+            proc.terminate()
+            _, err = proc.communicate(timeout=10)
+        assert proc.returncode == 0, err
+        cached = list((tmp_path / "cache").rglob("sertcp.*.pyc"))
+        assert len(cached) == 1, "no bytecode cached after start %d" % (start + 1)
+
+
+def _try_connect(port):
+    try:
+        return socket.create_connection(("127.0.0.1", port), timeout=1)
+    except OSError:
+        return None
+
+
 def test_print_service_cron_line():
     r = run_sertcp(["--virtual", "/tmp/sertcp-v", "--listen", "7000", "--print-service", "cron"])
     assert r.returncode == 0
@@ -294,7 +332,8 @@ def test_print_service_cron_line():
     assert len(line.splitlines()) == 1
     fields = line.split()
     assert fields[:5] == ["*"] * 5
-    assert "%s %s --virtual /tmp/sertcp-v --listen 7000" % (sys.executable, SERTCP) in line
+    assert line.startswith("* * * * * PYTHONPATH=%s flock -n " % SERTCP.parent)
+    assert "%s -m sertcp --virtual /tmp/sertcp-v --listen 7000 " % sys.executable in line
     bad = run_sertcp(["--virtual", "/tmp/v", "--listen", "7000", "--print-service", "launchd"])
     assert bad.returncode == 2 and "systemd, openwrt, sysv, cron" in bad.stderr
 
