@@ -51,6 +51,7 @@ MAX_PACKET = 65536             # a packer never holds more than this
 SHUTDOWN_DRAIN = 2.0           # seconds to write out what is queued at exit
 VIRTUAL_POLL = 0.1             # seconds between checks that a program opened a virtual port
 IDENTITY_PAUSE = 0.2           # an id ends at LF, CR LF or this pause
+DIAL_SETTLE = 5.0              # a dialed connection closed sooner, silent: a failed round
 DIAL_TIMEOUT = 10.0            # seconds a dial may take before the next peer is tried
 MODEM_POLL = 0.1               # rfc2217: seconds between looks at modem lines (only while asked for)
 RFC2217_AGREE_TIMEOUT = 5.0    # rfc2217 client: seconds the server has to accept COM-PORT-OPTION
@@ -4073,6 +4074,17 @@ class Port:
                 self.apply_lines()
         if conn.dialed and not self.stopping:
             self.dial_state = "gathering"
+            if duration < DIAL_SETTLE and not conn.bytes_in and not self.config.event_bytes:
+                # accepted and closed without a word (a full server, a
+                # gateway with nothing behind it): a failed round, so that
+                # redialing backs off instead of hammering the peer.  (With
+                # event_bytes, only device data starts a dial: no loop.)
+                self.log.warning("[%s] peer %s closed the connection after %.1fs without sending anything",
+                                 self.name, format_peer(conn.peer), duration)
+                self.dial_peer = len(self.config.connect)
+                self._dial_next_peer()
+                return
+            self.dial_failures = 0      # a connection that held: back-off starts again
             if self.config.event_bytes:
                 self.log.info("[%s] gathering: dialing again once %d bytes from the device wait",
                               self.name, self.config.event_bytes)
@@ -4218,7 +4230,6 @@ class Port:
     tls_context = None
 
     def _dial_connected(self, sock, sockaddr):
-        self.dial_failures = 0
         self.dial_state = "connected"
         self.counters["connections_total"] += 1
         self.admit(sock, sockaddr, dialed=True)

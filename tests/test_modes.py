@@ -338,10 +338,27 @@ def test_backoff_doubles_up_to_reconnect_max_and_restarts_after_success(pty, ser
     peer = peer_server(port=address)
     conn = peer.accept(timeout=5.0)
     s.wait_log(r"\[cli\] connected to 127\.0\.0\.1:%d" % address)
+    conn.send(b"hello")                    # a peer that speaks: a real session
+    assert pty.read(5) == b"hello"
     peer.close()
     conn.close()
     s.wait_log(r"\[cli\] redialing in 0\.1s")
     s.wait_log(r"every peer failed \(1 round in a row\); next dial in 0\.10s")
+
+
+def test_peer_that_accepts_and_closes_at_once_gets_backoff(pty, sertcp, peer_server):
+    """A peer that accepts and hangs up without a word (a full server, a
+    gateway with nothing behind it) is not redialed every reconnect_min."""
+    peer = peer_server()
+    s = sertcp("--connect", "%s:%d" % (LOCALHOST, peer.port),
+               "--reconnect-min", "0.1", "--reconnect-max", "0.8", pty.path)
+    for _ in range(4):
+        peer.accept(timeout=10.0).close()
+    s.wait_log(r"every peer failed \(4 rounds in a row\); next dial in", timeout=10.0)
+    assert "closed the connection after 0.0s without sending anything" in s.log()
+    delays = [float(m) for m in re.findall(r"every peer failed \(\d+ rounds? in a row\); next dial in ([\d.]+)s", s.log())]
+    assert delays[0] == pytest.approx(0.1, abs=0.005) and delays[3] >= 0.8 * 0.8 - 0.005, delays
+    assert s.proc.poll() is None
 
 
 def test_ipv6_connect(pty, sertcp, peer_server):
