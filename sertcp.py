@@ -2884,6 +2884,7 @@ class Gate:
         self.peer_log = peer_log
         self.name = ports[0].name if len(ports) == 1 else "listen %s" % show_hostport(address)
         self.pending = deque()
+        self.rejected = 0       # refused before any port was chosen, on a shared listener too
         first = ports[0].config
         # ports sharing a listener agree on these (checked by the config)
         self.tls = make_server_tls(first) if first.tls_cert is not None else None
@@ -2904,6 +2905,7 @@ class Gate:
 
     def refuse(self, sock, peer, reason):
         self.peer_log(peer[0], INFO, "[%s] client %s refused: %s", self.name, format_peer(peer), reason)
+        self.rejected += 1
         if len(self.ports) == 1:
             self.ports[0].counters["connections_rejected"] += 1
         try:
@@ -4284,7 +4286,10 @@ def port_status(port):
 def server_status(server):
     return {"program": PROGRAM, "version": __version__, "pid": os.getpid(),
             "uptime": round(time.monotonic() - server.started, 3),
-            "ports": [port_status(p) for p in server.ports]}
+            "ports": [port_status(p) for p in server.ports],
+            # a shared listener refuses before a port is chosen: its own count
+            "listeners": [{"listen": show_hostport(g.listener.address), "ports": [p.name for p in g.ports],
+                           "connections_rejected": g.rejected} for g in server.gates]}
 
 
 COUNTER_HELP = {
@@ -4317,6 +4322,12 @@ def format_metrics(server):
         lines.append("# TYPE %s gauge" % metric)
         for port in server.ports:
             lines.append('%s{port="%s"} %d' % (metric, label(port), value(port)))
+    metric = "sertcp_listener_connections_rejected"
+    lines.append("# HELP %s Connections a listener refused before choosing a port (address, "
+                 "password block, unknown identity, silence)." % metric)
+    lines.append("# TYPE %s counter" % metric)
+    for gate in server.gates:
+        lines.append('%s{listen="%s"} %d' % (metric, show_hostport(gate.listener.address), gate.rejected))
     return "\n".join(lines) + "\n"
 
 

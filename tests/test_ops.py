@@ -67,6 +67,37 @@ def test_status_and_metrics_count_the_bytes_moved(sertcp, pty, clients):
         assert re.search(r"^sertcp_%s\{port=\"cli\"\} \d+$" % counter, text, re.M), counter
 
 
+def test_shared_listener_counts_its_refusals(sertcp, pty_factory, clients):
+    """A shared listener refuses before it knows the port (an unknown id):
+    /status and /metrics count that per listener."""
+    a, b = pty_factory(), pty_factory()
+    port, status = free_port(), free_port()
+    s = sertcp(config="""
+[global]
+status = 127.0.0.1:%d
+[DEFAULT]
+listen = 127.0.0.1:%d
+[a]
+device = %s
+identity = id-a
+[b]
+device = %s
+identity = id-b
+""" % (status, port, a.path, b.path), wait_port=port)
+    for _ in range(3):
+        c = clients(port)
+        c.send(b"nobody\n")
+        assert c.closed_by_peer(timeout=5.0)
+    ok = clients(port)
+    ok.send(b"id-b\nhi")
+    assert b.read(2) == b"hi"
+    s.wait_log(r"refused: unknown id 'nobody'", count=3)
+    listeners = json.loads(http_get(status, "/status")[1])["listeners"]
+    assert listeners == [{"listen": "127.0.0.1:%d" % port, "ports": ["a", "b"], "connections_rejected": 3}]
+    metrics = http_get(status, "/metrics")[1]
+    assert 'sertcp_listener_connections_rejected{listen="127.0.0.1:%d"} 3\n' % port in metrics
+
+
 def test_status_endpoint_answers_bad_requests_and_survives(sertcp, pty):
     port, status = free_port(), free_port()
     s = sertcp(pty.path, "--listen", "127.0.0.1:%d" % port, "--status", "127.0.0.1:%d" % status, wait_port=port)
@@ -309,7 +340,7 @@ def test_service_command_starts_from_cached_bytecode(tmp_path):
         try:
             c = wait_for(lambda: _try_connect(port), timeout=20, message="the service command listening")
             c.close()
-            assert virtual.is_symlink()
+            wait_for(virtual.is_symlink, message="the virtual port")  # opened just after listening
         finally:
             proc.terminate()
             _, err = proc.communicate(timeout=10)
