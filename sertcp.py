@@ -555,6 +555,8 @@ def _validate_port(port, where_of, errors):
                 err(key, "applies only to virtual ports")
     if v["password"] is not None and v["password_file"] is not None:
         err("password_file", "set password or password_file, not both")
+    if v["password"] is not None and len(v["password"].encode("utf-8")) > PASSWORD_LINE_LIMIT:
+        err("password", "is longer than %d bytes" % PASSWORD_LINE_LIMIT)
     for key in ("tls_cert", "tls_key", "tls_ca", "password_file"):
         if v[key] is not None and key != "password_file":
             try:
@@ -722,7 +724,9 @@ def build_config(config_path, port_flags, global_flags, device):
             # read at every (re)load, so SIGHUP picks up a changed file
             try:
                 with open(values["password_file"], "rb") as f:
-                    port.secret = f.readline().rstrip(b"\r\n")
+                    # bounded: a path pointing at /dev/zero or a huge file
+                    # must not hang or fill memory at start or on SIGHUP
+                    port.secret = f.readline(PASSWORD_LINE_LIMIT + 1).rstrip(b"\r\n")
             except OSError as e:
                 errors.append(ConfigError(merged["password_file"].where, "password_file",
                                           "cannot read %s: %s" % (values["password_file"], e.strerror)))
@@ -730,6 +734,10 @@ def build_config(config_path, port_flags, global_flags, device):
                 if not port.secret:
                     errors.append(ConfigError(merged["password_file"].where, "password_file",
                                               "the first line of %s is empty" % values["password_file"]))
+                elif len(port.secret) > PASSWORD_LINE_LIMIT:
+                    errors.append(ConfigError(merged["password_file"].where, "password_file",
+                                              "the first line of %s is longer than %d bytes"
+                                              % (values["password_file"], PASSWORD_LINE_LIMIT)))
         ports.append(port)
         wheres[name] = merged
 

@@ -434,6 +434,19 @@ def test_both_device_and_virtual_is_an_error(tmp_path):
     assert "virtual" in stderr
 
 
+def test_password_longer_than_a_client_may_send_is_an_error(tmp_path):
+    """A password no client could ever send (longer than the 256-byte line
+    a client may send) is refused, and password_file is read bounded:
+    /dev/zero does not hang the start."""
+    stderr = errors_of(check("--listen", "7000", "--password", "x" * 257, "/dev/ttyUSB0"))
+    assert "password" in stderr and "longer than 256 bytes" in stderr
+    stderr = errors_of(check("--listen", "7000", "--password-file", "/dev/zero", "/dev/ttyUSB0"))
+    assert "--password-file: the first line of /dev/zero is longer than 256 bytes" in stderr
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"y" * 256 + b"\r\nsecond line\n")
+    assert check("--listen", "7000", "--password-file", str(secret), "/dev/ttyUSB0").returncode == 0
+
+
 def test_neither_device_nor_virtual_is_an_error(tmp_path):
     ini = write_ini(tmp_path, """
         [a]
