@@ -2794,10 +2794,12 @@ def host_allowed(networks, host):
 class PeerLog:
     """Per-peer log lines, rate-limited per source address so that one peer
     cannot flood the log: at most PEER_LOG_BURST lines per PEER_LOG_WINDOW
-    seconds, then one line saying how many were suppressed."""
+    seconds, then one line saying how many were suppressed, when that
+    window ends (with a reactor to time it) or at the next line."""
 
-    def __init__(self, log):
+    def __init__(self, log, reactor=None):
         self.log = log
+        self.reactor = reactor
         self.windows = {}   # host -> [window start, lines, suppressed]
 
     def __call__(self, host, level, message, *args):
@@ -2812,8 +2814,15 @@ class PeerLog:
         window[1] += 1
         if window[1] > PEER_LOG_BURST:
             window[2] += 1
+            if window[2] == 1 and self.reactor is not None:
+                self.reactor.call_at(window[0] + PEER_LOG_WINDOW, lambda: self._window_over(host, window))
             return
         self.log.log(level, message, *args)
+
+    def _window_over(self, host, window):
+        if self.windows.get(host) is window:
+            del self.windows[host]
+            self.log.warning("suppressed %d log lines about %s", window[2], host)
 
     def _forget_old(self, now):
         for host, window in list(self.windows.items()):
@@ -4745,7 +4754,7 @@ class Server:
     def start(self):
         """Bind every listen address first (a port that cannot listen is a
         fatal error before anything is opened), then open and dial."""
-        self.peer_log = PeerLog(self.log)
+        self.peer_log = PeerLog(self.log, self.reactor)
         self.ports = [Port(pc, self.reactor, self.log, self.peer_log) for pc in self.config.ports]
         try:
             self.gates = self._bind(self.ports, {})
