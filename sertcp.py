@@ -955,7 +955,9 @@ class IdentityMatcher:
     what came after the id and belongs to the device."""
 
     def __init__(self, ids, started, timeout, pause=IDENTITY_PAUSE):
-        self.ids = frozenset(ids)
+        # a dict or set is used as it is: a listener shares one among
+        # all its handshakes
+        self.ids = ids if isinstance(ids, (dict, set, frozenset)) else frozenset(ids)
         self.buffer = bytearray()
         self.give_up_at = started + timeout
         self.pause = pause
@@ -1565,13 +1567,19 @@ class ByteBuffer:
 # =====================================================================
 
 class Timer:
-    __slots__ = ("when", "callback", "cancelled")
+    """A deadline in the reactor's heap.  Cancelling drops the callback at
+    once: a cancelled timer can sit in the heap until its own deadline, and
+    must not keep a closed connection (and its buffers) alive till then."""
+    __slots__ = ("when", "callback", "cancelled", "reactor")
 
-    def __init__(self, when, callback):
-        self.when, self.callback, self.cancelled = when, callback, False
+    def __init__(self, when, callback, reactor):
+        self.when, self.callback, self.cancelled, self.reactor = when, callback, False, reactor
 
     def cancel(self):
-        self.cancelled = True
+        if not self.cancelled:
+            self.cancelled = True
+            self.callback = None
+            self.reactor._timer_cancelled()
 
     def __lt__(self, other):
         return self.when < other.when
@@ -1603,6 +1611,7 @@ class Reactor:
             self.poll_scale = 1000.0            # poll takes milliseconds
         self.handlers = {}                      # fd -> handler
         self.timers = []
+        self.cancelled_timers = 0               # cancelled timers still in the heap
         self.running = False
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
@@ -1616,9 +1625,19 @@ class Reactor:
         return time.monotonic()
 
     def call_at(self, when, callback):
-        timer = Timer(when, callback)
+        timer = Timer(when, callback, self)
         heapq.heappush(self.timers, timer)
         return timer
+
+    def _timer_cancelled(self):
+        # Idle timers are cancelled far more often than they fire; once most
+        # of the heap is cancelled timers, rebuild it without them.
+        self.cancelled_timers += 1
+        timers = self.timers
+        if self.cancelled_timers > 64 and 2 * self.cancelled_timers > len(timers):
+            timers[:] = [t for t in timers if not t.cancelled]   # in place: run_once holds it
+            heapq.heapify(timers)
+            self.cancelled_timers = 0
 
     def call_later(self, delay, callback):
         return self.call_at(time.monotonic() + delay, callback)
@@ -1665,6 +1684,7 @@ class Reactor:
         timers = self.timers
         while timers and timers[0].cancelled:
             heapq.heappop(timers)
+            self.cancelled_timers -= 1
         if timers:
             timeout = max(0.0, timers[0].when - time.monotonic())
             if max_wait is not None and max_wait < timeout:
@@ -1692,9 +1712,12 @@ class Reactor:
             now = time.monotonic()
             while timers and (timers[0].cancelled or timers[0].when <= now):
                 timer = heapq.heappop(timers)
-                if not timer.cancelled:
-                    timer.cancelled = True
-                    timer.callback()
+                if timer.cancelled:
+                    self.cancelled_timers -= 1
+                else:
+                    callback = timer.callback
+                    timer.cancelled, timer.callback = True, None   # fired: cancel() is a no-op now
+                    callback()
         while self.from_threads:
             self.from_threads.popleft()()
 
@@ -2902,6 +2925,8 @@ class Gate:
         self.name = ports[0].name if len(ports) == 1 else "listen %s" % show_hostport(address)
         self.pending = deque()
         self.rejected = 0       # refused before any port was chosen, on a shared listener too
+        self.any_allow = any(p.config.allow is not None for p in ports)
+        self.id_maps = {}
         first = ports[0].config
         # ports sharing a listener agree on these (checked by the config)
         self.tls = make_server_tls(first) if first.tls_cert is not None else None
@@ -2932,8 +2957,11 @@ class Gate:
 
     def on_accept(self, sock, peer):
         host = peer[0]
-        candidates = [p for p in self.ports
-                      if p.config.allow is None or host_allowed(p.config.allow, host)]
+        if self.any_allow:
+            candidates = [p for p in self.ports
+                          if p.config.allow is None or host_allowed(p.config.allow, host)]
+        else:
+            candidates = self.ports     # the usual fleet listener: ids only
         if not candidates:
             self.refuse(sock, peer, "address not allowed")
             return
@@ -2952,7 +2980,18 @@ class Gate:
         if len(self.pending) >= MAX_PENDING_HANDSHAKES:
             oldest = self.pending.popleft()
             oldest.abandon("too many connections still in their handshake")
-        Handshake(self, sock, peer, candidates, with_identity).start()
+        Handshake(self, sock, peer, candidates[0], self._id_map(with_identity)).start()
+
+    def _id_map(self, ports):
+        """id -> port for these ports: one dict per distinct set, shared by
+        every handshake (a fleet listener may have hundreds of ids)."""
+        key = tuple(ports)
+        by_id = self.id_maps.get(key)
+        if by_id is None:
+            if len(self.id_maps) >= 64:
+                self.id_maps.clear()
+            by_id = self.id_maps[key] = {p.config.identity: p for p in ports}
+        return by_id
 
     def close(self):
         self.listener.close()
@@ -2965,13 +3004,13 @@ class Handshake:
     then the id, each step fed by the same reads, all within one deadline.
     Costs one socket and a few hundred bytes however hostile the peer."""
 
-    def __init__(self, gate, sock, peer, candidates, with_identity):
+    def __init__(self, gate, sock, peer, first, by_id):
         self.gate = gate
         self.reactor = gate.reactor
         self.sock = sock
         self.peer = peer
-        self.candidates = candidates
-        self.by_id = {p.config.identity: p for p in with_identity}
+        self.first = first          # the port when no id is asked for
+        self.by_id = by_id          # id -> port (shared, never changed)
         self.watched = 0
         self.done = False
         now = self.reactor.now()
@@ -3029,7 +3068,7 @@ class Handshake:
         self.sock = TlsStream(self.sock)
         self.stage = "password" if self.gate.password is not None else "identity" if self.by_id else "port"
         if self.stage == "port":
-            self._to_port(self.candidates[0], b"")
+            self._to_port(self.first, b"")
             return
         self.reactor.set_interest(self, True, False)
         if self.sock.pending():
@@ -3074,7 +3113,7 @@ class Handshake:
             if rest:
                 self._identity_data(rest)
         else:
-            self._to_port(self.candidates[0], rest)
+            self._to_port(self.first, rest)
 
     def _wrong_password(self):
         host = self.peer[0]

@@ -1,0 +1,101 @@
+"""Unit tests of the reactor: timers fire in order, a cancelled timer lets
+go of what its callback holds at once, the heap does not fill with
+cancelled timers, and descriptors are dispatched to their handlers."""
+import gc
+import os
+import socket
+import sys
+import weakref
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT))
+from sertcp import Reactor  # noqa: E402
+
+
+class Held:
+    """Stands for a connection with its buffers."""
+
+
+def test_timers_fire_in_deadline_order_and_cancelled_ones_never():
+    r = Reactor()
+    fired = []
+    now = r.now()
+    for delay, name in ((0.03, "c"), (0.01, "a"), (0.02, "b")):
+        r.call_at(now + delay, lambda name=name: fired.append(name))
+    r.call_at(now + 0.015, lambda: fired.append("cancelled")).cancel()
+    while len(fired) < 3:
+        r.run_once(max_wait=1.0)
+    assert fired == ["a", "b", "c"]
+    assert r.timers == []
+
+
+def test_cancelled_timer_releases_its_callback_while_a_later_one_waits():
+    r = Reactor()
+    r.call_later(3600, lambda: None)        # a live timer at the top of the heap
+    refs = []
+    for _ in range(1000):
+        held = Held()
+        refs.append(weakref.ref(held))
+        r.call_later(60, lambda held=held: held).cancel()
+        del held
+    gc.collect()
+    assert not any(ref() is not None for ref in refs), "cancelled timers keep their objects alive"
+    # and the heap is rebuilt without them instead of growing
+    assert len(r.timers) < 200, len(r.timers)
+    r.run_once(max_wait=0)                  # the loop still runs with what is left
+    assert any(not t.cancelled for t in r.timers)
+
+
+def test_cancel_after_firing_changes_nothing():
+    r = Reactor()
+    fired = []
+    timer = r.call_later(0, lambda: fired.append(1))
+    r.run_once(max_wait=0)
+    timer.cancel()
+    assert fired == [1] and r.cancelled_timers == 0
+
+
+def test_handlers_get_their_events_and_forget_stops_them():
+    r = Reactor()
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    events = []
+
+    class Handler:
+        watched = 0
+
+        def fileno(self):
+            return a.fileno()
+
+        def on_readable(self):
+            events.append(a.recv(100))
+
+        def on_writable(self):
+            events.append("writable")
+            r.set_interest(self, True, False)
+
+    h = Handler()
+    r.set_interest(h, True, True)
+    r.run_once(max_wait=1.0)
+    assert events == ["writable"]
+    b.send(b"ping")
+    r.run_once(max_wait=1.0)
+    assert events[-1] == b"ping"
+    r.forget(h)
+    b.send(b"unseen")
+    r.run_once(max_wait=0.05)
+    assert events[-1] == b"ping" and a.fileno() not in r.handlers
+    a.close()
+    b.close()
+
+
+def test_a_thread_wakes_the_loop():
+    r = Reactor()
+    done = []
+    import threading
+    t = threading.Thread(target=lambda: r.call_soon_threadsafe(lambda: done.append(os.getpid())))
+    t.start()
+    t.join()
+    r.run_once(max_wait=5.0)
+    assert done == [os.getpid()]
