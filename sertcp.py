@@ -1658,24 +1658,25 @@ class Reactor:
         old = handler.watched
         if mask == old:
             return
-        fd = handler.fileno()
         if old == 0:
+            fd = handler.fileno()
             self.poller.register(fd, mask)
             self.handlers[fd] = handler
+            handler.watched_fd = fd     # kept: a closed socket's fileno() is -1
         elif mask == 0:
-            self.poller.unregister(fd)
-            del self.handlers[fd]
+            self.forget(handler)
+            return
         else:
-            self.poller.modify(fd, mask)
+            self.poller.modify(handler.watched_fd, mask)
         handler.watched = mask
 
     def forget(self, handler):
         if handler.watched:
-            fd = handler.fileno()
+            fd = handler.watched_fd
             try:
                 self.poller.unregister(fd)
             except (KeyError, ValueError, OSError):
-                pass
+                pass            # closed already: the kernel dropped it
             if self.handlers.get(fd) is handler:
                 del self.handlers[fd]
             handler.watched = 0

@@ -99,3 +99,24 @@ def test_a_thread_wakes_the_loop():
     t.join()
     r.run_once(max_wait=5.0)
     assert done == [os.getpid()]
+
+
+def test_forget_after_the_socket_closed_leaves_nothing_behind():
+    """A closed socket's fileno() is -1: the reactor still finds and drops
+    the handler (else it would be kept, and its fd number refused later)."""
+    r = Reactor()
+    for _ in range(3):                  # the same fd number comes back each time
+        a, b = socket.socketpair()
+
+        class Handler:
+            watched = 0
+
+            def fileno(self):
+                return a.fileno()
+
+        h = Handler()
+        r.set_interest(h, True, False)
+        a.close()
+        r.forget(h)
+        b.close()
+        assert r.handlers == {} and h.watched == 0
