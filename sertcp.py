@@ -1744,6 +1744,13 @@ def describe_error(exc):
     return str(exc) or exc.__class__.__name__
 
 
+def unwritten(chunk, n):
+    """What a partial write left of chunk.  A tty takes 4-12 KiB a write,
+    so a 64 KiB chunk goes in a dozen pieces: bytes are sliced as views,
+    not copied each time (a bytearray is copied, since it may be resized)."""
+    return memoryview(chunk)[n:] if type(chunk) is bytes else chunk[n:]
+
+
 class Device:
     """The serial side of a port.  The port calls open(), write(), close()
     and set_lines(); the device calls port.on_device_data(data),
@@ -1780,7 +1787,13 @@ class Device:
                 self.port.counters["bytes_to_device"] += n
                 if n == len(data):
                     return
-                data = data[n:]
+                # the device took only part: the rest waits until it is
+                # writable again (trying now would only meet EAGAIN)
+                data = unwritten(data, n)
+                self.tx.append(data)
+                self.tx_bytes += len(data)
+                self._want_write(True)
+                return
         self.tx.append(data)
         self.tx_bytes += len(data)
         self._flush()
@@ -1805,7 +1818,7 @@ class Device:
             self.tx_bytes -= n
             self.port.counters["bytes_to_device"] += n
             if n < len(chunk):
-                self.tx[0] = chunk[n:]
+                self.tx[0] = unwritten(chunk, n)
                 self._want_write(True)
                 return
             self.tx.popleft()
