@@ -2336,12 +2336,20 @@ class VirtualDevice(Device):
 
     def _update_interest(self):
         if self.is_open and self.peer_open:
-            self.reactor.set_interest(self, not self.reading_paused and not self._paced("rx"), self.want_write)
+            write = self.want_write
+            if write and self._paced("tx"):
+                # strict_baud: the line is busy for a while; the pty is
+                # writable all along, so wait for the pace timer instead
+                # of being woken at once, again and again
+                write = False
+                self._schedule_pace(self.pace_at["tx"] - 0.01)
+            self.reactor.set_interest(self, not self.reading_paused and not self._paced("rx"), write)
 
     def _want_write(self, want):
-        if want != self.want_write:
-            self.want_write = want
-            self._update_interest()
+        # always re-evaluated: under strict_baud the answer also depends on
+        # the pace, which changes with every write
+        self.want_write = want
+        self._update_interest()
 
     def _peer_closed(self):
         """The local program closed the port: watch for the next open."""

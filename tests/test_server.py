@@ -529,6 +529,42 @@ def test_virtual_port_with_plain_os_open(sertcp, clients, tmp_path):
         os.close(fd)
 
 
+def _cpu_seconds(pid):
+    fields = open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_strict_baud_paces_both_ways_without_spinning(sertcp, clients, tmp_path):
+    """strict_baud: bytes cross a virtual port no faster than the baud rate
+    the local program set (9600: 960 bytes/s), both ways, and sertcp sleeps
+    while it waits for the line (it once spun a core the whole time)."""
+    import serial
+    path = tmp_path / "ttyVB"
+    port = free_port()
+    s = sertcp("--listen", "127.0.0.1:%d" % port, "--virtual", path, "--strict-baud", "yes",
+               "--baudrate", "115200", wait_port=port)
+    s.wait_log(r"\[cli\] device \S+ opened")
+    program = serial.Serial(str(path), 9600, timeout=10)
+    try:
+        s.wait_log(r"virtual port \S+ opened by a local program")
+        c, = join(s, clients, port)
+        n = 1440                              # 1.5 s at 9600 baud, 8N1
+        for direction in ("to the program", "from the program"):
+            data = payload(n, seed=len(direction))
+            cpu0, t0 = _cpu_seconds(s.proc.pid), time.monotonic()
+            if direction == "to the program":
+                c.send(data)
+                assert program.read(n) == data
+            else:
+                program.write(data)
+                assert c.recv(n, timeout=20) == data
+            took, cpu = time.monotonic() - t0, _cpu_seconds(s.proc.pid) - cpu0
+            assert took >= 1.2, "%s: %d bytes in %.2fs, faster than 9600 baud" % (direction, n, took)
+            assert cpu < 0.5 * took, "%s: sertcp used %.2f CPU s in %.2fs" % (direction, cpu, took)
+    finally:
+        program.close()
+
+
 def test_sigterm_removes_the_virtual_symlink_and_exits_0(sertcp, clients, tmp_path):
     path = tmp_path / "ttyV2"
     port = free_port()
