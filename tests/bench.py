@@ -64,6 +64,7 @@ ser2net are used if found on PATH and skipped otherwise.
 
 import argparse
 import atexit
+import contextlib
 import errno
 import json
 import math
@@ -1361,15 +1362,30 @@ def gather(peers, need, deadline, what, server=None):
                 del by_fd[fd]
 
 
+@contextlib.contextmanager
+def sertcp_with_peers(workdir, max_clients, extra, script=False):
+    """A sertcp on a fresh pty, and a list for its peers: the peers, the
+    server and the pty are closed afterwards whatever happened."""
+    pty = Pty()
+    server, peers = None, []
+    try:
+        server = Server("sertcp", pty.path, free_port(), max_clients, workdir, script=script,
+                        extra=extra).start()
+        yield pty, server, peers
+    finally:
+        close_peers(peers)
+        if server is not None:
+            server.stop()
+        pty.close()
+
+
 def _memory_run(settings, workdir, levels, script, deadline):
     """One sertcp (one port, send_to = all) with `levels` idle clients in
     turn; at each level a broadcast that every client must receive, then
     RSS, peak RSS and descriptors."""
-    pty = Pty()
-    server, peers, snaps = None, [], []
-    try:
-        server = Server("sertcp", pty.path, free_port(), 2000, workdir, script=script,
-                        extra=["--send-to", "all", "--banner", BANNER.decode()]).start()
+    snaps = []
+    with sertcp_with_peers(workdir, 2000, ["--send-to", "all", "--banner", BANNER.decode()],
+                           script) as (pty, server, peers):
         addr = (HOST, server.port)
         for i, n in enumerate(levels):
             new = [Peer(addr) for _ in range(n - len(peers))]
@@ -1386,11 +1402,6 @@ def _memory_run(settings, workdir, levels, script, deadline):
             snap = server.footprint()
             snap.update(clients=n, connect_s=secs, compiled=server.compiled())
             snaps.append(snap)
-    finally:
-        close_peers(peers)
-        if server is not None:
-            server.stop()
-        pty.close()
     return snaps
 
 
@@ -1438,17 +1449,13 @@ def _accept_run(settings, workdir, extra):
     """A burst of connects at once; the time until sertcp answered every
     one (its banner), or how many it answered within accept_bound."""
     n = settings.accept_clients
-    pty = Pty()
-    server, peers = None, []
-    try:
-        server = Server("sertcp", pty.path, free_port(), n + 1, workdir,
-                        extra=["--banner", BANNER.decode()] + extra).start()
+    with sertcp_with_peers(workdir, n + 1, ["--banner", BANNER.decode()] + extra) as (pty, server, peers):
         addr = (HOST, server.port)
         probe = [Peer(addr)]            # listening and serving: then time the burst
         connect_many(probe, time.monotonic() + settings.ready_timeout, server=server)
         close_peers(probe)
         time.sleep(0.1)
-        peers = [Peer(addr) for _ in range(n)]
+        peers.extend(Peer(addr) for _ in range(n))
         before = tcp_counters()
         try:
             secs = connect_many(peers, time.monotonic() + settings.accept_bound, window=0, server=server)
@@ -1462,11 +1469,6 @@ def _accept_run(settings, workdir, extra):
                     silent=sum(1 for p in peers if p.stage == 1),
                     kernel={k: after[k] - before.get(k, 0) for k in after})
         return snap
-    finally:
-        close_peers(peers)
-        if server is not None:
-            server.stop()
-        pty.close()
 
 
 def scale_accept(settings, workdir, report):
@@ -1538,13 +1540,9 @@ def scale_fanout1000(settings, workdir, report):
     n, size = settings.big_fanout_clients, settings.big_fanout_size
     payload = make_payload(size)
     want = zlib.crc32(payload)
-    pty = Pty()
-    server, peers = None, []
-    try:
-        server = Server("sertcp", pty.path, free_port(), n, workdir,
-                        extra=["--send-to", "all", "--banner", BANNER.decode()]).start()
+    with sertcp_with_peers(workdir, n, ["--send-to", "all", "--banner", BANNER.decode()]) as (pty, server, peers):
         deadline = time.monotonic() + settings.scale_bound
-        peers = [Peer((HOST, server.port)) for _ in range(n)]
+        peers.extend(Peer((HOST, server.port)) for _ in range(n))
         connect_s = connect_many(peers, deadline, window=settings.connect_window, server=server)
         clients = [Client(p.sock) for p in peers]
         prime(pty, clients, deadline)
@@ -1564,11 +1562,6 @@ def scale_fanout1000(settings, workdir, report):
             "slow_client_log_lines": server.log_count("slow client"),
         })
         return out
-    finally:
-        close_peers(peers)
-        if server is not None:
-            server.stop()
-        pty.close()
 
 
 def scale_ports200(settings, workdir, report):
