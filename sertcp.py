@@ -3760,6 +3760,8 @@ class Port:
         self.peer_log = peer_log or PeerLog(log)
         self.password = config.secret
         self.device = make_device(self, reactor)
+        # pause the device once every recipient has this much waiting
+        self.pause_at = min(CLIENT_HIGH_WATER, config.client_buffer // 2 or 1)
         self.clients = []               # oldest first
         self.active_client = None       # last_active: who sent data last
         self.packer = Packer.from_config(config)
@@ -3954,6 +3956,13 @@ class Port:
             if self.dial_state == "gathering":
                 self.maybe_dial()
             return
+        if len(self.clients) == 1 and self.clients[0].telnet is None and self.config.send_to != "none":
+            # one raw client, the usual case: nothing to choose or to frame
+            conn = self.clients[0]
+            conn.send(data)
+            if len(conn.out) >= self.pause_at:
+                self._pause_device(True)
+            return
         recipients = choose_clients(self.config.send_to, self.clients, self.active_client)
         if not recipients:
             self.count_dropped(len(data), "send_to = %s selects no client" % self.config.send_to)
@@ -3973,7 +3982,7 @@ class Port:
                 backlog = len(conn.out)
         # Pause the device only when every recipient is behind: one stalled
         # client never slows the others (it overflows client_buffer instead).
-        if backlog is not None and backlog >= min(CLIENT_HIGH_WATER, self.config.client_buffer // 2 or 1):
+        if backlog is not None and backlog >= self.pause_at:
             self._pause_device(True)
 
     def on_client_drained(self, conn):
@@ -4106,7 +4115,8 @@ class Port:
             self.trace.record(">", format_peer(conn.peer), data)
         conn.last_active = time.time()
         self.active_client = conn
-        if not client_selected(self.config.receive_from, conn, self.clients, self.active_client):
+        if self.config.receive_from != "all" and \
+                not client_selected(self.config.receive_from, conn, self.clients, conn):
             self.count_dropped(len(data), "receive_from = %s ignores %s" % (self.config.receive_from,
                                                                            format_peer(conn.peer)))
             return
