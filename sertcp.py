@@ -297,6 +297,8 @@ def parse_path(text):
     value = text.strip()
     if not value:
         raise ValueProblem("expected a path")
+    if "\0" in value:
+        raise ValueProblem("a path cannot contain a NUL character")
     return value
 
 

@@ -447,6 +447,18 @@ def test_password_longer_than_a_client_may_send_is_an_error(tmp_path):
     assert check("--listen", "7000", "--password-file", str(secret), "/dev/ttyUSB0").returncode == 0
 
 
+def test_a_path_with_a_nul_character_is_an_error_naming_the_key(tmp_path):
+    # found by the property test: open() raised ValueError past --check
+    ini = write_ini(tmp_path, """
+        [a]
+        device = /dev/ttyUSB0
+        listen = 7001
+        tls_ca = ca\0.pem
+    """)
+    stderr = errors_of(check(ini=ini))
+    assert "%s:4: tls_ca" % ini in stderr and "NUL" in stderr
+
+
 def test_neither_device_nor_virtual_is_an_error(tmp_path):
     ini = write_ini(tmp_path, """
         [a]
