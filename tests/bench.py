@@ -16,7 +16,8 @@ process for each measurement:
   fanout   8 clients, each receives everything written into the master
            (aggregate MB/s; not socat, which serves one client per device)
   stalled  2 clients, one never reads: the other one's dev2net MB/s, and
-           that as a fraction of the dev2net figure (not socat)
+           that as a fraction of the same client alone, in rounds taken
+           in turn with the stalled ones (not socat)
   startup  spawn to the listening port accepting a connection (ms), beside
            the wall time of `python3 -c pass`; sertcp also as a script
 
@@ -1012,8 +1013,11 @@ class Echo(Measurement):
 class Stalled(Measurement):
     """Two clients, one never reads: how fast does the other one get data?
     Each round is a fresh server (the stall changes its state); rounds go on
-    while they complete within the bound, like the dev2net rounds; the
-    median is compared with the median dev2net round."""
+    while they complete within the bound, like the dev2net rounds.  Before
+    each stalled round, a reference round: the same server set-up and
+    payload with the reading client alone, so that the median stalled round
+    is compared with the median of rounds taken alongside it, not with the
+    dev2net rounds taken minutes earlier under other load."""
     name = "stalled"
     clients = 2
     max_clients = 2
@@ -1022,22 +1026,30 @@ class Stalled(Measurement):
     def start(self):
         self.payload = make_payload(self.settings.stall_size)
         self.rounds = []
-        self.open_round()
+        self.reference = []
+        self.open_round(alone=True)
 
-    def open_round(self):
+    def open_round(self, alone=False):
         self.close()
-        self.session = Session(self.kind, self.settings, self.workdir, clients=2,
-                               max_clients=2, stalled=1).__enter__()
+        self.alone = alone
+        self.session = Session(self.kind, self.settings, self.workdir, clients=1 if alone else 2,
+                               max_clients=2, stalled=0 if alone else 1).__enter__()
         # Both clients read the priming bytes; after that one never reads.
         prime(self.pty, self.session.clients, time.monotonic() + self.settings.ready_timeout)
 
     def run_step(self, deadline):
         began = time.monotonic()
         if self.session is None:
-            self.open_round()
+            self.open_round(alone=len(self.reference) <= len(self.rounds))
+        deadline = min(deadline, time.monotonic() + self.settings.stall_bound)
+        if self.alone:
+            good = self.session.clients[0]
+            secs, complete = device_to_clients(self.pty, self.payload, [good], deadline)
+            self.reference.append({"mbps": good.payload / secs / MB, "complete": complete})
+            self.close()
+            return True                          # the stalled round of this pair
         good, stalled = self.session.clients
         cpu0 = self.server.cpu()
-        deadline = min(deadline, time.monotonic() + self.settings.stall_bound)
         secs, complete = device_to_clients(self.pty, self.payload, [good], deadline)
         out = {
             "bytes": good.payload,
@@ -1086,7 +1098,11 @@ class Stalled(Measurement):
             "rss_end_kib": max(r["rss_end_kib"] or 0 for r in self.rounds) or None,
             "stalled_client_cut": all(r["stalled_client_cut"] for r in self.rounds),
             "rounds": self.rounds,
+            "reference_rounds": self.reference,
         })
+        if self.reference:
+            out["reference_median_mbps"] = statistics.median(r["mbps"] for r in self.reference)
+            out["fraction"] = out["median_mbps"] / out["reference_median_mbps"]
         return out
 
 
@@ -2114,7 +2130,7 @@ def run(settings, servers=SERVERS, measurements=MEASUREMENTS, progress=None):
             # median against median (both run in rounds), or noise in one
             # best round reads as a loss or a gain
             reference = plain and (plain.get("median_mbps") or plain.get("mbps"))
-            if stalled and reference:
+            if stalled and reference and "fraction" not in stalled:
                 stalled["fraction"] = (stalled.get("median_mbps") or stalled["mbps"]) / reference
         if "sertcp" in kinds:
             # a module compiled by a measured sertcp (the first to import it)
