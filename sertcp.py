@@ -1778,7 +1778,8 @@ class Device:
     # -- what every kind of device shares --
 
     def write(self, data):
-        if not self.tx and not self.tx_pause and self.is_open:
+        tried = not self.tx and not self.tx_pause and self.is_open
+        if tried:
             # the common case: nothing queued, so try the device at once
             try:
                 n = self._write_some(data)
@@ -1789,16 +1790,15 @@ class Device:
                 self.port.counters["bytes_to_device"] += n
                 if n == len(data):
                     return
-                # the device took only part: the rest waits until it is
-                # writable again (trying now would only meet EAGAIN)
                 data = unwritten(data, n)
-                self.tx.append(data)
-                self.tx_bytes += len(data)
-                self._want_write(True)
-                return
         self.tx.append(data)
         self.tx_bytes += len(data)
-        self._flush()
+        if tried:
+            # the device took all it could: the rest waits until it is
+            # writable again (trying now would only meet EAGAIN)
+            self._want_write(True)
+        else:
+            self._flush()
 
     def _flush(self):
         while self.tx and self.is_open:
@@ -3957,13 +3957,6 @@ class Port:
                                    if self.held.limit else "no client connected (buffer = 0)")
             if self.dial_state == "gathering":
                 self.maybe_dial()
-            return
-        if len(self.clients) == 1 and self.clients[0].telnet is None and self.config.send_to != "none":
-            # one raw client, the usual case: nothing to choose or to frame
-            conn = self.clients[0]
-            conn.send(data)
-            if len(conn.out) >= self.pause_at:
-                self._pause_device(True)
             return
         recipients = choose_clients(self.config.send_to, self.clients, self.active_client)
         if not recipients:

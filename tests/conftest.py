@@ -32,6 +32,23 @@ def wait_for(predicate, timeout=10.0, interval=0.01, message="condition"):
         time.sleep(interval)
 
 
+def ipv6_loopback():
+    """True if this machine can bind ::1 (for the IPv6 tests' skipif)."""
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def http_get(port, path, timeout=5.0):
+    """(status, body text) of GET http://127.0.0.1:port/path."""
+    import urllib.request
+    with urllib.request.urlopen("http://127.0.0.1:%d%s" % (port, path), timeout=timeout) as r:
+        return r.status, r.read().decode()
+
+
 def free_port(host="127.0.0.1"):
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
@@ -260,17 +277,23 @@ def run_sertcp(args, timeout=20.0, config=None, tmpdir=None):
                           stdin=subprocess.DEVNULL)
 
 
-@pytest.fixture
-def pty_factory():
+def closing_factory(make):
+    """The body of a factory fixture: yields a function that makes objects
+    with make(...), and closes every one of them after the test."""
     made = []
 
-    def make():
-        p = Pty()
-        made.append(p)
-        return p
-    yield make
-    for p in made:
-        p.close()
+    def factory(*args, **kw):
+        thing = make(*args, **kw)
+        made.append(thing)
+        return thing
+    yield factory
+    for thing in made:
+        thing.close()
+
+
+@pytest.fixture
+def pty_factory():
+    yield from closing_factory(Pty)
 
 
 @pytest.fixture
@@ -298,12 +321,5 @@ def sertcp(tmp_path):
 
 @pytest.fixture
 def clients():
-    made = []
-
-    def connect(port, host="127.0.0.1", **kw):
-        c = Client(port, host, **kw)
-        made.append(c)
-        return c
-    yield connect
-    for c in made:
-        c.close()
+    """clients(port, host="127.0.0.1", ...) connects a Client."""
+    yield from closing_factory(Client)

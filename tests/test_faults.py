@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import Background, free_port, log_count, wait_for
+from conftest import Background, closing_factory, free_port, log_count, wait_for
 
 CONNECTED = r"\[cli\] client \S+ connected"
 DISCONNECTED = r"\[cli\] client \S+ disconnected"
@@ -94,15 +94,7 @@ class LazyClient:
 
 @pytest.fixture
 def lazy_clients():
-    made = []
-
-    def connect(port):
-        c = LazyClient(port)
-        made.append(c)
-        return c
-    yield connect
-    for c in made:
-        c.close()
+    yield from closing_factory(LazyClient)
 
 
 # --- the device goes away and comes back --------------------------------------

@@ -17,7 +17,7 @@ import tty
 
 import pytest
 
-from conftest import Client, Pty, free_port
+from conftest import Client, Pty, closing_factory, free_port
 
 LOCALHOST = "127.0.0.1"
 
@@ -87,28 +87,13 @@ class LocalProgram(Pty):
 
 @pytest.fixture
 def peer_server():
-    made = []
-
-    def make(host=LOCALHOST, port=0):
-        server = PeerServer(host, port)
-        made.append(server)
-        return server
-    yield make
-    for server in made:
-        server.close()
+    """peer_server(host=LOCALHOST, port=0): a listener sertcp dials."""
+    yield from closing_factory(PeerServer)
 
 
 @pytest.fixture
 def local_programs():
-    made = []
-
-    def open_port(path):
-        program = LocalProgram(path)
-        made.append(program)
-        return program
-    yield open_port
-    for program in made:
-        program.close()
+    yield from closing_factory(LocalProgram)
 
 
 def local_port(client):

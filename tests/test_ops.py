@@ -10,16 +10,10 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
 import pytest
 
-from conftest import SERTCP, Client, Sertcp, free_port, run_sertcp, wait_for
-
-
-def http_get(port, path, timeout=5.0):
-    with urllib.request.urlopen("http://127.0.0.1:%d%s" % (port, path), timeout=timeout) as r:
-        return r.status, r.read().decode()
+from conftest import SERTCP, Client, Sertcp, free_port, http_get, run_sertcp, wait_for
 
 
 def raw_http(port, request, timeout=5.0):

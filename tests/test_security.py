@@ -10,13 +10,12 @@ import re
 import socket
 import ssl
 import time
-import urllib.request
 import warnings
 
 import pytest
 
 from certs import TlsClient, TlsServer, certs, recv_exactly, refused_in_tls  # noqa: F401 (fixture)
-from conftest import free_port, run_sertcp
+from conftest import free_port, http_get, ipv6_loopback, run_sertcp
 
 EVERY_BYTE = bytes(range(256))
 SECRET = "Sw0rdf1sh-7f3a"          # distinctive, so that a leak is easy to find
@@ -61,20 +60,6 @@ def both_ways(c, pty, data=EVERY_BYTE):
 def rfc2217_supported(tmp_path):
     r = run_sertcp(["--check", "--protocol", "rfc2217", "--listen", "7000", "/dev/null"], tmpdir=tmp_path)
     return r.returncode == 0
-
-
-def http_get(port, path):
-    with urllib.request.urlopen("http://127.0.0.1:%d%s" % (port, path), timeout=5) as r:
-        return r.read().decode()
-
-
-def ipv6_loopback():
-    try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
 
 
 # --- TLS server --------------------------------------------------------------
@@ -423,9 +408,9 @@ def test_password_never_appears_in_log_check_or_status(sertcp, pty, clients, tmp
     s.wait_log(r"\[cli\] client 127\.0\.0\.1:\d+ connected")
     both_ways(good, pty)
     assert bad.closed_by_peer(5)
-    body = http_get(status, "/status")
+    body = http_get(status, "/status")[1]
     json.loads(body)
-    metrics = http_get(status, "/metrics")
+    metrics = http_get(status, "/metrics")[1]
     for text in (body, metrics, s.log()):
         assert SECRET not in text and SECRET[:-1] not in text
 

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import Background, free_port, log_count, wait_for
+from conftest import Background, free_port, ipv6_loopback, log_count, wait_for
 
 CONNECTED = r"\[cli\] client \S+ connected"
 DISCONNECTED = r"\[cli\] client \S+ disconnected"
@@ -422,15 +422,6 @@ def test_device_data_keeps_the_connection_open(sertcp, pty, clients):
 
 
 # --- IPv6 -------------------------------------------------------------------------
-
-def ipv6_loopback():
-    try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
 
 @pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback")
 def test_listen_on_ipv6_loopback(sertcp, pty, clients):
