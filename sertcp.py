@@ -36,6 +36,8 @@ import sys
 import time
 from collections import deque
 
+monotonic = time.monotonic
+
 __version__ = "0.1.0"
 
 # =====================================================================
@@ -1614,7 +1616,7 @@ class Reactor:
         self.handlers = {}                      # fd -> handler
         self.timers = []
         self.cancelled_timers = 0               # cancelled timers still in the heap
-        self.running = False
+        self.interrupted = False
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
@@ -1683,46 +1685,73 @@ class Reactor:
                 del self.handlers[fd]
             handler.watched = 0
 
-    def run_once(self, max_wait=None):
-        timers = self.timers
-        while timers and timers[0].cancelled:
-            heapq.heappop(timers)
-            self.cancelled_timers -= 1
-        if timers:
-            timeout = max(0.0, timers[0].when - time.monotonic())
-            if max_wait is not None and max_wait < timeout:
-                timeout = max_wait
-        else:
-            timeout = -1 if max_wait is None else max_wait
-        if timeout > 0:
-            # poll(2) and epoll count whole milliseconds: round up, so a
-            # timer is never woken for early and then polled for again
-            timeout = math.ceil(timeout * 1000.0) / 1000.0
+    def run(self, once=False, max_wait=None):
+        """Dispatch events and due timers until interrupt() is called, or
+        for one round with once=True.  The loop lives in this one frame,
+        with what it uses in locals: a round trip wakes it twice, and
+        every call and lookup between epoll and the handler shows."""
+        poll = self.poller.poll
+        scale = self.poll_scale
         handlers = self.handlers
-        for fd, mask in self.poller.poll(timeout if timeout < 0 else timeout * self.poll_scale):
-            handler = handlers.get(fd)
-            if handler is None:
-                if fd == self.wake_r:
-                    self._drain_wake()
-                continue                        # forgotten by an earlier handler
-            if mask & WATCH_BROKEN:
-                mask |= handler.watched
-            if mask & WATCH_READ and handler.watched & WATCH_READ:
-                handler.on_readable()
-            if mask & WATCH_WRITE and handler.watched & WATCH_WRITE:
-                handler.on_writable()
-        if timers and timers[0].when <= time.monotonic():
-            now = time.monotonic()
-            while timers and (timers[0].cancelled or timers[0].when <= now):
-                timer = heapq.heappop(timers)
-                if timer.cancelled:
-                    self.cancelled_timers -= 1
-                else:
-                    callback = timer.callback
-                    timer.cancelled, timer.callback = True, None   # fired: cancel() is a no-op now
-                    callback()
-        while self.from_threads:
-            self.from_threads.popleft()()
+        timers = self.timers
+        from_threads = self.from_threads
+        monotonic = time.monotonic
+        while True:
+            while timers and timers[0].cancelled:
+                heapq.heappop(timers)
+                self.cancelled_timers -= 1
+            if timers:
+                timeout = max(0.0, timers[0].when - monotonic())
+                if max_wait is not None and max_wait < timeout:
+                    timeout = max_wait
+                if timeout > 0:
+                    # poll(2) and epoll count whole milliseconds: round up,
+                    # so a timer is never woken for early and polled again
+                    timeout = math.ceil(timeout * 1000.0) / 1000.0
+                timeout *= scale
+            else:
+                timeout = -1 if max_wait is None else max_wait * scale
+            for fd, mask in poll(timeout):
+                handler = handlers.get(fd)
+                if handler is None:
+                    if fd == self.wake_r:
+                        self._drain_wake()
+                    continue                    # forgotten by an earlier handler
+                if mask & WATCH_BROKEN:
+                    mask |= handler.watched
+                if mask & WATCH_READ and handler.watched & WATCH_READ:
+                    handler.on_readable()
+                if mask & WATCH_WRITE and handler.watched & WATCH_WRITE:
+                    handler.on_writable()
+            if timers and timers[0].when <= monotonic():
+                self._fire_timers()
+            while from_threads:
+                from_threads.popleft()()
+            if once:
+                return
+            if self.interrupted:
+                self.interrupted = False
+                return
+
+    def run_once(self, max_wait=None):
+        self.run(once=True, max_wait=max_wait)
+
+    def interrupt(self):
+        """Make run() return after the round in progress (signals use it)."""
+        self.interrupted = True
+        self.wake()
+
+    def _fire_timers(self):
+        timers = self.timers
+        now = time.monotonic()
+        while timers and (timers[0].cancelled or timers[0].when <= now):
+            timer = heapq.heappop(timers)
+            if timer.cancelled:
+                self.cancelled_timers -= 1
+            else:
+                callback = timer.callback
+                timer.cancelled, timer.callback = True, None   # fired: cancel() is a no-op now
+                callback()
 
     def _drain_wake(self):
         try:
@@ -2566,7 +2595,7 @@ class Connection:
             return False
         self.bytes_out += n
         if n:
-            self.last_io = self.reactor.now()  # timeout counts data in either direction
+            self.last_io = monotonic()  # timeout counts data in either direction
         if n < len(data):
             rest = data[n:]
             if bounded and len(rest) > self.limit:
@@ -2616,8 +2645,11 @@ class Connection:
             self.port.close_connection(self, "closed by peer")
             return
         self.bytes_in += len(data)
-        self.last_io = self.reactor.now()
-        self.port.on_client_data(self, data)
+        self.last_io = monotonic()
+        if self.telnet is None:
+            self.port.client_payload(self, data)
+        else:
+            self.port.rfc2217.received(self, data)  # payload comes back through client_payload
 
     def close(self):
         if self.closed:
@@ -3766,6 +3798,7 @@ class Port:
         self.pause_at = min(CLIENT_HIGH_WATER, config.client_buffer // 2 or 1)
         self.clients = []               # oldest first
         self.active_client = None       # last_active: who sent data last
+        self.recipients = None          # who send_to picks now; None: work it out
         self.packer = Packer.from_config(config)
         self.pack_timer = None
         # the client role must keep at least the event bytes that make it dial
@@ -3958,13 +3991,17 @@ class Port:
             if self.dial_state == "gathering":
                 self.maybe_dial()
             return
-        recipients = choose_clients(self.config.send_to, self.clients, self.active_client)
+        recipients = self.recipients
+        if recipients is None:
+            # cached until a client comes or goes or another one sends
+            recipients = self.recipients = tuple(choose_clients(self.config.send_to, self.clients,
+                                                                self.active_client))
         if not recipients:
             self.count_dropped(len(data), "send_to = %s selects no client" % self.config.send_to)
             return
         backlog = None
         framed = None                   # rfc2217: IAC doubled once for every BINARY client
-        for conn in list(recipients):
+        for conn in recipients:
             if conn.telnet is None:
                 conn.send(data)
             elif conn.telnet.binary_out:
@@ -4054,6 +4091,7 @@ class Port:
         conn.dialed = dialed
         first = not self.clients
         self.clients.append(conn)
+        self.recipients = None
         if dialed:
             self.log.info("[%s] connected to %s", self.name, format_peer(peer))
         else:
@@ -4109,7 +4147,9 @@ class Port:
         if self.trace:
             self.trace.record(">", format_peer(conn.peer), data)
         conn.last_active = time.time()
-        self.active_client = conn
+        if self.active_client is not conn:
+            self.active_client = conn
+            self.recipients = None
         if self.config.receive_from != "all" and \
                 not client_selected(self.config.receive_from, conn, self.clients, conn):
             self.count_dropped(len(data), "receive_from = %s ignores %s" % (self.config.receive_from,
@@ -4142,6 +4182,7 @@ class Port:
             self.clients.remove(conn)
         if self.active_client is conn:
             self.active_client = None
+        self.recipients = None
         if self.rfc2217:
             self.rfc2217.detach(conn)
         if out_pending:
@@ -4863,7 +4904,7 @@ class Server:
             self.stop_requested = signum
         else:
             self.signals_seen.append(signum)
-        self.reactor.wake()
+        self.reactor.interrupt()
 
     def install_signals(self):
         """Before anything is opened, so that a signal during start-up is
@@ -4874,7 +4915,7 @@ class Server:
 
     def run(self):
         while self.stop_requested is None:
-            self.reactor.run_once()
+            self.reactor.run()
             while self.signals_seen and self.stop_requested is None:
                 signum = self.signals_seen.popleft()
                 if signum == signal.SIGHUP:

@@ -120,3 +120,33 @@ def test_forget_after_the_socket_closed_leaves_nothing_behind():
         r.forget(h)
         b.close()
         assert r.handlers == {} and h.watched == 0
+
+
+def test_run_keeps_going_until_interrupted_even_from_a_signal():
+    """run() dispatches round after round in one call; interrupt() (what
+    the signal handler calls) ends it after the round in progress, also
+    while it waits in epoll with nothing else to do."""
+    import signal
+    r = Reactor()
+    ticks = []
+
+    def tick():
+        ticks.append(r.now())
+        if len(ticks) < 5:
+            r.call_later(0.001, tick)
+        else:
+            # nothing is left to wake the loop: only the signal can
+            signal.setitimer(signal.ITIMER_REAL, 0.05)
+
+    old = signal.signal(signal.SIGALRM, lambda signum, frame: r.interrupt())
+    try:
+        r.call_later(0, tick)
+        r.call_later(10.0, r.interrupt)      # a bound, should the signal not wake it
+        started = r.now()
+        r.run()
+        assert len(ticks) == 5
+        assert r.now() - started < 5.0
+        assert r.interrupted is False        # consumed: the next run() waits again
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
