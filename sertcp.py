@@ -4362,6 +4362,8 @@ class Port:
 
     def _dial_peer_failed(self, error):
         host_port = show_hostport(self.config.connect[self.dial_peer])
+        if error.startswith(host_port + ": "):
+            error = error[len(host_port) + 2:]  # the address dialled is the one configured
         self.log.warning("[%s] dial to %s failed: %s", self.name, host_port, error)
         self.dial_peer += 1
         self._dial_next_peer()
