@@ -1785,7 +1785,8 @@ def unwritten(chunk, n):
 class Device:
     """The serial side of a port.  The port calls open(), write(), close()
     and set_lines(); the device calls port.on_device_data(data),
-    port.on_device_lost(reason) and port.on_device_opened().
+    port.on_device_lost(reason), and port.device_open_done(error) when
+    open() left it opening in the background (is_open still False).
 
     Writes are queued in `tx` and written as the device accepts them;
     `tx_pause` spaces successive writes (ezTCP's TX interval)."""
@@ -1975,8 +1976,8 @@ class PyserialDevice(Device):
 
     serial = None
 
-    def _open_serial(self, ser):
-        import serial
+    def _configure(self, ser):
+        """Settings and line states into a pyserial object not yet open."""
         c = self.config
         ser.baudrate = c.baudrate
         ser.bytesize = c.bytesize
@@ -1990,11 +1991,14 @@ class PyserialDevice(Device):
             ser.dtr = dtr
         if rts is not None:
             ser.rts = rts
+
+    @staticmethod
+    def _open(ser):
+        import serial
         try:
             ser.open()
         except (serial.SerialException, OSError, ValueError) as e:
             raise OSError(getattr(e, "errno", None) or errno.EIO, describe_error(e))
-        self.serial = ser
 
     def set_lines(self, dtr, rts):
         if self.serial is None:
@@ -2039,7 +2043,9 @@ class FdDevice(PyserialDevice):
         ser.port = c.device
         ser.exclusive = c.exclusive
         ser.timeout = 0
-        self._open_serial(ser)
+        self._configure(ser)
+        self._open(ser)
+        self.serial = ser
         if c.exclusive:
             try:
                 import fcntl
@@ -2124,7 +2130,11 @@ class UrlDevice(PyserialDevice):
     """A pyserial URL (loop://, socket://, rfc2217://, ...) that has no file
     descriptor to select on: a reader thread and a writer thread do the
     blocking calls and hand results to the loop.  They never touch the
-    port's state; the loop never blocks on them."""
+    port's state; the loop never blocks on them.
+
+    Opening is blocking too (a TCP connect, RFC 2217 negotiation: seconds
+    when the far end is down or silent), so it runs in a thread of its own
+    and reports through port.device_open_done()."""
 
     def __init__(self, port, reactor):
         super().__init__(port, reactor)
@@ -2139,27 +2149,49 @@ class UrlDevice(PyserialDevice):
     def open(self):
         import serial
         import threading
-        import queue
-        c = self.config
-        ser = serial.serial_for_url(c.device, do_not_open=True)
+        ser = serial.serial_for_url(self.config.device, do_not_open=True)  # a bad URL fails here
         ser.timeout = 0.05
-        self._open_serial(ser)
+        self._configure(ser)
         self.generation += 1
+        generation = self.generation
+        threading.Thread(target=self._opener, args=(ser, generation), daemon=True,
+                         name="sertcp-open-%s" % self.port.name).start()
+
+    def _opener(self, ser, generation):
+        try:
+            self._open(ser)
+        except OSError as e:
+            self.reactor.call_soon_threadsafe(lambda e=e: self._opened(generation, ser, e))
+            return
+        self.reactor.call_soon_threadsafe(lambda: self._opened(generation, ser, None))
+
+    def _opened(self, generation, ser, error):
+        import threading
+        import queue
+        if generation != self.generation:
+            # closed (or the port stopped) while it was opening
+            if error is None:
+                threading.Thread(target=ser.close, daemon=True).start()
+            return
+        if error is not None:
+            self.port.device_open_done(error)
+            return
+        self.serial = ser
         self.outbox = queue.Queue()
         self.in_flight = 0
         self.is_open = True
-        generation = self.generation
         threading.Thread(target=self._reader, args=(ser, generation), daemon=True,
                          name="sertcp-read-%s" % self.port.name).start()
         threading.Thread(target=self._writer, args=(ser, self.outbox, generation), daemon=True,
                          name="sertcp-write-%s" % self.port.name).start()
-        self._flush()
+        self.port.device_open_done(None)
+        self._flush()                   # what clients sent while it opened
 
     def close(self):
+        self.generation += 1            # an open in progress is stale now
         if self.serial is None:
             return
         self.is_open = False
-        self.generation += 1
         self.outbox.put(None)
         ser, self.serial = self.serial, None
         try:
@@ -3863,25 +3895,40 @@ class Port:
 
     def open_device(self):
         self.reopen_timer = None
-        if self.stopping or self.device.is_open:
+        if self.stopping or self.device.is_open or self.device_state == "opening":
             return
         try:
             self.device.open()
-        except OSError as e:
-            self.counters["device_errors"] += 1
-            if self.device_state != "missing":
-                self.log.warning("[%s] device %s cannot be opened: %s; retrying every %gs",
-                                 self.name, self.device.label(), describe_error(e), self.config.reopen_interval)
-            self.device_state = "missing"
-            self.reopen_timer = self.reactor.call_later(self.config.reopen_interval, self.open_device)
+        except Exception as e:  # OSError; or a bad URL, settings the device refuses
+            self._device_open_failed(e)
             return
-        except Exception as e:  # a bad URL or settings the device refuses
-            self.counters["device_errors"] += 1
+        if self.device.is_open:
+            self._device_opened()
+        else:
+            self.device_state = "opening"   # a URL device: device_open_done() follows
+
+    def device_open_done(self, error):
+        """A device that opens in the background has finished trying."""
+        if error is not None:
+            self._device_open_failed(error)
+        else:
+            self._device_opened()
+
+    def _device_open_failed(self, e):
+        self.counters["device_errors"] += 1
+        if not isinstance(e, OSError):
             self.log.error("[%s] device %s cannot be opened: %s; retrying every %gs",
                            self.name, self.device.label(), describe_error(e), self.config.reopen_interval)
-            self.device_state = "missing"
-            self.reopen_timer = self.reactor.call_later(self.config.reopen_interval, self.open_device)
-            return
+        elif self.device_state != "missing":
+            self.log.warning("[%s] device %s cannot be opened: %s; retrying every %gs",
+                             self.name, self.device.label(), describe_error(e), self.config.reopen_interval)
+        self.device_state = "missing"
+        dropped = self.device.discard_tx()
+        if dropped:
+            self.count_dropped(dropped, "device could not be opened")
+        self.reopen_timer = self.reactor.call_later(self.config.reopen_interval, self.open_device)
+
+    def _device_opened(self):
         self.device_state = "open"
         extra = ""
         if isinstance(self.device, VirtualDevice):
@@ -3896,10 +3943,9 @@ class Port:
         if self.device.is_open:
             self.device.close()
             self.log.info("[%s] device %s closed (%s)", self.name, self.device.label(), why)
+        elif self.device_state == "opening":
+            self.device.close()         # the open under way is dropped when it ends
         self.device_state = "closed"
-
-    def on_device_opened(self):
-        pass
 
     def on_device_lost(self, reason):
         self.counters["device_errors"] += 1
@@ -4155,10 +4201,10 @@ class Port:
             self.count_dropped(len(data), "receive_from = %s ignores %s" % (self.config.receive_from,
                                                                            format_peer(conn.peer)))
             return
-        if not self.device.is_open:
+        if not self.device.is_open and self.device_state != "opening":
             self.count_dropped(len(data), "device %s is not open" % self.device.label())
             return
-        self.device.write(data)
+        self.device.write(data)             # queued while a URL device opens
         if self.device.tx_bytes >= DEVICE_HIGH_WATER and not self.clients_paused:
             self.clients_paused = True
             for c in self.clients:

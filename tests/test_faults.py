@@ -3,6 +3,7 @@ start, clients that never read, read slowly, flood, or vanish, and local
 programs that close and reopen a virtual port.  The rest of the process
 keeps working through each of them."""
 import fcntl
+import json
 import os
 import random
 import re
@@ -13,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import Background, closing_factory, free_port, log_count, wait_for
+from conftest import Background, closing_factory, free_port, http_get, log_count, wait_for
 
 CONNECTED = r"\[cli\] client \S+ connected"
 DISCONNECTED = r"\[cli\] client \S+ disconnected"
@@ -195,6 +196,159 @@ reopen_interval = 0.2
     s.wait_log(r"\[good\] client \S+ connected")
     pty.write(b"fine")
     assert c.recv(4) == b"fine"
+
+
+class SilentServer:
+    """A TCP server that accepts and never says a word: an RFC 2217 far end
+    that is hung, or a gateway with nothing behind it."""
+
+    def __init__(self):
+        self.sock = socket.create_server(("127.0.0.1", 0), backlog=16)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = []
+        self.thread = Background(self._accept)
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted.append(conn)
+
+    def close(self):
+        self.sock.close()
+        for conn in self.accepted:
+            conn.close()
+
+
+def test_a_url_device_whose_far_end_hangs_does_not_stall_another_port(sertcp, clients, pty, tmp_path):
+    """pyserial waits seconds for an RFC 2217 server to negotiate; sertcp
+    opens URL devices in a thread, so the other port answers meanwhile."""
+    far = SilentServer()
+    try:
+        good, hung = free_port(), free_port()
+        s = sertcp(config="""
+[good]
+device = %s
+listen = 127.0.0.1:%d
+[hung]
+device = rfc2217://127.0.0.1:%d
+listen = 127.0.0.1:%d
+reopen_interval = 0.5
+""" % (pty.path, good, far.port, hung))
+        s.wait_listening(good)
+        c = clients(good)
+        s.wait_log(r"\[good\] client \S+ connected")
+        wait_for(lambda: far.accepted, message="the far end dialled")
+        # two open attempts take pyserial's 3 s negotiation wait each; a
+        # round trip on the other port never waits for them
+        slowest = 0.0
+        deadline = time.monotonic() + 7.0
+        i = 0
+        while time.monotonic() < deadline or log_count(s, r"\[hung\] device \S+ cannot be opened") < 1:
+            assert time.monotonic() < deadline + 10, "the hung open never gave up"
+            data = b"%06d" % i
+            t0 = time.monotonic()
+            c.send(data)
+            assert pty.read(6) == data
+            pty.write(data)
+            assert c.recv(6) == data
+            slowest = max(slowest, time.monotonic() - t0)
+            i += 1
+        assert slowest < 1.5, "a round trip on [good] took %.2fs" % slowest
+        assert len(far.accepted) >= 2       # and it was tried again
+        s.wait_log(r"\[hung\] device rfc2217://\S+ cannot be opened: .*RFC ?2217")
+    finally:
+        far.close()
+
+
+class HeldProxy:
+    """Relays one TCP connection to `target`, but only from the moment the
+    test calls release(): a far end that is slow to answer."""
+
+    def __init__(self, target):
+        self.target = target
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.released = __import__("threading").Event()
+        self.conns = []
+        self.thread = Background(self._serve)
+
+    def release(self):
+        self.released.set()
+
+    def _serve(self):
+        try:
+            a, _ = self.sock.accept()
+        except OSError:
+            return
+        self.conns.append(a)
+        self.released.wait(30)
+        b = socket.create_connection(("127.0.0.1", self.target))
+        self.conns.append(b)
+        pumps = [Background(self._pump, a, b), Background(self._pump, b, a)]
+        for pump in pumps:
+            pump.join()
+
+    @staticmethod
+    def _pump(src, dst):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self):
+        self.sock.close()
+        for conn in self.conns:
+            conn.close()
+
+
+def test_data_sent_while_a_url_device_opens_reaches_it_once_open(sertcp, clients, pty, tmp_path):
+    """A client may connect and send while an rfc2217:// device is still
+    negotiating: its bytes wait in the device queue instead of being
+    dropped, and go out once the device is open."""
+    far_port = free_port()
+    far = sertcp(pty.path, "--listen", "127.0.0.1:%d" % far_port, "--protocol", "rfc2217",
+                 wait_port=far_port)
+    proxy = HeldProxy(far_port)
+    try:
+        near, status = free_port(), free_port()
+        s = sertcp("rfc2217://127.0.0.1:%d" % proxy.port, "--listen", "127.0.0.1:%d" % near,
+                   "--status", "127.0.0.1:%d" % status, wait_port=near)
+        c = clients(near)
+        c.send(b"early bytes")
+
+        def read_by_sertcp():
+            port = port_status(status)
+            return port["clients"] and port["clients"][0]["bytes_in"] == 11
+        wait_for(read_by_sertcp, message="sertcp read the client's bytes")
+        assert not port_status(status)["open"]    # still opening: the far end has not answered
+        proxy.release()
+        assert pty.read(11) == b"early bytes"
+        s.wait_log(r"device rfc2217://\S+ opened")
+        assert port_status(status)["open"]
+        pty.write(b"and back")
+        assert c.recv(8) == b"and back"
+        assert "dropped" not in s.log()
+    finally:
+        proxy.close()
+        far.stop()
+
+
+def port_status(status_port):
+    code, body = http_get(status_port, "/status")
+    assert code == 200
+    return json.loads(body)["ports"][0]
 
 
 # --- clients that do not keep up --------------------------------------------------
