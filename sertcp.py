@@ -53,6 +53,7 @@ MAX_PACKET = 65536             # a packer never holds more than this
 SHUTDOWN_DRAIN = 2.0           # seconds to write out what is queued at exit
 VIRTUAL_POLL = 0.1             # seconds between checks that a program opened a virtual port
 IDENTITY_PAUSE = 0.2           # an id ends at LF, CR LF or this pause
+URL_DEVICE_WAIT = 5.0          # longest the loop waits on a URL device's line change
 DIAL_SETTLE = 5.0              # a dialed connection closed sooner, silent: a failed round
 DIAL_TIMEOUT = 10.0            # seconds a dial may take before the next peer is tried
 MODEM_POLL = 0.1               # rfc2217: seconds between looks at modem lines (only while asked for)
@@ -1893,6 +1894,12 @@ class Device:
         """Set DTR/RTS (None = leave); returns a description for the log."""
         return ""
 
+    def change_lines(self, dtr, rts, done):
+        """set_lines(), then done(problem, modem_status()) -- at once here,
+        later for a device whose line changes wait on a far end."""
+        problem = self.set_lines(dtr, rts)
+        done(problem, {} if problem else self.modem_status())
+
     def modem_status(self):
         return {}
 
@@ -2013,11 +2020,14 @@ class PyserialDevice(Device):
         return ""
 
     def modem_status(self):
-        try:
-            s = self.serial
-            return {"CTS": s.cts, "DSR": s.dsr, "RI": s.ri, "CD": s.cd}
-        except Exception:
-            return {}
+        return serial_modem_status(self.serial)
+
+
+def serial_modem_status(ser):
+    try:
+        return {"CTS": ser.cts, "DSR": ser.dsr, "RI": ser.ri, "CD": ser.cd}
+    except Exception:
+        return {}
 
 
 class FdDevice(PyserialDevice):
@@ -2219,6 +2229,9 @@ class UrlDevice(PyserialDevice):
             data = outbox.get()
             if data is None:
                 return
+            if callable(data):                  # a line or buffer change, in turn with the data
+                data()
+                continue
             try:
                 ser.write(data)
             except Exception as e:
@@ -2248,6 +2261,71 @@ class UrlDevice(PyserialDevice):
         self.in_flight += len(data)
         self.outbox.put(data)
         return len(data)
+
+    # Line and buffer changes block too: pyserial's rfc2217:// waits at
+    # least 50 ms, and up to 3 s, for the far end to acknowledge each one.
+    # The writer thread makes them, in turn with the data queued before
+    # them.  Those a client makes on connecting or leaving go without
+    # waiting (a refusal is logged when it comes); those an RFC 2217 client
+    # asks for are waited for, since its answer carries the result.
+
+    def change_lines(self, dtr, rts, done):
+        generation = self.generation
+
+        def lines():
+            if not self.is_open:
+                return
+            problem = PyserialDevice.set_lines(self, dtr, rts)
+            modem = {} if problem else self.modem_status()
+            self.reactor.call_soon_threadsafe(lambda: generation == self.generation and done(problem, modem))
+        if self.is_open:
+            self.outbox.put(lines)
+
+    def _in_writer_and_wait(self, call):
+        """call() run by the writer thread; its result, or its exception."""
+        import threading
+        if not self.is_open:
+            raise OSError(errno.ENODEV, "device not open")
+        finished = threading.Event()
+        result = []
+
+        def run():
+            try:
+                result.append((True, call()))
+            except Exception as e:
+                result.append((False, e))
+            finally:
+                finished.set()
+        self.outbox.put(run)
+        if not finished.wait(URL_DEVICE_WAIT):
+            raise OSError(errno.ETIMEDOUT, "no answer within %gs" % URL_DEVICE_WAIT)
+        ok, value = result[0]
+        if not ok:
+            raise value
+        return value
+
+    def set_lines(self, dtr, rts):
+        try:
+            return self._in_writer_and_wait(lambda: PyserialDevice.set_lines(self, dtr, rts))
+        except OSError as e:
+            return "cannot set lines: %s" % describe_error(e)
+
+    def set_break(self, on):
+        try:
+            return self._in_writer_and_wait(lambda: PyserialDevice.set_break(self, on))
+        except OSError as e:
+            return "cannot %s break: %s" % ("start" if on else "end", describe_error(e))
+
+    def purge(self, receive, transmit):
+        if transmit:
+            self.discard_tx()
+        try:
+            self._in_writer_and_wait(lambda: PyserialDevice.purge(self, receive, transmit))
+        except OSError:
+            pass
+
+    def apply_setting(self, name, value):
+        self._in_writer_and_wait(lambda: PyserialDevice.apply_setting(self, name, value))
 
 
 def _termios_speeds():
@@ -3985,12 +4063,13 @@ class Port:
         dtr, rts = self.wanted_lines()
         if dtr is None and rts is None:
             return
-        problem = self.device.set_lines(dtr, rts)
+        self.device.change_lines(dtr, rts, lambda problem, modem: self._lines_applied(dtr, rts, problem, modem))
+
+    def _lines_applied(self, dtr, rts, problem, modem):
         names = {True: "on", False: "off", None: "kept"}
         if problem:
             self.log.debug("[%s] DTR %s, RTS %s: %s", self.name, names[dtr], names[rts], problem)
             return
-        modem = self.device.modem_status()
         read_back = ", ".join("%s=%s" % (k, "on" if v else "off") for k, v in modem.items())
         self.log.info("[%s] lines DTR=%s RTS=%s%s", self.name, names[dtr], names[rts],
                       ("; device reports %s" % read_back) if read_back else "")

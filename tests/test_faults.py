@@ -263,20 +263,27 @@ reopen_interval = 0.5
         far.close()
 
 
-class HeldProxy:
-    """Relays one TCP connection to `target`, but only from the moment the
-    test calls release(): a far end that is slow to answer."""
+class Proxy:
+    """Relays one TCP connection to `target`: held until release() (a far
+    end slow to answer), and from freeze() on, nothing more is passed
+    either way (a far end that hangs with the connection open)."""
 
-    def __init__(self, target):
+    def __init__(self, target, held=False):
         self.target = target
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.released = __import__("threading").Event()
+        if not held:
+            self.released.set()
+        self.frozen = False
         self.conns = []
         self.thread = Background(self._serve)
 
     def release(self):
         self.released.set()
+
+    def freeze(self):
+        self.frozen = True
 
     def _serve(self):
         try:
@@ -291,14 +298,14 @@ class HeldProxy:
         for pump in pumps:
             pump.join()
 
-    @staticmethod
-    def _pump(src, dst):
+    def _pump(self, src, dst):
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
                     break
-                dst.sendall(data)
+                if not self.frozen:
+                    dst.sendall(data)
         except OSError:
             pass
         for sock in (src, dst):
@@ -320,7 +327,7 @@ def test_data_sent_while_a_url_device_opens_reaches_it_once_open(sertcp, clients
     far_port = free_port()
     far = sertcp(pty.path, "--listen", "127.0.0.1:%d" % far_port, "--protocol", "rfc2217",
                  wait_port=far_port)
-    proxy = HeldProxy(far_port)
+    proxy = Proxy(far_port, held=True)
     try:
         near, status = free_port(), free_port()
         s = sertcp("rfc2217://127.0.0.1:%d" % proxy.port, "--listen", "127.0.0.1:%d" % near,
@@ -340,6 +347,53 @@ def test_data_sent_while_a_url_device_opens_reaches_it_once_open(sertcp, clients
         pty.write(b"and back")
         assert c.recv(8) == b"and back"
         assert "dropped" not in s.log()
+    finally:
+        proxy.close()
+        far.stop()
+
+
+def test_lines_set_on_connect_wait_for_a_url_device_without_stalling_another_port(
+        sertcp, clients, pty_factory, tmp_path):
+    """pyserial's rfc2217:// waits for the far end to acknowledge each DTR
+    or RTS change (3 s when it hangs); the lines a client's arrival sets
+    are changed by the device's own thread, so the other port keeps
+    answering."""
+    far_pty, good_pty = pty_factory(), pty_factory()
+    far_port = free_port()
+    far = sertcp(far_pty.path, "--listen", "127.0.0.1:%d" % far_port, "--protocol", "rfc2217",
+                 wait_port=far_port)
+    proxy = Proxy(far_port)
+    try:
+        good, chain = free_port(), free_port()
+        s = sertcp(config="""
+[good]
+device = %s
+listen = 127.0.0.1:%d
+[chain]
+device = rfc2217://127.0.0.1:%d
+listen = 127.0.0.1:%d
+dtr_active = on
+rts_active = on
+""" % (good_pty.path, good, proxy.port, chain))
+        s.wait_log(r"\[chain\] device \S+ opened")
+        c = clients(good)
+        s.wait_log(r"\[good\] client \S+ connected")
+        proxy.freeze()
+        started = time.monotonic()
+        joined = clients(chain)
+        s.wait_log(r"\[chain\] client \S+ connected")
+        slowest, i = 0.0, 0
+        while time.monotonic() < started + 4.0:
+            data = b"%06d" % i
+            t0 = time.monotonic()
+            c.send(data)
+            assert good_pty.read(6) == data
+            good_pty.write(data)
+            assert c.recv(6) == data
+            slowest = max(slowest, time.monotonic() - t0)
+            i += 1
+        assert slowest < 1.5, "a round trip on [good] took %.2fs" % slowest
+        joined.close()
     finally:
         proxy.close()
         far.stop()
