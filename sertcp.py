@@ -53,6 +53,7 @@ MAX_PACKET = 65536             # a packer never holds more than this
 SHUTDOWN_DRAIN = 2.0           # seconds to write out what is queued at exit
 VIRTUAL_POLL = 0.1             # seconds between checks that a program opened a virtual port
 IDENTITY_PAUSE = 0.2           # an id ends at LF, CR LF or this pause
+INTERNAL_ERROR_TRACEBACKS = 20  # tracebacks logged for contained bugs; one line each after
 URL_DEVICE_WAIT = 5.0          # longest the loop waits on a URL device's line change
 DIAL_SETTLE = 5.0              # a dialed connection closed sooner, silent: a failed round
 DIAL_TIMEOUT = 10.0            # seconds a dial may take before the next peer is tried
@@ -1618,6 +1619,8 @@ class Reactor:
         self.timers = []
         self.cancelled_timers = 0               # cancelled timers still in the heap
         self.interrupted = False
+        self.errors = 0                         # exceptions contained (see failed())
+        self.on_error = None                    # on_error(handler or None, exception)
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
@@ -1720,14 +1723,21 @@ class Reactor:
                     continue                    # forgotten by an earlier handler
                 if mask & WATCH_BROKEN:
                     mask |= handler.watched
-                if mask & WATCH_READ and handler.watched & WATCH_READ:
-                    handler.on_readable()
-                if mask & WATCH_WRITE and handler.watched & WATCH_WRITE:
-                    handler.on_writable()
+                try:
+                    if mask & WATCH_READ and handler.watched & WATCH_READ:
+                        handler.on_readable()
+                    if mask & WATCH_WRITE and handler.watched & WATCH_WRITE:
+                        handler.on_writable()
+                except Exception as e:
+                    self.failed(handler, e)
             if timers and timers[0].when <= monotonic():
                 self._fire_timers()
             while from_threads:
-                from_threads.popleft()()
+                callback = from_threads.popleft()
+                try:
+                    callback()
+                except Exception as e:
+                    self.failed(None, e)
             if once:
                 return
             if self.interrupted:
@@ -1752,7 +1762,25 @@ class Reactor:
             else:
                 callback = timer.callback
                 timer.cancelled, timer.callback = True, None   # fired: cancel() is a no-op now
-                callback()
+                try:
+                    callback()
+                except Exception as e:
+                    self.failed(None, e)
+
+    def failed(self, handler, exc):
+        """A handler, timer or thread's callback raised: a bug in sertcp.
+        It is reported (on_error logs the traceback) and contained to what
+        raised: a handler's fail() ends that connection, device or request
+        and the rest goes on.  A handler with no fail() is not contained:
+        the exception ends run(), and the process, instead of spinning."""
+        fail = getattr(handler, "fail", None)
+        if handler is not None and fail is None:
+            raise exc
+        self.errors += 1
+        if self.on_error is not None:
+            self.on_error(handler, exc)
+        if fail is not None:
+            fail("internal error: %s: %s" % (type(exc).__name__, exc))
 
     def _drain_wake(self):
         try:
@@ -1878,6 +1906,8 @@ class Device:
     def _lost(self, reason):
         self.close()
         self.port.on_device_lost(reason)
+
+    fail = _lost    # a bug met while serving it: closed, and reopened like a lost device
 
     # -- what each kind provides --
 
@@ -2761,6 +2791,9 @@ class Connection:
         else:
             self.port.rfc2217.received(self, data)  # payload comes back through client_payload
 
+    def fail(self, reason):
+        self.port.close_connection(self, reason)
+
     def close(self):
         if self.closed:
             return
@@ -2841,6 +2874,9 @@ class TlsStart:
         self._done(None)
 
     on_readable = on_writable = step
+
+    def fail(self, reason):
+        self._done(reason)
 
     def _done(self, error):
         self.reactor.forget(self)
@@ -2966,6 +3002,9 @@ class ListenSocket:
                 continue
             conn.setblocking(False)
             self.listener.on_accept(conn, peer)
+
+    def fail(self, reason):
+        pass    # that one connection is lost (the logged traceback says how); accepting goes on
 
 
 def host_allowed(networks, host):
@@ -3336,6 +3375,8 @@ class Handshake:
         if not self.done:
             self._refuse(reason)
 
+    fail = abandon
+
 
 def is_ip_literal(host):
     for family in (socket.AF_INET, socket.AF_INET6):
@@ -3393,6 +3434,9 @@ class Dial:
     def _timed_out(self):
         self.timer = None
         self._done("no answer within %gs" % DIAL_TIMEOUT)
+
+    def fail(self, reason):
+        self._done(reason)
 
     def _done(self, error):
         self.reactor.forget(self)
@@ -4537,6 +4581,7 @@ def port_status(port):
 def server_status(server):
     return {"program": PROGRAM, "version": __version__, "pid": os.getpid(),
             "uptime": round(time.monotonic() - server.started, 3),
+            "internal_errors": server.reactor.errors,
             "ports": [port_status(p) for p in server.ports],
             # a shared listener refuses before a port is chosen: its own count
             "listeners": [{"listen": show_hostport(g.listener.address), "ports": [p.name for p in g.ports],
@@ -4579,6 +4624,10 @@ def format_metrics(server):
     lines.append("# TYPE %s counter" % metric)
     for gate in server.gates:
         lines.append('%s{listen="%s"} %d' % (metric, show_hostport(gate.listener.address), gate.rejected))
+    metric = "sertcp_internal_errors"
+    lines.append("# HELP %s Bugs met and contained: the connection, device or request closed." % metric)
+    lines.append("# TYPE %s counter" % metric)
+    lines.append("%s %d" % (metric, server.reactor.errors))
     return "\n".join(lines) + "\n"
 
 
@@ -4652,6 +4701,9 @@ class StatusRequest:
     def start(self):
         self.reactor.set_interest(self, True, False)
         self.timer = self.reactor.call_later(STATUS_REQUEST_TIMEOUT, self.close)
+
+    def fail(self, reason):
+        self.close()
 
     def on_readable(self):
         try:
@@ -4977,6 +5029,7 @@ class Server:
         self.config = config
         self.log = log
         self.reactor = Reactor()
+        self.reactor.on_error = self.internal_error
         self.ports = []
         self.gates = []
         self.status = None
@@ -4984,6 +5037,17 @@ class Server:
         self.signals_seen = deque()
         self.reload_config = reload_config
         self.started = time.monotonic()
+
+    def internal_error(self, where, exc):
+        """A bug met while serving `where` (contained by the reactor): the
+        traceback for the first few, one line each after that."""
+        what = type(where).__name__ if where is not None else "a callback"
+        if self.reactor.errors <= INTERNAL_ERROR_TRACEBACKS:
+            import traceback
+            self.log.error("internal error in %s, which is closed (please report it):\n%s", what,
+                           "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip())
+        else:
+            self.log.error("internal error in %s, which is closed: %s: %s", what, type(exc).__name__, exc)
 
     def start(self):
         """Bind every listen address first (a port that cannot listen is a

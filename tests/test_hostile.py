@@ -716,3 +716,64 @@ def test_running_out_of_descriptors_pauses_accepting_instead_of_spinning(pty, tm
             s.close()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
+
+
+PLANTED = """\
+import sys
+sys.path.insert(0, %r)
+import sertcp
+
+def planted(original):
+    def client_payload(port, conn, data):
+        if b"BOOM" in data:
+            raise RuntimeError("a planted bug")
+        return original(port, conn, data)
+    return client_payload
+
+sertcp.Port.client_payload = planted(sertcp.Port.client_payload)
+sys.exit(sertcp.main(sys.argv[1:]))
+"""
+
+
+def test_a_bug_met_on_one_connection_closes_only_that_connection(pty, tmp_path):
+    """sertcp with a bug planted in its client-data path (the real process,
+    patched by a wrapper): the client that meets it is disconnected with
+    the traceback logged, while the bystander's stream, the device and the
+    process go on; /status and /metrics count it."""
+    from conftest import ROOT, http_get
+    wrapper = tmp_path / "planted.py"
+    wrapper.write_text(PLANTED % str(ROOT))
+    port, status = free_port(), free_port()
+    log_path = tmp_path / "planted.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, str(wrapper), pty.path, "--listen", "127.0.0.1:%d" % port,
+                                 "--max-clients", "3", "--send-to", "first",   # the victim never reads
+                                 "--status", "127.0.0.1:%d" % status],
+                                stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: "listening on" in log_path.read_text(), message="listening")
+        bystander = Client(port)
+        sink = DeviceSink(pty)
+        wait_for(lambda: "(1 of 3)" in log_path.read_text(), message="the bystander admitted")
+        stream = Bystander(bystander, pty)
+        victim = Client(port)
+        wait_for(lambda: "(2 of 3)" in log_path.read_text(), message="the victim admitted")
+        victim.send(b"BOOM")
+        assert victim.closed_by_peer()
+        stream.check()
+        log = log_path.read_text()
+        assert "internal error in Connection, which is closed" in log
+        assert "RuntimeError: a planted bug" in log and "Traceback" in log
+        assert re.search(r"disconnected: internal error: RuntimeError: a planted bug", log)
+        bystander.send(b"still heard")
+        assert sink.wait(11) == b"still heard"
+        sink.stop()
+        code, body = http_get(status, "/status")
+        assert '"internal_errors": 1' in body
+        code, body = http_get(status, "/metrics")
+        assert "sertcp_internal_errors 1" in body
+        bystander.close()
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0

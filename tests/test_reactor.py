@@ -150,3 +150,68 @@ def test_run_keeps_going_until_interrupted_even_from_a_signal():
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+
+
+class Raising:
+    """A handler with a bug: on_readable raises once data arrives."""
+    watched = 0
+
+    def __init__(self, sock, can_fail=True):
+        self.sock = sock
+        self.failed = []
+        if not can_fail:
+            self.fail = None
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def on_readable(self):
+        self.sock.recv(100)
+        raise KeyError("planted")
+
+    def fail(self, reason):
+        self.failed.append(reason)
+
+
+def test_a_handler_that_raises_is_failed_and_the_others_go_on():
+    r = Reactor()
+    reported = []
+    r.on_error = lambda where, exc: reported.append((where, exc))
+    a, b = socket.socketpair()
+    c, d = socket.socketpair()
+    fired = []
+    bad = Raising(a)
+    good = Raising(c)
+    good.on_readable = lambda: fired.append(c.recv(100))
+    r.set_interest(bad, True, False)
+    r.set_interest(good, True, False)
+    r.call_later(0, lambda: 1 / 0)                   # a timer's bug: reported, not fatal
+    b.send(b"x")
+    d.send(b"y")
+    r.run_once(max_wait=1.0)
+    assert bad.failed == ["internal error: KeyError: 'planted'"]
+    assert fired == [b"y"]
+    assert sorted((where is bad, type(exc).__name__) for where, exc in reported) == [
+        (False, "ZeroDivisionError"), (True, "KeyError")]
+    assert r.errors == 2
+    d.send(b"z")
+    r.run_once(max_wait=1.0)
+    assert fired == [b"y", b"z"]
+    for sock in (a, b, c, d):
+        sock.close()
+
+
+def test_a_handler_that_raises_and_cannot_be_failed_ends_run():
+    """Nothing to close it with: the loop would only meet it again (a
+    level-triggered fd stays readable), so the exception ends the loop."""
+    import pytest
+    r = Reactor()
+    r.on_error = lambda where, exc: None
+    a, b = socket.socketpair()
+    h = Raising(a, can_fail=False)
+    r.set_interest(h, True, False)
+    b.send(b"x")
+    with pytest.raises(KeyError):
+        r.run_once(max_wait=1.0)
+    a.close()
+    b.close()
