@@ -1059,6 +1059,33 @@ TELNET_VERBS = {("us", "yes"): WILL, ("us", "no"): WONT, ("him", "yes"): DO, ("h
 _T_DATA, _T_IAC, _T_VERB, _T_SB, _T_SB_IAC = range(5)
 
 
+def undouble_iac(data):
+    """(data with each IAC IAC made one IAC, whether a lone IAC ends it), or
+    None if an IAC in it starts a command.  Two ways to the same result,
+    by the density of IAC in the first 4 KiB: where IAC is sparse,
+    splitting on it (one memchr-speed pass) beats replacing the two-byte
+    IAC IAC, which bytes.replace searches for far more slowly; where it is
+    dense, the pieces cost more than the search."""
+    if data.count(b"\xff", 0, 4096) * 12 < min(len(data), 4096):    # under 1 byte in 12 (measured)
+        pieces = data.split(b"\xff")
+        odd_tail = not len(pieces) & 1         # an odd number of IAC
+        if odd_tail:
+            if pieces[-1]:
+                return None                    # the lone IAC is not the last byte
+            pieces.pop()
+        # doubled, each IAC IAC leaves an empty piece between its two
+        if any(pieces[1::2]):
+            return None
+        return b"\xff".join(pieces[0::2]), odd_tail
+    odd_tail = bool((len(data) - len(data.rstrip(b"\xff"))) & 1)
+    body = data[:-1] if odd_tail else data
+    halved = body.replace(b"\xff\xff", b"\xff")
+    # every IAC was doubled exactly when each one left has lost its twin
+    if len(body) - len(halved) != halved.count(b"\xff"):
+        return None
+    return halved, odd_tail
+
+
 class TelnetCodec:
     """Telnet for one connection, sans-I/O.
 
@@ -1141,15 +1168,11 @@ class TelnetCodec:
             if b"\xff" not in data:
                 body = head + data
                 return [body] if body else []
-            body = data
-            odd_tail = (len(data) - len(data.rstrip(b"\xff"))) & 1
-            if odd_tail:
-                body = data[:-1]   # a lone IAC at the end: what it starts comes next time
-            halved = body.replace(b"\xff\xff", b"\xff")
-            # every IAC was doubled exactly when each one left has lost its twin
-            if len(body) - len(halved) == halved.count(b"\xff"):
+            undone = undouble_iac(data)
+            if undone is not None:
+                halved, odd_tail = undone
                 if odd_tail:
-                    self.state = _T_IAC
+                    self.state = _T_IAC   # a lone IAC at the end: what it starts comes next time
                 body = head + halved
                 return [body] if body else []
         return ([head] if head else []) + self._parse(data)
