@@ -174,6 +174,35 @@ def test_random_splits_with_commands_mixed_in():
         assert payload_of(items) == data
 
 
+def test_long_chunks_with_rare_iac_decode_like_dense_ones():
+    """Chunks where IAC is rare take the split-on-IAC way to undouble (and
+    dense ones the replace way): split anywhere, a command anywhere, lone
+    IAC at a chunk's end, both give exactly the data and the command."""
+    rnd = random.Random(854)
+    for _ in range(150):
+        size = rnd.randrange(2000, 20000)
+        data = bytearray(rnd.randbytes(size).replace(b"\xff", b"\x00"))
+        for _ in range(size // rnd.choice((13, 40, 200, 1000))):
+            data[rnd.randrange(size)] = 0xff
+        data = bytes(data)
+        wire = data.replace(b"\xff", b"\xff\xff")
+        at = rnd.randrange(len(wire) + 1)
+        while wire[:at].count(b"\xff") % 2:   # not inside an IAC IAC pair
+            at -= 1
+        wire = wire[:at] + bytes((IAC, NOP)) + wire[at:]
+        c = agreed_codec()
+        items, i = [], 0
+        while i < len(wire):
+            end = i + rnd.randrange(1, 8000)
+            iac = wire.find(b"\xff", i + 1000)
+            if rnd.random() < 0.5 and iac >= 0:
+                end = iac + 1              # just after an IAC: often between a pair's two
+            items += c.feed(wire[i:end])
+            i = end
+        assert payload_of(items) == data
+        assert events_of(items) == [("command", NOP)]
+
+
 def test_subnegotiation_values_keep_a_doubled_iac():
     c = agreed_codec()
     items = c.feed(sb(11, 0xff) + b"after")
