@@ -4040,7 +4040,7 @@ class Port:
 
     def open_device(self):
         self.reopen_timer = None
-        if self.stopping or self.device.is_open or self.device_state == "opening":
+        if self.stopping or self.device.is_open or self.device_opening:
             return
         try:
             self.device.open()
@@ -4050,10 +4050,13 @@ class Port:
         if self.device.is_open:
             self._device_opened()
         else:
-            self.device_state = "opening"   # a URL device: device_open_done() follows
+            self.device_opening = True      # a URL device: device_open_done() follows
+
+    device_opening = False
 
     def device_open_done(self, error):
         """A device that opens in the background has finished trying."""
+        self.device_opening = False
         if error is not None:
             self._device_open_failed(error)
         else:
@@ -4088,8 +4091,9 @@ class Port:
         if self.device.is_open:
             self.device.close()
             self.log.info("[%s] device %s closed (%s)", self.name, self.device.label(), why)
-        elif self.device_state == "opening":
+        elif self.device_opening:
             self.device.close()         # the open under way is dropped when it ends
+            self.device_opening = False
         self.device_state = "closed"
 
     def on_device_lost(self, reason):
@@ -4347,7 +4351,7 @@ class Port:
             self.count_dropped(len(data), "receive_from = %s ignores %s" % (self.config.receive_from,
                                                                            format_peer(conn.peer)))
             return
-        if not self.device.is_open and self.device_state != "opening":
+        if not self.device.is_open and not self.device_opening:
             self.count_dropped(len(data), "device %s is not open" % self.device.label())
             return
         self.device.write(data)             # queued while a URL device opens
