@@ -198,6 +198,38 @@ reopen_interval = 0.2
     assert c.recv(4) == b"fine"
 
 
+def beside_a_url_device(good_path, good, name, far_port, extra):
+    """(INI, the listen port of [name]): two ports, [good] on a pty and
+    [name] on rfc2217:// to far_port."""
+    port = free_port()
+    return """
+[good]
+device = %s
+listen = 127.0.0.1:%d
+[%s]
+device = rfc2217://127.0.0.1:%d
+listen = 127.0.0.1:%d
+%s
+""" % (good_path, good, name, far_port, port, extra), port
+
+
+def slowest_round_trip(client, pty, going_on, bound=20.0):
+    """Round trips client -> pty -> client while going_on(); the slowest."""
+    slowest, i = 0.0, 0
+    deadline = time.monotonic() + bound
+    while going_on():
+        assert time.monotonic() < deadline, "still going after %gs" % bound
+        data = b"%06d" % i
+        t0 = time.monotonic()
+        client.send(data)
+        assert pty.read(6) == data
+        pty.write(data)
+        assert client.recv(6) == data
+        slowest = max(slowest, time.monotonic() - t0)
+        i += 1
+    return slowest
+
+
 class SilentServer:
     """A TCP server that accepts and never says a word: an RFC 2217 far end
     that is hung, or a gateway with nothing behind it."""
@@ -227,35 +259,18 @@ def test_a_url_device_whose_far_end_hangs_does_not_stall_another_port(sertcp, cl
     opens URL devices in a thread, so the other port answers meanwhile."""
     far = SilentServer()
     try:
-        good, hung = free_port(), free_port()
-        s = sertcp(config="""
-[good]
-device = %s
-listen = 127.0.0.1:%d
-[hung]
-device = rfc2217://127.0.0.1:%d
-listen = 127.0.0.1:%d
-reopen_interval = 0.5
-""" % (pty.path, good, far.port, hung))
+        good = free_port()
+        config, _ = beside_a_url_device(pty.path, good, "hung", far.port, "reopen_interval = 0.5")
+        s = sertcp(config=config)
         s.wait_listening(good)
         c = clients(good)
         s.wait_log(r"\[good\] client \S+ connected")
         wait_for(lambda: far.accepted, message="the far end dialled")
         # two open attempts take pyserial's 3 s negotiation wait each; a
         # round trip on the other port never waits for them
-        slowest = 0.0
-        deadline = time.monotonic() + 7.0
-        i = 0
-        while time.monotonic() < deadline or log_count(s, r"\[hung\] device \S+ cannot be opened") < 1:
-            assert time.monotonic() < deadline + 10, "the hung open never gave up"
-            data = b"%06d" % i
-            t0 = time.monotonic()
-            c.send(data)
-            assert pty.read(6) == data
-            pty.write(data)
-            assert c.recv(6) == data
-            slowest = max(slowest, time.monotonic() - t0)
-            i += 1
+        started = time.monotonic()
+        slowest = slowest_round_trip(c, pty, lambda: time.monotonic() < started + 7.0 or log_count(
+            s, r"\[hung\] device \S+ cannot be opened") < 1)
         assert slowest < 1.5, "a round trip on [good] took %.2fs" % slowest
         s.wait_log(r"\[hung\] device rfc2217://\S+ cannot be opened: .*RFC ?2217")
         # tried again and again (a third try means the second one failed),
@@ -367,17 +382,10 @@ def test_lines_set_on_connect_wait_for_a_url_device_without_stalling_another_por
                  wait_port=far_port)
     proxy = Proxy(far_port)
     try:
-        good, chain = free_port(), free_port()
-        s = sertcp(config="""
-[good]
-device = %s
-listen = 127.0.0.1:%d
-[chain]
-device = rfc2217://127.0.0.1:%d
-listen = 127.0.0.1:%d
-dtr_active = on
-rts_active = on
-""" % (good_pty.path, good, proxy.port, chain))
+        good = free_port()
+        config, chain = beside_a_url_device(good_pty.path, good, "chain", proxy.port,
+                                            "dtr_active = on\nrts_active = on")
+        s = sertcp(config=config)
         s.wait_log(r"\[chain\] device \S+ opened")
         c = clients(good)
         s.wait_log(r"\[good\] client \S+ connected")
@@ -385,16 +393,7 @@ rts_active = on
         started = time.monotonic()
         joined = clients(chain)
         s.wait_log(r"\[chain\] client \S+ connected")
-        slowest, i = 0.0, 0
-        while time.monotonic() < started + 4.0:
-            data = b"%06d" % i
-            t0 = time.monotonic()
-            c.send(data)
-            assert good_pty.read(6) == data
-            good_pty.write(data)
-            assert c.recv(6) == data
-            slowest = max(slowest, time.monotonic() - t0)
-            i += 1
+        slowest = slowest_round_trip(c, good_pty, lambda: time.monotonic() < started + 4.0)
         assert slowest < 1.5, "a round trip on [good] took %.2fs" % slowest
         joined.close()
     finally:
