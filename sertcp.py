@@ -2326,8 +2326,8 @@ class UrlDevice(PyserialDevice):
         generation = self.generation
 
         def lines():
-            if not self.is_open:
-                return
+            if generation != self.generation:
+                return                  # closed since: not the same pyserial object
             problem = PyserialDevice.set_lines(self, dtr, rts)
             modem = {} if problem else self.modem_status()
             self.reactor.call_soon_threadsafe(lambda: generation == self.generation and done(problem, modem))
@@ -2341,9 +2341,12 @@ class UrlDevice(PyserialDevice):
             raise OSError(errno.ENODEV, "device not open")
         finished = threading.Event()
         result = []
+        generation = self.generation
 
         def run():
             try:
+                if generation != self.generation:
+                    raise OSError(errno.ENODEV, "device closed")
                 result.append((True, call()))
             except Exception as e:
                 result.append((False, e))
