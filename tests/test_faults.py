@@ -10,6 +10,7 @@ import re
 import socket
 import struct
 import termios
+import threading
 import time
 
 import pytest
@@ -290,7 +291,7 @@ class Proxy:
         self.target = target
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
-        self.released = __import__("threading").Event()
+        self.released = threading.Event()
         if not held:
             self.released.set()
         self.frozen = False
