@@ -4594,6 +4594,9 @@ def port_status(port):
         "device": c.device if c.device is not None else c.virtual,
         "virtual": c.virtual is not None,
         "open": bool(port.device.is_open),
+        # open, opening (a URL device's open under way), missing (retried
+        # every reopen_interval), closed (open_on_demand, or stopped)
+        "device_state": "opening" if port.device_opening else port.device_state,
         "settings": (dict(port.rfc2217.in_force) if port.rfc2217 and port.rfc2217.role == "server" else  # as clients set them
                      {"baudrate": c.baudrate, "bytesize": c.bytesize, "parity": c.parity,
                       "stopbits": c.stopbits, "flow": c.flow}),

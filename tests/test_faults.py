@@ -154,9 +154,13 @@ def test_device_unplugged_twice_and_clients_come_and_go_meanwhile(sertcp, client
 
 def test_device_missing_at_start_appears_later(sertcp, clients, pty_factory, tmp_path):
     link = tmp_path / "ttyLATE"
-    port = free_port()
-    s = sertcp("--listen", "127.0.0.1:%d" % port, "--reopen-interval", "0.2", link, wait_port=port)
+    port, status = free_port(), free_port()
+    s = sertcp("--listen", "127.0.0.1:%d" % port, "--reopen-interval", "0.2", link,
+               "--status", "127.0.0.1:%d" % status, wait_port=port)
     s.wait_log(r"\[cli\] device %s cannot be opened: " % re.escape(str(link)))
+    s.wait_log("status endpoint on")
+    state = port_status(status)
+    assert not state["open"] and state["device_state"] == "missing"
     c = join(s, clients, port)  # clients are accepted while the device is missing
     c.send(b"early")
     s.wait_log(r"dropped 5 bytes: device \S+ is not open")
@@ -358,11 +362,13 @@ def test_data_sent_while_a_url_device_opens_reaches_it_once_open(sertcp, clients
             port = port_status(status)
             return port["clients"] and port["clients"][0]["bytes_in"] == 11
         wait_for(read_by_sertcp, message="sertcp read the client's bytes")
-        assert not port_status(status)["open"]    # still opening: the far end has not answered
+        state = port_status(status)
+        assert not state["open"] and state["device_state"] == "opening"   # the far end has not answered
         proxy.release()
         assert pty.read(11) == b"early bytes"
         s.wait_log(r"device rfc2217://\S+ opened")
-        assert port_status(status)["open"]
+        state = port_status(status)
+        assert state["open"] and state["device_state"] == "open"
         pty.write(b"and back")
         assert c.recv(8) == b"and back"
         assert "dropped" not in s.log()

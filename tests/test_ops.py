@@ -44,6 +44,7 @@ def test_status_and_metrics_count_the_bytes_moved(sertcp, pty, clients):
     doc = json.loads(body)
     (p,) = doc["ports"]
     assert p["name"] == "cli" and p["device"] == pty.path and p["open"] is True
+    assert p["device_state"] == "open" and doc["internal_errors"] == 0
     assert p["settings"] == {"baudrate": 9600, "bytesize": 8, "parity": "none", "stopbits": "1", "flow": "none"}
     assert p["bytes_from_device"] == 1000 and p["bytes_to_device"] == 300
     assert p["connections_total"] == 2 and p["connections_rejected"] == 0
