@@ -4142,7 +4142,10 @@ class Port:
     def _lines_applied(self, dtr, rts, problem, modem):
         names = {True: "on", False: "off", None: "kept"}
         if problem:
-            self.log.debug("[%s] DTR %s, RTS %s: %s", self.name, names[dtr], names[rts], problem)
+            # a pty refuses modem lines every time (debug); a URL device's
+            # far end that does not acknowledge them is worth a warning
+            self.log.log(WARNING if isinstance(self.device, UrlDevice) else DEBUG,
+                         "[%s] DTR %s, RTS %s: %s", self.name, names[dtr], names[rts], problem)
             return
         read_back = ", ".join("%s=%s" % (k, "on" if v else "off") for k, v in modem.items())
         self.log.info("[%s] lines DTR=%s RTS=%s%s", self.name, names[dtr], names[rts],
