@@ -563,8 +563,8 @@ def _validate_port(port, where_of, errors):
         err("password_file", "set password or password_file, not both")
     if v["password"] is not None and len(v["password"].encode("utf-8")) > PASSWORD_LINE_LIMIT:
         err("password", "is longer than %d bytes" % PASSWORD_LINE_LIMIT)
-    for key in ("tls_cert", "tls_key", "tls_ca", "password_file"):
-        if v[key] is not None and key != "password_file":
+    for key in ("tls_cert", "tls_key", "tls_ca"):
+        if v[key] is not None:
             try:
                 with open(v[key], "rb") as f:
                     head = f.read(65536)

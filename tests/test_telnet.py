@@ -753,7 +753,7 @@ def test_a_command_in_one_byte_segments(port):
     p = port.peer()
     for byte in sb(1, 0, 0, 0x4b, 0) + sb(0):
         p.send(bytes((byte,)))
-        time.sleep(0.005)
+        time.sleep(0.005)   # pacing: one TCP segment per byte is the point
     p.expect(sb(101, 0, 0, 0x4b, 0) + sb(100, *("sertcp %s" % core.__version__).encode()))
 
 
