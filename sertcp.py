@@ -54,7 +54,7 @@ SHUTDOWN_DRAIN = 2.0           # seconds to write out what is queued at exit
 VIRTUAL_POLL = 0.1             # seconds between checks that a program opened a virtual port
 IDENTITY_PAUSE = 0.2           # an id ends at LF, CR LF or this pause
 INTERNAL_ERROR_TRACEBACKS = 20  # tracebacks logged for contained bugs; one line each after
-URL_DEVICE_WAIT = 5.0          # longest the loop waits on a URL device's line change
+HALF_CLOSE_GRACE = 0.5         # seconds a half-closed client still gets device data (socat's -t)
 DIAL_SETTLE = 5.0              # a dialed connection closed sooner, silent: a failed round
 DIAL_TIMEOUT = 10.0            # seconds a dial may take before the next peer is tried
 MODEM_POLL = 0.1               # rfc2217: seconds between looks at modem lines (only while asked for)
@@ -936,7 +936,7 @@ def choose_clients(policy, clients, active):
     raise ValueError(policy)
 
 
-def client_selected(policy, client, clients, active):
+def client_selected(policy, client, clients):
     """True if `client` may send to the device under `policy`."""
     if policy == "all":
         return True
@@ -1591,6 +1591,144 @@ class ByteBuffer:
         return len(self.data)
 
 
+# ---------------------------------------------------------------------
+# Port state machines: device life cycle, back-pressure, admission, dialing
+# ---------------------------------------------------------------------
+# The port (section 6) feeds these events and performs what they return;
+# each holds its state in one field.
+
+# The device's life: (state, event) -> new state.  "opening" lasts while a
+# URL or socket device connects in the background; "missing" is retried
+# every reopen_interval; "closed" is open_on_demand's rest, or a stop.
+DEVICE_STATE_ON = {
+    ("closed", "open"): "opening",
+    ("missing", "open"): "opening",
+    ("opening", "opened"): "open",
+    ("opening", "failed"): "missing",
+    ("open", "lost"): "missing",
+    ("closed", "close"): "closed",
+    ("opening", "close"): "closed",
+    ("open", "close"): "closed",
+    ("missing", "close"): "closed",
+}
+
+
+def device_state_after(state, event):
+    """The device state after `event`; ValueError for one that cannot happen."""
+    try:
+        return DEVICE_STATE_ON[state, event]
+    except KeyError:
+        raise ValueError("device %s: no transition on %r" % (state, event))
+
+
+def device_should_pause(backlogs, paused, pause_at):
+    """Back-pressure, the one rule: stop reading the device while every
+    client that device data goes to has at least `pause_at` bytes waiting
+    (read again below half of it).  With no recipient the device is read:
+    its data goes to `buffer` or is counted as dropped, never left in the
+    UART for good.  Evaluated whenever a client comes, goes, drains or is
+    suspended (RFC 2217), and after each delivery."""
+    if not backlogs:
+        return False
+    return min(backlogs) >= (pause_at // 2 if paused else pause_at)
+
+
+def admission(connected, max_clients, when_full, network_enabled):
+    """What to do with a client the listener accepted: "accept",
+    "kick_oldest", or a reason to refuse it."""
+    if not network_enabled:
+        return "refuse: not open (listen_on_open)"
+    if connected < max_clients:
+        return "accept"
+    if when_full == "kick_oldest":
+        return "kick_oldest"
+    return "refuse: full (when_full = reject)"
+
+
+class DialPlan:
+    """The client role's dialing, h11-style: handle(event) moves the one
+    `state` along TABLE and returns the actions for the port to perform.
+
+    States: gathering (no reason to dial yet: event_bytes not reached, an
+    incoming client holds the place, a virtual port closed), resolving (peer `peer`
+    of connect), connecting (one address of it, then TLS), connected,
+    waiting (backing off; the port sets a timer and sends "timer"), off.
+
+    Events the port sends: wanted, resolved, peer_failed (name or every
+    address failed), up, place_taken (an incoming client came first),
+    we_hung_up (timeout, listen_on_open, kicked, slow), peer_hung_up (with
+    held=True if the connection lasted or carried data), timer, stop.
+
+    Actions returned: ("resolve", peer), ("connect",), ("admit",),
+    ("wait", seconds), ("failed_round", failures), ("dial_if_wanted",)."""
+
+    TABLE = {
+        # (state, event):                      (new state, steps)
+        ("gathering", "wanted"):                     ("resolving", ("first_peer", "resolve")),
+        ("resolving", "resolved"):              ("connecting", ("connect",)),
+        ("resolving", "peer_failed"):           ("resolving", ("next_peer", "resolve")),
+        ("resolving", "round_failed"):          ("waiting", ("failed_round", "back_off")),
+        ("connecting", "peer_failed"):          ("resolving", ("next_peer", "resolve")),
+        ("connecting", "round_failed"):         ("waiting", ("failed_round", "back_off")),
+        ("connecting", "up"):                   ("connected", ("admit",)),
+        ("connecting", "place_taken"):          ("gathering", ()),
+        # who ended a connection decides what follows: our own hang-up is
+        # no failure; a peer that accepts and closes without a word is
+        ("connected", "we_hung_up"):            ("gathering", ("reset", "dial_if_wanted")),
+        ("connected", "peer_hung_up"):          ("waiting", ("reset", "wait_min")),
+        ("connected", "peer_hung_up_on_data"):  ("gathering", ("reset", "dial_if_wanted")),
+        ("connected", "peer_hung_up_silent"):   ("waiting", ("failed_round", "back_off")),
+        ("waiting", "timer"):                   ("gathering", ("dial_if_wanted",)),
+    }
+
+    def __init__(self, peers, reconnect_min, reconnect_max, on_data=False):
+        self.peers = peers              # how many connect addresses
+        self.reconnect_min, self.reconnect_max = reconnect_min, reconnect_max
+        self.on_data = on_data          # event_bytes > 0: device data starts a dial
+        self.state = "gathering"
+        self.peer = 0
+        self.failures = 0               # failed rounds since a connection last held
+
+    def handle(self, event, held=True, entropy=0.0):
+        """Apply one event; returns the list of actions.  `held` refines
+        peer_hung_up, `entropy` (0..1) jitters a back-off."""
+        if event == "stop":
+            self.state = "off"
+            return []
+        if event == "peer_failed" and self.peer + 1 >= self.peers:
+            event = "round_failed"
+        elif event == "peer_hung_up":
+            if not held and not self.on_data:
+                event = "peer_hung_up_silent"   # (with event_bytes only device data dials: no loop)
+            elif self.on_data:
+                event = "peer_hung_up_on_data"
+        try:
+            self.state, steps = self.TABLE[self.state, event]
+        except KeyError:
+            raise ValueError("dial plan: %s has no transition on %r" % (self.state, event))
+        actions = []
+        for step in steps:
+            if step == "first_peer":
+                self.peer = 0
+            elif step == "next_peer":
+                self.peer += 1
+            elif step == "reset":
+                self.failures = 0
+            elif step == "failed_round":
+                self.failures += 1
+                actions.append(("failed_round", self.failures))
+            elif step == "back_off":
+                actions.append(("wait", next_backoff(self.failures, self.reconnect_min,
+                                                     self.reconnect_max, entropy)))
+            elif step == "wait_min":
+                actions.append(("wait", self.reconnect_min))
+            elif step == "resolve":
+                actions.append(("resolve", self.peer))
+            else:
+                actions.append((step,))
+        return actions
+
+
 # =====================================================================
 # 4. Reactor: one selector loop with a timer heap
 # =====================================================================
@@ -1617,14 +1755,62 @@ class Timer:
 # What a handler is watched for: the poll(2) bits, which epoll shares.
 WATCH_READ = select.POLLIN
 WATCH_WRITE = select.POLLOUT
+# the peer shut down its side: watched alone while a connection is not
+# read (back-pressure), so that a client who leaves is still seen (Linux)
+WATCH_HANGUP = getattr(select, "POLLRDHUP", 0)
+WATCH_READABLE = WATCH_READ | WATCH_HANGUP
 # error and hang-up wake whatever the handler waits for; its read or
 # write then finds out what happened
-WATCH_BROKEN = select.POLLERR | select.POLLHUP | select.POLLNVAL
+WATCH_BROKEN = select.POLLERR | select.POLLHUP | select.POLLNVAL | WATCH_HANGUP
+
+
+class Handler:
+    """What the reactor expects of anything it watches, the way
+    socketserver documents what to override:
+
+    - fileno(): the descriptor, valid from the first set_interest() until
+      the handler is forgotten (the reactor keeps the number it saw).
+    - on_readable() / on_writable(): called when the descriptor is ready
+      (or broken: the call then meets the error) and the handler watches
+      for it.  They must not block, and may change the interest or close.
+    - fail(reason): a bug met while serving it (an exception out of one of
+      the above, or out of a timer of its own): end this one thing.
+    - `watched` / `watched_fd` belong to the reactor.
+
+    finish(reason) is the one way to end: it runs ended(reason) once,
+    however many paths (peer, timer, error, stop) reach it."""
+
+    watched = 0
+    watched_fd = -1
+    finished = False
+
+    def fileno(self):
+        raise NotImplementedError
+
+    def on_readable(self):
+        pass
+
+    def on_writable(self):
+        pass
+
+    def fail(self, reason):
+        self.finish(reason)
+
+    def finish(self, reason=None):
+        """End once; False if it had ended already."""
+        if self.finished:
+            return False
+        self.finished = True
+        self.ended(reason)
+        return True
+
+    def ended(self, reason):
+        pass
 
 
 class Reactor:
-    """Owns every file descriptor and deadline.  Handlers are objects with
-    fileno(), on_readable() and on_writable(); threads hand work in with
+    """Owns every file descriptor and deadline.  Handlers (see Handler)
+    are told when their descriptor is ready; threads hand work in with
     call_soon_threadsafe(), the only method they may call.
 
     It drives epoll (poll(2) where there is none) itself rather than
@@ -1649,7 +1835,6 @@ class Reactor:
         os.set_blocking(self.wake_w, False)
         self.from_threads = deque()
         self.poller.register(self.wake_r, WATCH_READ)
-        self.signals = deque()
 
     @staticmethod
     def now():
@@ -1683,9 +1868,10 @@ class Reactor:
         except (BlockingIOError, OSError):
             pass
 
-    def set_interest(self, handler, read, write):
-        """Watch handler's fd for reading and/or writing (neither = forget)."""
-        mask = (WATCH_READ if read else 0) | (WATCH_WRITE if write else 0)
+    def set_interest(self, handler, read, write, hangup=False):
+        """Watch handler's fd for reading and/or writing, or only for the
+        peer's hang-up (which then calls on_readable); none = forget."""
+        mask = (WATCH_READ if read else WATCH_HANGUP if hangup else 0) | (WATCH_WRITE if write else 0)
         old = handler.watched
         if mask == old:
             return
@@ -1747,7 +1933,7 @@ class Reactor:
                 if mask & WATCH_BROKEN:
                     mask |= handler.watched
                 try:
-                    if mask & WATCH_READ and handler.watched & WATCH_READ:
+                    if mask & WATCH_READABLE and handler.watched & WATCH_READABLE:
                         handler.on_readable()
                     if mask & WATCH_WRITE and handler.watched & WATCH_WRITE:
                         handler.on_writable()
@@ -1817,6 +2003,11 @@ class Reactor:
 # 5. Endpoints: serial devices, connections, listeners
 # =====================================================================
 
+# ---------------------------------------------------------------------
+# Serial devices: the common queue, pyserial ttys, URL devices, sockets,
+# virtual ports
+# ---------------------------------------------------------------------
+
 PARITY_TO_PYSERIAL = {"none": "N", "even": "E", "odd": "O", "mark": "M", "space": "S"}
 STOPBITS_TO_PYSERIAL = {"1": 1, "1.5": 1.5, "2": 2}
 
@@ -1834,16 +2025,21 @@ def unwritten(chunk, n):
     return memoryview(chunk)[n:] if type(chunk) is bytes else chunk[n:]
 
 
-class Device:
+class Device(Handler):
     """The serial side of a port.  The port calls open(), write(), close()
-    and set_lines(); the device calls port.on_device_data(data),
-    port.on_device_lost(reason), and port.device_open_done(error) when
-    open() left it opening in the background (is_open still False).
+    and call(); the device calls port.on_device_data(data),
+    port.on_device_lost(reason), port.on_device_drained(), and
+    port.device_open_done(error) when open() left it opening in the
+    background (is_open still False).
 
     Writes are queued in `tx` and written as the device accepts them;
-    `tx_pause` spaces successive writes (ezTCP's TX interval)."""
+    `tx_pause` spaces successive writes (ezTCP's TX interval).
 
-    watched = 0
+    Line and setting changes (set_lines, set_break, apply_setting,
+    purge_buffers, modem_status) are plain blocking calls on the device;
+    the port runs them through call(), which a device whose calls wait on
+    a far end (a URL device) runs off the loop.  This base class is a
+    device with no lines and no settings: a byte stream."""
 
     def __init__(self, port, reactor):
         self.port = port
@@ -1857,7 +2053,10 @@ class Device:
         self.is_open = False
         self.reading_paused = False
 
-    # -- what every kind of device shares --
+    def label(self):
+        return self.config.device
+
+    # -- the write queue, shared by every kind --
 
     def write(self, data):
         tried = not self.tx and not self.tx_pause and self.is_open
@@ -1866,6 +2065,8 @@ class Device:
             try:
                 n = self._write_some(data)
             except OSError as e:
+                self.tx.append(data)        # counted as dropped with the rest
+                self.tx_bytes += len(data)
                 self._lost("write failed: %s" % describe_error(e))
                 return
             if n:
@@ -1930,7 +2131,11 @@ class Device:
         self.close()
         self.port.on_device_lost(reason)
 
-    fail = _lost    # a bug met while serving it: closed, and reopened like a lost device
+    def fail(self, reason):
+        self._lost(reason)      # a bug met while serving it: reopened like a lost device
+
+    def on_writable(self):
+        self._flush()
 
     # -- what each kind provides --
 
@@ -1943,109 +2148,71 @@ class Device:
     def _update_interest(self):
         pass
 
+    # -- lines and settings: blocking calls, run through call() --
+
+    def call(self, operation, done=None):
+        """Run operation() and hand done(result, error) its outcome: at
+        once here, later for a device whose calls wait on a far end."""
+        try:
+            result, error = operation(), None
+        except Exception as e:  # an OS, driver or far end that refuses
+            result, error = None, e
+        if done is not None:
+            done(result, error)
+
     def set_lines(self, dtr, rts):
-        """Set DTR/RTS (None = leave); returns a description for the log."""
+        """Set DTR/RTS (None = leave); returns a problem for the log, or ""."""
         return ""
-
-    def change_lines(self, dtr, rts, done):
-        """set_lines(), then done(problem, modem_status()) -- at once here,
-        later for a device whose line changes wait on a far end."""
-        problem = self.set_lines(dtr, rts)
-        done(problem, {} if problem else self.modem_status())
-
-    def modem_status(self):
-        return {}
-
-    # -- RFC 2217: what a remote client may change (see ComPortBridge) --
-    # These use the pyserial object of FdDevice and UrlDevice, which keeps
-    # the line states it last set even where the ioctl fails (a pty has no
-    # modem lines); VirtualDevice overrides them with termios.
-
-    def apply_setting(self, name, value):
-        """Change baudrate, bytesize, parity, stopbits or flow on the open
-        device; raises if the device or the OS refuses the value."""
-        ser = getattr(self, "serial", None)
-        if ser is None:
-            raise OSError(errno.ENODEV, "device not open")
-        if name == "baudrate":
-            ser.baudrate = value
-        elif name == "bytesize":
-            ser.bytesize = value
-        elif name == "parity":
-            ser.parity = PARITY_TO_PYSERIAL[value]
-        elif name == "stopbits":
-            ser.stopbits = STOPBITS_TO_PYSERIAL[value]
-        elif name == "flow":
-            ser.xonxoff = value == "xonxoff"
-            ser.rtscts = value == "rtscts"
-            ser.dsrdtr = value == "dsrdtr"
-        else:
-            raise ValueError(name)
-
-    def settings(self):
-        """The settings the OS reports for the line (termios), or None
-        where it cannot say (a URL device)."""
-        fd = getattr(self, "fd", None)
-        return termios_settings(fd) if fd is not None else None
-
-    def line_states(self, fallback):
-        """{"dtr", "rts", "break"}: as last set; `fallback` where unknown."""
-        ser = getattr(self, "serial", None)
-        if ser is None:
-            return dict(fallback)
-        return {"dtr": bool(ser.dtr), "rts": bool(ser.rts), "break": bool(ser.break_condition)}
 
     def set_break(self, on):
         """Start or end a break; returns a problem for the log, or ""."""
-        ser = getattr(self, "serial", None)
-        if ser is None:
-            return "device not open"
-        try:
-            ser.break_condition = on
-        except Exception as e:  # a pty has no break (ENOTTY/EINVAL)
-            return "cannot %s break: %s" % ("start" if on else "end", describe_error(e))
-        return ""
+        return "%s has no break line" % self.label()
 
-    def purge(self, receive, transmit):
-        """Drop what waits: bytes received but not yet read, and/or bytes
-        not yet written to the line (sertcp's queue and the OS's)."""
-        ser = getattr(self, "serial", None)
-        if transmit:
-            self.discard_tx()
-        if ser is None:
-            return
-        try:
-            if receive:
-                ser.reset_input_buffer()
-            if transmit:
-                ser.reset_output_buffer()
-        except Exception:
-            pass
+    def apply_setting(self, name, value):
+        """Change baudrate, bytesize, parity, stopbits or flow; raises if
+        the device or the OS refuses the value.  A byte stream takes any."""
+
+    def purge_buffers(self, receive, transmit):
+        """Drop what the OS holds: received and not read, or not yet sent."""
+
+    def modem_status(self):
+        """{"CTS", "DSR", "RI", "CD"}: the modem lines, {} where there are none."""
+        return {}
+
+    def settings(self):
+        """The settings the OS reports for the line (termios), or None
+        where it cannot say."""
+        return None
+
+    def line_states(self, fallback):
+        """{"dtr", "rts", "break"}: as last set; `fallback` where unknown."""
+        return dict(fallback)
 
     def output_pending(self):
         """Bytes the OS still holds for the line, if it says (else 0)."""
-        try:
-            return self.serial.out_waiting if getattr(self, "fd", None) is not None else 0
-        except Exception:
-            return 0
+        return 0
+
+    def purge(self, receive, transmit):
+        """Drop what waits for the device (sertcp's queue at once) and,
+        through call(), what the OS holds."""
+        if transmit:
+            self.discard_tx()
+        self.call(lambda: self.purge_buffers(receive, transmit))
 
 
 class PyserialDevice(Device):
     """What the devices pyserial opens share: the configured settings and
-    line states applied before opening, and the modem lines."""
+    line states applied before opening, and the lines and settings through
+    the pyserial object, which keeps the line states it last set even
+    where the ioctl fails (a pty has no modem lines)."""
 
     serial = None
 
     def _configure(self, ser):
         """Settings and line states into a pyserial object not yet open."""
         c = self.config
-        ser.baudrate = c.baudrate
-        ser.bytesize = c.bytesize
-        ser.parity = PARITY_TO_PYSERIAL[c.parity]
-        ser.stopbits = STOPBITS_TO_PYSERIAL[c.stopbits]
-        ser.xonxoff = c.flow == "xonxoff"
-        ser.rtscts = c.flow == "rtscts"
-        ser.dsrdtr = c.flow == "dsrdtr"
+        for name in ("baudrate", "bytesize", "parity", "stopbits", "flow"):
+            pyserial_setting(ser, name, getattr(c, name))
         dtr, rts = self.port.wanted_lines()
         if dtr is not None:
             ser.dtr = dtr
@@ -2061,26 +2228,75 @@ class PyserialDevice(Device):
             raise OSError(getattr(e, "errno", None) or errno.EIO, describe_error(e))
 
     def set_lines(self, dtr, rts):
-        if self.serial is None:
-            return ""
+        ser = self.serial
+        if ser is None:
+            return "device not open"
         try:
             if dtr is not None:
-                self.serial.dtr = dtr
+                ser.dtr = dtr
             if rts is not None:
-                self.serial.rts = rts
+                ser.rts = rts
         except Exception as e:  # ptys refuse modem ioctls (ENOTTY/EINVAL)
             return "cannot set lines: %s" % describe_error(e)
         return ""
 
+    def set_break(self, on):
+        ser = self.serial
+        if ser is None:
+            return "device not open"
+        try:
+            ser.break_condition = on
+        except Exception as e:  # a pty has no break (ENOTTY/EINVAL)
+            return "cannot %s break: %s" % ("start" if on else "end", describe_error(e))
+        return ""
+
+    def apply_setting(self, name, value):
+        if self.serial is None:
+            raise OSError(errno.ENODEV, "device not open")
+        pyserial_setting(self.serial, name, value)
+
+    def purge_buffers(self, receive, transmit):
+        ser = self.serial
+        if ser is None:
+            return
+        try:
+            if receive:
+                ser.reset_input_buffer()
+            if transmit:
+                ser.reset_output_buffer()
+        except Exception:
+            pass
+
     def modem_status(self):
-        return serial_modem_status(self.serial)
+        ser = self.serial
+        try:
+            return {"CTS": ser.cts, "DSR": ser.dsr, "RI": ser.ri, "CD": ser.cd}
+        except Exception:  # not open, or no modem lines (a pty, a socket)
+            return {}
+
+    def line_states(self, fallback):
+        ser = self.serial
+        if ser is None:
+            return dict(fallback)
+        return {"dtr": bool(ser.dtr), "rts": bool(ser.rts), "break": bool(ser.break_condition)}
 
 
-def serial_modem_status(ser):
-    try:
-        return {"CTS": ser.cts, "DSR": ser.dsr, "RI": ser.ri, "CD": ser.cd}
-    except Exception:
-        return {}
+def pyserial_setting(ser, name, value):
+    """One configuration setting into a pyserial object."""
+    if name == "baudrate":
+        ser.baudrate = value
+    elif name == "bytesize":
+        ser.bytesize = value
+    elif name == "parity":
+        ser.parity = PARITY_TO_PYSERIAL[value]
+    elif name == "stopbits":
+        ser.stopbits = STOPBITS_TO_PYSERIAL[value]
+    elif name == "flow":
+        ser.xonxoff = value == "xonxoff"
+        ser.rtscts = value == "rtscts"
+        ser.dsrdtr = value == "dsrdtr"
+    else:
+        raise ValueError(name)
 
 
 class FdDevice(PyserialDevice):
@@ -2089,15 +2305,11 @@ class FdDevice(PyserialDevice):
 
     def __init__(self, port, reactor):
         super().__init__(port, reactor)
-        self.serial = None
         self.fd = None
         self.want_write = False
 
     def fileno(self):
         return self.fd
-
-    def label(self):
-        return self.config.device
 
     def open(self):
         import serial  # pyserial: imported where first needed, so --check stays fast
@@ -2178,36 +2390,41 @@ class FdDevice(PyserialDevice):
                 data = b"".join(chunks)
         self.port.on_device_data(data)
 
-    def on_writable(self):
-        self._flush()
-
     def _write_some(self, data):
         try:
             return os.write(self.fd, data)
         except BlockingIOError:
             return 0
 
+    def settings(self):
+        return termios_settings(self.fd) if self.fd is not None else None
+
+    def output_pending(self):
+        try:
+            return self.serial.out_waiting
+        except Exception:
+            return 0
 
 
 class UrlDevice(PyserialDevice):
-    """A pyserial URL (loop://, socket://, rfc2217://, ...) that has no file
+    """A pyserial URL (loop://, rfc2217://, ...) that has no file
     descriptor to select on: a reader thread and a writer thread do the
     blocking calls and hand results to the loop.  They never touch the
     port's state; the loop never blocks on them.
 
     Opening is blocking too (a TCP connect, RFC 2217 negotiation: seconds
     when the far end is down or silent), so it runs in a thread of its own
-    and reports through port.device_open_done()."""
+    and reports through port.device_open_done().  So do line and setting
+    changes (pyserial's rfc2217:// waits at least 50 ms, and up to 3 s,
+    for the far end to acknowledge each): call() hands them to the writer
+    thread, in turn with the data queued before them, and done() comes
+    back on the loop when the far end has answered."""
 
     def __init__(self, port, reactor):
         super().__init__(port, reactor)
-        self.serial = None
         self.generation = 0
         self.outbox = None
         self.in_flight = 0
-
-    def label(self):
-        return self.config.device
 
     def open(self):
         import serial
@@ -2282,7 +2499,7 @@ class UrlDevice(PyserialDevice):
             data = outbox.get()
             if data is None:
                 return
-            if callable(data):                  # a line or buffer change, in turn with the data
+            if callable(data):                  # a call(), in turn with the data
                 data()
                 continue
             try:
@@ -2315,98 +2532,179 @@ class UrlDevice(PyserialDevice):
         self.outbox.put(data)
         return len(data)
 
-    # Line and buffer changes block too: pyserial's rfc2217:// waits at
-    # least 50 ms, and up to 3 s, for the far end to acknowledge each one.
-    # The writer thread makes them, in turn with the data queued before
-    # them.  Those a client makes on connecting or leaving go without
-    # waiting (a refusal is logged when it comes); those an RFC 2217 client
-    # asks for are waited for, since its answer carries the result.
-
-    def change_lines(self, dtr, rts, done):
+    def call(self, operation, done=None):
         generation = self.generation
-
-        def lines():
-            if generation != self.generation:
-                return                  # closed since: not the same pyserial object
-            problem = PyserialDevice.set_lines(self, dtr, rts)
-            modem = {} if problem else self.modem_status()
-            self.reactor.call_soon_threadsafe(lambda: generation == self.generation and done(problem, modem))
-        if self.is_open:
-            self.outbox.put(lines)
-
-    def _in_writer_and_wait(self, call):
-        """call() run by the writer thread; its result, or its exception."""
-        import threading
         if not self.is_open:
-            raise OSError(errno.ENODEV, "device not open")
-        finished = threading.Event()
-        result = []
-        generation = self.generation
+            if done is not None:
+                done(None, OSError(errno.ENODEV, "device not open"))
+            return
 
-        def run():
-            try:
-                if generation != self.generation:
-                    raise OSError(errno.ENODEV, "device closed")
-                result.append((True, call()))
-            except Exception as e:
-                result.append((False, e))
-            finally:
-                finished.set()
+        def back_on_loop(result, error):
+            if generation != self.generation:
+                result, error = None, OSError(errno.ENODEV, "device closed meanwhile")
+            done(result, error)
+
+        def run():                      # in the writer thread
+            if generation != self.generation:
+                result, error = None, OSError(errno.ENODEV, "device closed meanwhile")
+            else:
+                try:
+                    result, error = operation(), None
+                except Exception as e:
+                    result, error = None, e
+            if done is not None:
+                self.reactor.call_soon_threadsafe(lambda: back_on_loop(result, error))
         self.outbox.put(run)
-        if not finished.wait(URL_DEVICE_WAIT):
-            raise OSError(errno.ETIMEDOUT, "no answer within %gs" % URL_DEVICE_WAIT)
-        ok, value = result[0]
-        if not ok:
-            raise value
-        return value
 
-    def set_lines(self, dtr, rts):
+
+class SocketDevice(Device):
+    """A `socket://HOST:PORT` device (a serial server elsewhere, raw TCP):
+    a TCP socket in the selector loop like any tty, connected without
+    blocking and read in chunks.  It has no lines and no settings."""
+
+    def __init__(self, port, reactor):
+        super().__init__(port, reactor)
+        self.sock = None
+        self.dial = None
+        self.want_write = False
+        self.generation = 0
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def open(self):
+        self.generation += 1
+        generation = self.generation
+        rest = self.config.device.split("://", 1)[1].split("?", 1)[0].rstrip("/")
+        host, port = parse_socket_url(rest)     # a bad URL fails here, like pyserial's
+        resolve_in_thread(self.reactor, host, port,
+                          lambda addresses, error: self._resolved(generation, addresses, error))
+
+    def _resolved(self, generation, addresses, error):
+        if generation != self.generation:
+            return
+        if error is not None or not addresses:
+            self.port.device_open_done(error or OSError(errno.EHOSTUNREACH, "no address"))
+            return
+        family, sockaddr = addresses[0]
         try:
-            return self._in_writer_and_wait(lambda: PyserialDevice.set_lines(self, dtr, rts))
+            self.dial = Dial(self.reactor, family, sockaddr,
+                             lambda sock, problem: self._connected(generation, sock, problem))
         except OSError as e:
-            return "cannot set lines: %s" % describe_error(e)
+            self.port.device_open_done(e)
 
-    def set_break(self, on):
+    def _connected(self, generation, sock, problem):
+        self.dial = None
+        if generation != self.generation:
+            if sock is not None:
+                sock.close()
+            return
+        if problem:
+            self.port.device_open_done(OSError(errno.ECONNREFUSED, problem))
+            return
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        self.is_open = True
+        self.port.device_open_done(None)
+        self._update_interest()
+        self._flush()
+
+    def close(self):
+        self.generation += 1
+        if self.dial is not None:
+            self.dial.cancel()
+            self.dial = None
+        if self.sock is None:
+            return
+        self.reactor.forget(self)
+        self.is_open = False
+        self.sock.close()
+        self.sock = None
+
+    def _update_interest(self):
+        if self.is_open:
+            self.reactor.set_interest(self, not self.reading_paused, self.want_write)
+
+    def _want_write(self, want):
+        if want != self.want_write:
+            self.want_write = want
+            self._update_interest()
+
+    def on_readable(self):
         try:
-            return self._in_writer_and_wait(lambda: PyserialDevice.set_break(self, on))
+            data = self.sock.recv(READ_CHUNK)
+        except BlockingIOError:
+            return
         except OSError as e:
-            return "cannot %s break: %s" % ("start" if on else "end", describe_error(e))
+            self._lost("read failed: %s" % describe_error(e))
+            return
+        if not data:
+            self._lost("closed by the far end")
+            return
+        self.port.on_device_data(data)
 
-    def purge(self, receive, transmit):
-        if transmit:
-            self.discard_tx()
+    def _write_some(self, data):
         try:
-            self._in_writer_and_wait(lambda: PyserialDevice.purge(self, receive, transmit))
-        except OSError:
-            pass
-
-    def apply_setting(self, name, value):
-        self._in_writer_and_wait(lambda: PyserialDevice.apply_setting(self, name, value))
+            return self.sock.send(data)
+        except BlockingIOError:
+            return 0
 
 
-def _termios_speeds():
-    import termios
-    table = {}
-    for name in dir(termios):
-        if name.startswith("B") and name[1:].isdigit():
-            table[getattr(termios, name)] = int(name[1:])
-    return table
+def parse_socket_url(rest):
+    """(host, port) of a socket:// URL's HOST:PORT ([v6]:PORT too)."""
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("socket:// needs HOST:PORT, not %r" % rest)
+    return host.strip("[]"), int(port)
+
+
+# ---------------------------------------------------------------------
+# termios: the one set of tables between configuration terms and flags
+# ---------------------------------------------------------------------
+
+class TermiosTables:
+    """Looked up once, on first use (termios is imported only then)."""
+
+    def __init__(self):
+        import termios
+        self.termios = termios
+        self.size_flag = {5: termios.CS5, 6: termios.CS6, 7: termios.CS7, 8: termios.CS8}
+        self.flag_size = {flag: size for size, flag in self.size_flag.items()}
+        self.cmspar = getattr(termios, "CMSPAR", 0o10000000000)
+        self.crtscts = getattr(termios, "CRTSCTS", 0o20000000000)
+        p, o, m = termios.PARENB, termios.PARODD, self.cmspar
+        self.parity_flags = {"none": 0, "even": p, "odd": p | o, "mark": p | o | m, "space": p | m}
+        self.speed_rate = {getattr(termios, name): int(name[1:]) for name in dir(termios)
+                           if name.startswith("B") and name[1:].isdigit()}
+
+    def parity(self, cflag):
+        for name, flags in self.parity_flags.items():
+            if cflag & (self.termios.PARENB | self.termios.PARODD | self.cmspar) == flags:
+                return name
+        return "none"
+
+
+_termios_tables = None
+
+
+def termios_tables():
+    global _termios_tables
+    if _termios_tables is None:
+        _termios_tables = TermiosTables()
+    return _termios_tables
 
 
 TCGETS2 = 0x802C542A    # Linux (asm-generic): termios2 with the rate in numbers
-_speed_table = None
 
 
 def termios_settings(fd):
     """The serial settings a tty or pty holds, in configuration terms:
     {baudrate, bytesize, parity, stopbits, flow}.  On a pty master this is
     what the program on the slave set (Linux shares one termios)."""
-    import termios
-    global _speed_table
-    if _speed_table is None:
-        _speed_table = _termios_speeds()
+    t = termios_tables()
+    termios = t.termios
     iflag, _, cflag, _, _, ospeed, _ = termios.tcgetattr(fd)
-    baud = _speed_table.get(ospeed)
+    baud = t.speed_rate.get(ospeed)
     if baud is None:  # BOTHER: a rate without a B constant, set through termios2
         try:
             import fcntl
@@ -2414,42 +2712,30 @@ def termios_settings(fd):
             baud = int.from_bytes(raw[40:44], sys.byteorder)
         except (OSError, ImportError):
             baud = 0
-    size = {termios.CS5: 5, termios.CS6: 6, termios.CS7: 7, termios.CS8: 8}[cflag & termios.CSIZE]
-    cmspar = getattr(termios, "CMSPAR", 0o10000000000)
-    if not cflag & termios.PARENB:
-        parity = "none"
-    elif cflag & cmspar:
-        parity = "mark" if cflag & termios.PARODD else "space"
-    else:
-        parity = "odd" if cflag & termios.PARODD else "even"
-    crtscts = getattr(termios, "CRTSCTS", 0o20000000000)
-    flow = "rtscts" if cflag & crtscts else "xonxoff" if iflag & termios.IXON else "none"
-    return {"baudrate": baud, "bytesize": size, "parity": parity,
+    flow = "rtscts" if cflag & t.crtscts else "xonxoff" if iflag & termios.IXON else "none"
+    return {"baudrate": baud, "bytesize": t.flag_size[cflag & termios.CSIZE], "parity": t.parity(cflag),
             "stopbits": "2" if cflag & termios.CSTOPB else "1", "flow": flow}
 
 
 def termios_apply(fd, name, value):
     """Change one serial setting of a tty or pty with termios (standard
-    rates only); raises OSError if it cannot."""
-    import termios
+    rates only); raises OSError (or termios.error) if it cannot."""
+    t = termios_tables()
+    termios = t.termios
     attrs = termios.tcgetattr(fd)
-    cmspar = getattr(termios, "CMSPAR", 0o10000000000)
-    crtscts = getattr(termios, "CRTSCTS", 0o20000000000)
     if name == "baudrate":
         speed = getattr(termios, "B%d" % value, None)
         if speed is None:
             raise OSError(errno.EINVAL, "%d is not a standard baud rate" % value)
         attrs[4] = attrs[5] = speed
     elif name == "bytesize":
-        attrs[2] = (attrs[2] & ~termios.CSIZE) | {5: termios.CS5, 6: termios.CS6, 7: termios.CS7, 8: termios.CS8}[value]
+        attrs[2] = (attrs[2] & ~termios.CSIZE) | t.size_flag[value]
     elif name == "parity":
-        attrs[2] &= ~(termios.PARENB | termios.PARODD | cmspar)
-        attrs[2] |= {"none": 0, "even": termios.PARENB, "odd": termios.PARENB | termios.PARODD,
-                     "mark": termios.PARENB | termios.PARODD | cmspar, "space": termios.PARENB | cmspar}[value]
+        attrs[2] = (attrs[2] & ~t.parity_flags["mark"]) | t.parity_flags[value]
     elif name == "stopbits":
         attrs[2] = (attrs[2] & ~termios.CSTOPB) | (0 if value == "1" else termios.CSTOPB)
     elif name == "flow":
-        attrs[2] = (attrs[2] & ~crtscts) | (crtscts if value == "rtscts" else 0)
+        attrs[2] = (attrs[2] & ~t.crtscts) | (t.crtscts if value == "rtscts" else 0)
         xon = termios.IXON | termios.IXOFF
         attrs[0] = (attrs[0] & ~xon) | (xon if value == "xonxoff" else 0)
     else:
@@ -2462,7 +2748,9 @@ class VirtualDevice(Device):
     `virtual`, is the serial port local programs open.  sertcp keeps only
     the master: reads fail with EIO while no program has the slave open,
     which is how listen_on_open knows; the loop then checks every
-    VIRTUAL_POLL seconds instead of spinning on the hangup."""
+    VIRTUAL_POLL seconds instead of spinning on the hangup.  Its settings
+    are the pty's termios, which the local program sees; it has no modem
+    lines and no break."""
 
     def __init__(self, port, reactor):
         super().__init__(port, reactor)
@@ -2471,7 +2759,6 @@ class VirtualDevice(Device):
         self.peer_open = False
         self.poll_timer = None
         self.want_write = False
-        self.speeds = None
         # strict_baud: a budget of bytes each way that refills at the line rate
         self.pace_at = {"rx": 0.0, "tx": 0.0}
         self.pace_timer = None
@@ -2484,18 +2771,13 @@ class VirtualDevice(Device):
 
     def open(self):
         import tty
-        import termios
         c = self.config
         master, slave = os.openpty()
         try:
             tty.setraw(slave)
-            attrs = termios.tcgetattr(slave)
-            speed = getattr(termios, "B%d" % c.baudrate, None)
-            if speed is not None:
-                attrs[4] = attrs[5] = speed
-            attrs[2] &= ~termios.CSIZE
-            attrs[2] |= {5: termios.CS5, 6: termios.CS6, 7: termios.CS7, 8: termios.CS8}[c.bytesize]
-            termios.tcsetattr(slave, termios.TCSANOW, attrs)
+            if getattr(termios_tables().termios, "B%d" % c.baudrate, None) is not None:
+                termios_apply(slave, "baudrate", c.baudrate)
+            termios_apply(slave, "bytesize", c.bytesize)
             self.slave_name = os.ttyname(slave)
             path = c.virtual
             if os.path.islink(path):
@@ -2560,8 +2842,9 @@ class VirtualDevice(Device):
         self.poll_timer = None
         if self.master is None:
             return
+        # what the program wrote before this look is paced like the rest
         try:
-            data = os.read(self.master, READ_CHUNK)
+            data = os.read(self.master, self._budget("rx", READ_CHUNK) or 1)
         except BlockingIOError:
             data = b""
         except OSError:
@@ -2569,6 +2852,8 @@ class VirtualDevice(Device):
             return
         self.peer_open = True
         self.port.on_virtual_peer(True)
+        if data:
+            self._spend("rx", len(data))
         self._update_interest()
         if data:
             self.port.on_device_data(data)
@@ -2576,6 +2861,8 @@ class VirtualDevice(Device):
 
     def on_readable(self):
         budget = self._budget("rx", READ_CHUNK)
+        if not budget:
+            return
         try:
             data = os.read(self.master, budget)
         except BlockingIOError:
@@ -2588,9 +2875,6 @@ class VirtualDevice(Device):
             return
         self._spend("rx", len(data))
         self.port.on_device_data(data)
-
-    def on_writable(self):
-        self._flush()
 
     def _write_some(self, data):
         budget = self._budget("tx", len(data))
@@ -2606,34 +2890,26 @@ class VirtualDevice(Device):
     # strict_baud pacing
 
     def line_rate(self):
-        """Bytes per second at the baud rate the local program set."""
-        import termios
+        """Bytes per second at the settings the local program set."""
         c = self.config
-        baud = c.baudrate
-        bits = 1 + c.bytesize + (0 if c.parity == "none" else 1) + float(c.stopbits)
+        settings = {"baudrate": c.baudrate, "bytesize": c.bytesize, "parity": c.parity, "stopbits": c.stopbits}
         try:
-            attrs = termios.tcgetattr(self.master)  # the slave's settings, seen from the master
-            if self.speeds is None:
-                self.speeds = _termios_speeds()
-            baud = self.speeds.get(attrs[4], baud) or baud
-            size = {termios.CS5: 5, termios.CS6: 6, termios.CS7: 7, termios.CS8: 8}[attrs[2] & termios.CSIZE]
-            bits = (1 + size + (1 if attrs[2] & termios.PARENB else 0)
-                    + (2 if attrs[2] & termios.CSTOPB else 1))
-        except (OSError, KeyError):
+            settings = termios_settings(self.master)  # the slave's settings, seen from the master
+        except Exception:  # termios.error is no OSError
             pass
-        return baud / bits
+        bits = 1 + settings["bytesize"] + (0 if settings["parity"] == "none" else 1) + float(settings["stopbits"])
+        return (settings["baudrate"] or c.baudrate) / bits
 
     def _budget(self, direction, wanted):
         if not self.config.strict_baud:
             return wanted
         now = self.reactor.now()
-        rate = self.line_rate()
         # allow bursts of at most 10 ms worth of characters
         ready_at = self.pace_at[direction]
         if ready_at > now + 0.01:
             self._schedule_pace(ready_at - 0.01)
             return 0
-        return max(1, min(wanted, int(rate * 0.02)))
+        return max(1, min(wanted, int(self.line_rate() * 0.02)))
 
     def _spend(self, direction, n):
         if not self.config.strict_baud:
@@ -2657,8 +2933,7 @@ class VirtualDevice(Device):
         self._update_interest()
         self._flush()
 
-    # RFC 2217 on a virtual port: its settings are the pty's termios, which
-    # the local program sees; it has no modem lines and no break.
+    # settings are the pty's termios
 
     def settings(self):
         return termios_settings(self.master)
@@ -2676,10 +2951,16 @@ def make_device(port, reactor):
     c = port.config
     if c.virtual is not None:
         return VirtualDevice(port, reactor)
+    if c.device.startswith("socket://"):
+        return SocketDevice(port, reactor)
     if "://" in c.device:
         return UrlDevice(port, reactor)
     return FdDevice(port, reactor)
 
+
+# ---------------------------------------------------------------------
+# Connections: one client (or dialed peer) each, TLS, listeners
+# ---------------------------------------------------------------------
 
 def format_peer(address):
     host, port = address[0], address[1]
@@ -2688,9 +2969,14 @@ def format_peer(address):
     return "%s:%d" % (host, port)
 
 
-class Connection:
+class Connection(Handler):
     """One TCP client of a port.  Outgoing data is sent at once when the
-    socket takes it; the rest waits in `out`, bounded by client_buffer."""
+    socket takes it; the rest waits in `out`, bounded by client_buffer.
+
+    Reading stops while the device cannot take more (back-pressure); the
+    peer's hang-up is still watched then.  A peer that shuts down its
+    sending side (half-close, `nc -N`) is not gone: it keeps getting
+    device data until the port's grace for it ends (Port.peer_finished)."""
 
     def __init__(self, port, reactor, sock, peer, now):
         self.port = port
@@ -2698,7 +2984,6 @@ class Connection:
         self.sock = sock
         self.peer = peer
         self.fd = sock.fileno()
-        self.watched = 0
         self.out = bytearray()
         self.since = time.time()
         self.since_mono = now
@@ -2707,27 +2992,31 @@ class Connection:
         self.bytes_in = 0
         self.bytes_out = 0
         self.bytes_dropped = 0
-        self.reading = True
+        self.reading = True           # False while the device's queue is full
+        self.half_closed = False      # the peer sent FIN: nothing more to read
         self.closed = False
         self.idle_timer = None
         self.dialed = False           # True for the connection the client role made
         self.limit = port.config.client_buffer
         self.drop_when_full = port.config.slow_client == "drop"
         self.telnet = None            # protocol = rfc2217: this connection's TelnetCodec
-        self.com_port = None          # and its RFC 2217 state (ComPortServer, or "client")
+        self.com_port = None          # and its RFC 2217 state (ComPortServer or ComPortClient)
         self.suspended = False        # RFC 2217 FLOWCONTROL-SUSPEND: hold what we send
 
     def fileno(self):
         return self.fd
 
+    def _interest(self):
+        self.reactor.set_interest(self, self.reading and not self.half_closed,
+                                  bool(self.out) and not self.suspended, hangup=not self.half_closed)
+
     def start(self):
-        self.reactor.set_interest(self, self.reading, False)
+        self._interest()
 
     def pause_reading(self, paused):
-        if self.closed:
-            return
-        self.reading = not paused
-        self.reactor.set_interest(self, self.reading, bool(self.out) and not self.suspended)
+        if not self.closed and self.reading == paused:
+            self.reading = not paused
+            self._interest()
 
     def send_data(self, data, bounded=True):
         """Send payload: framed by Telnet (IAC doubled) on rfc2217 ports."""
@@ -2739,7 +3028,8 @@ class Connection:
         if self.closed or suspended == self.suspended:
             return
         self.suspended = suspended
-        self.reactor.set_interest(self, self.reading, bool(self.out) and not suspended)
+        self._interest()
+        self.port.backlog_changed()
 
     def send(self, data, bounded=True):
         """Queue data for this client; False if the client was dropped.
@@ -2757,7 +3047,7 @@ class Connection:
         except BlockingIOError:
             n = 0
         except OSError as e:
-            self.port.close_connection(self, "send failed: %s" % describe_error(e))
+            self.port.end_connection(self, "send failed: %s" % describe_error(e), by_peer=True)
             return False
         self.bytes_out += n
         if n:
@@ -2767,7 +3057,7 @@ class Connection:
             if bounded and len(rest) > self.limit:
                 return self._overflow(rest)
             self.out += rest
-            self.reactor.set_interest(self, self.reading, True)
+            self._interest()
         return True
 
     def _overflow(self, data):
@@ -2776,28 +3066,26 @@ class Connection:
             self.port.count_dropped(len(data), "client %s is not reading (client_buffer %d full)"
                                     % (format_peer(self.peer), self.limit))
             return True
-        self.port.close_connection(self, "slow client: client_buffer of %d bytes full" % self.limit)
+        self.port.end_connection(self, "slow client: client_buffer of %d bytes full" % self.limit)
         return False
 
     def on_writable(self):
         if self.suspended:
-            self.reactor.set_interest(self, self.reading, False)
+            self._interest()
             return
         try:
             n = self.sock.send(self.out)
         except BlockingIOError:
             return
         except OSError as e:
-            self.port.close_connection(self, "send failed: %s" % describe_error(e))
+            self.port.end_connection(self, "send failed: %s" % describe_error(e), by_peer=True)
             return
         del self.out[:n]
         self.bytes_out += n
         self.last_io = self.reactor.now()
         if not self.out:
-            self.reactor.set_interest(self, self.reading, False)
-            if self.port.closing_after_flush(self):
-                return
-        self.port.on_client_drained(self)
+            self._interest()
+        self.port.backlog_changed()
 
     def on_readable(self):
         try:
@@ -2805,10 +3093,12 @@ class Connection:
         except BlockingIOError:
             return
         except OSError as e:
-            self.port.close_connection(self, describe_error(e))
+            self.port.end_connection(self, describe_error(e), by_peer=True)
             return
         if not data:
-            self.port.close_connection(self, "closed by peer")
+            self.half_closed = True
+            self._interest()
+            self.port.peer_finished(self)
             return
         self.bytes_in += len(data)
         self.last_io = monotonic()
@@ -2818,11 +3108,12 @@ class Connection:
             self.port.rfc2217.received(self, data)  # payload comes back through client_payload
 
     def fail(self, reason):
-        self.port.close_connection(self, reason)
+        self.port.end_connection(self, reason)
 
     def close(self):
-        if self.closed:
-            return
+        self.finish()
+
+    def ended(self, reason):
         self.closed = True
         if self.idle_timer:
             self.idle_timer.cancel()
@@ -2839,7 +3130,7 @@ class TlsConnection(Connection):
 
     def on_readable(self):
         Connection.on_readable(self)
-        while not self.closed and self.reading and self.sock.pending():
+        while not self.closed and self.reading and not self.half_closed and self.sock.pending():
             Connection.on_readable(self)
 
 
@@ -2868,7 +3159,7 @@ class TlsStream:
         return getattr(self.ssl_sock, name)
 
 
-class TlsStart:
+class TlsStart(Handler):
     """Drives a non-blocking TLS handshake on the loop, then hands the
     socket back through on_done(error or None)."""
 
@@ -2876,10 +3167,9 @@ class TlsStart:
         self.reactor = reactor
         self.sock = ssl_sock
         self.on_done = on_done
-        self.watched = 0
         self.timer = None
         if timeout is not None:
-            self.timer = reactor.call_later(timeout, lambda: self._done("no TLS handshake within %gs" % timeout))
+            self.timer = reactor.call_later(timeout, lambda: self.finish("no TLS handshake within %gs" % timeout))
 
     def fileno(self):
         return self.sock.fileno()
@@ -2895,16 +3185,13 @@ class TlsStart:
             self.reactor.set_interest(self, False, True)
             return
         except (ssl.SSLError, ssl.CertificateError, OSError, ValueError) as e:
-            self._done(getattr(e, "verify_message", None) or getattr(e, "reason", None) or describe_error(e))
+            self.finish(getattr(e, "verify_message", None) or getattr(e, "reason", None) or describe_error(e))
             return
-        self._done(None)
+        self.finish(None)
 
     on_readable = on_writable = step
 
-    def fail(self, reason):
-        self._done(reason)
-
-    def _done(self, error):
+    def ended(self, error):
         self.reactor.forget(self)
         if self.timer is not None:
             self.timer.cancel()
@@ -2913,10 +3200,9 @@ class TlsStart:
             on_done(error)
 
     def cancel(self):
+        """Drop the handshake and its socket; on_done is not called."""
         self.on_done = None
-        self.reactor.forget(self)
-        if self.timer is not None:
-            self.timer.cancel()
+        self.finish()
         try:
             self.sock.close()
         except OSError:
@@ -2973,8 +3259,6 @@ class Listener:
         self.on_accept = on_accept
         self.name = name
         self.sockets = []
-        self.watched = 0
-        self.paused_until = 0.0
         for family, sockaddr, dual in resolve_listen(address):
             sock = socket.socket(family, socket.SOCK_STREAM)
             try:
@@ -2997,19 +3281,31 @@ class Listener:
 
     def close(self):
         for s in self.sockets:
-            self.reactor.forget(s)
-            s.sock.close()
+            s.close()
         self.sockets = []
 
 
-class ListenSocket:
+class ListenSocket(Handler):
+    """One bound socket of a Listener (an address family each)."""
+
     def __init__(self, listener, sock):
         self.listener = listener
         self.sock = sock
-        self.watched = 0
+        self.resume_timer = None        # accepting again after EMFILE
 
     def fileno(self):
         return self.sock.fileno()
+
+    def close(self):
+        if self.resume_timer is not None:
+            self.resume_timer.cancel()  # a reload may close it while paused
+            self.resume_timer = None
+        self.listener.reactor.forget(self)
+        self.sock.close()
+
+    def _resume(self):
+        self.resume_timer = None
+        self.listener.reactor.set_interest(self, True, False)
 
     def on_readable(self):
         for _ in range(64):  # accept a burst, then let the others run
@@ -3023,7 +3319,7 @@ class ListenSocket:
                     self.listener.reactor.set_interest(self, False, False)
                     log_warning("[%s] cannot accept: %s; pausing accepts for 1s"
                                 % (self.listener.name, describe_error(e)))
-                    self.listener.reactor.call_later(1.0, lambda: self.listener.reactor.set_interest(self, True, False))
+                    self.resume_timer = self.listener.reactor.call_later(1.0, self._resume)
                     return
                 continue
             conn.setblocking(False)
@@ -3230,10 +3526,11 @@ class Gate:
             handshake.abandon("listener closed")
 
 
-class Handshake:
+class Handshake(Handler):
     """A client between accept and its port: TLS, then the password line,
     then the id, each step fed by the same reads, all within one deadline.
-    Costs one socket and a few hundred bytes however hostile the peer."""
+    Costs one socket and a few hundred bytes however hostile the peer.
+    It ends once: to a port, or refused (finish(reason))."""
 
     def __init__(self, gate, sock, peer, first, by_id):
         self.gate = gate
@@ -3242,8 +3539,6 @@ class Handshake:
         self.peer = peer
         self.first = first          # the port when no id is asked for
         self.by_id = by_id          # id -> port (shared, never changed)
-        self.watched = 0
-        self.done = False
         now = self.reactor.now()
         self.deadline = now + gate.timeout
         self.timer = None
@@ -3266,7 +3561,7 @@ class Handshake:
             self.tls_start.step()
         else:
             self.reactor.set_interest(self, True, False)
-        if not self.done:
+        if not self.finished:
             self._arm(self.deadline)
 
     def _arm(self, when):
@@ -3374,10 +3669,21 @@ class Handshake:
         else:
             self._refuse("unknown id %r" % show_bytes(identity))
 
-    # endings
+    # endings: to a port, or refused with a reason
 
-    def _finish(self):
-        self.done = True
+    def _to_port(self, port, rest):
+        self.destination = (port, rest)
+        self.finish(None)
+
+    def _refuse(self, reason):
+        self.finish(reason)
+
+    def abandon(self, reason):
+        self.finish(reason)
+
+    destination = None
+
+    def ended(self, reason):
         if self.tls_start is not None:
             self.tls_start.cancel()
         self.reactor.forget(self)
@@ -3388,20 +3694,11 @@ class Handshake:
             self.gate.pending.remove(self)
         except ValueError:
             pass
-
-    def _to_port(self, port, rest):
-        self._finish()
-        port.on_accept(self.sock, self.peer, rest)
-
-    def _refuse(self, reason):
-        self._finish()
-        self.gate.refuse(self.sock, self.peer, reason)
-
-    def abandon(self, reason):
-        if not self.done:
-            self._refuse(reason)
-
-    fail = abandon
+        if self.destination is not None:
+            port, rest = self.destination
+            port.on_accept(self.sock, self.peer, rest)
+        else:
+            self.gate.refuse(self.sock, self.peer, reason)
 
 
 def is_ip_literal(host):
@@ -3433,117 +3730,73 @@ def resolve_in_thread(reactor, host, port, callback):
     threading.Thread(target=work, daemon=True, name="sertcp-resolve").start()
 
 
-class Dial:
-    """One non-blocking connect() in flight; reports to the port."""
+class Dial(Handler):
+    """One non-blocking connect() in flight; reports on_done(sock, None)
+    or on_done(None, error) once, unless cancelled."""
 
     def __init__(self, reactor, family, sockaddr, on_done):
         self.reactor = reactor
         self.on_done = on_done
-        self.watched = 0
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setblocking(False)
         self.timer = None
         code = self.sock.connect_ex(sockaddr)
         if code in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
             self.reactor.set_interest(self, False, True)
-            self.timer = reactor.call_later(DIAL_TIMEOUT, self._timed_out)
+            self.timer = reactor.call_later(DIAL_TIMEOUT, lambda: self.finish("no answer within %gs" % DIAL_TIMEOUT))
         else:
-            reactor.call_later(0, lambda: self._done(os.strerror(code)))
+            self.timer = reactor.call_later(0, lambda: self.finish(os.strerror(code)))
 
     def fileno(self):
         return self.sock.fileno()
 
     def on_writable(self):
         code = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        self._done(os.strerror(code) if code else None)
+        self.finish(os.strerror(code) if code else None)
 
-    def _timed_out(self):
-        self.timer = None
-        self._done("no answer within %gs" % DIAL_TIMEOUT)
-
-    def fail(self, reason):
-        self._done(reason)
-
-    def _done(self, error):
+    def ended(self, error):
         self.reactor.forget(self)
         if self.timer:
             self.timer.cancel()
             self.timer = None
-        if self.on_done is None:
-            return
         on_done, self.on_done = self.on_done, None
-        if error:
+        if error or on_done is None:
             self.sock.close()
-            on_done(None, error)
-        else:
-            on_done(self.sock, None)
+        if on_done is not None:
+            on_done(None if error else self.sock, error)
 
     def cancel(self):
         self.on_done = None
-        self.reactor.forget(self)
-        if self.timer:
-            self.timer.cancel()
-        self.sock.close()
+        self.finish("cancelled")
 
 
 # =====================================================================
 # 6. Port: one serial device and its clients
 # =====================================================================
 
-class ComPortBridge:
+# ---------------------------------------------------------------------
+# RFC 2217 roles: the server owns the device, the client pushes settings
+# ---------------------------------------------------------------------
+
+class ComPortRole:
     """A port's RFC 2217 side (protocol = rfc2217): a TelnetCodec on every
-    connection, and the role the port plays on all of them.
+    connection, and the role the port plays on all of them -- what both
+    roles share.  ComPortServerRole and ComPortClientRole say the rest;
+    make_com_port_role() picks one."""
 
-    Server (the port owns the real device): clients change the one device;
-    a change is applied once, answered with the value in force and heard
-    by every RFC 2217 client; remote_control limits what may change; when
-    the last client leaves, the configured settings and lines come back.
-    Modem lines are polled only while some client's mask wants them.
-
-    Client (a virtual port, or rfc2217_role = client): the settings of the
-    local side -- the pty's termios, which the local program sets, or the
-    configuration -- are pushed to the server, and again on every change."""
-
+    role = None
     SETTINGS = ("baudrate", "bytesize", "parity", "stopbits", "flow")
+    OPTIONS = {}                        # TelnetCodec keywords for this role
 
     def __init__(self, port):
         self.port = port
-        c = port.config
-        role = c.rfc2217_role
-        if role == "auto":
-            role = "client" if c.virtual is not None else "server"
-        self.role = role
-        self.allowed = frozenset(c.remote_control)
-        self.configured = {name: getattr(c, name) for name in self.SETTINGS}
-        self.in_force = dict(self.configured)
-        self.lines = {"dtr": True, "rts": True, "break": False}  # for devices without lines
-        self.lines_before = None        # line states before a client first changed one
-        self.modem_state = None         # modem lines at the last poll (high nibble)
-        self.line_state = None
-        self.modem_supported = True     # False once the device says it has no modem lines
-        self.poll_timer = None
-        self.break_timer = None
-        self.local_settings = None      # client role: the local side's settings last pushed
-        self.watch_timer = None
+        self.configured = {name: getattr(port.config, name) for name in self.SETTINGS}
 
     # -- connections --
 
     def attach(self, conn):
         """A new connection: give it a codec (nothing is sent yet)."""
-        if self.role == "server":
-            conn.telnet = TelnetCodec(local=(OPT_BINARY, OPT_SGA, OPT_ECHO, OPT_COM_PORT),
-                                      remote=(OPT_BINARY, OPT_SGA, OPT_COM_PORT),
-                                      ask_local=(OPT_BINARY, OPT_SGA, OPT_ECHO),
-                                      ask_remote=(OPT_BINARY, OPT_COM_PORT))
-            conn.com_port = ComPortServer()
-        else:
-            conn.telnet = TelnetCodec(local=(OPT_BINARY, OPT_SGA, OPT_COM_PORT),
-                                      remote=(OPT_BINARY, OPT_SGA, OPT_ECHO, OPT_COM_PORT),
-                                      ask_local=(OPT_BINARY, OPT_SGA, OPT_COM_PORT),
-                                      ask_remote=(OPT_BINARY, OPT_SGA))
-            conn.com_port = ComPortClient()
-            conn.com_port.timer = self.port.reactor.call_later(
-                RFC2217_AGREE_TIMEOUT, lambda: self._agree_timeout(conn))
+        conn.telnet = TelnetCodec(**self.OPTIONS)
 
     def start(self, conn):
         """Send the opening negotiation (after any password, id or banner)."""
@@ -3552,18 +3805,14 @@ class ComPortBridge:
             conn.send(opening)
 
     def detach(self, conn):
-        """A connection closed; the last one takes the clients' changes along."""
-        if isinstance(conn.com_port, ComPortClient) and conn.com_port.timer is not None:
-            conn.com_port.timer.cancel()
+        """A connection closed."""
         self._update_timers()
-        if self.role == "server" and not self.port.clients and not self.port.stopping:
-            self.restore()
 
     def stop(self):
-        for timer in (self.poll_timer, self.break_timer, self.watch_timer):
-            if timer is not None:
-                timer.cancel()
-        self.poll_timer = self.break_timer = self.watch_timer = None
+        pass
+
+    def device_opened(self):
+        pass
 
     def received(self, conn, data):
         """Bytes from a connection: payload on to the port, Telnet handled here."""
@@ -3586,34 +3835,42 @@ class ComPortBridge:
                 self._debug(conn, "ignoring a subnegotiation of Telnet option %d", event[1])
             elif not (conn.telnet.enabled("us", OPT_COM_PORT) or conn.telnet.enabled("him", OPT_COM_PORT)):
                 self._debug(conn, "ignoring COM-PORT-OPTION subnegotiation before the option was agreed")
-            elif self.role == "server":
-                self.serve(conn, event[2])
             else:
-                self.client_reply(conn, event[2])
+                self.subnegotiation(conn, event[2])
         elif kind == "enabled":
             if event[2] == OPT_COM_PORT and not conn.com_port.active:
                 conn.com_port.active = True
-                if self.role == "server":
-                    self._agreed_server(conn)
-                else:
-                    self._agreed_client(conn)
+                self.agreed(conn)
         elif kind == "refused":
-            if event[2] == OPT_COM_PORT and self.role == "client" and event[1] == "us":
-                self._not_rfc2217(conn, "refuses COM-PORT-OPTION (DONT 44)")
+            self.refused(conn, event[1], event[2])
         elif kind == "break":
-            if self.role != "server":
-                self._debug(conn, "ignoring IAC BRK from the server")
-            elif "break" not in self.allowed:
-                self._info(conn, "IAC BRK refused (remote_control does not allow break)")
-            else:
-                self.send_break(conn)
+            self.telnet_break(conn)
         elif kind == "malformed":
             self._debug(conn, "Telnet: %s", event[1])
         elif kind == "command":
             self._debug(conn, "Telnet command %s ignored", TELNET_COMMAND_NAMES.get(event[1], str(event[1])))
 
+    # what each role does with the events
+    def subnegotiation(self, conn, body):
+        raise NotImplementedError
+
+    def agreed(self, conn):
+        raise NotImplementedError
+
+    def refused(self, conn, side, option):
+        pass
+
+    def telnet_break(self, conn):
+        self._debug(conn, "ignoring IAC BRK")
+
+    def _update_timers(self):
+        pass
+
+    # -- helpers --
+
     def _send_sb(self, conn, body):
-        conn.send(conn.telnet.subnegotiation(OPT_COM_PORT, body))
+        if not conn.closed:
+            conn.send(conn.telnet.subnegotiation(OPT_COM_PORT, body))
 
     def _who(self, conn):
         return "%s %s" % ("peer" if conn.dialed else "client", format_peer(conn.peer))
@@ -3624,18 +3881,69 @@ class ComPortBridge:
     def _info(self, conn, message, *args):
         self.port.peer_log(conn.peer[0], INFO, "[%s] %s: " + message, self.port.name, self._who(conn), *args)
 
+    def _log(self, level, message, *args):
+        self.port.log.log(level, "[%s] " + message, self.port.name, *args)
+
+
+class ComPortServerRole(ComPortRole):
+    """The port owns the real device: clients change the one device; a
+    change is applied once, answered with the value in force and heard by
+    every RFC 2217 client; remote_control limits what may change; when the
+    last client leaves, the configured settings and lines come back.
+    Modem lines are polled only while some client's mask wants them.
+
+    Every change goes through device.call(): the answer is sent when the
+    device has taken it, which for a URL device is later, off the loop."""
+
+    role = "server"
+    OPTIONS = dict(local=(OPT_BINARY, OPT_SGA, OPT_ECHO, OPT_COM_PORT), remote=(OPT_BINARY, OPT_SGA, OPT_COM_PORT),
+                   ask_local=(OPT_BINARY, OPT_SGA, OPT_ECHO), ask_remote=(OPT_BINARY, OPT_COM_PORT))
+
+    def __init__(self, port):
+        super().__init__(port)
+        self.allowed = frozenset(port.config.remote_control)
+        self.in_force = dict(self.configured)
+        self.lines = {"dtr": True, "rts": True, "break": False}  # for devices without lines
+        self.lines_before = None        # line states before a client first changed one
+        self.modem_state = None         # modem lines at the last poll (high nibble)
+        self.line_state = None
+        self.modem_supported = True     # False once the device says it has no modem lines
+        self.modem_reading = False      # a modem read is under way (URL devices answer later)
+        self.poll_timer = None
+        self.break_timer = None
+
+    def attach(self, conn):
+        super().attach(conn)
+        conn.com_port = ComPortServer()
+
+    def detach(self, conn):
+        """The last connection takes the clients' changes along."""
+        self._update_timers()
+        if not self.port.clients and not self.port.stopping:
+            self.restore()
+
+    def stop(self):
+        for timer in (self.poll_timer, self.break_timer):
+            if timer is not None:
+                timer.cancel()
+        self.poll_timer = self.break_timer = None
+
     def _servers(self):
-        return [c for c in self.port.clients if isinstance(c.com_port, ComPortServer) and c.com_port.active]
+        return [c for c in self.port.clients if c.com_port.active]
 
-    # -- server role --
-
-    def _agreed_server(self, conn):
+    def agreed(self, conn):
         self._debug(conn, "speaks RFC 2217")
         # pyserial reads CTS/DSR from notifications: give it the state at once
-        self._send_sb(conn, conn.com_port.modem_notification(self.read_modem(), None))
+        self.read_modem(lambda state: self._send_sb(conn, conn.com_port.modem_notification(state, None)))
         self._update_timers()
 
-    def serve(self, conn, body):
+    def telnet_break(self, conn):
+        if "break" not in self.allowed:
+            self._info(conn, "IAC BRK refused (remote_control does not allow break)")
+        else:
+            self.send_break(conn)
+
+    def subnegotiation(self, conn, body):
         """One request: apply it if allowed and valid, answer with what is in force."""
         code, what, wanted, problem = decode_com_port_request(body)
         if problem:
@@ -3653,7 +3961,7 @@ class ComPortBridge:
             conn.suspend(what == "suspend")
             self._debug(conn, "FLOWCONTROL-%s", what.upper())
         elif what == "modemstate":
-            self._send_sb(conn, cp.modem_notification(self.read_modem(), None))
+            self.read_modem(lambda state: self._send_sb(conn, cp.modem_notification(state, None)))
         elif what == "linestate":
             self._send_sb(conn, cp.line_notification(self.read_line_state(), None))
         elif what in ("modemmask", "linemask"):
@@ -3677,21 +3985,26 @@ class ComPortBridge:
     def _serve_setting(self, conn, what, wanted):
         permission = "settings" if what in self.SETTINGS or what == "flow_in" else what
         before = self.value_of(what)
-        if wanted is not None and wanted != before:
-            if permission not in self.allowed:
-                self._info(conn, "%s %s refused (remote_control does not allow %s); keeping %s",
-                           what, wanted, permission, before)
-            else:
-                self.change(conn, what, wanted)
-        after = self.value_of(what)
-        if what in ("dtr", "rts") and after != before:
-            self.poll_modem()  # the notification goes before the answer
-        reply = com_port_reply(what, after)
-        self._send_sb(conn, reply)
-        if after != before:
-            for other in self._servers():
-                if other is not conn:
-                    self._send_sb(other, reply)
+
+        def answer():
+            after = self.value_of(what)
+            reply = com_port_reply(what, after)
+            self._send_sb(conn, reply)
+            if after != before:
+                for other in self._servers():
+                    if other is not conn:
+                        self._send_sb(other, reply)
+        if wanted is None or wanted == before:
+            answer()
+        elif permission not in self.allowed:
+            self._info(conn, "%s %s refused (remote_control does not allow %s); keeping %s",
+                       what, wanted, permission, before)
+            answer()
+        elif what in ("dtr", "rts"):
+            # the modem notification goes before the answer
+            self.change(conn, what, wanted, lambda: self.poll_modem(answer))
+        else:
+            self.change(conn, what, wanted, answer)
 
     def value_of(self, what):
         if what in self.SETTINGS:
@@ -3700,41 +4013,61 @@ class ComPortBridge:
             return self.in_force["flow"]
         return self.port.device.line_states(self.lines)[what]
 
-    def change(self, conn, what, wanted):
+    def change(self, conn, what, wanted, then):
+        """Apply one change the client may make; then() once it is done."""
         name = "flow" if what == "flow_in" else what
+        device = self.port.device
         if name in self.SETTINGS:
             old = self.in_force[name]
-            if self.port.device.is_open:
-                try:
-                    self.port.device.apply_setting(name, wanted)
-                    kept = self.read_back(name, wanted)
-                    if kept != wanted:  # a driver may take the call and keep part of it
-                        raise OSError(errno.EINVAL, "the device kept %s" % kept)
-                except Exception as e:  # an OS or driver that refuses the value
-                    try:
-                        self.port.device.apply_setting(name, old)
-                    except Exception:
-                        pass
-                    self._info(conn, "cannot set %s %s: %s; keeping %s", name, wanted, describe_setting_error(e), old)
-                    return
-            self.in_force[name] = wanted
-            self._info(conn, "set %s %s", name, wanted)
+
+            def done(_, error):
+                if error is not None:
+                    self._info(conn, "cannot set %s %s: %s; keeping %s", name, wanted, describe_setting_error(error), old)
+                else:
+                    self.in_force[name] = wanted
+                    self._info(conn, "set %s %s", name, wanted)
+                then()
+            if device.is_open:
+                device.call(lambda: self._try_setting(name, wanted, old), done)
+            else:
+                done(None, None)        # applied when the device opens
             return
         if self.lines_before is None:
-            self.lines_before = self.port.device.line_states(self.lines)
+            self.lines_before = device.line_states(self.lines)
         self.lines[name] = wanted
+
+        def lines_done(problem, error):
+            problem = problem or (describe_error(error) if error else "")
+            self._info(conn, "set %s %s%s", name.upper(), "on" if wanted else "off",
+                       (" (%s)" % problem) if problem else "")
+            then()
         if name == "break":
-            problem = self.port.device.set_break(wanted)
+            device.call(lambda: device.set_break(wanted), lines_done)
         else:
-            problem = self.port.device.set_lines(wanted if name == "dtr" else None, wanted if name == "rts" else None)
-        self._info(conn, "set %s %s%s", name.upper(), "on" if wanted else "off",
-                   (" (%s)" % problem) if problem else "")
+            device.call(lambda: device.set_lines(wanted if name == "dtr" else None,
+                                                 wanted if name == "rts" else None), lines_done)
+
+    def _try_setting(self, name, wanted, old):
+        """On the device (off the loop for a URL device): set, read back,
+        and put the old value back if the device did not keep it."""
+        device = self.port.device
+        try:
+            device.apply_setting(name, wanted)
+            kept = self.read_back(name, wanted)
+            if kept != wanted:  # a driver may take the call and keep part of it
+                raise OSError(errno.EINVAL, "the device kept %s" % kept)
+        except Exception:
+            try:
+                device.apply_setting(name, old)
+            except Exception:
+                pass
+            raise
 
     def read_back(self, name, wanted):
         """What the device holds for `name` after setting it to `wanted`."""
         try:
             settings = self.port.device.settings()
-        except (OSError, KeyError, ValueError):
+        except Exception:  # termios.error is no OSError
             settings = None
         if not settings:
             return wanted
@@ -3747,64 +4080,84 @@ class ComPortBridge:
 
     def send_break(self, conn):
         """IAC BRK: a break of BREAK_DURATION, timed on the loop."""
-        problem = self.port.device.set_break(True)
-        self._info(conn, "IAC BRK: break for %gs%s", BREAK_DURATION, (" (%s)" % problem) if problem else "")
+        device = self.port.device
+
+        def started(problem, error):
+            problem = problem or (describe_error(error) if error else "")
+            self._info(conn, "IAC BRK: break for %gs%s", BREAK_DURATION, (" (%s)" % problem) if problem else "")
+        device.call(lambda: device.set_break(True), started)
         if self.break_timer is not None:
             self.break_timer.cancel()
 
         def end():
             self.break_timer = None
-            if self.port.device.is_open:
-                self.port.device.set_break(self.lines["break"])
+            if device.is_open:
+                device.call(lambda: device.set_break(self.lines["break"]))
         self.break_timer = self.port.reactor.call_later(BREAK_DURATION, end)
 
     def restore(self):
-        """The last client left: the configured settings and lines return."""
+        """The last client left: the configured settings and lines return
+        (through call(): nothing here waits for the device)."""
         device = self.port.device
         for name, value in self.configured.items():
             if self.in_force[name] != value:
-                if device.is_open:
-                    try:
-                        device.apply_setting(name, value)
-                    except Exception as e:
-                        self.port.log.warning("[%s] cannot restore %s %s: %s", self.port.name, name, value,
-                                              describe_error(e))
                 self.in_force[name] = value
-                self.port.log.info("[%s] last client left: %s back to %s", self.port.name, name, value)
+                if device.is_open:
+                    device.call(lambda name=name, value=value: device.apply_setting(name, value),
+                                lambda _, error, name=name, value=value: self._restored(name, value, error))
+                else:
+                    self._restored(name, value, None)
         if self.lines_before is not None:
             before, self.lines_before = self.lines_before, None
             if device.is_open:
-                device.set_lines(before["dtr"], before["rts"])
+                device.call(lambda: device.set_lines(before["dtr"], before["rts"]))
                 if before["break"] != self.lines["break"]:
-                    device.set_break(before["break"])
+                    device.call(lambda: device.set_break(before["break"]))
             self.lines = dict(before)
-            self.port.log.info("[%s] last client left: DTR %s, RTS %s, break %s as before", self.port.name,
-                               *("on" if before[k] else "off" for k in ("dtr", "rts", "break")))
+            self._log(INFO, "last client left: DTR %s, RTS %s, break %s as before",
+                      *("on" if before[k] else "off" for k in ("dtr", "rts", "break")))
+
+    def _restored(self, name, value, error):
+        if error is not None:
+            self._log(WARNING, "cannot restore %s %s: %s", name, value, describe_error(error))
+        else:
+            self._log(INFO, "last client left: %s back to %s", name, value)
 
     def device_opened(self):
         """The device (re)opened with the configured settings: re-apply
         what clients changed, and look at its modem lines afresh."""
         self.modem_supported = True
         self.modem_state = self.line_state = None
+        device = self.port.device
         for name, value in self.in_force.items():
             if value != self.configured[name]:
-                try:
-                    self.port.device.apply_setting(name, value)
-                except Exception as e:
-                    self.port.log.warning("[%s] cannot re-apply %s %s: %s", self.port.name, name, value,
-                                          describe_error(e))
-                    self.in_force[name] = self.configured[name]
+                device.call(lambda name=name, value=value: device.apply_setting(name, value),
+                            lambda _, error, name=name, value=value: self._reapplied(name, value, error))
         self._update_timers()
+
+    def _reapplied(self, name, value, error):
+        if error is not None:
+            self._log(WARNING, "cannot re-apply %s %s: %s", name, value, describe_error(error))
+            self.in_force[name] = self.configured[name]
 
     # modem and line state
 
-    def read_modem(self):
-        status = self.port.device.modem_status() if self.port.device.is_open else {}
-        if not status:
-            self.modem_supported = False   # a pty or socket: no lines to watch
-            return 0
-        return ((MODEM_CTS if status.get("CTS") else 0) | (MODEM_DSR if status.get("DSR") else 0)
-                | (MODEM_RI if status.get("RI") else 0) | (MODEM_CD if status.get("CD") else 0))
+    def read_modem(self, then):
+        """then(modem lines as NOTIFY-MODEMSTATE's high nibble), once the
+        device has said (a URL device's far end answers off the loop)."""
+        device = self.port.device
+
+        def done(status, error):
+            if not status:
+                self.modem_supported = False   # a pty or socket: no lines to watch
+                then(0)
+                return
+            then((MODEM_CTS if status.get("CTS") else 0) | (MODEM_DSR if status.get("DSR") else 0)
+                 | (MODEM_RI if status.get("RI") else 0) | (MODEM_CD if status.get("CD") else 0))
+        if device.is_open:
+            device.call(device.modem_status, done)
+        else:
+            done({}, None)
 
     def read_line_state(self):
         device = self.port.device
@@ -3812,20 +4165,11 @@ class ComPortBridge:
             return 0
         return LINE_THRE | (0 if device.output_pending() else LINE_TSRE)
 
-    def poll_modem(self):
-        """Look at the lines now; notify each client whose mask selects a change."""
+    def poll_modem(self, then=None):
+        """Look at the lines now; notify each client whose mask selects a
+        change; then then()."""
         clients = self._servers()
-        wants_modem = any(c.com_port.modem_mask for c in clients) and self.modem_supported
-        wants_line = any(c.com_port.line_mask for c in clients)
-        if wants_modem:
-            state = self.read_modem()
-            previous, self.modem_state = self.modem_state, state
-            if previous is not None and state != previous:
-                for conn in clients:
-                    body = conn.com_port.modem_notification(state, previous)
-                    if body is not None:
-                        self._send_sb(conn, body)
-        if wants_line:
+        if any(c.com_port.line_mask for c in clients):
             state = self.read_line_state()
             previous, self.line_state = self.line_state, state
             if previous is not None and state != previous:
@@ -3833,6 +4177,23 @@ class ComPortBridge:
                     body = conn.com_port.line_notification(state, previous)
                     if body is not None:
                         self._send_sb(conn, body)
+        if not (any(c.com_port.modem_mask for c in clients) and self.modem_supported) or self.modem_reading:
+            if then is not None:
+                then()
+            return
+        self.modem_reading = True
+
+        def heard(state):
+            self.modem_reading = False
+            previous, self.modem_state = self.modem_state, state
+            if previous is not None and state != previous:
+                for conn in self._servers():
+                    body = conn.com_port.modem_notification(state, previous)
+                    if body is not None:
+                        self._send_sb(conn, body)
+            if then is not None:
+                then()
+        self.read_modem(heard)
 
     def _poll_fired(self):
         self.poll_timer = None
@@ -3840,70 +4201,102 @@ class ComPortBridge:
         self._update_timers()
 
     def _update_timers(self):
-        """Run the modem poll (server) or the termios watch (client) only
-        while a connection wants it."""
-        reactor = self.port.reactor
-        if self.role == "server":
-            clients = self._servers()
-            wanted = self.port.device.is_open and any(
-                (c.com_port.modem_mask and self.modem_supported) or c.com_port.line_mask for c in clients)
-            if wanted and self.poll_timer is None:
-                if self.modem_state is None and self.modem_supported:
-                    self.modem_state = self.read_modem()
-                self.poll_timer = reactor.call_later(MODEM_POLL, self._poll_fired)
-            elif not wanted and self.poll_timer is not None:
-                self.poll_timer.cancel()
-                self.poll_timer = None
-                self.modem_state = self.line_state = None
-        else:
-            wanted = isinstance(self.port.device, VirtualDevice) and any(
-                isinstance(c.com_port, ComPortClient) and c.com_port.active for c in self.port.clients)
-            if wanted and self.watch_timer is None:
-                self.watch_timer = reactor.call_later(VIRTUAL_POLL, self._watch_fired)
-            elif not wanted and self.watch_timer is not None:
-                self.watch_timer.cancel()
-                self.watch_timer = None
+        """Run the modem poll only while a connection wants it."""
+        clients = self._servers()
+        wanted = self.port.device.is_open and any(
+            (c.com_port.modem_mask and self.modem_supported) or c.com_port.line_mask for c in clients)
+        if wanted and self.poll_timer is None:
+            if self.modem_state is None and self.modem_supported:
+                self.poll_modem()       # the first look: the state changes are measured from
+            self.poll_timer = self.port.reactor.call_later(MODEM_POLL, self._poll_fired)
+        elif not wanted and self.poll_timer is not None:
+            self.poll_timer.cancel()
+            self.poll_timer = None
+            self.modem_state = self.line_state = None
 
-    # -- client role --
+
+class ComPortClientRole(ComPortRole):
+    """A virtual port (or rfc2217_role = client): the settings of the local
+    side -- the pty's termios, which the local program sets, or the
+    configuration -- are pushed to the server, and again on every change."""
+
+    role = "client"
+    OPTIONS = dict(local=(OPT_BINARY, OPT_SGA, OPT_COM_PORT), remote=(OPT_BINARY, OPT_SGA, OPT_ECHO, OPT_COM_PORT),
+                   ask_local=(OPT_BINARY, OPT_SGA, OPT_COM_PORT), ask_remote=(OPT_BINARY, OPT_SGA))
+
+    def __init__(self, port):
+        super().__init__(port)
+        self.local_settings = None      # the local side's settings last pushed
+        self.watch_timer = None
+
+    def attach(self, conn):
+        super().attach(conn)
+        conn.com_port = ComPortClient()
+        conn.com_port.timer = self.port.reactor.call_later(RFC2217_AGREE_TIMEOUT, lambda: self._agree_timeout(conn))
+
+    def detach(self, conn):
+        if conn.com_port.timer is not None:
+            conn.com_port.timer.cancel()
+        self._update_timers()
+
+    def stop(self):
+        if self.watch_timer is not None:
+            self.watch_timer.cancel()
+            self.watch_timer = None
 
     def local_settings_now(self):
         device = self.port.device
         if isinstance(device, VirtualDevice) and device.master is not None:
             try:
                 return device.settings()
-            except (OSError, KeyError):
+            except Exception:  # termios.error is no OSError
                 pass
         return dict(self.configured)
 
-    def _agreed_client(self, conn):
+    def agreed(self, conn):
         cp = conn.com_port
         if cp.timer is not None:
             cp.timer.cancel()
             cp.timer = None
         settings = self.local_settings_now()
         self.local_settings = settings
-        self.port.log.info("[%s] %s speaks RFC 2217; asking for %s", self.port.name, self._who(conn),
-                           describe_settings(settings))
+        self._log(INFO, "%s speaks RFC 2217; asking for %s", self._who(conn), describe_settings(settings))
         self._send_sb(conn, com_port_request("signature", None))
         for body in cp.update(settings):
             self._send_sb(conn, body)
         self._update_timers()
 
+    def refused(self, conn, side, option):
+        if option == OPT_COM_PORT and side == "us":
+            self._not_rfc2217(conn, "refuses COM-PORT-OPTION (DONT 44)")
+
+    def telnet_break(self, conn):
+        self._debug(conn, "ignoring IAC BRK from the server")
+
+    def _update_timers(self):
+        """Follow the local program's settings only while a server listens."""
+        wanted = isinstance(self.port.device, VirtualDevice) and any(
+            c.com_port.active for c in self.port.clients)
+        if wanted and self.watch_timer is None:
+            self.watch_timer = self.port.reactor.call_later(VIRTUAL_POLL, self._watch_fired)
+        elif not wanted and self.watch_timer is not None:
+            self.watch_timer.cancel()
+            self.watch_timer = None
+
     def _watch_fired(self):
-        """Client role, virtual port: follow what the local program sets."""
         self.watch_timer = None
         settings = self.local_settings_now()
         if settings != self.local_settings:
             changed = {k: v for k, v in settings.items() if self.local_settings is None or self.local_settings.get(k) != v}
             self.local_settings = settings
-            self.port.log.info("[%s] local program set %s", self.port.name, describe_settings(changed))
+            self._log(INFO, "local program set %s", describe_settings(changed))
             for conn in self.port.clients:
-                if isinstance(conn.com_port, ComPortClient) and conn.com_port.active:
+                if conn.com_port.active:
                     for body in conn.com_port.update(settings):
                         self._send_sb(conn, body)
         self._update_timers()
 
-    def client_reply(self, conn, body):
+    def subnegotiation(self, conn, body):
         result = conn.com_port.reply(body)
         if result is None:
             self._debug(conn, "ignoring COM-PORT-OPTION %r", list(body[:8]))
@@ -3929,9 +4322,8 @@ class ComPortBridge:
         if conn.closed or cp.active:
             return
         if not conn.telnet.heard_telnet:
-            self.port.log.warning("[%s] %s sent no Telnet negotiation within %gs: not an RFC 2217 server; "
-                                  "carrying on as raw TCP (serial settings are not sent)",
-                                  self.port.name, self._who(conn), RFC2217_AGREE_TIMEOUT)
+            self._log(WARNING, "%s sent no Telnet negotiation within %gs: not an RFC 2217 server; "
+                      "carrying on as raw TCP (serial settings are not sent)", self._who(conn), RFC2217_AGREE_TIMEOUT)
             conn.telnet = None
             return
         self._not_rfc2217(conn, "did not accept COM-PORT-OPTION within %gs" % RFC2217_AGREE_TIMEOUT)
@@ -3941,8 +4333,17 @@ class ComPortBridge:
         if cp.timer is not None:
             cp.timer.cancel()
             cp.timer = None
-        self.port.log.warning("[%s] %s %s: it is a plain Telnet server, not RFC 2217; data goes on, "
-                              "serial settings are not sent", self.port.name, self._who(conn), why)
+        self._log(WARNING, "%s %s: it is a plain Telnet server, not RFC 2217; data goes on, "
+                  "serial settings are not sent", self._who(conn), why)
+
+
+def make_com_port_role(port):
+    """The RFC 2217 role of an rfc2217 port: the side that owns the real
+    device is the server; a virtual port makes sertcp the client."""
+    role = port.config.rfc2217_role
+    if role == "auto":
+        role = "client" if port.config.virtual is not None else "server"
+    return (ComPortServerRole if role == "server" else ComPortClientRole)(port)
 
 
 def describe_setting_error(exc):
@@ -3961,10 +4362,18 @@ def describe_settings(settings):
     return ", ".join("%s %s" % (k, v) for k, v in s.items())
 
 
+# ---------------------------------------------------------------------
+# The port: device life cycle, delivery and back-pressure
+# ---------------------------------------------------------------------
+
 class Port:
-    """One configured port: a device, a listener, its clients and the
-    rules between them.  Device states: closed -> open -> lost -> open ...
-    (and 'idle' while open_on_demand has no client)."""
+    """One configured port: a device, its clients and the rules between
+    them.  The port owns the device's life (one `device_state`, moved by
+    DEVICE_STATE_ON), delivers device data to the clients send_to picks
+    (packing, `buffer`), and keeps back-pressure to the one rule of
+    device_should_pause().  Its helpers: `admission` (who connects, how
+    connections end), `dialer` (the client role) and `rfc2217` (the
+    RFC 2217 role), each None where the configuration has no use for it."""
 
     def __init__(self, config, reactor, log, peer_log=None):
         self.config = config
@@ -3974,64 +4383,58 @@ class Port:
         self.peer_log = peer_log or PeerLog(log)
         self.password = config.secret
         self.device = make_device(self, reactor)
+        self.device_state = "closed"
+        self.reopen_timer = None
         # pause the device once every recipient has this much waiting
         self.pause_at = min(CLIENT_HIGH_WATER, config.client_buffer // 2 or 1)
+        self.device_paused = False      # back-pressure: the device is not read
+        self.clients_paused = False     # the device's queue is full: clients are not read
         self.clients = []               # oldest first
         self.active_client = None       # last_active: who sent data last
         self.recipients = None          # who send_to picks now; None: work it out
         self.packer = Packer.from_config(config)
         self.pack_timer = None
-        # the client role must keep at least the event bytes that make it dial
-        self.held = ByteBuffer(self.held_limit(), config.buffer_drop)
-        # client role: dial state is one of off, gathering, waiting, resolving,
-        # connecting, connected (the log names each transition)
-        self.dial_state = "off"
-        self.dial_peer = 0              # index into connect
-        self.dial_addresses = []        # resolved addresses of that peer still to try
-        self.dial_failures = 0          # failed rounds since the last success
-        self.dial = None                # the Dial in flight
-        self.dial_timer = None
-        self.dial_generation = 0
-        self.reopen_timer = None
-        self.device_state = "closed"
-        self.device_reading_paused = False
-        self.clients_paused = False
         self.stopping = False
         self.counters = dict(bytes_from_device=0, bytes_to_device=0, bytes_dropped=0,
                              connections_total=0, connections_rejected=0, dials_failed=0,
                              device_errors=0)
-        self.drop_log_at = 0.0
-        self.drop_log_pending = 0
+        self.drop_log_pending = 0       # dropped bytes not yet in a log line
+        self.drop_log_timer = None      # ends the second in which one line was logged
         self.trace = Trace(config.trace, config.trace_format, log, self.name) if config.trace else None
-        self.rfc2217 = ComPortBridge(self) if config.protocol == "rfc2217" else None
+        self.rfc2217 = make_com_port_role(self) if config.protocol == "rfc2217" else None
+        self.dialer = Dialer(self) if config.connect is not None else None
+        # the client role must keep at least the event bytes that make it dial
+        self.held = ByteBuffer(self.held_limit(), config.buffer_drop)
+        self.admission = Admission(self)
+        # what connections and the listener call
+        self.on_accept = self.admission.on_accept
+        self.end_connection = self.admission.end
+        self.peer_finished = self.admission.peer_finished
+
+    @property
+    def dial_state(self):
+        return self.dialer.plan.state if self.dialer else "off"
 
     # -- life cycle --
 
     def start(self):
         """Open the device and start dialing; the server's Gate listens."""
-        c = self.config
-        if not c.open_on_demand:
+        if not self.config.open_on_demand:
             self.open_device()
-        if c.connect is not None:
-            self.dial_state = "gathering"
-            if c.event_bytes:
-                self.log.info("[%s] gathering: dialing once %d bytes from the device wait",
-                              self.name, c.event_bytes)
-            self.maybe_dial()
+        if self.dialer:
+            self.dialer.start()
 
     def stop(self, reason="shutdown"):
         self.stopping = True
-        for timer in (self.reopen_timer, self.pack_timer, self.dial_timer):
+        for timer in (self.reopen_timer, self.pack_timer, self.drop_log_timer):
             if timer:
                 timer.cancel()
-        if self.dial:
-            self.dial.cancel()
-            self.dial = None
-        self.dial_generation += 1
+        if self.dialer:
+            self.dialer.stop()
         if self.rfc2217:
             self.rfc2217.stop()
         for conn in list(self.clients):
-            self.close_connection(conn, reason)
+            self.end_connection(conn, reason)
         self.close_device("shutdown" if reason == "shutdown" else "port stopped: %s" % reason)
         if self.trace:
             self.trace.close()
@@ -4039,12 +4442,16 @@ class Port:
     def pending_to_device(self):
         return self.device.tx_bytes if self.device.is_open else 0
 
-    # -- device side --
+    # -- the device's life: closed -> opening -> open -> missing -> opening ... --
+
+    def _device_event(self, event):
+        self.device_state = device_state_after(self.device_state, event)
 
     def open_device(self):
         self.reopen_timer = None
-        if self.stopping or self.device.is_open or self.device_opening:
+        if self.stopping or self.device_state in ("open", "opening"):
             return
+        self._device_event("open")
         try:
             self.device.open()
         except Exception as e:  # OSError; or a bad URL, settings the device refuses
@@ -4052,14 +4459,12 @@ class Port:
             return
         if self.device.is_open:
             self._device_opened()
-        else:
-            self.device_opening = True      # a URL device: device_open_done() follows
-
-    device_opening = False
+        # else a URL or socket device: device_open_done() follows
 
     def device_open_done(self, error):
         """A device that opens in the background has finished trying."""
-        self.device_opening = False
+        if self.device_state != "opening":
+            return                      # closed meanwhile
         if error is not None:
             self._device_open_failed(error)
         else:
@@ -4070,43 +4475,47 @@ class Port:
         if not isinstance(e, OSError):
             self.log.error("[%s] device %s cannot be opened: %s; retrying every %gs",
                            self.name, self.device.label(), describe_error(e), self.config.reopen_interval)
-        elif self.device_state != "missing":
+        elif self.device_was_missing is False:
             self.log.warning("[%s] device %s cannot be opened: %s; retrying every %gs",
                              self.name, self.device.label(), describe_error(e), self.config.reopen_interval)
-        self.device_state = "missing"
-        dropped = self.device.discard_tx()
-        if dropped:
-            self.count_dropped(dropped, "device could not be opened")
-        self.reopen_timer = self.reactor.call_later(self.config.reopen_interval, self.open_device)
+        self.device_was_missing = True
+        self._device_event("failed")
+        self._device_gone("device could not be opened")
+
+    device_was_missing = False          # said once, not at every retry
 
     def _device_opened(self):
-        self.device_state = "open"
-        extra = ""
-        if isinstance(self.device, VirtualDevice):
-            extra = " (pty %s)" % self.device.slave_name
+        self._device_event("opened")
+        self.device_was_missing = False
+        extra = " (pty %s)" % self.device.slave_name if isinstance(self.device, VirtualDevice) else ""
         self.log.info("[%s] device %s opened%s", self.name, self.device.label(), extra)
         if self.rfc2217:
             self.rfc2217.device_opened()
         self.apply_lines()
-        self.device.pause_reading(self.device_reading_paused)
+        self.device.pause_reading(self.device_paused)
 
     def close_device(self, why):
         if self.device.is_open:
-            self.device.close()
             self.log.info("[%s] device %s closed (%s)", self.name, self.device.label(), why)
-        elif self.device_opening:
-            self.device.close()         # the open under way is dropped when it ends
-            self.device_opening = False
-        self.device_state = "closed"
+        self.device.close()             # an open under way is dropped when it ends
+        self._device_event("close")
+        self.on_device_drained()
 
     def on_device_lost(self, reason):
         self.counters["device_errors"] += 1
-        dropped = self.device.discard_tx()
-        if dropped:
-            self.count_dropped(dropped, "device lost with data still queued for it")
-        self.device_state = "missing"
+        self._device_event("lost")
+        self.device_was_missing = True
         self.log.warning("[%s] device %s lost: %s; reopening every %gs", self.name,
                          self.device.label(), reason, self.config.reopen_interval)
+        self._device_gone("device lost with data still queued for it")
+
+    def _device_gone(self, why):
+        """Missing: what waited for it is counted, clients are read again
+        (their data is counted as dropped), and a reopen is due."""
+        dropped = self.device.discard_tx()
+        if dropped:
+            self.count_dropped(dropped, why)
+        self.on_device_drained()
         if not self.stopping and self.reopen_timer is None:
             self.reopen_timer = self.reactor.call_later(self.config.reopen_interval, self.open_device)
 
@@ -4116,10 +4525,11 @@ class Port:
         if not self.config.listen_on_open:
             return
         if is_open:
-            self.maybe_dial()
+            if self.dialer:
+                self.dialer.poke()
         else:
             for conn in list(self.clients):
-                self.close_connection(conn, "virtual port closed by the local program (listen_on_open)")
+                self.end_connection(conn, "virtual port closed by the local program (listen_on_open)")
 
     def wanted_lines(self):
         """(DTR, RTS) as the configuration wants them now; None = keep."""
@@ -4132,15 +4542,21 @@ class Port:
         return state[dtr], state[rts]
 
     def apply_lines(self):
-        if not self.device.is_open:
+        device = self.device
+        if not device.is_open:
             return
         dtr, rts = self.wanted_lines()
         if dtr is None and rts is None:
             return
-        self.device.change_lines(dtr, rts, lambda problem, modem: self._lines_applied(dtr, rts, problem, modem))
 
-    def _lines_applied(self, dtr, rts, problem, modem):
+        def set_and_read():
+            problem = device.set_lines(dtr, rts)
+            return problem, ({} if problem else device.modem_status())
+        device.call(set_and_read, lambda result, error: self._lines_applied(dtr, rts, result, error))
+
+    def _lines_applied(self, dtr, rts, result, error):
         names = {True: "on", False: "off", None: "kept"}
+        problem, modem = result if error is None else (describe_error(error), {})
         if problem:
             # a pty refuses modem lines every time (debug); a URL device's
             # far end that does not acknowledge them is worth a warning
@@ -4150,6 +4566,8 @@ class Port:
         read_back = ", ".join("%s=%s" % (k, "on" if v else "off") for k, v in modem.items())
         self.log.info("[%s] lines DTR=%s RTS=%s%s", self.name, names[dtr], names[rts],
                       ("; device reports %s" % read_back) if read_back else "")
+
+    # -- device to network: packing, send_to, buffer, back-pressure --
 
     def on_device_data(self, data):
         self.counters["bytes_from_device"] += len(data)
@@ -4177,6 +4595,14 @@ class Port:
             self.deliver(packet)
         self._arm_pack_timer()
 
+    def _recipients(self):
+        recipients = self.recipients
+        if recipients is None:
+            # cached until a client comes or goes or another one sends
+            recipients = self.recipients = tuple(choose_clients(self.config.send_to, self.clients,
+                                                                self.active_client))
+        return recipients
+
     def deliver(self, data):
         """Device data (a packet, when packing) to the clients send_to picks."""
         if self.trace:
@@ -4190,18 +4616,13 @@ class Port:
                 self.count_dropped(dropped, "buffer of %d bytes full (buffer_drop = %s)"
                                    % (self.held.limit, self.config.buffer_drop)
                                    if self.held.limit else "no client connected (buffer = 0)")
-            if self.dial_state == "gathering":
-                self.maybe_dial()
+            if self.dialer:
+                self.dialer.poke()
             return
-        recipients = self.recipients
-        if recipients is None:
-            # cached until a client comes or goes or another one sends
-            recipients = self.recipients = tuple(choose_clients(self.config.send_to, self.clients,
-                                                                self.active_client))
+        recipients = self._recipients()
         if not recipients:
             self.count_dropped(len(data), "send_to = %s selects no client" % self.config.send_to)
             return
-        backlog = None
         framed = None                   # rfc2217: IAC doubled once for every BINARY client
         for conn in recipients:
             if conn.telnet is None:
@@ -4212,32 +4633,34 @@ class Port:
                 conn.send(framed)
             else:
                 conn.send_data(data)
-            if backlog is None or len(conn.out) < backlog:
-                backlog = len(conn.out)
-        # Pause the device only when every recipient is behind: one stalled
-        # client never slows the others (it overflows client_buffer instead).
-        if backlog is not None and backlog >= self.pause_at:
-            self._pause_device(True)
+        self.backlog_changed()
 
-    def on_client_drained(self, conn):
-        if self.device_reading_paused and len(conn.out) < CLIENT_HIGH_WATER // 2:
-            self._pause_device(False)
-
-    def _pause_device(self, paused):
-        if paused != self.device_reading_paused:
-            self.device_reading_paused = paused
+    def backlog_changed(self):
+        """A client came, went, drained, was suspended or got data: apply
+        the back-pressure rule.  One stalled client never slows the
+        others (it overflows client_buffer instead)."""
+        paused = device_should_pause([len(c.out) for c in self._recipients()], self.device_paused, self.pause_at)
+        if paused != self.device_paused:
+            self.device_paused = paused
             self.device.pause_reading(paused)
 
     def count_dropped(self, n, why):
+        """Count discarded bytes; at most one log line a second says how
+        many, and the bytes of a quiet second come in a line at its end."""
         self.counters["bytes_dropped"] += n
-        now = self.reactor.now()
         self.drop_log_pending += n
-        if now >= self.drop_log_at:  # at most one line a second about dropped data
-            self.log.warning("[%s] dropped %d bytes: %s", self.name, self.drop_log_pending, why)
-            self.drop_log_pending = 0
-            self.drop_log_at = now + 1.0
+        self.drop_why = why
+        if self.drop_log_timer is None:
+            self._log_dropped()
 
-    # -- network side --
+    def _log_dropped(self):
+        self.drop_log_timer = None
+        if self.drop_log_pending:
+            self.log.warning("[%s] dropped %d bytes: %s", self.name, self.drop_log_pending, self.drop_why)
+            self.drop_log_pending = 0
+            self.drop_log_timer = self.reactor.call_later(1.0, self._log_dropped)
+
+    # -- network to device --
 
     def held_limit(self):
         """How much device data waits while no connection is up: `buffer`;
@@ -4248,102 +4671,24 @@ class Port:
         limit = c.buffer
         if c.connect is not None and c.event_bytes:
             limit = max(limit, c.event_bytes)
-            if getattr(self, "dial_state", "off") != "waiting":
+            if self.dial_state != "waiting":
                 limit = max(limit, c.client_buffer)
         return limit
 
     def network_enabled(self):
         """listen_on_open: the network side works only while a local
         program has the virtual port open."""
-        return not self.config.listen_on_open or getattr(self.device, "peer_open", True)
+        return not self.config.listen_on_open or self.device.peer_open
 
-    def on_accept(self, sock, peer, first_data=b""):
-        self.counters["connections_total"] += 1
+    def dial_wanted(self):
+        """Whether the client role should dial now (its plan is idle)."""
         c = self.config
-        if self.stopping:
-            sock.close()
-            return
-        if not self.network_enabled():
-            self.counters["connections_rejected"] += 1
-            self.peer_log(peer[0], INFO, "[%s] client %s rejected: virtual port %s is not open (listen_on_open)",
-                          self.name, format_peer(peer), c.virtual)
-            sock.close()
-            return
-        if len(self.clients) >= c.max_clients:
-            if c.when_full == "reject":
-                self.counters["connections_rejected"] += 1
-                self.peer_log(peer[0], INFO, "[%s] client %s rejected: %d of %d clients connected (when_full = reject)",
-                              self.name, format_peer(peer), len(self.clients), c.max_clients)
-                sock.close()
-                return
-            self.close_connection(self.clients[0], "kicked by newer client %s (when_full = kick_oldest)"
-                                  % format_peer(peer))
-        conn = self.admit(sock, peer)
-        if first_data and not conn.closed:
-            conn.bytes_in += len(first_data)
-            self.on_client_data(conn, first_data)
-
-    def admit(self, sock, peer, dialed=False):
-        """Make sock one of the port's connections: banner (or connect_id
-        when dialed), then what was held for it."""
-        c = self.config
-        tune_socket(sock, c)
-        now = self.reactor.now()
-        conn = (TlsConnection if isinstance(sock, TlsStream) else Connection)(self, self.reactor, sock, peer, now)
-        conn.dialed = dialed
-        first = not self.clients
-        self.clients.append(conn)
-        self.recipients = None
-        if dialed:
-            self.log.info("[%s] connected to %s", self.name, format_peer(peer))
-        else:
-            self.peer_log(peer[0], INFO, "[%s] client %s connected (%d of %d)", self.name, format_peer(peer),
-                          len(self.clients), c.max_clients)
-        conn.start()
-        if self.rfc2217:
-            self.rfc2217.attach(conn)
-        if dialed:
-            # a sertcp (or any) server with a password wants it first, then the id
-            greeting = (self.password + b"\n" if self.password is not None else b"") + (c.connect_id or b"")
-        else:
-            greeting = c.banner
-        if greeting:
-            if dialed:
-                conn.send(greeting)  # the password and id come before Telnet starts
-            else:
-                conn.send_data(greeting)
-        if self.rfc2217:
-            self.rfc2217.start(conn)
-        if len(self.held):
-            data = self.held.take()
-            self.log.info("[%s] delivering %d buffered bytes to %s", self.name, len(data), format_peer(peer))
-            conn.send_data(data, bounded=False)
-        if c.timeout:
-            conn.idle_timer = self.reactor.call_at(now + c.timeout, lambda: self._idle_check(conn))
-        if self.clients_paused:
-            conn.pause_reading(True)
-        if first:
-            if not self.device.is_open and self.config.open_on_demand:
-                self.open_device()
-            else:
-                self.apply_lines()
-        return conn
-
-    def _idle_check(self, conn):
-        if conn.closed:
-            return
-        due = conn.last_io + self.config.timeout
-        now = self.reactor.now()
-        if now >= due:
-            self.close_connection(conn, "idle timeout (%gs without data)" % self.config.timeout)
-        else:
-            conn.idle_timer = self.reactor.call_at(due, lambda: self._idle_check(conn))
-
-    def on_client_data(self, conn, data):
-        if conn.telnet is not None:
-            self.rfc2217.received(conn, data)  # payload comes back through client_payload
-            return
-        self.client_payload(conn, data)
+        if self.stopping or not self.network_enabled() or any(conn.dialed for conn in self.clients):
+            return False
+        if c.event_bytes == 0:
+            return True
+        # mixed role: one connection at a time, incoming or outgoing (ezTCP)
+        return not self.clients and len(self.held) >= c.event_bytes
 
     def client_payload(self, conn, data):
         if self.trace:
@@ -4353,11 +4698,11 @@ class Port:
             self.active_client = conn
             self.recipients = None
         if self.config.receive_from != "all" and \
-                not client_selected(self.config.receive_from, conn, self.clients, conn):
+                not client_selected(self.config.receive_from, conn, self.clients):
             self.count_dropped(len(data), "receive_from = %s ignores %s" % (self.config.receive_from,
                                                                            format_peer(conn.peer)))
             return
-        if not self.device.is_open and not self.device_opening:
+        if self.device_state not in ("open", "opening"):
             self.count_dropped(len(data), "device %s is not open" % self.device.label())
             return
         self.device.write(data)             # queued while a URL device opens
@@ -4372,203 +4717,346 @@ class Port:
             for c in self.clients:
                 c.pause_reading(False)
 
-    def closing_after_flush(self, conn):
-        return False
 
-    def close_connection(self, conn, reason):
+# ---------------------------------------------------------------------
+# Admission: who connects, and how each connection ends
+# ---------------------------------------------------------------------
+
+class Admission:
+    """The shell around the admission() core for one port: refuses or
+    takes a connection, greets it (banner, or password and connect_id when
+    dialed), hands it what `buffer` held, times it out, and ends it --
+    telling the dialer whether we or the peer hung up."""
+
+    def __init__(self, port):
+        self.port = port
+
+    def on_accept(self, sock, peer, first_data=b""):
+        port, c = self.port, self.port.config
+        port.counters["connections_total"] += 1
+        if port.stopping:
+            sock.close()
+            return
+        # a half-closed client yields its place (see peer_finished)
+        connected = [conn for conn in port.clients if not conn.half_closed]
+        decision = admission(len(connected), c.max_clients, c.when_full, port.network_enabled())
+        if decision.startswith("refuse"):
+            port.counters["connections_rejected"] += 1
+            if decision.startswith("refuse: not open"):
+                why = "virtual port %s is not open (listen_on_open)" % c.virtual
+            else:
+                why = "%d of %d clients connected (when_full = reject)" % (len(connected), c.max_clients)
+            port.peer_log(peer[0], INFO, "[%s] client %s rejected: %s", port.name, format_peer(peer), why)
+            sock.close()
+            return
+        if decision == "kick_oldest":
+            self.end(connected[0], "kicked by newer client %s (when_full = kick_oldest)" % format_peer(peer))
+        for conn in [conn for conn in port.clients if conn.half_closed][:max(0, len(port.clients) + 1 - c.max_clients)]:
+            self.end(conn, "closed by peer; its place taken by %s" % format_peer(peer), by_peer=True)
+        conn = self.admit(sock, peer)
+        if first_data and not conn.closed:
+            conn.bytes_in += len(first_data)
+            if conn.telnet is not None:
+                port.rfc2217.received(conn, first_data)  # payload comes back through client_payload
+            else:
+                port.client_payload(conn, first_data)
+
+    def admit(self, sock, peer, dialed=False):
+        """Make sock one of the port's connections: banner (or connect_id
+        when dialed), then what was held for it."""
+        port, c = self.port, self.port.config
+        tune_socket(sock, c)
+        now = port.reactor.now()
+        conn = (TlsConnection if isinstance(sock, TlsStream) else Connection)(port, port.reactor, sock, peer, now)
+        conn.dialed = dialed
+        first = not port.clients
+        port.clients.append(conn)
+        port.recipients = None
+        if dialed:
+            port.log.info("[%s] connected to %s", port.name, format_peer(peer))
+        else:
+            port.peer_log(peer[0], INFO, "[%s] client %s connected (%d of %d)", port.name, format_peer(peer),
+                          len(port.clients), c.max_clients)
+        conn.start()
+        if port.rfc2217:
+            port.rfc2217.attach(conn)
+        if dialed:
+            # a sertcp (or any) server with a password wants it first, then the id
+            greeting = (port.password + b"\n" if port.password is not None else b"") + (c.connect_id or b"")
+            if greeting:
+                conn.send(greeting)  # the password and id come before Telnet starts
+        elif c.banner:
+            conn.send_data(c.banner)
+        if port.rfc2217:
+            port.rfc2217.start(conn)
+        if len(port.held):
+            data = port.held.take()
+            port.log.info("[%s] delivering %d buffered bytes to %s", port.name, len(data), format_peer(peer))
+            conn.send_data(data, bounded=False)
+        if c.timeout:
+            conn.idle_timer = port.reactor.call_at(now + c.timeout, lambda: self._idle_check(conn))
+        if port.clients_paused:
+            conn.pause_reading(True)
+        port.backlog_changed()
+        if first:
+            if port.device_state == "closed" and c.open_on_demand:
+                port.open_device()
+            else:
+                port.apply_lines()
+        return conn
+
+    def _idle_limit(self, conn):
+        timeout = self.port.config.timeout
+        return timeout if timeout or not conn.half_closed else HALF_CLOSE_GRACE
+
+    def _idle_check(self, conn):
+        conn.idle_timer = None
+        if conn.closed:
+            return
+        limit = self._idle_limit(conn)
+        due = conn.last_io + limit
+        if self.port.reactor.now() < due:
+            conn.idle_timer = self.port.reactor.call_at(due, lambda: self._idle_check(conn))
+        elif conn.half_closed:
+            self.end(conn, "closed by peer", by_peer=True)
+        else:
+            self.end(conn, "idle timeout (%gs without data)" % limit)
+
+    def peer_finished(self, conn):
+        """The peer shut down its sending side.  It may still be reading
+        (`nc -N`, `printf cmd | socat`): device data goes on to it until
+        it has been quiet for HALF_CLOSE_GRACE (or `timeout`, if set), as
+        socat does; meanwhile a new client may take its place."""
+        if conn.idle_timer is not None:
+            conn.idle_timer.cancel()
+        conn.last_io = self.port.reactor.now()
+        conn.idle_timer = self.port.reactor.call_at(conn.last_io + self._idle_limit(conn),
+                                                    lambda: self._idle_check(conn))
+
+    def end(self, conn, reason, by_peer=False):
+        """Close one connection: what it had not been sent is counted; the
+        device's lines, open_on_demand, back-pressure and the dialer hear."""
+        port = self.port
         if conn.closed:
             return
         out_pending = len(conn.out)
         conn.close()
-        if conn in self.clients:
-            self.clients.remove(conn)
-        if self.active_client is conn:
-            self.active_client = None
-        self.recipients = None
-        if self.rfc2217:
-            self.rfc2217.detach(conn)
+        if conn in port.clients:
+            port.clients.remove(conn)
+        if port.active_client is conn:
+            port.active_client = None
+        port.recipients = None
+        if port.rfc2217:
+            port.rfc2217.detach(conn)
         if out_pending:
-            self.counters["bytes_dropped"] += out_pending
-        duration = self.reactor.now() - conn.since_mono
-        self.peer_log(conn.peer[0], INFO, "[%s] %s %s disconnected: %s; %d bytes in, %d bytes out%s, %.1fs",
-                      self.name, "peer" if conn.dialed else "client", format_peer(conn.peer), reason, conn.bytes_in, conn.bytes_out,
-                      (", %d unsent" % out_pending) if out_pending else "", duration)
-        if self.device_reading_paused:
-            self.on_client_drained(conn)
-        if not self.clients and not self.stopping:
-            if self.config.open_on_demand:
-                self.close_device("last client left (open_on_demand)")
-            else:
-                self.apply_lines()
-        if conn.dialed and not self.stopping:
-            self.dial_state = "gathering"
-            if duration < DIAL_SETTLE and not conn.bytes_in and not self.config.event_bytes:
-                # accepted and closed without a word (a full server, a
-                # gateway with nothing behind it): a failed round, so that
-                # redialing backs off instead of hammering the peer.  (With
-                # event_bytes, only device data starts a dial: no loop.)
-                self.log.warning("[%s] peer %s closed the connection after %.1fs without sending anything",
-                                 self.name, format_peer(conn.peer), duration)
-                self.dial_peer = len(self.config.connect)
-                self._dial_next_peer()
-                return
-            self.dial_failures = 0      # a connection that held: back-off starts again
-            if self.config.event_bytes:
-                self.log.info("[%s] gathering: dialing again once %d bytes from the device wait",
-                              self.name, self.config.event_bytes)
-                self.maybe_dial()
-            else:
-                self.log.info("[%s] redialing in %gs", self.name, self.config.reconnect_min)
-                self._dial_later(self.config.reconnect_min)
-
-    # -- client role: the dial state machine --
-    #
-    #   gathering --(event_bytes waiting, or event_bytes = 0)--> resolving
-    #   resolving --> connecting (each address of peer i in turn)
-    #   connecting --ok--> connected --closed--> gathering
-    #   connecting --failed--> next peer ... --all failed--> waiting (back-off)
-    #   waiting --timer--> gathering
-
-    def dial_wanted(self):
-        c = self.config
-        if c.connect is None or self.stopping or self.dial_state != "gathering":
-            return False
-        if not self.network_enabled():
-            return False
-        if any(conn.dialed for conn in self.clients):
-            return False
-        if c.event_bytes == 0:
-            return True
-        # mixed role: one connection at a time, incoming or outgoing (ezTCP)
-        return not self.clients and len(self.held) >= c.event_bytes
-
-    def maybe_dial(self):
-        if self.dial_wanted():
-            self.dial_peer = 0  # every new dial starts with the first peer
-            self._dial_next_peer()
-
-    def _dial_later(self, delay):
-        self.dial_state = "waiting"
-        if self.dial_timer:
-            self.dial_timer.cancel()
-
-        def fire():
-            self.dial_timer = None
-            self.dial_state = "gathering"
-            self.maybe_dial()
-        self.dial_timer = self.reactor.call_later(delay, fire)
-
-    def _dial_next_peer(self):
-        peers = self.config.connect
-        if self.dial_peer >= len(peers):
-            self.dial_failures += 1
-            self.counters["dials_failed"] += 1
-            delay = next_backoff(self.dial_failures, self.config.reconnect_min, self.config.reconnect_max,
-                                 int.from_bytes(os.urandom(2), "big") / 65535.0)
-            self.log.warning("[%s] every peer failed (%d round%s in a row); next dial in %.2fs",
-                             self.name, self.dial_failures, "" if self.dial_failures == 1 else "s", delay)
-            self._dial_later(delay)
+            port.counters["bytes_dropped"] += out_pending
+        duration = port.reactor.now() - conn.since_mono
+        port.peer_log(conn.peer[0], INFO, "[%s] %s %s disconnected: %s; %d bytes in, %d bytes out%s, %.1fs",
+                      port.name, "peer" if conn.dialed else "client", format_peer(conn.peer), reason, conn.bytes_in,
+                      conn.bytes_out, (", %d unsent" % out_pending) if out_pending else "", duration)
+        if port.stopping:
             return
-        host, port = peers[self.dial_peer]
-        self.dial_state = "resolving"
-        self.dial_generation += 1
-        generation = self.dial_generation
-        self.log.info("[%s] dialing %s (peer %d of %d)", self.name, show_hostport((host, port)),
-                      self.dial_peer + 1, len(peers))
-        resolve_in_thread(self.reactor, host, port,
-                          lambda addresses, error: self._dial_resolved(generation, addresses, error))
+        port.backlog_changed()
+        if not port.clients:
+            if port.config.open_on_demand:
+                port.close_device("last client left (open_on_demand)")
+            else:
+                port.apply_lines()
+        if port.dialer:
+            if conn.dialed:
+                port.dialer.connection_ended(conn, by_peer, duration)
+            else:
+                port.dialer.poke()      # the mixed role may dial now
 
-    def _dial_resolved(self, generation, addresses, error):
-        if generation != self.dial_generation or self.stopping:
+
+# ---------------------------------------------------------------------
+# The dialer: the client role, redial and back-off
+# ---------------------------------------------------------------------
+
+class Dialer:
+    """The client role of a port: performs what its DialPlan returns --
+    resolving names off the loop, one non-blocking connect (and TLS
+    handshake) at a time, peers in order, back-off after a failed round --
+    and feeds the plan what happened.  The log names each step."""
+
+    def __init__(self, port):
+        c = port.config
+        self.port = port
+        self.log = port.log
+        self.plan = DialPlan(len(c.connect), c.reconnect_min, c.reconnect_max, on_data=bool(c.event_bytes))
+        self.addresses = []             # resolved addresses of the peer still to try
+        self.dial = None                # the Dial or TlsStart in flight
+        self.timer = None
+        self.generation = 0             # answers for an older attempt are dropped
+        self.last_error = "no address"
+        self.connected = None           # (sock, sockaddr) between "up" and "admit"
+        self.tls_context = None
+        self.round_failed = False
+
+    def start(self):
+        if self.port.config.event_bytes:
+            self.log.info("[%s] gathering: dialing once %d bytes from the device wait",
+                          self.port.name, self.port.config.event_bytes)
+        self.poke()
+
+    def stop(self):
+        self.plan.handle("stop")
+        self.generation += 1
+        if self.timer:
+            self.timer.cancel()
+            self.timer = None
+        if self.dial:
+            self.dial.cancel()
+            self.dial = None
+
+    def poke(self):
+        """Dial if the plan rests and the port wants a connection now."""
+        if self.plan.state == "gathering" and self.port.dial_wanted():
+            self._event("wanted")
+
+    def connection_ended(self, conn, by_peer, duration):
+        """A dialed connection ended: who hung up decides what follows."""
+        held = duration >= DIAL_SETTLE or bool(conn.bytes_in)
+        if self.plan.on_data:
+            self.log.info("[%s] gathering: dialing again once %d bytes from the device wait",
+                          self.port.name, self.port.config.event_bytes)
+        elif by_peer and not held:
+            # accepted and closed without a word (a full server, a gateway
+            # with nothing behind it): a failed round, so that redialing
+            # backs off instead of hammering the peer
+            self.log.warning("[%s] peer %s closed the connection after %.1fs without sending anything",
+                             self.port.name, format_peer(conn.peer), duration)
+        self._event("peer_hung_up" if by_peer else "we_hung_up", held=held)
+
+    def _event(self, event, held=True):
+        entropy = int.from_bytes(os.urandom(2), "big") / 65535.0
+        for action in self.plan.handle(event, held=held, entropy=entropy):
+            getattr(self, "_do_" + action[0])(*action[1:])
+
+    # the actions
+
+    def _do_resolve(self, peer):
+        peers = self.port.config.connect
+        host, port = peers[peer]
+        self.generation += 1
+        generation = self.generation
+        self.log.info("[%s] dialing %s (peer %d of %d)", self.port.name, show_hostport((host, port)),
+                      peer + 1, len(peers))
+        resolve_in_thread(self.port.reactor, host, port,
+                          lambda addresses, error: self._resolved(generation, addresses, error))
+
+    def _resolved(self, generation, addresses, error):
+        if generation != self.generation:
             return
         if error is not None or not addresses:
-            self._dial_peer_failed("cannot resolve: %s" % (describe_error(error) if error else "no address"))
+            self._peer_failed("cannot resolve: %s" % (describe_error(error) if error else "no address"))
             return
-        self.dial_addresses = list(addresses)
-        self._dial_next_address()
+        self.addresses = list(addresses)
+        self.last_error = "no address"
+        self._event("resolved")
 
-    def _dial_next_address(self):
-        if not self.dial_addresses:
-            self._dial_peer_failed(self.dial_last_error)
+    def _do_connect(self):
+        """The next address of the peer (the plan stays in connecting)."""
+        if not self.addresses:
+            self._peer_failed(self.last_error)
             return
-        family, sockaddr = self.dial_addresses.pop(0)
-        self.dial_state = "connecting"
-        generation = self.dial_generation
+        family, sockaddr = self.addresses.pop(0)
+        generation = self.generation
         try:
-            self.dial = Dial(self.reactor, family, sockaddr,
-                             lambda sock, error: self._dial_done(generation, sockaddr, sock, error))
+            self.dial = Dial(self.port.reactor, family, sockaddr,
+                             lambda sock, error: self._dialed(generation, sockaddr, sock, error))
         except OSError as e:
-            self.dial_last_error = describe_error(e)
-            self._dial_next_address()
+            self.last_error = describe_error(e)
+            self._do_connect()
 
-    dial_last_error = "no address"
-
-    def _dial_done(self, generation, sockaddr, sock, error):
+    def _dialed(self, generation, sockaddr, sock, error):
         self.dial = None
-        if generation != self.dial_generation or self.stopping:
+        if generation != self.generation:
             if sock:
                 sock.close()
             return
         if error:
-            self.dial_last_error = "%s: %s" % (format_peer(sockaddr), error)
-            self._dial_next_address()
+            self.last_error = "%s: %s" % (format_peer(sockaddr), error)
+            self._do_connect()
             return
-        if len(self.clients) >= self.config.max_clients:
+        if len(self.port.clients) >= self.port.config.max_clients:
             # an incoming client took the only place meanwhile (mixed role)
             self.log.info("[%s] dial to %s succeeded but a client is already connected; closing it",
-                          self.name, format_peer(sockaddr))
+                          self.port.name, format_peer(sockaddr))
             sock.close()
-            self.dial_state = "gathering"
+            self._event("place_taken")
             return
-        if self.config.tls:
-            self._dial_tls(generation, sockaddr, sock)
+        if self.port.config.tls:
+            self._start_tls(generation, sockaddr, sock)
             return
-        self._dial_connected(sock, sockaddr)
+        self.connected = (sock, sockaddr)
+        self._event("up")
 
-    def _dial_tls(self, generation, sockaddr, sock):
+    def _start_tls(self, generation, sockaddr, sock):
         """Client-role TLS: verify the server (tls_ca or the system store)
         against tls_server_name or the host dialled."""
-        host = self.config.connect[self.dial_peer][0]
-        name = self.config.tls_server_name or host
+        c = self.port.config
+        name = c.tls_server_name or c.connect[self.plan.peer][0]
         try:
             if self.tls_context is None:
-                self.tls_context = make_client_tls(self.config)
+                self.tls_context = make_client_tls(c)
             ssl_sock = self.tls_context.wrap_socket(sock, server_hostname=name, do_handshake_on_connect=False)
         except (OSError, ValueError) as e:
             sock.close()
-            self.dial_last_error = "%s: TLS set-up failed: %s" % (format_peer(sockaddr), describe_error(e))
-            self._dial_next_address()
+            self.last_error = "%s: TLS set-up failed: %s" % (format_peer(sockaddr), describe_error(e))
+            self._do_connect()
             return
-        self.dial_state = "tls"
 
         def done(error):
             self.dial = None
-            if generation != self.dial_generation or self.stopping:
+            if generation != self.generation:
                 ssl_sock.close()
                 return
             if error:
                 ssl_sock.close()
-                self.dial_last_error = "%s: TLS handshake failed: %s" % (format_peer(sockaddr), error)
-                self._dial_next_address()
+                self.last_error = "%s: TLS handshake failed: %s" % (format_peer(sockaddr), error)
+                self._do_connect()
                 return
-            self._dial_connected(TlsStream(ssl_sock), sockaddr)
-        self.dial = TlsStart(self.reactor, ssl_sock, done, timeout=DIAL_TIMEOUT)
+            self.connected = (TlsStream(ssl_sock), sockaddr)
+            self._event("up")
+        self.dial = TlsStart(self.port.reactor, ssl_sock, done, timeout=DIAL_TIMEOUT)
         self.dial.step()
 
-    tls_context = None
+    def _do_admit(self):
+        sock, sockaddr = self.connected
+        self.connected = None
+        self.port.counters["connections_total"] += 1
+        self.port.admission.admit(sock, sockaddr, dialed=True)
 
-    def _dial_connected(self, sock, sockaddr):
-        self.dial_state = "connected"
-        self.counters["connections_total"] += 1
-        self.admit(sock, sockaddr, dialed=True)
-
-    def _dial_peer_failed(self, error):
-        host_port = show_hostport(self.config.connect[self.dial_peer])
+    def _peer_failed(self, error):
+        host_port = show_hostport(self.port.config.connect[self.plan.peer])
         if error.startswith(host_port + ": "):
             error = error[len(host_port) + 2:]  # the address dialled is the one configured
-        self.log.warning("[%s] dial to %s failed: %s", self.name, host_port, error)
-        self.dial_peer += 1
-        self._dial_next_peer()
+        self.log.warning("[%s] dial to %s failed: %s", self.port.name, host_port, error)
+        self._event("peer_failed")
+
+    def _do_failed_round(self, failures):
+        self.port.counters["dials_failed"] += 1
+        self.round_failed = True
+
+    def _do_wait(self, delay):
+        if self.round_failed:
+            failures = self.plan.failures
+            self.log.warning("[%s] every peer failed (%d round%s in a row); next dial in %.2fs",
+                             self.port.name, failures, "" if failures == 1 else "s", delay)
+            self.round_failed = False
+        else:
+            self.log.info("[%s] redialing in %gs", self.port.name, delay)
+        if self.timer:
+            self.timer.cancel()
+        self.timer = self.port.reactor.call_later(delay, self._timer_fired)
+
+    def _timer_fired(self):
+        self.timer = None
+        self._event("timer")
+
+    def _do_dial_if_wanted(self):
+        self.poke()
 
 
 # =====================================================================
@@ -4599,7 +5087,7 @@ def port_status(port):
         "open": bool(port.device.is_open),
         # open, opening (a URL device's open under way), missing (retried
         # every reopen_interval), closed (open_on_demand, or stopped)
-        "device_state": "opening" if port.device_opening else port.device_state,
+        "device_state": port.device_state,
         "settings": (dict(port.rfc2217.in_force) if port.rfc2217 and port.rfc2217.role == "server" else  # as clients set them
                      {"baudrate": c.baudrate, "bytesize": c.bytesize, "parity": c.parity,
                       "stopbits": c.stopbits, "flow": c.flow}),

@@ -341,7 +341,8 @@ def test_peer_that_accepts_and_closes_at_once_gets_backoff(pty, sertcp, peer_ser
     for _ in range(4):
         peer.accept(timeout=10.0).close()
     s.wait_log(r"every peer failed \(4 rounds in a row\); next dial in", timeout=10.0)
-    assert "closed the connection after 0.0s without sending anything" in s.log()
+    # (after the half-close grace: the peer might still have been reading)
+    assert re.search(r"closed the connection after 0\.[0-6]s without sending anything", s.log())
     delays = [float(m) for m in re.findall(r"every peer failed \(\d+ rounds? in a row\); next dial in ([\d.]+)s", s.log())]
     assert delays[0] == pytest.approx(0.1, abs=0.005) and delays[3] >= 0.8 * 0.8 - 0.005, delays
     assert s.proc.poll() is None
