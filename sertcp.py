@@ -2142,11 +2142,17 @@ class Device(Handler):
     def _write_some(self, data):
         raise NotImplementedError
 
-    def _want_write(self, want):
-        pass
+    want_write = False
 
     def _update_interest(self):
-        pass
+        """Watch the descriptor for what is wanted now."""
+        if self.is_open:
+            self.reactor.set_interest(self, not self.reading_paused, self.want_write)
+
+    def _want_write(self, want):
+        if want != self.want_write:
+            self.want_write = want
+            self._update_interest()
 
     # -- lines and settings: blocking calls, run through call() --
 
@@ -2306,7 +2312,6 @@ class FdDevice(PyserialDevice):
     def __init__(self, port, reactor):
         super().__init__(port, reactor)
         self.fd = None
-        self.want_write = False
 
     def fileno(self):
         return self.fd
@@ -2347,15 +2352,6 @@ class FdDevice(PyserialDevice):
                 pass
         self.serial = None
         self.fd = None
-
-    def _update_interest(self):
-        if self.is_open:
-            self.reactor.set_interest(self, not self.reading_paused, self.want_write)
-
-    def _want_write(self, want):
-        if want != self.want_write:
-            self.want_write = want
-            self._update_interest()
 
     def on_readable(self):
         try:
@@ -2479,6 +2475,9 @@ class UrlDevice(PyserialDevice):
         except Exception:
             pass
 
+    def _update_interest(self):
+        pass                            # no descriptor: the threads read and write
+
     # The threads: blocking calls only, results posted to the loop.
 
     def _reader(self, ser, generation):
@@ -2566,7 +2565,6 @@ class SocketDevice(Device):
         super().__init__(port, reactor)
         self.sock = None
         self.dial = None
-        self.want_write = False
         self.generation = 0
 
     def fileno(self):
@@ -2620,15 +2618,6 @@ class SocketDevice(Device):
         self.is_open = False
         self.sock.close()
         self.sock = None
-
-    def _update_interest(self):
-        if self.is_open:
-            self.reactor.set_interest(self, not self.reading_paused, self.want_write)
-
-    def _want_write(self, want):
-        if want != self.want_write:
-            self.want_write = want
-            self._update_interest()
 
     def on_readable(self):
         try:
