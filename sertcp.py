@@ -10,17 +10,22 @@ The file reads top to bottom; each section uses only the ones above it:
     1. constants
     2. config       - the schema (every key once), INI and flag parsing,
                       validation, --check output, the example file
-    3. cores        - sans-I/O: Telnet codec (RFC 854/855/1143), RFC 2217
-                      encoders and per-connection state, packer,
-                      client-selection policies, identity matcher
+    3. cores        - sans-I/O: packer, client-selection policies, identity
+                      matcher, Telnet codec (RFC 854/855/1143), RFC 2217
+                      encoders and per-connection state, and the port's
+                      state machines: device life (DEVICE_STATE_ON), the
+                      back-pressure rule, admission, the dial plan
                       (bytes, times and settings in; bytes, events and
-                      deadlines out; no sockets, no clocks)
-    4. reactor      - one selector loop with a timer heap
-    5. endpoints    - serial devices (fd, URL via a helper thread, virtual
-                      pty), client connections, listeners
-    6. port         - one serial port and its network side: admission,
-                      policies, buffering, packing, reopening; the RFC 2217
-                      bridge (server or client role) of an rfc2217 port
+                      actions out; no sockets, no clocks)
+    4. reactor      - the Handler contract; one selector loop with a
+                      timer heap
+    5. endpoints    - names and dialing; serial devices (tty, URL through
+                      helper threads, socket, virtual pty); termios tables;
+                      connections and TLS; listeners; the gate of a
+                      listener (allow, password, identity)
+    6. port         - the RFC 2217 roles (server, client); the port (device
+                      life, delivery, back-pressure); its admission shell;
+                      its dialer (the client role)
     7. status       - /status and /metrics, traces, reload (SIGHUP)
     8. main         - command line, logging, service files, signals
 """
@@ -2004,6 +2009,79 @@ class Reactor:
 # =====================================================================
 
 # ---------------------------------------------------------------------
+# Names and dialing: resolving off the loop, one connect() in flight
+# ---------------------------------------------------------------------
+
+def is_ip_literal(host):
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host.split("%", 1)[0])
+            return True
+        except (OSError, ValueError):
+            pass
+    return False
+
+
+def resolve_in_thread(reactor, host, port, callback):
+    """getaddrinfo without blocking the loop: literals at once, names in a
+    helper thread whose answer comes back through the loop."""
+    if is_ip_literal(host):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        callback([(family, (host, port))], None)
+        return
+    import threading
+
+    def work():
+        try:
+            infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+            result = [(info[0], info[4]) for info in infos]
+            reactor.call_soon_threadsafe(lambda: callback(result, None))
+        except OSError as e:
+            reactor.call_soon_threadsafe(lambda e=e: callback([], e))
+    threading.Thread(target=work, daemon=True, name="sertcp-resolve").start()
+
+
+class Dial(Handler):
+    """One non-blocking connect() in flight; reports on_done(sock, None)
+    or on_done(None, error) once, unless cancelled."""
+
+    def __init__(self, reactor, family, sockaddr, on_done):
+        self.reactor = reactor
+        self.on_done = on_done
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setblocking(False)
+        self.timer = None
+        code = self.sock.connect_ex(sockaddr)
+        if code in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
+            self.reactor.set_interest(self, False, True)
+            self.timer = reactor.call_later(DIAL_TIMEOUT, lambda: self.finish("no answer within %gs" % DIAL_TIMEOUT))
+        else:
+            self.timer = reactor.call_later(0, lambda: self.finish(os.strerror(code)))
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def on_writable(self):
+        code = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        self.finish(os.strerror(code) if code else None)
+
+    def ended(self, error):
+        self.reactor.forget(self)
+        if self.timer:
+            self.timer.cancel()
+            self.timer = None
+        on_done, self.on_done = self.on_done, None
+        if error or on_done is None:
+            self.sock.close()
+        if on_done is not None:
+            on_done(None if error else self.sock, error)
+
+    def cancel(self):
+        self.on_done = None
+        self.finish("cancelled")
+
+
+# ---------------------------------------------------------------------
 # Serial devices: the common queue, pyserial ttys, URL devices, sockets,
 # virtual ports
 # ---------------------------------------------------------------------
@@ -2023,6 +2101,7 @@ def unwritten(chunk, n):
     so a 64 KiB chunk goes in a dozen pieces: bytes are sliced as views,
     not copied each time (a bytearray is copied, since it may be resized)."""
     return memoryview(chunk)[n:] if type(chunk) is bytes else chunk[n:]
+
 
 
 class Device(Handler):
@@ -2948,7 +3027,7 @@ def make_device(port, reactor):
 
 
 # ---------------------------------------------------------------------
-# Connections: one client (or dialed peer) each, TLS, listeners
+# Connections: one client (or dialed peer) each, and TLS
 # ---------------------------------------------------------------------
 
 def format_peer(address):
@@ -3218,6 +3297,10 @@ def tune_socket(sock, config):
         pass
 
 
+# ---------------------------------------------------------------------
+# Listeners: bound sockets, accepting in bursts, pausing on EMFILE
+# ---------------------------------------------------------------------
+
 def resolve_listen(address):
     """[(family, sockaddr)] to bind for a listen address; no host = every
     address, IPv6 and IPv4 in one dual-stack socket where the OS allows."""
@@ -3317,6 +3400,10 @@ class ListenSocket(Handler):
     def fail(self, reason):
         pass    # that one connection is lost (the logged traceback says how); accepting goes on
 
+
+# ---------------------------------------------------------------------
+# The gate of a listener: allow, TLS, password, identity (handshake)
+# ---------------------------------------------------------------------
 
 def host_allowed(networks, host):
     """Is `host` (a peer address string) inside one of `networks`?"""
@@ -3688,75 +3775,6 @@ class Handshake(Handler):
             port.on_accept(self.sock, self.peer, rest)
         else:
             self.gate.refuse(self.sock, self.peer, reason)
-
-
-def is_ip_literal(host):
-    for family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            socket.inet_pton(family, host.split("%", 1)[0])
-            return True
-        except (OSError, ValueError):
-            pass
-    return False
-
-
-def resolve_in_thread(reactor, host, port, callback):
-    """getaddrinfo without blocking the loop: literals at once, names in a
-    helper thread whose answer comes back through the loop."""
-    if is_ip_literal(host):
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        callback([(family, (host, port))], None)
-        return
-    import threading
-
-    def work():
-        try:
-            infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
-            result = [(info[0], info[4]) for info in infos]
-            reactor.call_soon_threadsafe(lambda: callback(result, None))
-        except OSError as e:
-            reactor.call_soon_threadsafe(lambda e=e: callback([], e))
-    threading.Thread(target=work, daemon=True, name="sertcp-resolve").start()
-
-
-class Dial(Handler):
-    """One non-blocking connect() in flight; reports on_done(sock, None)
-    or on_done(None, error) once, unless cancelled."""
-
-    def __init__(self, reactor, family, sockaddr, on_done):
-        self.reactor = reactor
-        self.on_done = on_done
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.setblocking(False)
-        self.timer = None
-        code = self.sock.connect_ex(sockaddr)
-        if code in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
-            self.reactor.set_interest(self, False, True)
-            self.timer = reactor.call_later(DIAL_TIMEOUT, lambda: self.finish("no answer within %gs" % DIAL_TIMEOUT))
-        else:
-            self.timer = reactor.call_later(0, lambda: self.finish(os.strerror(code)))
-
-    def fileno(self):
-        return self.sock.fileno()
-
-    def on_writable(self):
-        code = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        self.finish(os.strerror(code) if code else None)
-
-    def ended(self, error):
-        self.reactor.forget(self)
-        if self.timer:
-            self.timer.cancel()
-            self.timer = None
-        on_done, self.on_done = self.on_done, None
-        if error or on_done is None:
-            self.sock.close()
-        if on_done is not None:
-            on_done(None if error else self.sock, error)
-
-    def cancel(self):
-        self.on_done = None
-        self.finish("cancelled")
 
 
 # =====================================================================
