@@ -2222,6 +2222,7 @@ class Device(Handler):
         raise NotImplementedError
 
     want_write = False
+    peer_open = True                    # a local program has it open (see VirtualDevice)
 
     def _update_interest(self):
         """Watch the descriptor for what is wanted now."""
@@ -3153,7 +3154,8 @@ class Connection(Handler):
         self.last_io = self.reactor.now()
         if not self.out:
             self._interest()
-        self.port.backlog_changed()
+        if self.port.device_paused:     # draining can only end a pause
+            self.port.backlog_changed()
 
     def on_readable(self):
         try:
@@ -4631,6 +4633,7 @@ class Port:
             self.count_dropped(len(data), "send_to = %s selects no client" % self.config.send_to)
             return
         framed = None                   # rfc2217: IAC doubled once for every BINARY client
+        least = None
         for conn in recipients:
             if conn.telnet is None:
                 conn.send(data)
@@ -4640,7 +4643,10 @@ class Port:
                 conn.send(framed)
             else:
                 conn.send_data(data)
-        self.backlog_changed()
+            if least is None or len(conn.out) < least:
+                least = len(conn.out)
+        if least >= self.pause_at or self.device_paused:    # else the rule says "read on"
+            self.backlog_changed()
 
     def backlog_changed(self):
         """A client came, went, drained, was suspended or got data: apply
