@@ -7,6 +7,7 @@ import json
 import os
 import random
 import re
+import select
 import socket
 import struct
 import termios
@@ -574,3 +575,100 @@ def test_virtual_port_closed_and_reopened_by_the_local_program(sertcp, clients, 
             program.close()
         s.wait_log(r"virtual port \S+ closed by a local program", count=round_)
     assert log_count(s, DISCONNECTED) == 0
+
+
+# --- a recipient that leaves while the device is paused for it ------------------
+
+class SteadyWriter(Background):
+    """Writes `chunk` to the pty over and over until stop(), never blocking
+    for long; `done` counts what the device took."""
+
+    def __init__(self, pty, chunk=b"." * 4096):
+        self.done = 0
+        self.stopping = threading.Event()
+
+        def write():
+            while not self.stopping.is_set():
+                try:
+                    self.done += os.write(pty.master, chunk)
+                except BlockingIOError:
+                    select.select([], [pty.master], [], 0.05)
+        super().__init__(write)
+
+    def stalled(self, window=0.3):
+        """True if the device took nothing for `window` seconds."""
+        before = self.done
+        time.sleep(window)  # the observation window, not a wait for sertcp
+        return self.done == before
+
+    def stop(self):
+        self.stopping.set()
+        self.join(5)
+
+
+def read_until(sock, marker, timeout):
+    """Everything sock receives up to and including marker, within timeout."""
+    out = bytearray()
+    deadline = time.monotonic() + timeout
+    while not out.endswith(marker):
+        left = deadline - time.monotonic()
+        assert left > 0, "no %r within %gs; got %d bytes ending %r" % (marker, timeout, len(out), bytes(out[-32:]))
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(65536)
+        except socket.timeout:
+            continue
+        assert chunk, "closed after %d bytes without %r: %r" % (len(out), marker, bytes(out[-32:]))
+        out += chunk
+        if marker in out and not out.endswith(marker):
+            del out[out.index(marker) + len(marker):]
+    return bytes(out)
+
+
+IAC_SB, IAC_SE = b"\xff\xfa", b"\xff\xf0"
+WILL_COM_PORT = b"\xff\xfb\x2c"
+FLOWCONTROL_SUSPEND = IAC_SB + b"\x2c\x08" + IAC_SE     # RFC 2217: client -> server, code 8
+
+
+@pytest.mark.parametrize("how", ["closes", "kicked", "idle_timeout", "rfc2217_suspended_then_closes"])
+def test_the_device_is_read_again_once_the_client_it_was_paused_for_has_gone(
+        sertcp, pty, clients, lazy_clients, how):
+    """A lone client that stops reading pauses the device; when that client
+    goes (whichever way), the device is read again: its data is counted,
+    dropped while nobody is there (buffer = 0), and the next client gets
+    what the device sends from then on."""
+    port, status = free_port(), free_port()
+    extra = {"closes": [], "kicked": ["--when-full", "kick_oldest"], "idle_timeout": ["--timeout", "1"],
+             "rfc2217_suspended_then_closes": ["--protocol", "rfc2217"]}[how]
+    s = sertcp("--listen", "127.0.0.1:%d" % port, "--client-buffer", "64k", "--slow-client", "drop",
+               "--status", "127.0.0.1:%d" % status, pty.path, *extra, wait_port=port)
+    s.wait_log(OPENED)
+    first = lazy_clients(port)
+    s.wait_log(CONNECTED)
+    if how == "rfc2217_suspended_then_closes":
+        first.sock.sendall(WILL_COM_PORT + FLOWCONTROL_SUSPEND)
+    writer = SteadyWriter(pty)
+    try:
+        wait_for(writer.stalled, 20, interval=0, message="the device to be paused")
+        newcomer = None
+        if how == "kicked":
+            newcomer = clients(port)
+            s.wait_log(r"disconnected: kicked by newer client")
+        elif how == "idle_timeout":
+            s.wait_log(r"disconnected: idle timeout", timeout=5)
+        else:
+            first.close()
+            s.wait_log(DISCONNECTED, timeout=5)
+        # nobody is paused for any more: the device is read, the writer goes on
+        read_so_far = port_status(status)["bytes_from_device"]
+        wait_for(lambda: port_status(status)["bytes_from_device"] > read_so_far, 5,
+                 message="bytes_from_device to grow past %d after the client left" % read_so_far,
+                 interval=0.05)
+        if newcomer is None:
+            newcomer = join(s, clients, port)
+        got = Background(read_until, newcomer.sock, b"<MARKER>", 10)
+        writer.stop()
+        pty.write(b"<MARKER>")
+        got.join(15)
+    finally:
+        writer.stop()
