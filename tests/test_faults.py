@@ -672,3 +672,68 @@ def test_the_device_is_read_again_once_the_client_it_was_paused_for_has_gone(
         got.join(15)
     finally:
         writer.stop()
+
+
+# --- a client that leaves while the device is not taking data -------------------
+
+def send_until_stalled(sock, quiet=0.5, limit=256 << 20):
+    """Send to sock until it has taken nothing for `quiet` seconds; the
+    number of bytes it took."""
+    sock.setblocking(False)
+    chunk = b"x" * 65536
+    sent = 0
+    while sent < limit:
+        try:
+            sent += sock.send(chunk)
+        except BlockingIOError:
+            if not select.select([], [sock], [], quiet)[1]:
+                return sent
+    raise AssertionError("%d bytes sent and still taking more" % sent)
+
+
+def pty_read_until(pty, marker, timeout):
+    """Everything read from the pty master up to and including marker."""
+    out = bytearray()
+    deadline = time.monotonic() + timeout
+    while not out.endswith(marker):
+        left = deadline - time.monotonic()
+        assert left > 0, "no %r on the device within %gs; got %d bytes ending %r" % (
+            marker, timeout, len(out), bytes(out[-32:]))
+        if select.select([pty.master], [], [], min(left, 0.2))[0]:
+            try:
+                out += os.read(pty.master, 65536)
+            except (BlockingIOError, OSError):
+                pass
+    return bytes(out)
+
+
+def test_a_client_that_leaves_while_the_device_takes_nothing_frees_its_place(sertcp, pty, clients):
+    """The device is not read (sertcp holds 64 KiB for it and stops reading
+    the client); the only client goes away meanwhile, with device data it
+    never read, so that its kernel resets the connection.  (A plain FIN
+    would wait behind the bytes sertcp has not read.)  Its place is free
+    again within seconds: a newcomer is admitted, listed alone in /status,
+    and its data reaches the device once the device takes data again."""
+    port, status = free_port(), free_port()
+    s = sertcp("--listen", "127.0.0.1:%d" % port, "--status", "127.0.0.1:%d" % status, pty.path,
+               wait_port=port)
+    s.wait_log(OPENED)
+    first = join(s, clients, port)
+    pty.write(b"never read")
+    wait_for(lambda: port_status(status)["clients"][0]["bytes_out"] == 10, 5, interval=0.05,
+             message="the device's bytes sent to the client")
+    sent = send_until_stalled(first.sock)
+    assert sent > (1 << 20)
+    first.close()
+
+    def admitted():
+        c = clients(port)
+        if c.closed_by_peer(0.3):
+            return None     # turned away: the departed client may not be noticed yet
+        return c
+    newcomer = wait_for(admitted, 5, interval=0.1, message="a newcomer to be admitted (max_clients = 1)")
+    listed = [c["peer"] for c in port_status(status)["clients"]]
+    assert listed == ["127.0.0.1:%d" % newcomer.sock.getsockname()[1]]
+    newcomer.send(b"<NEWCOMER>")
+    got = pty_read_until(pty, b"<NEWCOMER>", 20)
+    assert len(got) <= sent + 10
