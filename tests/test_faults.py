@@ -8,6 +8,7 @@ import os
 import random
 import re
 import select
+import signal
 import socket
 import struct
 import termios
@@ -737,3 +738,59 @@ def test_a_client_that_leaves_while_the_device_takes_nothing_frees_its_place(ser
     newcomer.send(b"<NEWCOMER>")
     got = pty_read_until(pty, b"<NEWCOMER>", 20)
     assert len(got) <= sent + 10
+
+
+# --- a URL device whose far end hangs while a client changes a setting --------------
+
+def test_a_baud_change_waiting_on_a_hung_url_device_does_not_stall_another_port(sertcp, clients, pty_factory):
+    """An RFC 2217 client of a port whose device is rfc2217:// asks for a
+    new baud rate while that device's far end hangs: pyserial waits 3 s
+    for it.  Meanwhile another port's round trips and /status answer
+    within a second each."""
+    import serial
+    far_pty, good_pty = pty_factory(), pty_factory()
+    far_port = free_port()
+    far = sertcp(far_pty.path, "--listen", "127.0.0.1:%d" % far_port, "--protocol", "rfc2217",
+                 wait_port=far_port)
+    asking = None
+    try:
+        good, status = free_port(), free_port()
+        config, chain = beside_a_url_device(good_pty.path, good, "chain", far_port, "protocol = rfc2217")
+        s = sertcp(config=config + "[global]\nstatus = 127.0.0.1:%d\n" % status)
+        s.wait_log(r"\[chain\] device \S+ opened")
+        s.wait_log("status endpoint on")
+        c = clients(good)
+        s.wait_log(r"\[good\] client \S+ connected")
+        remote = serial.serial_for_url("rfc2217://127.0.0.1:%d" % chain, timeout=1)  # while the far end answers
+        s.wait_log(r"\[chain\] client \S+ connected")
+        far.signal(signal.SIGSTOP)  # hung, with its connection open
+
+        def ask():
+            try:
+                remote.baudrate = 19200
+            except serial.SerialException:
+                pass    # no answer in time: what it is told is not the point here
+        asking = Background(ask)
+        started = time.monotonic()
+        slowest_status = []
+
+        def poll_status():
+            worst = 0.0
+            while time.monotonic() < started + 4.5:
+                t0 = time.monotonic()
+                assert http_get(status, "/status", timeout=10)[0] == 200
+                worst = max(worst, time.monotonic() - t0)
+            slowest_status.append(worst)
+        poller = Background(poll_status)
+        slowest = slowest_round_trip(c, good_pty, lambda: time.monotonic() < started + 4.5)
+        poller.join(20)
+        # the far end did hang: the change could not be made
+        s.wait_log(r"\[chain\] .*19200", timeout=10)
+        assert slowest < 1.0, "a round trip on [good] took %.2fs" % slowest
+        assert slowest_status[0] < 1.0, "/status took %.2fs" % slowest_status[0]
+    finally:
+        far.signal(signal.SIGCONT)
+        if asking is not None:
+            asking.join(20)
+            remote.close()
+        far.stop()
