@@ -832,3 +832,44 @@ def test_a_socket_url_device_is_read_in_chunks_not_byte_by_byte(sertcp, clients)
         for conn in far_conns:
             conn.close()
         far.close()
+
+
+# --- client data in hand when the device goes ---------------------------------------
+
+def unplug(pty):
+    """Close both sides of the pty for good (the fixture's close() later
+    must not close descriptors that have been reused meanwhile)."""
+    pty.close()
+    pty.master = pty.slave = -1
+
+
+def test_client_bytes_that_meet_an_unplugged_device_are_counted_as_dropped(sertcp, pty, lazy_clients, tmp_path):
+    """Every byte read from a client is written to the device or counted in
+    bytes_dropped.  Here the device is paused (its lone client lags behind)
+    and has nothing queued, so nothing watches it when it is unplugged;
+    the client's next bytes meet the failing write."""
+    link = tmp_path / "ttyUSB0"
+    link.symlink_to(pty.path)
+    port, status = free_port(), free_port()
+    s = sertcp("--listen", "127.0.0.1:%d" % port, "--client-buffer", "64k", "--status", "127.0.0.1:%d" % status,
+               link, wait_port=port)
+    s.wait_log(OPENED)
+    c = lazy_clients(port)
+    s.wait_log(CONNECTED)
+    writer = SteadyWriter(pty)
+    try:
+        wait_for(writer.stalled, 20, interval=0, message="the device to be paused")
+    finally:
+        writer.stop()
+    state = port_status(status)
+    assert state["bytes_to_device"] == state["bytes_dropped"] == 0
+    link.unlink()
+    unplug(pty)
+    c.sock.sendall(b"z" * 1000)
+    wait_for(lambda: port_status(status)["clients"][0]["bytes_in"] == 1000, 5, interval=0.05,
+             message="sertcp to read the client's 1000 bytes")
+    s.wait_log(r"\[cli\] device \S+ lost")
+    state = port_status(status)
+    assert state["bytes_to_device"] + state["bytes_dropped"] == 1000, \
+        "of 1000 bytes from the client, %d written and %d counted as dropped" % (
+            state["bytes_to_device"], state["bytes_dropped"])
