@@ -873,3 +873,55 @@ def test_client_bytes_that_meet_an_unplugged_device_are_counted_as_dropped(sertc
     assert state["bytes_to_device"] + state["bytes_dropped"] == 1000, \
         "of 1000 bytes from the client, %d written and %d counted as dropped" % (
             state["bytes_to_device"], state["bytes_dropped"])
+
+
+# --- out of descriptors, then a reload ------------------------------------------------
+
+def test_a_listener_paused_for_lack_of_descriptors_and_then_removed_by_a_reload(
+        sertcp, clients, pty_factory):
+    """A listener that met EMFILE pauses accepting for 1 s.  A SIGHUP that
+    removes its port meanwhile closes it; when the pause ends, nothing
+    breaks, and the other port goes on serving."""
+    import resource
+    kept_pty, gone_pty = pty_factory(), pty_factory()
+    kept, gone = free_port(), free_port()
+    both = """
+[kept]
+device = %s
+listen = 127.0.0.1:%d
+[gone]
+device = %s
+listen = 127.0.0.1:%d
+max_clients = 100
+""" % (kept_pty.path, kept, gone_pty.path, gone)
+
+    def few_descriptors():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (32, 32))  # both limits: sertcp cannot raise it
+    s = sertcp(config=both, preexec_fn=few_descriptors)
+    s.wait_listening(kept)
+    s.wait_listening(gone)
+    s.wait_log(r"\[gone\] device \S+ opened")
+    callers = []
+    for i in range(64):
+        # each from an address of its own: sertcp limits log lines per address
+        callers.append(clients(gone, source="127.0.1.%d" % (i + 1)))
+        wait_for(lambda: log_count(s, r"\[gone\] client \S+ connected") > i or "pausing accepts" in s.log(),
+                 5, message="client %d accepted or accepting paused" % (i + 1))
+        if "pausing accepts" in s.log():
+            break
+    s.wait_log(r"\[gone\] cannot accept: .*; pausing accepts for 1s")
+    # two descriptors back, so that the reload can read the file
+    for caller in callers[:2]:
+        caller.close()
+    s.wait_log(r"\[gone\] client \S+ disconnected", count=2, timeout=2)
+    s.config.write_text(both[:both.index("[gone]")])
+    s.signal(signal.SIGHUP)
+    s.wait_log(r"reloaded: kept kept; restarted none; started none; stopped gone", timeout=2)
+    time.sleep(1.5)  # the pause runs out (nothing to see from outside when it does)
+    assert "internal error" not in s.log() and "Traceback" not in s.log(), s.log()
+    c = clients(kept)
+    s.wait_log(r"\[kept\] client \S+ connected")
+    c.send(b"still")
+    assert kept_pty.read(5) == b"still"
+    kept_pty.write(b"here")
+    assert c.recv(4) == b"here"
