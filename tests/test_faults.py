@@ -925,3 +925,29 @@ max_clients = 100
     assert kept_pty.read(5) == b"still"
     kept_pty.write(b"here")
     assert c.recv(4) == b"here"
+
+
+# --- strict_baud from the first byte --------------------------------------------------
+
+def test_strict_baud_paces_what_a_program_writes_the_moment_it_opens_the_port(sertcp, clients, tmp_path):
+    """A program opens the virtual port and at once writes 1901 bytes: at
+    9600 baud 8N1 that is 1.98 s on a real line, and the client gets them
+    at that pace, not in one go."""
+    path = tmp_path / "ttyV0"
+    port = free_port()
+    s = sertcp("--listen", "127.0.0.1:%d" % port, "--virtual", path, "--strict-baud", "yes",
+               "--baudrate", "9600", wait_port=port)
+    s.wait_log(OPENED)
+    c = join(s, clients, port)
+    data = payload(1901, seed=50)
+    program = os.open(str(path), os.O_RDWR | os.O_NOCTTY)
+    try:
+        assert os.write(program, data) == len(data)
+        first = c.recv(1, timeout=6)
+        first_at = time.monotonic()
+        rest = c.recv(len(data) - 1, timeout=6)
+        took = time.monotonic() - first_at
+    finally:
+        os.close(program)
+    assert first + rest == data
+    assert took >= 1.5, "1901 bytes at 9600 baud arrived within %.2fs" % took
