@@ -951,3 +951,38 @@ def test_strict_baud_paces_what_a_program_writes_the_moment_it_opens_the_port(se
         os.close(program)
     assert first + rest == data
     assert took >= 1.5, "1901 bytes at 9600 baud arrived within %.2fs" % took
+
+
+# --- listen_on_open with connect: the hang-up is sertcp's own ----------------------------
+
+def test_listen_on_open_dials_again_at_once_after_hanging_up_for_the_local_program(sertcp, tmp_path):
+    """A virtual port that dials only while a local program has it open:
+    each open dials, each close hangs up.  That hang-up is sertcp's own
+    doing, not a failed dial: the next open dials at once, without the
+    back-off that a peer closing on it would earn."""
+    far = socket.create_server(("127.0.0.1", 0))
+    try:
+        path = tmp_path / "ttyV0"
+        status = free_port()
+        s = sertcp("--virtual", path, "--listen-on-open", "yes", "--connect", "127.0.0.1:%d" % far.getsockname()[1],
+                   "--reconnect-min", "2", "--reconnect-max", "4", "--status", "127.0.0.1:%d" % status)
+        s.wait_log(OPENED)
+        s.wait_log("status endpoint on")
+        for round_ in (1, 2, 3):
+            program = os.open(str(path), os.O_RDWR | os.O_NOCTTY)
+            try:
+                far.settimeout(1.0)
+                try:
+                    conn, _ = far.accept()
+                except socket.timeout:
+                    raise AssertionError("open number %d: no dial within 1s:\n%s" % (round_, s.log())) from None
+            finally:
+                os.close(program)
+            with conn:
+                conn.settimeout(5)
+                assert conn.recv(1) == b""  # sertcp hangs up as the program closes
+            s.wait_log(r"virtual port \S+ closed by a local program", count=round_)
+        assert "failed" not in s.log()
+        assert port_status(status)["dials_failed"] == 0
+    finally:
+        far.close()
