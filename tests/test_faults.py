@@ -986,3 +986,24 @@ def test_listen_on_open_dials_again_at_once_after_hanging_up_for_the_local_progr
         assert port_status(status)["dials_failed"] == 0
     finally:
         far.close()
+
+
+# --- the once-a-second line about dropped data ------------------------------------------
+
+def test_the_dropped_bytes_log_lines_add_up_to_bytes_dropped(sertcp, pty):
+    """Lines about dropped data come at most once a second; bytes dropped
+    during the quiet second are still logged once it is over, so the lines
+    add up to bytes_dropped."""
+    port, status = free_port(), free_port()
+    s = sertcp("--listen", "127.0.0.1:%d" % port, "--status", "127.0.0.1:%d" % status, pty.path, wait_port=port)
+    s.wait_log(OPENED)
+    pty.write(b"12345")  # no client and buffer = 0: dropped
+    s.wait_log(r"\[cli\] dropped 5 bytes: no client connected")
+    pty.write(b"1234567")  # within the second the first line opened
+    wait_for(lambda: port_status(status)["bytes_dropped"] == 12, 5, interval=0.05,
+             message="bytes_dropped to reach 12")
+
+    def logged():
+        return sum(int(n) for n in re.findall(r"\[cli\] dropped (\d+) bytes", s.log()))
+    wait_for(lambda: logged() >= 12, 3, interval=0.05, message="the dropped lines to add up to 12")
+    assert logged() == port_status(status)["bytes_dropped"] == 12
