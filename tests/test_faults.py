@@ -1007,3 +1007,42 @@ def test_the_dropped_bytes_log_lines_add_up_to_bytes_dropped(sertcp, pty):
         return sum(int(n) for n in re.findall(r"\[cli\] dropped (\d+) bytes", s.log()))
     wait_for(lambda: logged() >= 12, 3, interval=0.05, message="the dropped lines to add up to 12")
     assert logged() == port_status(status)["bytes_dropped"] == 12
+
+
+# --- a client that half-closes: sends FIN, waits for the answer ----------------------------
+
+def answer(pty, question, reply):
+    """The device: read `question`, answer `reply` at once."""
+    assert pty.read(len(question), timeout=5) == question
+    pty.write(reply)
+
+
+def test_a_client_that_half_closes_still_gets_the_reply(sertcp, pty, clients):
+    """A client sends a command and shuts down its sending side (FIN), as
+    `nc -N` does, then reads.  The device's prompt reply reaches it, and
+    then sertcp closes (a short grace without data, no timeout set)."""
+    port = free_port()
+    s = sertcp("--listen", "127.0.0.1:%d" % port, pty.path, wait_port=port)
+    s.wait_log(OPENED)
+    c = join(s, clients, port)
+    c.send(b"cmd\r")
+    c.sock.shutdown(socket.SHUT_WR)
+    answer(pty, b"cmd\r", b"reply\r\n")
+    assert c.recv(7, timeout=5) == b"reply\r\n"
+    assert c.closed_by_peer(5)
+    s.wait_log(DISCONNECTED)
+
+
+def test_a_command_piped_through_socat_gets_the_reply(sertcp, pty):
+    """The same with a real tool: `printf 'cmd\\r' | socat -t 5 - TCP:...`
+    half-closes at the end of its input and prints what comes back."""
+    import subprocess
+    port = free_port()
+    s = sertcp("--listen", "127.0.0.1:%d" % port, pty.path, wait_port=port)
+    s.wait_log(OPENED)
+    device = Background(answer, pty, b"cmd\r", b"reply\r\n")
+    tool = subprocess.run(["socat", "-t", "5", "-", "TCP:127.0.0.1:%d" % port], input=b"cmd\r",
+                          capture_output=True, timeout=20)
+    device.join(10)
+    assert tool.returncode == 0, tool.stderr
+    assert tool.stdout == b"reply\r\n"
