@@ -218,7 +218,7 @@ class Client:
 class Sertcp:
     """The real sertcp.py as a child process, stderr captured to a file."""
 
-    def __init__(self, args, tmpdir, config=None, env=None):
+    def __init__(self, args, tmpdir, config=None, env=None, preexec_fn=None):
         self.tmpdir = Path(tmpdir)
         self.logpath = self.tmpdir / ("sertcp-%d.log" % id(self))
         argv = [sys.executable, str(SERTCP)]
@@ -230,7 +230,7 @@ class Sertcp:
         self.argv = argv
         self.logfile = open(self.logpath, "wb")
         self.proc = subprocess.Popen(argv, stdout=self.logfile, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=env)
+                                     stdin=subprocess.DEVNULL, env=env, preexec_fn=preexec_fn)
 
     def log(self):
         return self.logpath.read_text(errors="replace")
@@ -304,11 +304,12 @@ def pty(pty_factory):
 @pytest.fixture
 def sertcp(tmp_path):
     """sertcp(args..., config=INI) starts the real process; all are stopped
-    (SIGTERM) after the test, and a crash or non-zero exit fails it."""
+    (SIGTERM) after the test, and a crash or non-zero exit fails it.
+    preexec_fn runs in the child before sertcp (resource limits)."""
     started = []
 
-    def start(*args, config=None, wait_port=None, host="127.0.0.1"):
-        s = Sertcp(args, tmp_path, config=config)
+    def start(*args, config=None, wait_port=None, host="127.0.0.1", preexec_fn=None):
+        s = Sertcp(args, tmp_path, config=config, preexec_fn=preexec_fn)
         started.append(s)
         if wait_port is not None:
             s.wait_listening(wait_port, host)

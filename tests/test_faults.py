@@ -7,6 +7,8 @@ import json
 import os
 import random
 import re
+import select
+import signal
 import socket
 import struct
 import termios
@@ -574,3 +576,473 @@ def test_virtual_port_closed_and_reopened_by_the_local_program(sertcp, clients, 
             program.close()
         s.wait_log(r"virtual port \S+ closed by a local program", count=round_)
     assert log_count(s, DISCONNECTED) == 0
+
+
+# --- a recipient that leaves while the device is paused for it ------------------
+
+class SteadyWriter(Background):
+    """Writes `chunk` to the pty over and over until stop(), never blocking
+    for long; `done` counts what the device took."""
+
+    def __init__(self, pty, chunk=b"." * 4096):
+        self.done = 0
+        self.stopping = threading.Event()
+
+        def write():
+            while not self.stopping.is_set():
+                try:
+                    self.done += os.write(pty.master, chunk)
+                except BlockingIOError:
+                    select.select([], [pty.master], [], 0.05)
+        super().__init__(write)
+
+    def stalled(self, window=0.3):
+        """True if the device took nothing for `window` seconds."""
+        before = self.done
+        time.sleep(window)  # the observation window, not a wait for sertcp
+        return self.done == before
+
+    def stop(self):
+        self.stopping.set()
+        self.join(5)
+
+
+def read_until(sock, marker, timeout):
+    """Everything sock receives up to and including marker, within timeout."""
+    out = bytearray()
+    deadline = time.monotonic() + timeout
+    while not out.endswith(marker):
+        left = deadline - time.monotonic()
+        assert left > 0, "no %r within %gs; got %d bytes ending %r" % (marker, timeout, len(out), bytes(out[-32:]))
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(65536)
+        except socket.timeout:
+            continue
+        assert chunk, "closed after %d bytes without %r: %r" % (len(out), marker, bytes(out[-32:]))
+        out += chunk
+        if marker in out and not out.endswith(marker):
+            del out[out.index(marker) + len(marker):]
+    return bytes(out)
+
+
+IAC_SB, IAC_SE = b"\xff\xfa", b"\xff\xf0"
+WILL_COM_PORT = b"\xff\xfb\x2c"
+FLOWCONTROL_SUSPEND = IAC_SB + b"\x2c\x08" + IAC_SE     # RFC 2217: client -> server, code 8
+
+
+@pytest.mark.parametrize("how", ["closes", "kicked", "idle_timeout", "rfc2217_suspended_then_closes"])
+def test_the_device_is_read_again_once_the_client_it_was_paused_for_has_gone(
+        sertcp, pty, clients, lazy_clients, how):
+    """A lone client that stops reading pauses the device; when that client
+    goes (whichever way), the device is read again: its data is counted,
+    dropped while nobody is there (buffer = 0), and the next client gets
+    what the device sends from then on."""
+    port, status = free_port(), free_port()
+    extra = {"closes": [], "kicked": ["--when-full", "kick_oldest"], "idle_timeout": ["--timeout", "1"],
+             "rfc2217_suspended_then_closes": ["--protocol", "rfc2217"]}[how]
+    s = sertcp("--listen", "127.0.0.1:%d" % port, "--client-buffer", "64k", "--slow-client", "drop",
+               "--status", "127.0.0.1:%d" % status, pty.path, *extra, wait_port=port)
+    s.wait_log(OPENED)
+    first = lazy_clients(port)
+    s.wait_log(CONNECTED)
+    if how == "rfc2217_suspended_then_closes":
+        first.sock.sendall(WILL_COM_PORT + FLOWCONTROL_SUSPEND)
+    writer = SteadyWriter(pty)
+    try:
+        wait_for(writer.stalled, 20, interval=0, message="the device to be paused")
+        newcomer = None
+        if how == "kicked":
+            newcomer = clients(port)
+            s.wait_log(r"disconnected: kicked by newer client")
+        elif how == "idle_timeout":
+            s.wait_log(r"disconnected: idle timeout", timeout=5)
+        else:
+            first.close()
+            s.wait_log(DISCONNECTED, timeout=5)
+        # nobody is paused for any more: the device is read, the writer goes on
+        read_so_far = port_status(status)["bytes_from_device"]
+        wait_for(lambda: port_status(status)["bytes_from_device"] > read_so_far, 5,
+                 message="bytes_from_device to grow past %d after the client left" % read_so_far,
+                 interval=0.05)
+        if newcomer is None:
+            newcomer = join(s, clients, port)
+        got = Background(read_until, newcomer.sock, b"<MARKER>", 10)
+        writer.stop()
+        pty.write(b"<MARKER>")
+        got.join(15)
+    finally:
+        writer.stop()
+
+
+# --- a client that leaves while the device is not taking data -------------------
+
+def send_until_stalled(sock, quiet=0.5, limit=256 << 20):
+    """Send to sock until it has taken nothing for `quiet` seconds; the
+    number of bytes it took."""
+    sock.setblocking(False)
+    chunk = b"x" * 65536
+    sent = 0
+    while sent < limit:
+        try:
+            sent += sock.send(chunk)
+        except BlockingIOError:
+            if not select.select([], [sock], [], quiet)[1]:
+                return sent
+    raise AssertionError("%d bytes sent and still taking more" % sent)
+
+
+def pty_read_until(pty, marker, timeout):
+    """Everything read from the pty master up to and including marker."""
+    out = bytearray()
+    deadline = time.monotonic() + timeout
+    while not out.endswith(marker):
+        left = deadline - time.monotonic()
+        assert left > 0, "no %r on the device within %gs; got %d bytes ending %r" % (
+            marker, timeout, len(out), bytes(out[-32:]))
+        if select.select([pty.master], [], [], min(left, 0.2))[0]:
+            try:
+                out += os.read(pty.master, 65536)
+            except (BlockingIOError, OSError):
+                pass
+    return bytes(out)
+
+
+def test_a_client_that_leaves_while_the_device_takes_nothing_frees_its_place(sertcp, pty, clients):
+    """The device is not read (sertcp holds 64 KiB for it and stops reading
+    the client); the only client goes away meanwhile, with device data it
+    never read, so that its kernel resets the connection.  (A plain FIN
+    would wait behind the bytes sertcp has not read.)  Its place is free
+    again within seconds: a newcomer is admitted, listed alone in /status,
+    and its data reaches the device once the device takes data again."""
+    port, status = free_port(), free_port()
+    s = sertcp("--listen", "127.0.0.1:%d" % port, "--status", "127.0.0.1:%d" % status, pty.path,
+               wait_port=port)
+    s.wait_log(OPENED)
+    first = join(s, clients, port)
+    pty.write(b"never read")
+    wait_for(lambda: port_status(status)["clients"][0]["bytes_out"] == 10, 5, interval=0.05,
+             message="the device's bytes sent to the client")
+    sent = send_until_stalled(first.sock)
+    assert sent > (1 << 20)
+    first.close()
+
+    def admitted():
+        c = clients(port)
+        if c.closed_by_peer(0.3):
+            return None     # turned away: the departed client may not be noticed yet
+        return c
+    newcomer = wait_for(admitted, 5, interval=0.1, message="a newcomer to be admitted (max_clients = 1)")
+    listed = [c["peer"] for c in port_status(status)["clients"]]
+    assert listed == ["127.0.0.1:%d" % newcomer.sock.getsockname()[1]]
+    newcomer.send(b"<NEWCOMER>")
+    got = pty_read_until(pty, b"<NEWCOMER>", 20)
+    assert len(got) <= sent + 10
+
+
+# --- a URL device whose far end hangs while a client changes a setting --------------
+
+def test_a_baud_change_waiting_on_a_hung_url_device_does_not_stall_another_port(sertcp, clients, pty_factory):
+    """An RFC 2217 client of a port whose device is rfc2217:// asks for a
+    new baud rate while that device's far end hangs: pyserial waits 3 s
+    for it.  Meanwhile another port's round trips and /status answer
+    within a second each."""
+    import serial
+    far_pty, good_pty = pty_factory(), pty_factory()
+    far_port = free_port()
+    far = sertcp(far_pty.path, "--listen", "127.0.0.1:%d" % far_port, "--protocol", "rfc2217",
+                 wait_port=far_port)
+    asking = None
+    try:
+        good, status = free_port(), free_port()
+        config, chain = beside_a_url_device(good_pty.path, good, "chain", far_port, "protocol = rfc2217")
+        s = sertcp(config=config + "[global]\nstatus = 127.0.0.1:%d\n" % status)
+        s.wait_log(r"\[chain\] device \S+ opened")
+        s.wait_log("status endpoint on")
+        c = clients(good)
+        s.wait_log(r"\[good\] client \S+ connected")
+        remote = serial.serial_for_url("rfc2217://127.0.0.1:%d" % chain, timeout=1)  # while the far end answers
+        s.wait_log(r"\[chain\] client \S+ connected")
+        far.signal(signal.SIGSTOP)  # hung, with its connection open
+
+        def ask():
+            try:
+                remote.baudrate = 19200
+            except serial.SerialException:
+                pass    # no answer in time: what it is told is not the point here
+        asking = Background(ask)
+        started = time.monotonic()
+        slowest_status = []
+
+        def poll_status():
+            worst = 0.0
+            while time.monotonic() < started + 4.5:
+                t0 = time.monotonic()
+                assert http_get(status, "/status", timeout=10)[0] == 200
+                worst = max(worst, time.monotonic() - t0)
+            slowest_status.append(worst)
+        poller = Background(poll_status)
+        slowest = slowest_round_trip(c, good_pty, lambda: time.monotonic() < started + 4.5)
+        poller.join(20)
+        # the far end did hang: the change could not be made
+        s.wait_log(r"\[chain\] .*19200", timeout=10)
+        assert slowest < 1.0, "a round trip on [good] took %.2fs" % slowest
+        assert slowest_status[0] < 1.0, "/status took %.2fs" % slowest_status[0]
+    finally:
+        far.signal(signal.SIGCONT)
+        if asking is not None:
+            asking.join(20)
+            remote.close()
+        far.stop()
+
+
+# --- a socket:// device that sends fast ---------------------------------------------
+
+def test_a_socket_url_device_is_read_in_chunks_not_byte_by_byte(sertcp, clients):
+    """A socket:// device's far end sends 4 MiB as fast as it can: a client
+    gets it all, byte-exact, at 2 MB/s at least (reading one byte per call
+    manages some 30 KB/s).  Read faster than the client takes it, the
+    device must wait for the client as a tty does, not overflow its
+    client_buffer."""
+    data = payload(4 << 20, seed=40)
+    far = socket.create_server(("127.0.0.1", 0))
+    far_conns = []
+    go = threading.Event()
+
+    def serve():
+        conn, _ = far.accept()
+        far_conns.append(conn)
+        go.wait(20)
+        conn.sendall(data)
+    server = Background(serve)
+    try:
+        port = free_port()
+        s = sertcp("socket://127.0.0.1:%d" % far.getsockname()[1], "--listen", "127.0.0.1:%d" % port,
+                   wait_port=port)
+        s.wait_log(r"device socket://\S+ opened")
+        c = join(s, clients, port)
+        started = time.monotonic()
+        go.set()
+        assert c.recv(len(data), timeout=4.0) == data
+        took = time.monotonic() - started
+        assert len(data) / took >= 2e6, "%.0f bytes/s" % (len(data) / took)
+        server.join(5)
+    finally:
+        go.set()
+        for conn in far_conns:
+            conn.close()
+        far.close()
+
+
+# --- client data in hand when the device goes ---------------------------------------
+
+def unplug(pty):
+    """Close both sides of the pty for good (the fixture's close() later
+    must not close descriptors that have been reused meanwhile)."""
+    pty.close()
+    pty.master = pty.slave = -1
+
+
+def test_client_bytes_that_meet_an_unplugged_device_are_counted_as_dropped(sertcp, pty, lazy_clients, tmp_path):
+    """Every byte read from a client is written to the device or counted in
+    bytes_dropped.  Here the device is paused (its lone client lags behind)
+    and has nothing queued, so nothing watches it when it is unplugged;
+    the client's next bytes meet the failing write."""
+    link = tmp_path / "ttyUSB0"
+    link.symlink_to(pty.path)
+    port, status = free_port(), free_port()
+    s = sertcp("--listen", "127.0.0.1:%d" % port, "--client-buffer", "64k", "--status", "127.0.0.1:%d" % status,
+               link, wait_port=port)
+    s.wait_log(OPENED)
+    c = lazy_clients(port)
+    s.wait_log(CONNECTED)
+    writer = SteadyWriter(pty)
+    try:
+        wait_for(writer.stalled, 20, interval=0, message="the device to be paused")
+    finally:
+        writer.stop()
+    state = port_status(status)
+    assert state["bytes_to_device"] == state["bytes_dropped"] == 0
+    link.unlink()
+    unplug(pty)
+    c.sock.sendall(b"z" * 1000)
+    wait_for(lambda: port_status(status)["clients"][0]["bytes_in"] == 1000, 5, interval=0.05,
+             message="sertcp to read the client's 1000 bytes")
+    s.wait_log(r"\[cli\] device \S+ lost")
+    state = port_status(status)
+    assert state["bytes_to_device"] + state["bytes_dropped"] == 1000, \
+        "of 1000 bytes from the client, %d written and %d counted as dropped" % (
+            state["bytes_to_device"], state["bytes_dropped"])
+
+
+# --- out of descriptors, then a reload ------------------------------------------------
+
+def test_a_listener_paused_for_lack_of_descriptors_and_then_removed_by_a_reload(
+        sertcp, clients, pty_factory):
+    """A listener that met EMFILE pauses accepting for 1 s.  A SIGHUP that
+    removes its port meanwhile closes it; when the pause ends, nothing
+    breaks, and the other port goes on serving."""
+    import resource
+    kept_pty, gone_pty = pty_factory(), pty_factory()
+    kept, gone = free_port(), free_port()
+    both = """
+[kept]
+device = %s
+listen = 127.0.0.1:%d
+[gone]
+device = %s
+listen = 127.0.0.1:%d
+max_clients = 100
+""" % (kept_pty.path, kept, gone_pty.path, gone)
+
+    def few_descriptors():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (32, 32))  # both limits: sertcp cannot raise it
+    s = sertcp(config=both, preexec_fn=few_descriptors)
+    s.wait_listening(kept)
+    s.wait_listening(gone)
+    s.wait_log(r"\[gone\] device \S+ opened")
+    callers = []
+    for i in range(64):
+        # each from an address of its own: sertcp limits log lines per address
+        callers.append(clients(gone, source="127.0.1.%d" % (i + 1)))
+        wait_for(lambda: log_count(s, r"\[gone\] client \S+ connected") > i or "pausing accepts" in s.log(),
+                 5, message="client %d accepted or accepting paused" % (i + 1))
+        if "pausing accepts" in s.log():
+            break
+    s.wait_log(r"\[gone\] cannot accept: .*; pausing accepts for 1s")
+    # two descriptors back, so that the reload can read the file
+    for caller in callers[:2]:
+        caller.close()
+    s.wait_log(r"\[gone\] client \S+ disconnected", count=2, timeout=2)
+    s.config.write_text(both[:both.index("[gone]")])
+    s.signal(signal.SIGHUP)
+    s.wait_log(r"reloaded: kept kept; restarted none; started none; stopped gone", timeout=2)
+    time.sleep(1.5)  # the pause runs out (nothing to see from outside when it does)
+    assert "internal error" not in s.log() and "Traceback" not in s.log(), s.log()
+    c = clients(kept)
+    s.wait_log(r"\[kept\] client \S+ connected")
+    c.send(b"still")
+    assert kept_pty.read(5) == b"still"
+    kept_pty.write(b"here")
+    assert c.recv(4) == b"here"
+
+
+# --- strict_baud from the first byte --------------------------------------------------
+
+def test_strict_baud_paces_what_a_program_writes_the_moment_it_opens_the_port(sertcp, clients, tmp_path):
+    """A program opens the virtual port and at once writes 1901 bytes: at
+    9600 baud 8N1 that is 1.98 s on a real line, and the client gets them
+    at that pace, not in one go."""
+    path = tmp_path / "ttyV0"
+    port = free_port()
+    s = sertcp("--listen", "127.0.0.1:%d" % port, "--virtual", path, "--strict-baud", "yes",
+               "--baudrate", "9600", wait_port=port)
+    s.wait_log(OPENED)
+    c = join(s, clients, port)
+    data = payload(1901, seed=50)
+    program = os.open(str(path), os.O_RDWR | os.O_NOCTTY)
+    try:
+        assert os.write(program, data) == len(data)
+        first = c.recv(1, timeout=6)
+        first_at = time.monotonic()
+        rest = c.recv(len(data) - 1, timeout=6)
+        took = time.monotonic() - first_at
+    finally:
+        os.close(program)
+    assert first + rest == data
+    assert took >= 1.5, "1901 bytes at 9600 baud arrived within %.2fs" % took
+
+
+# --- listen_on_open with connect: the hang-up is sertcp's own ----------------------------
+
+def test_listen_on_open_dials_again_at_once_after_hanging_up_for_the_local_program(sertcp, tmp_path):
+    """A virtual port that dials only while a local program has it open:
+    each open dials, each close hangs up.  That hang-up is sertcp's own
+    doing, not a failed dial: the next open dials at once, without the
+    back-off that a peer closing on it would earn."""
+    far = socket.create_server(("127.0.0.1", 0))
+    try:
+        path = tmp_path / "ttyV0"
+        status = free_port()
+        s = sertcp("--virtual", path, "--listen-on-open", "yes", "--connect", "127.0.0.1:%d" % far.getsockname()[1],
+                   "--reconnect-min", "2", "--reconnect-max", "4", "--status", "127.0.0.1:%d" % status)
+        s.wait_log(OPENED)
+        s.wait_log("status endpoint on")
+        for round_ in (1, 2, 3):
+            program = os.open(str(path), os.O_RDWR | os.O_NOCTTY)
+            try:
+                far.settimeout(1.0)
+                try:
+                    conn, _ = far.accept()
+                except socket.timeout:
+                    raise AssertionError("open number %d: no dial within 1s:\n%s" % (round_, s.log())) from None
+            finally:
+                os.close(program)
+            with conn:
+                conn.settimeout(5)
+                assert conn.recv(1) == b""  # sertcp hangs up as the program closes
+            s.wait_log(r"virtual port \S+ closed by a local program", count=round_)
+        assert "failed" not in s.log()
+        assert port_status(status)["dials_failed"] == 0
+    finally:
+        far.close()
+
+
+# --- the once-a-second line about dropped data ------------------------------------------
+
+def test_the_dropped_bytes_log_lines_add_up_to_bytes_dropped(sertcp, pty):
+    """Lines about dropped data come at most once a second; bytes dropped
+    during the quiet second are still logged once it is over, so the lines
+    add up to bytes_dropped."""
+    port, status = free_port(), free_port()
+    s = sertcp("--listen", "127.0.0.1:%d" % port, "--status", "127.0.0.1:%d" % status, pty.path, wait_port=port)
+    s.wait_log(OPENED)
+    pty.write(b"12345")  # no client and buffer = 0: dropped
+    s.wait_log(r"\[cli\] dropped 5 bytes: no client connected")
+    pty.write(b"1234567")  # within the second the first line opened
+    wait_for(lambda: port_status(status)["bytes_dropped"] == 12, 5, interval=0.05,
+             message="bytes_dropped to reach 12")
+
+    def logged():
+        return sum(int(n) for n in re.findall(r"\[cli\] dropped (\d+) bytes", s.log()))
+    wait_for(lambda: logged() >= 12, 3, interval=0.05, message="the dropped lines to add up to 12")
+    assert logged() == port_status(status)["bytes_dropped"] == 12
+
+
+# --- a client that half-closes: sends FIN, waits for the answer ----------------------------
+
+def answer(pty, question, reply):
+    """The device: read `question`, answer `reply` at once."""
+    assert pty.read(len(question), timeout=5) == question
+    pty.write(reply)
+
+
+def test_a_client_that_half_closes_still_gets_the_reply(sertcp, pty, clients):
+    """A client sends a command and shuts down its sending side (FIN), as
+    `nc -N` does, then reads.  The device's prompt reply reaches it, and
+    then sertcp closes (a short grace without data, no timeout set)."""
+    port = free_port()
+    s = sertcp("--listen", "127.0.0.1:%d" % port, pty.path, wait_port=port)
+    s.wait_log(OPENED)
+    c = join(s, clients, port)
+    c.send(b"cmd\r")
+    c.sock.shutdown(socket.SHUT_WR)
+    answer(pty, b"cmd\r", b"reply\r\n")
+    assert c.recv(7, timeout=5) == b"reply\r\n"
+    assert c.closed_by_peer(5)
+    s.wait_log(DISCONNECTED)
+
+
+def test_a_command_piped_through_socat_gets_the_reply(sertcp, pty):
+    """The same with a real tool: `printf 'cmd\\r' | socat -t 5 - TCP:...`
+    half-closes at the end of its input and prints what comes back."""
+    import subprocess
+    port = free_port()
+    s = sertcp("--listen", "127.0.0.1:%d" % port, pty.path, wait_port=port)
+    s.wait_log(OPENED)
+    device = Background(answer, pty, b"cmd\r", b"reply\r\n")
+    tool = subprocess.run(["socat", "-t", "5", "-", "TCP:127.0.0.1:%d" % port], input=b"cmd\r",
+                          capture_output=True, timeout=20)
+    device.join(10)
+    assert tool.returncode == 0, tool.stderr
+    assert tool.stdout == b"reply\r\n"
