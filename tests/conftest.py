@@ -4,6 +4,7 @@ deadline; nothing sleeps a fixed time to let something happen."""
 import os
 import re
 import select
+import shutil
 import signal
 import threading
 import socket
@@ -40,6 +41,13 @@ def ipv6_loopback():
         return True
     except OSError:
         return False
+
+
+def need_programs(*names):
+    """Fail, not skip, when a peer program is missing: .ci/run installs
+    every one of them, and an interop test that skips hides a regression."""
+    missing = [name for name in names if shutil.which(name) is None]
+    assert not missing, "not installed: %s (.ci/run installs them with apt-get)" % ", ".join(missing)
 
 
 def http_get(port, path, timeout=5.0):

@@ -23,10 +23,8 @@ import ssl
 import threading
 import time
 
-import pytest
-
 from certs import TlsClient, certs  # noqa: F401 (fixture)
-from conftest import Client, free_port, run_sertcp, wait_for
+from conftest import Client, free_port, wait_for
 
 # The sertcp process (CPython, ~27 MiB resident at rest here) must stay under
 # this while attacked.  Tests whose attackers are clients that receive device
@@ -244,11 +242,6 @@ def serve(sertcp, pty, *flags):
 
 def admitted(s, count=1):
     s.wait_log(r"\[cli\] client 127\.0\.0\.1:\d+ connected", count=count)
-
-
-def rfc2217_supported(tmp_path):
-    r = run_sertcp(["--check", "--protocol", "rfc2217", "--listen", "7000", "/dev/null"], tmpdir=tmp_path)
-    return r.returncode == 0
 
 
 # --- floods and idle connections ---------------------------------------------
@@ -517,9 +510,7 @@ def test_malformed_bytes_on_a_raw_port_are_just_data(sertcp, pty, clients):
     attack.check_log(at_least=1)
 
 
-def test_malformed_telnet_on_an_rfc2217_port(sertcp, pty, tmp_path):
-    if not rfc2217_supported(tmp_path):
-        pytest.skip("protocol = rfc2217 is not supported by this sertcp.py yet (--check refuses it)")
+def test_malformed_telnet_on_an_rfc2217_port(sertcp, pty):
     import serial
     s, port = serve(sertcp, pty, "--protocol", "rfc2217", "--max-clients", "20")
     bystander = serial.serial_for_url("rfc2217://127.0.0.1:%d" % port, timeout=5)  # pyserial's own client

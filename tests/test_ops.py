@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import SERTCP, Client, Sertcp, free_port, http_get, run_sertcp, wait_for
+from conftest import SERTCP, Client, Sertcp, free_port, http_get, need_programs, run_sertcp, wait_for
 
 
 def raw_http(port, request, timeout=5.0):
@@ -282,8 +282,8 @@ def test_pidfile_lifecycle(tmp_path, pty):
     assert not pidfile.exists()
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
 def test_print_service_systemd_unit_verifies(tmp_path):
+    need_programs("systemd-analyze")
     ini = tmp_path / "a.ini"
     ini.write_text("[a]\nvirtual = /tmp/sertcp-test-v\nlisten = 7000\n")
     r = run_sertcp(["-c", ini, "--print-service", "systemd"])

@@ -12,7 +12,6 @@ kernel's ptys refuse a setting (some sandboxes refuse CS7 and PARENB),
 the answer sertcp gives must be the value the kernel kept."""
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,11 +20,10 @@ import threading
 import time
 
 import pytest
+import serial
 
-from conftest import free_port, wait_for
+from conftest import free_port, need_programs, wait_for
 from test_telnet import OPENING, TelnetPeer, keeps_cs7, keeps_parodd, sb, scratch_pty_keeps
-
-serial = pytest.importorskip("serial")
 
 EVERY_BYTE = bytes(range(256))
 
@@ -139,8 +137,8 @@ def test_pyserial_lines_through_a_loop_device(sertcp):
 
 # --- gensio's telnet(rfc2217) client against sertcp ------------------------------
 
-@pytest.mark.skipif(shutil.which("gensiot") is None, reason="gensiot (gensio-bin) not installed")
 def test_gensiot_moves_every_byte_and_sets_the_baud_rate(sertcp, pty):
+    need_programs("gensiot")
     s, port = serve(sertcp, pty.path)
     escape = 0x1c      # gensiot's escape character: doubled in the data, then "s<rate>\n" sets the rate
     g = subprocess.Popen(["gensiot", "-e", "0x1c", "telnet(rfc2217),tcp,127.0.0.1,%d" % port],
@@ -188,8 +186,8 @@ def client_round_trip(sertcp, tmp_path, remote_port, remote_pty, expect_log):
     return s
 
 
-@pytest.mark.skipif(shutil.which("ser2net") is None, reason="ser2net not installed")
 def test_virtual_port_drives_a_ser2net_port(sertcp, pty_factory, tmp_path):
+    need_programs("ser2net")
     remote = pty_factory()
     port = free_port()
     config = tmp_path / "ser2net.yaml"
@@ -205,9 +203,8 @@ def test_virtual_port_drives_a_ser2net_port(sertcp, pty_factory, tmp_path):
         stop(peer)
 
 
-@pytest.mark.skipif(shutil.which("sredird") is None or shutil.which("socat") is None,
-                    reason="sredird and socat not installed")
 def test_virtual_port_drives_sredird(sertcp, pty_factory, tmp_path):
+    need_programs("sredird", "socat")
     remote = pty_factory()
     port = free_port()
     # sredird runs from inetd: socat plays inetd, one sredird per connection

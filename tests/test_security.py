@@ -57,11 +57,6 @@ def both_ways(c, pty, data=EVERY_BYTE):
     assert pty.read(len(data)) == data
 
 
-def rfc2217_supported(tmp_path):
-    r = run_sertcp(["--check", "--protocol", "rfc2217", "--listen", "7000", "/dev/null"], tmpdir=tmp_path)
-    return r.returncode == 0
-
-
 # --- TLS server --------------------------------------------------------------
 
 def test_tls_round_trip_of_every_byte_value(sertcp, pty, certs):
@@ -104,9 +99,7 @@ def test_a_stalled_tls_handshake_times_out_without_holding_up_others(sertcp, pty
     refused(s, r"no TLS handshake within 1s")
 
 
-def test_tls_with_rfc2217_round_trip(sertcp, pty, certs, tmp_path):
-    if not rfc2217_supported(tmp_path):
-        pytest.skip("protocol = rfc2217 is not supported by this sertcp.py yet (--check refuses it)")
+def test_tls_with_rfc2217_round_trip(sertcp, pty, certs):
     s, port = serve(sertcp, pty.path, *certs.server_flags(), "--protocol", "rfc2217")
     c = TlsClient(port, certs.client_context())
     telnet = TelnetData(c.sock)
