@@ -328,6 +328,23 @@ def sertcp(tmp_path):
 
 
 @pytest.fixture
+def serve(sertcp):
+    """serve(device, *flags, host="127.0.0.1") starts sertcp with one port
+    on device (a path, a pyserial URL or a Pty) listening on a free port of
+    host; returns (process, tcp port) once it listens and the device is
+    open.  Flags come before the device, so a test's flag overrides the
+    same flag earlier in its list."""
+    def start(device, *flags, host="127.0.0.1"):
+        port = free_port(host)
+        shown = "[%s]" % host if ":" in host else host
+        s = sertcp("--listen", "%s:%d" % (shown, port), *flags, getattr(device, "path", device))
+        s.wait_log(r"\[cli\] listening on \S*:%d" % port)
+        s.wait_log(r"\[cli\] device \S+ opened")
+        return s, port
+    return start
+
+
+@pytest.fixture
 def clients():
     """clients(port, host="127.0.0.1", ...) connects a Client."""
     yield from closing_factory(Client)
