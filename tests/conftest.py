@@ -43,6 +43,12 @@ def ipv6_loopback():
         return False
 
 
+def random_bytes(rnd, n):
+    """n bytes from the random.Random rnd, as rnd.randbytes(n) gives them
+    on Python 3.9+ (the tests run on 3.8 too)."""
+    return rnd.getrandbits(8 * n).to_bytes(n, "little") if n > 0 else b""
+
+
 def need_programs(*names):
     """Fail, not skip, when a peer program is missing: .ci/run installs
     every one of them, and an interop test that skips hides a regression."""

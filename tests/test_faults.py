@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import Background, closing_factory, free_port, http_get, log_count, wait_for
+from conftest import Background, closing_factory, free_port, http_get, log_count, random_bytes, wait_for
 
 CONNECTED = r"\[cli\] client \S+ connected"
 DISCONNECTED = r"\[cli\] client \S+ disconnected"
@@ -41,7 +41,7 @@ def repoint(link, target):
 
 
 def payload(n, seed):
-    return random.Random(seed).randbytes(n)
+    return random_bytes(random.Random(seed), n)
 
 
 class LazyClient:

@@ -24,7 +24,7 @@ import threading
 import time
 
 from certs import TlsClient, certs  # noqa: F401 (fixture)
-from conftest import Client, free_port, wait_for
+from conftest import Client, free_port, random_bytes, wait_for
 
 # The sertcp process (CPython, ~27 MiB resident at rest here) must stay under
 # this while attacked.  Tests whose attackers are clients that receive device
@@ -59,7 +59,7 @@ class Background(threading.Thread):
 
 
 def payload(n, seed):
-    return bytes(range(256)) + random.Random(seed).randbytes(n - 256)
+    return bytes(range(256)) + random_bytes(random.Random(seed), n - 256)
 
 
 class Bystander:
@@ -465,7 +465,7 @@ def test_a_non_reader_is_dropped_soon_after_client_buffer_fills(serve, pty, clie
 
 
 def junk(n, seed, avoid=b""):
-    data = random.Random(seed).randbytes(n)
+    data = random_bytes(random.Random(seed), n)
     for b in avoid:
         data = data.replace(bytes([b]), b"x")
     return data

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import Background, free_port, ipv6_loopback, log_count, wait_for
+from conftest import Background, free_port, ipv6_loopback, log_count, random_bytes, wait_for
 
 CONNECTED = r"\[cli\] client \S+ connected"
 DISCONNECTED = r"\[cli\] client \S+ disconnected"
@@ -59,8 +59,8 @@ def payload(n, seed=0):
     """n bytes holding every byte value (for n >= 256) in a random order."""
     if n >= 256:
         base = bytes(range(256))
-        return base + random.Random(seed).randbytes(n - 256)
-    return random.Random(seed).randbytes(n)
+        return base + random_bytes(random.Random(seed), n - 256)
+    return random_bytes(random.Random(seed), n)
 
 
 def nothing_for(*who, wait=0.2):
