@@ -4,6 +4,7 @@ deadline; nothing sleeps a fixed time to let something happen."""
 import os
 import re
 import select
+import shutil
 import signal
 import threading
 import socket
@@ -40,6 +41,19 @@ def ipv6_loopback():
         return True
     except OSError:
         return False
+
+
+def random_bytes(rnd, n):
+    """n bytes from the random.Random rnd, as rnd.randbytes(n) gives them
+    on Python 3.9+ (the tests run on 3.8 too)."""
+    return rnd.getrandbits(8 * n).to_bytes(n, "little") if n > 0 else b""
+
+
+def need_programs(*names):
+    """Fail, not skip, when a peer program is missing: .ci/run installs
+    every one of them, and an interop test that skips hides a regression."""
+    missing = [name for name in names if shutil.which(name) is None]
+    assert not missing, "not installed: %s (.ci/run installs them with apt-get)" % ", ".join(missing)
 
 
 def http_get(port, path, timeout=5.0):
@@ -318,6 +332,23 @@ def sertcp(tmp_path):
     for s in started:
         code = s.stop()
         assert code == 0, "sertcp exited %s:\n%s" % (code, s.log())
+
+
+@pytest.fixture
+def serve(sertcp):
+    """serve(device, *flags, host="127.0.0.1") starts sertcp with one port
+    on device (a path, a pyserial URL or a Pty) listening on a free port of
+    host; returns (process, tcp port) once it listens and the device is
+    open.  Flags come before the device, so a test's flag overrides the
+    same flag earlier in its list."""
+    def start(device, *flags, host="127.0.0.1"):
+        port = free_port(host)
+        shown = "[%s]" % host if ":" in host else host
+        s = sertcp("--listen", "%s:%d" % (shown, port), *flags, getattr(device, "path", device))
+        s.wait_log(r"\[cli\] listening on \S*:%d" % port)
+        s.wait_log(r"\[cli\] device \S+ opened")
+        return s, port
+    return start
 
 
 @pytest.fixture

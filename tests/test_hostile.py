@@ -23,10 +23,8 @@ import ssl
 import threading
 import time
 
-import pytest
-
 from certs import TlsClient, certs  # noqa: F401 (fixture)
-from conftest import Client, free_port, run_sertcp, wait_for
+from conftest import Client, free_port, random_bytes, wait_for
 
 # The sertcp process (CPython, ~27 MiB resident at rest here) must stay under
 # this while attacked.  Tests whose attackers are clients that receive device
@@ -61,7 +59,7 @@ class Background(threading.Thread):
 
 
 def payload(n, seed):
-    return bytes(range(256)) + random.Random(seed).randbytes(n - 256)
+    return bytes(range(256)) + random_bytes(random.Random(seed), n - 256)
 
 
 class Bystander:
@@ -231,30 +229,20 @@ def close_all(socks):
             pass
 
 
-def serve(sertcp, pty, *flags):
-    """sertcp on pty with a listen backlog of 256: attackers connect faster
-    than any Python loop accepts, and a SYN dropped by a full kernel queue
-    would only cost the test a 1 s retransmission."""
-    port = free_port()
-    s = sertcp("--listen", "127.0.0.1:%d" % port, "--backlog", "256", *flags, pty.path)
-    s.wait_log(r"\[cli\] listening on \S*:%d" % port)
-    s.wait_log(r"\[cli\] device \S+ opened")
-    return s, port
+# A listen backlog of 256: attackers connect faster than any Python loop
+# accepts, and a SYN dropped by a full kernel queue would only cost the test
+# a 1 s retransmission.
+BACKLOG = ("--backlog", "256")
 
 
 def admitted(s, count=1):
     s.wait_log(r"\[cli\] client 127\.0\.0\.1:\d+ connected", count=count)
 
 
-def rfc2217_supported(tmp_path):
-    r = run_sertcp(["--check", "--protocol", "rfc2217", "--listen", "7000", "/dev/null"], tmpdir=tmp_path)
-    return r.returncode == 0
-
-
 # --- floods and idle connections ---------------------------------------------
 
-def test_connection_flood(sertcp, pty, clients):
-    s, port = serve(sertcp, pty, "--max-clients", "1000")
+def test_connection_flood(serve, pty, clients):
+    s, port = serve(pty, *BACKLOG, "--max-clients", "1000")
     bystander = clients(port)
     admitted(s)
     memory = RssWatch(s.proc)
@@ -282,10 +270,10 @@ def test_connection_flood(sertcp, pty, clients):
     assert suppressed >= 500 - PEER_LOG_BURST   # at least one line per connection was held back
 
 
-def test_half_open_connections_left_idle(sertcp, pty, clients):
+def test_half_open_connections_left_idle(serve, pty, clients):
     # 200 idle clients that get device data and never read: each costs at
     # most client_buffer (64 KiB here) before it is dropped as a slow client
-    s, port = serve(sertcp, pty, "--max-clients", "1000", "--client-buffer", "64k")
+    s, port = serve(pty, *BACKLOG, "--max-clients", "1000", "--client-buffer", "64k")
     bystander = clients(port)
     admitted(s)
     memory = RssWatch(s.proc)
@@ -306,8 +294,8 @@ def test_half_open_connections_left_idle(sertcp, pty, clients):
     assert pty.read(10) == b"still here"
 
 
-def test_half_open_connections_on_a_password_port_time_out(sertcp, pty, clients):
-    s, port = serve(sertcp, pty, "--password", "letmein", "--identity-timeout", "1", "--max-clients", "4")
+def test_half_open_connections_on_a_password_port_time_out(serve, pty, clients):
+    s, port = serve(pty, *BACKLOG, "--password", "letmein", "--identity-timeout", "1", "--max-clients", "4")
     bystander = clients(port)
     bystander.send(b"letmein\n")
     admitted(s)
@@ -326,9 +314,9 @@ def test_half_open_connections_on_a_password_port_time_out(sertcp, pty, clients)
         close_all(idle)
 
 
-def test_more_pending_handshakes_than_a_listener_keeps(sertcp, pty, clients):
+def test_more_pending_handshakes_than_a_listener_keeps(serve, pty, clients):
     # MAX_PENDING_HANDSHAKES is 1024: the oldest pending ones give way
-    s, port = serve(sertcp, pty, "--password", "letmein", "--backlog", "1024")  # the last flag wins
+    s, port = serve(pty, *BACKLOG, "--password", "letmein", "--backlog", "1024")  # the last flag wins
     memory = RssWatch(s.proc)
     attack = Attack(s, "127.0.0.8")
     idle, deadline = [], time.monotonic() + 20
@@ -398,8 +386,8 @@ def test_slow_trickle(sertcp, pty_factory, clients):
     close_all(slowloris + [trickler])
 
 
-def test_client_that_never_reads_while_the_device_streams(sertcp, pty, clients):
-    s, port = serve(sertcp, pty, "--max-clients", "2")
+def test_client_that_never_reads_while_the_device_streams(serve, pty, clients):
+    s, port = serve(pty, *BACKLOG, "--max-clients", "2")
     bystander = clients(port)
     admitted(s)
     memory = RssWatch(s.proc)
@@ -418,11 +406,11 @@ def test_client_that_never_reads_while_the_device_streams(sertcp, pty, clients):
         sleeper.close()
 
 
-def test_a_client_flooding_a_device_that_does_not_drain(sertcp, pty, clients):
+def test_a_client_flooding_a_device_that_does_not_drain(serve, pty, clients):
     """16 MiB towards a device nobody reads: sertcp stops reading that
     client instead of queueing, the bystander's stream from the device goes
     on, and once the device drains every byte arrives in order."""
-    s, port = serve(sertcp, pty, "--max-clients", "2", "--send-to", "first")  # the flooder never reads: only the bystander hears the device
+    s, port = serve(pty, *BACKLOG, "--max-clients", "2", "--send-to", "first")  # the flooder never reads: only the bystander hears the device
     bystander = clients(port)
     admitted(s)
     memory = RssWatch(s.proc)
@@ -457,12 +445,12 @@ def test_a_client_flooding_a_device_that_does_not_drain(sertcp, pty, clients):
     flooder.close()
 
 
-def test_a_non_reader_is_dropped_soon_after_client_buffer_fills(sertcp, pty, clients):
+def test_a_non_reader_is_dropped_soon_after_client_buffer_fills(serve, pty, clients):
     """client_buffer is what a stalled client may cost: it is dropped once
     about that much is waiting for it, not after megabytes more sit in the
     kernel on its behalf (4 MiB per socket here; on a 64 MiB router, a
     dozen idle clients would hold most of the RAM)."""
-    s, port = serve(sertcp, pty, "--max-clients", "2", "--client-buffer", "64k")
+    s, port = serve(pty, *BACKLOG, "--max-clients", "2", "--client-buffer", "64k")
     bystander = clients(port)
     admitted(s)
     sleeper = connect(port, "127.0.0.16", rcvbuf=4096)
@@ -477,7 +465,7 @@ def test_a_non_reader_is_dropped_soon_after_client_buffer_fills(sertcp, pty, cli
 
 
 def junk(n, seed, avoid=b""):
-    data = random.Random(seed).randbytes(n)
+    data = random_bytes(random.Random(seed), n)
     for b in avoid:
         data = data.replace(bytes([b]), b"x")
     return data
@@ -496,8 +484,8 @@ MALFORMED = [
 ]
 
 
-def test_malformed_bytes_on_a_raw_port_are_just_data(sertcp, pty, clients):
-    s, port = serve(sertcp, pty, "--max-clients", "2", "--send-to", "first")  # the attacker never reads: only the bystander hears the device
+def test_malformed_bytes_on_a_raw_port_are_just_data(serve, pty, clients):
+    s, port = serve(pty, *BACKLOG, "--max-clients", "2", "--send-to", "first")  # the attacker never reads: only the bystander hears the device
     bystander = clients(port)
     admitted(s)
     memory = RssWatch(s.proc)
@@ -517,11 +505,9 @@ def test_malformed_bytes_on_a_raw_port_are_just_data(sertcp, pty, clients):
     attack.check_log(at_least=1)
 
 
-def test_malformed_telnet_on_an_rfc2217_port(sertcp, pty, tmp_path):
-    if not rfc2217_supported(tmp_path):
-        pytest.skip("protocol = rfc2217 is not supported by this sertcp.py yet (--check refuses it)")
+def test_malformed_telnet_on_an_rfc2217_port(serve, pty):
     import serial
-    s, port = serve(sertcp, pty, "--protocol", "rfc2217", "--max-clients", "20")
+    s, port = serve(pty, *BACKLOG, "--protocol", "rfc2217", "--max-clients", "20")
     bystander = serial.serial_for_url("rfc2217://127.0.0.1:%d" % port, timeout=5)  # pyserial's own client
     try:
         admitted(s)
@@ -568,8 +554,8 @@ class _SerialReader:
 
 # --- where a password or a TLS handshake belongs -----------------------------
 
-def test_megabytes_of_garbage_before_a_newline_on_a_password_port(sertcp, pty, clients):
-    s, port = serve(sertcp, pty, "--password", "letmein", "--max-clients", "2")
+def test_megabytes_of_garbage_before_a_newline_on_a_password_port(serve, pty, clients):
+    s, port = serve(pty, *BACKLOG, "--password", "letmein", "--max-clients", "2")
     bystander = clients(port)
     bystander.send(b"letmein\n")
     admitted(s)
@@ -597,8 +583,8 @@ def test_megabytes_of_garbage_before_a_newline_on_a_password_port(sertcp, pty, c
     close_all(socks)
 
 
-def test_junk_instead_of_a_tls_client_hello(sertcp, pty, certs):
-    s, port = serve(sertcp, pty, *certs.server_flags(), "--identity-timeout", "1", "--max-clients", "2")
+def test_junk_instead_of_a_tls_client_hello(serve, pty, certs):
+    s, port = serve(pty, *BACKLOG, *certs.server_flags(), "--identity-timeout", "1", "--max-clients", "2")
     bystander = TlsClient(port, certs.client_context())
     admitted(s)
     memory = RssWatch(s.proc)
@@ -635,10 +621,10 @@ def test_junk_instead_of_a_tls_client_hello(sertcp, pty, certs):
     assert pty.read(10) == b"still here"
 
 
-def test_tls_clients_that_never_finish_the_handshake(sertcp, pty, certs):
+def test_tls_clients_that_never_finish_the_handshake(serve, pty, certs):
     """A real ClientHello, then silence, many times over: each costs one
     socket until identity_timeout, and the bystander is served meanwhile."""
-    s, port = serve(sertcp, pty, *certs.server_flags(), "--identity-timeout", "1", "--max-clients", "2")
+    s, port = serve(pty, *BACKLOG, *certs.server_flags(), "--identity-timeout", "1", "--max-clients", "2")
     bystander = TlsClient(port, certs.client_context())
     admitted(s)
     memory = RssWatch(s.proc)

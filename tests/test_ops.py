@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import SERTCP, Client, Sertcp, free_port, http_get, run_sertcp, wait_for
+from conftest import SERTCP, Client, Sertcp, free_port, http_get, need_programs, run_sertcp, wait_for
 
 
 def raw_http(port, request, timeout=5.0):
@@ -48,6 +48,7 @@ def test_status_and_metrics_count_the_bytes_moved(sertcp, pty, clients):
     assert p["settings"] == {"baudrate": 9600, "bytesize": 8, "parity": "none", "stopbits": "1", "flow": "none"}
     assert p["bytes_from_device"] == 1000 and p["bytes_to_device"] == 300
     assert p["connections_total"] == 2 and p["connections_rejected"] == 0
+    assert p["bytes_dropped"] == p["dials_failed"] == p["device_errors"] == 0
     assert sorted(c["bytes_out"] for c in p["clients"]) == [1000, 1000]
     assert sorted(c["bytes_in"] for c in p["clients"]) == [0, 300]
     for c in p["clients"]:
@@ -58,8 +59,61 @@ def test_status_and_metrics_count_the_bytes_moved(sertcp, pty, clients):
     assert 'sertcp_bytes_from_device{port="cli"} 1000' in text
     assert 'sertcp_bytes_to_device{port="cli"} 300' in text
     assert 'sertcp_connections_total{port="cli"} 2' in text
+    # both clients read everything, nothing dials, the pty never failed
     for counter in ("bytes_dropped", "connections_rejected", "dials_failed", "device_errors"):
-        assert re.search(r"^sertcp_%s\{port=\"cli\"\} \d+$" % counter, text, re.M), counter
+        assert re.search(r"^sertcp_%s\{port=\"cli\"\} 0$" % counter, text, re.M), counter
+
+
+def test_metrics_count_ignored_bytes_failed_dials_and_device_errors(sertcp, pty_factory, clients, tmp_path):
+    """Each counter moves by what moved it, exactly: the bytes a
+    receive_from = first port ignores, one dial round that found nobody
+    listening, one failed open of a missing device (the minute-long pauses
+    keep the last two from repeating during the test)."""
+    ignoring, dialing = pty_factory(), pty_factory()
+    port, status, nobody, other = free_port(), free_port(), free_port(), free_port()
+    s = sertcp(config="""
+[global]
+status = 127.0.0.1:%d
+[ignoring]
+device = %s
+listen = 127.0.0.1:%d
+receive_from = first
+max_clients = 2
+[dialing]
+device = %s
+connect = 127.0.0.1:%d
+reconnect_min = 60
+reconnect_max = 60
+[missing]
+device = %s
+listen = 127.0.0.1:%d
+reopen_interval = 60
+""" % (status, ignoring.path, port, dialing.path, nobody, tmp_path / "no-such-device", other), wait_port=port)
+    s.wait_log("status endpoint on")
+
+    def counters():
+        text = http_get(status, "/metrics")[1]
+        found = re.findall(r'^sertcp_(bytes_dropped|dials_failed|device_errors)\{port="(\w+)"\} (\d+)$', text, re.M)
+        return {(name, counter): int(value) for counter, name, value in found}
+
+    def clients_of(name):
+        (p,) = [p for p in json.loads(http_get(status, "/status")[1])["ports"] if p["name"] == name]
+        return len(p["clients"])
+    first = clients(port)
+    wait_for(lambda: clients_of("ignoring") == 1, message="the first client admitted")
+    second = clients(port)
+    wait_for(lambda: clients_of("ignoring") == 2, message="the second client admitted")
+    second.send(b"ignored")
+    first.send(b"heard")
+    assert ignoring.read(5) == b"heard"
+    expected = {("ignoring", "bytes_dropped"): 7, ("dialing", "dials_failed"): 1, ("missing", "device_errors"): 1}
+    expected = {(name, counter): expected.get((name, counter), 0) for name in ("ignoring", "dialing", "missing")
+                for counter in ("bytes_dropped", "dials_failed", "device_errors")}
+    try:
+        wait_for(lambda: counters() == expected, message="the counters")
+    except AssertionError:
+        assert counters() == expected           # shows which one is off
+    assert ignoring.read_available() == b""
 
 
 def test_shared_listener_counts_its_refusals(sertcp, pty_factory, clients):
@@ -282,8 +336,8 @@ def test_pidfile_lifecycle(tmp_path, pty):
     assert not pidfile.exists()
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
 def test_print_service_systemd_unit_verifies(tmp_path):
+    need_programs("systemd-analyze")
     ini = tmp_path / "a.ini"
     ini.write_text("[a]\nvirtual = /tmp/sertcp-test-v\nlisten = 7000\n")
     r = run_sertcp(["-c", ini, "--print-service", "systemd"])

@@ -210,11 +210,10 @@ def test_strip_removes_exactly_the_delimiters(parts, delimiter):
 # Each rule through the real process
 # =====================================================================
 
-def serve(sertcp, pty, clients, *flags):
-    """sertcp on the pty with packing flags, one client admitted."""
-    port = free_port()
-    s = sertcp("--listen", "127.0.0.1:%d" % port, *flags, pty.path, wait_port=port)
-    s.wait_log(r"\[cli\] device \S+ opened")
+def with_a_client(serve, clients, pty, *flags):
+    """sertcp on the pty with packing flags, one client admitted:
+    (process, client)."""
+    s, port = serve(pty, *flags)
     c = clients(port)
     s.wait_log(r"\[cli\] client \S+ connected")
     return s, c
@@ -227,8 +226,8 @@ def held(c, wait=0.3):
     return True
 
 
-def test_pack_size_sends_full_packets_and_holds_the_rest(sertcp, pty, clients):
-    s, c = serve(sertcp, pty, clients, "--pack-size", "4")
+def test_pack_size_sends_full_packets_and_holds_the_rest(serve, pty, clients):
+    s, c = with_a_client(serve, clients, pty, "--pack-size", "4")
     pty.write(b"0123456789")
     assert c.recv(8) == b"01234567"
     assert held(c)
@@ -237,8 +236,8 @@ def test_pack_size_sends_full_packets_and_holds_the_rest(sertcp, pty, clients):
     assert held(c, 0.1)
 
 
-def test_pack_delimiter_sends_whole_lines(sertcp, pty, clients):
-    s, c = serve(sertcp, pty, clients, "--pack-delimiter", r"\n")
+def test_pack_delimiter_sends_whole_lines(serve, pty, clients):
+    s, c = with_a_client(serve, clients, pty, "--pack-delimiter", r"\n")
     pty.write(b"first\nsec")
     assert c.recv(6) == b"first\n"
     assert held(c)
@@ -246,8 +245,8 @@ def test_pack_delimiter_sends_whole_lines(sertcp, pty, clients):
     assert c.recv(7) == b"second\n"
 
 
-def test_pack_delimiter_of_two_bytes_split_between_writes(sertcp, pty, clients):
-    s, c = serve(sertcp, pty, clients, "--pack-delimiter", r"\r\n")
+def test_pack_delimiter_of_two_bytes_split_between_writes(serve, pty, clients):
+    s, c = with_a_client(serve, clients, pty, "--pack-delimiter", r"\r\n")
     pty.write(b"ab\r")
     assert held(c)
     pty.write(b"\ncd")
@@ -255,8 +254,8 @@ def test_pack_delimiter_of_two_bytes_split_between_writes(sertcp, pty, clients):
     assert held(c)
 
 
-def test_pack_trailing_waits_for_the_bytes_after_the_delimiter(sertcp, pty, clients):
-    s, c = serve(sertcp, pty, clients, "--pack-delimiter", r"\x03", "--pack-trailing", "2")
+def test_pack_trailing_waits_for_the_bytes_after_the_delimiter(serve, pty, clients):
+    s, c = with_a_client(serve, clients, pty, "--pack-delimiter", r"\x03", "--pack-trailing", "2")
     pty.write(b"AB\x03")
     assert held(c)
     pty.write(b"\x01")
@@ -266,23 +265,23 @@ def test_pack_trailing_waits_for_the_bytes_after_the_delimiter(sertcp, pty, clie
     assert held(c)
 
 
-def test_pack_strip_drops_the_delimiter(sertcp, pty, clients):
-    s, c = serve(sertcp, pty, clients, "--pack-delimiter", r"\r\n", "--pack-strip", "yes")
+def test_pack_strip_drops_the_delimiter(serve, pty, clients):
+    s, c = with_a_client(serve, clients, pty, "--pack-delimiter", r"\r\n", "--pack-strip", "yes")
     pty.write(b"one\r\ntwo\r\nthree")
     assert c.recv(6) == b"onetwo"
     assert held(c)
 
 
-def test_pack_strip_with_trailing_keeps_the_trailing_bytes(sertcp, pty, clients):
-    s, c = serve(sertcp, pty, clients, "--pack-delimiter", r"\x03", "--pack-trailing", "1",
+def test_pack_strip_with_trailing_keeps_the_trailing_bytes(serve, pty, clients):
+    s, c = with_a_client(serve, clients, pty, "--pack-delimiter", r"\x03", "--pack-trailing", "1",
                  "--pack-strip", "yes")
     pty.write(b"AB\x03\x7fCD")
     assert c.recv(3) == b"AB\x7f"
     assert held(c)
 
 
-def test_pack_idle_sends_after_a_silence(sertcp, pty, clients):
-    s, c = serve(sertcp, pty, clients, "--pack-idle-ms", "200")
+def test_pack_idle_sends_after_a_silence(serve, pty, clients):
+    s, c = with_a_client(serve, clients, pty, "--pack-idle-ms", "200")
     written = time.monotonic()
     pty.write(b"abc")
     assert c.recv_available(0.05) == b""
@@ -290,8 +289,8 @@ def test_pack_idle_sends_after_a_silence(sertcp, pty, clients):
     assert time.monotonic() - written >= 0.15
 
 
-def test_pack_idle_restarts_with_each_byte(sertcp, pty, clients):
-    s, c = serve(sertcp, pty, clients, "--pack-idle-ms", "400")
+def test_pack_idle_restarts_with_each_byte(serve, pty, clients):
+    s, c = with_a_client(serve, clients, pty, "--pack-idle-ms", "400")
     started = time.monotonic()
     for byte in b"abcde":
         pty.write(bytes([byte]))
@@ -302,8 +301,8 @@ def test_pack_idle_restarts_with_each_byte(sertcp, pty, clients):
     assert held(c)
 
 
-def test_pack_max_sends_during_a_continuous_stream(sertcp, pty, clients):
-    s, c = serve(sertcp, pty, clients, "--pack-idle-ms", "400", "--pack-max-ms", "300")
+def test_pack_max_sends_during_a_continuous_stream(serve, pty, clients):
+    s, c = with_a_client(serve, clients, pty, "--pack-idle-ms", "400", "--pack-max-ms", "300")
     started = time.monotonic()
     got = bytearray()
     arrivals = []
@@ -321,16 +320,16 @@ def test_pack_max_sends_during_a_continuous_stream(sertcp, pty, clients):
     assert bytes(got) == b"x" * sent
 
 
-def test_pack_size_with_idle_flushes_the_remainder(sertcp, pty, clients):
-    s, c = serve(sertcp, pty, clients, "--pack-size", "4", "--pack-idle-ms", "200")
+def test_pack_size_with_idle_flushes_the_remainder(serve, pty, clients):
+    s, c = with_a_client(serve, clients, pty, "--pack-size", "4", "--pack-idle-ms", "200")
     pty.write(b"0123456789")
     assert c.recv(8) == b"01234567"
     assert c.recv_available(0.05) == b""
     assert c.recv(2, timeout=2) == b"89"
 
 
-def test_pack_delimiter_with_size_cuts_long_lines(sertcp, pty, clients):
-    s, c = serve(sertcp, pty, clients, "--pack-delimiter", r"\n", "--pack-size", "5")
+def test_pack_delimiter_with_size_cuts_long_lines(serve, pty, clients):
+    s, c = with_a_client(serve, clients, pty, "--pack-delimiter", r"\n", "--pack-size", "5")
     pty.write(b"ab\nlonglongline")
     assert c.recv(13) == b"ab\nlonglongli"
     assert held(c)
@@ -339,16 +338,16 @@ def test_pack_delimiter_with_size_cuts_long_lines(sertcp, pty, clients):
     assert held(c)
 
 
-def test_pack_delimiter_with_idle_flushes_an_unterminated_line(sertcp, pty, clients):
-    s, c = serve(sertcp, pty, clients, "--pack-delimiter", r"\n", "--pack-idle-ms", "200")
+def test_pack_delimiter_with_idle_flushes_an_unterminated_line(serve, pty, clients):
+    s, c = with_a_client(serve, clients, pty, "--pack-delimiter", r"\n", "--pack-idle-ms", "200")
     pty.write(b"whole\npart")
     assert c.recv(6) == b"whole\n"
     assert c.recv_available(0.05) == b""
     assert c.recv(4, timeout=2) == b"part"
 
 
-def test_pack_delimiter_strip_trailing_and_max_together(sertcp, pty, clients):
-    s, c = serve(sertcp, pty, clients, "--pack-delimiter", r"\x03", "--pack-trailing", "1",
+def test_pack_delimiter_strip_trailing_and_max_together(serve, pty, clients):
+    s, c = with_a_client(serve, clients, pty, "--pack-delimiter", r"\x03", "--pack-trailing", "1",
                  "--pack-strip", "yes", "--pack-max-ms", "300")
     pty.write(b"AB\x03\x01CD")
     assert c.recv(3) == b"AB\x01"
@@ -371,14 +370,14 @@ def test_packing_applies_to_every_client(sertcp, pty, clients):
     assert held(a) and held(b, 0.05)
 
 
-def test_packing_leaves_client_to_device_data_alone(sertcp, pty, clients):
-    s, c = serve(sertcp, pty, clients, "--pack-size", "64", "--pack-delimiter", r"\n")
+def test_packing_leaves_client_to_device_data_alone(serve, pty, clients):
+    s, c = with_a_client(serve, clients, pty, "--pack-size", "64", "--pack-delimiter", r"\n")
     c.send(b"abc")
     assert pty.read(3, timeout=1) == b"abc"
 
 
-def test_packed_data_survives_a_large_stream(sertcp, pty, clients):
-    s, c = serve(sertcp, pty, clients, "--pack-delimiter", r"\n", "--pack-strip", "yes")
+def test_packed_data_survives_a_large_stream(serve, pty, clients):
+    s, c = with_a_client(serve, clients, pty, "--pack-delimiter", r"\n", "--pack-strip", "yes")
     lines = [b"line %06d %s" % (i, b"z" * (i % 50)) for i in range(20000)]
     # write while reading: a client that reads nothing until 1.2 MB were
     # written would rightly pause the device once its queue is full

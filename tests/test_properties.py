@@ -285,7 +285,6 @@ def test_parse_bytes_accepts_or_explains(text):
 
 # --- Telnet and RFC 2217 ---------------------------------------------------------
 
-telnet_needed = pytest.mark.skipif(not hasattr(sertcp, "TelnetCodec"), reason="no Telnet codec in sertcp.py yet")
 OPTIONS = (0, 1, 3, 44)
 
 
@@ -312,7 +311,6 @@ TELNET_PIECES = st.one_of(
 )
 
 
-@telnet_needed
 @given(st.booleans(), chunked(TELNET_PIECES))
 def test_telnet_codec_takes_anything(binary, chunks):
     c = codec(binary)
@@ -329,7 +327,6 @@ def test_telnet_codec_takes_anything(binary, chunks):
     assert answers <= 3 * commands
 
 
-@telnet_needed
 @given(st.booleans(), chunked(st.binary(max_size=16).map(lambda b: b.replace(b"\xff", b""))))
 def test_telnet_data_without_iac_passes_unchanged(binary, chunks):
     data = b"".join(chunks)
@@ -343,7 +340,6 @@ def test_telnet_data_without_iac_passes_unchanged(binary, chunks):
     assert c.data_to_send() == b""
 
 
-@telnet_needed
 @given(st.booleans(), chunked(), st.lists(st.integers(0, 64), max_size=6))
 def test_telnet_escape_then_feed_round_trips(binary, chunks, splits):
     sender = sertcp.TelnetCodec(local=OPTIONS, remote=OPTIONS)
@@ -361,7 +357,6 @@ def test_telnet_escape_then_feed_round_trips(binary, chunks, splits):
     assert got == b"".join(chunks)
 
 
-@telnet_needed
 def test_telnet_server_and_client_codecs_agree_and_go_quiet():
     server = sertcp.TelnetCodec(local=OPTIONS, remote=(0, 3, 44), ask_local=(0, 3, 1), ask_remote=(0, 44))
     client = sertcp.TelnetCodec(local=(0, 3, 44), remote=OPTIONS, ask_local=(0, 3, 44), ask_remote=(0, 3))
@@ -388,11 +383,8 @@ COM_PORT_SETTINGS = st.one_of(
     st.tuples(st.sampled_from(["linemask", "modemmask"]), st.integers(0, 255)),
     st.tuples(st.just("purge"), st.integers(1, 3)),
 )
-rfc2217_needed = pytest.mark.skipif(not hasattr(sertcp, "decode_com_port_request"),
-                                    reason="no RFC 2217 codec in sertcp.py yet")
 
 
-@rfc2217_needed
 @given(st.binary(max_size=12))
 def test_com_port_decoders_take_anything(body):
     code, what, wanted, problem = sertcp.decode_com_port_request(body)
@@ -400,7 +392,6 @@ def test_com_port_decoders_take_anything(body):
     sertcp.decode_com_port_reply(body)
 
 
-@rfc2217_needed
 @given(COM_PORT_SETTINGS)
 def test_com_port_requests_and_replies_round_trip(setting):
     what, value = setting

@@ -97,8 +97,11 @@ def test_a_thread_wakes_the_loop():
     t = threading.Thread(target=lambda: r.call_soon_threadsafe(lambda: done.append(os.getpid())))
     t.start()
     t.join()
+    started = r.now()
     r.run_once(max_wait=5.0)
     assert done == [os.getpid()]
+    # the wake-up ended the wait, not the 5 s bound
+    assert r.now() - started < 1.0
 
 
 def test_forget_after_the_socket_closed_leaves_nothing_behind():

@@ -12,7 +12,6 @@ kernel's ptys refuse a setting (some sandboxes refuse CS7 and PARENB),
 the answer sertcp gives must be the value the kernel kept."""
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,21 +20,14 @@ import threading
 import time
 
 import pytest
+import serial
 
-from conftest import free_port, wait_for
+from conftest import free_port, need_programs, wait_for
 from test_telnet import OPENING, TelnetPeer, keeps_cs7, keeps_parodd, sb, scratch_pty_keeps
 
-serial = pytest.importorskip("serial")
-
 EVERY_BYTE = bytes(range(256))
-
-
-def serve(sertcp, device, *flags, max_clients=2):
-    port = free_port()
-    s = sertcp("--listen", "127.0.0.1:%d" % port, "--protocol", "rfc2217", "--max-clients", str(max_clients),
-               "--log-level", "debug", *flags, device, wait_port=port)
-    s.wait_log(r"device \S+ opened")
-    return s, port
+# what serve() is given for an RFC 2217 server port; debug logs the requests
+RFC2217_PORT = ("--protocol", "rfc2217", "--max-clients", "2", "--log-level", "debug")
 
 
 def stop(proc):
@@ -65,8 +57,8 @@ def baud_of(fd):
 
 # --- pyserial's rfc2217:// client against sertcp --------------------------------
 
-def test_pyserial_opens_fast_and_changes_every_setting(sertcp, pty):
-    s, port = serve(sertcp, pty.path)
+def test_pyserial_opens_fast_and_changes_every_setting(serve, pty):
+    s, port = serve(pty.path, *RFC2217_PORT)
     started = time.monotonic()
     ser = serial.serial_for_url("rfc2217://127.0.0.1:%d" % port, baudrate=115200, timeout=5)
     try:
@@ -105,8 +97,8 @@ def test_pyserial_opens_fast_and_changes_every_setting(sertcp, pty):
     assert not termios.tcgetattr(pty.master)[2] & termios.CSTOPB
 
 
-def test_pyserial_lines_through_a_loop_device(sertcp):
-    s, port = serve(sertcp, "loop://")
+def test_pyserial_lines_through_a_loop_device(serve):
+    s, port = serve("loop://", *RFC2217_PORT)
     ser = serial.serial_for_url("rfc2217://127.0.0.1:%d" % port, timeout=5)
     poller = None
     try:
@@ -139,9 +131,9 @@ def test_pyserial_lines_through_a_loop_device(sertcp):
 
 # --- gensio's telnet(rfc2217) client against sertcp ------------------------------
 
-@pytest.mark.skipif(shutil.which("gensiot") is None, reason="gensiot (gensio-bin) not installed")
-def test_gensiot_moves_every_byte_and_sets_the_baud_rate(sertcp, pty):
-    s, port = serve(sertcp, pty.path)
+def test_gensiot_moves_every_byte_and_sets_the_baud_rate(serve, pty):
+    need_programs("gensiot")
+    s, port = serve(pty.path, *RFC2217_PORT)
     escape = 0x1c      # gensiot's escape character: doubled in the data, then "s<rate>\n" sets the rate
     g = subprocess.Popen(["gensiot", "-e", "0x1c", "telnet(rfc2217),tcp,127.0.0.1,%d" % port],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
@@ -188,8 +180,8 @@ def client_round_trip(sertcp, tmp_path, remote_port, remote_pty, expect_log):
     return s
 
 
-@pytest.mark.skipif(shutil.which("ser2net") is None, reason="ser2net not installed")
 def test_virtual_port_drives_a_ser2net_port(sertcp, pty_factory, tmp_path):
+    need_programs("ser2net")
     remote = pty_factory()
     port = free_port()
     config = tmp_path / "ser2net.yaml"
@@ -205,9 +197,8 @@ def test_virtual_port_drives_a_ser2net_port(sertcp, pty_factory, tmp_path):
         stop(peer)
 
 
-@pytest.mark.skipif(shutil.which("sredird") is None or shutil.which("socat") is None,
-                    reason="sredird and socat not installed")
 def test_virtual_port_drives_sredird(sertcp, pty_factory, tmp_path):
+    need_programs("sredird", "socat")
     remote = pty_factory()
     port = free_port()
     # sredird runs from inetd: socat plays inetd, one sredird per connection
@@ -235,8 +226,8 @@ def can_connect(port):
 
 # --- several clients, and the way back -------------------------------------------
 
-def test_two_clients_one_change_both_hear_it_and_the_last_one_out_restores(sertcp, pty):
-    s, port = serve(sertcp, pty.path, "--dtr-idle", "on")
+def test_two_clients_one_change_both_hear_it_and_the_last_one_out_restores(serve, pty):
+    s, port = serve(pty.path, *RFC2217_PORT, "--dtr-idle", "on")
     first, second = TelnetPeer(port), TelnetPeer(port, source="127.0.0.2")
     try:
         first.agree()
@@ -261,8 +252,8 @@ def test_two_clients_one_change_both_hear_it_and_the_last_one_out_restores(sertc
         second.close()
 
 
-def test_a_raw_telnet_client_without_binary_gets_cr_nul(sertcp, pty):
-    s, port = serve(sertcp, pty.path)
+def test_a_raw_telnet_client_without_binary_gets_cr_nul(serve, pty):
+    s, port = serve(pty.path, *RFC2217_PORT)
     p = TelnetPeer(port)
     try:
         p.expect(OPENING)

@@ -23,17 +23,6 @@ SECRET = "Sw0rdf1sh-7f3a"          # distinctive, so that a leak is easy to find
 
 # --- helpers ---------------------------------------------------------------
 
-def serve(sertcp, device, *flags, host="127.0.0.1"):
-    """sertcp with one port on device; (process, tcp port) once it listens
-    and the device is open."""
-    port = free_port(host)
-    shown = "[%s]" % host if ":" in host else host
-    s = sertcp("--listen", "%s:%d" % (shown, port), *flags, device)
-    s.wait_log(r"\[cli\] listening on \S*:%d" % port)
-    s.wait_log(r"\[cli\] device \S+ opened")
-    return s, port
-
-
 def log_count(s, pattern):
     return len(re.findall(pattern, s.log()))
 
@@ -57,15 +46,10 @@ def both_ways(c, pty, data=EVERY_BYTE):
     assert pty.read(len(data)) == data
 
 
-def rfc2217_supported(tmp_path):
-    r = run_sertcp(["--check", "--protocol", "rfc2217", "--listen", "7000", "/dev/null"], tmpdir=tmp_path)
-    return r.returncode == 0
-
-
 # --- TLS server --------------------------------------------------------------
 
-def test_tls_round_trip_of_every_byte_value(sertcp, pty, certs):
-    s, port = serve(sertcp, pty.path, *certs.server_flags())
+def test_tls_round_trip_of_every_byte_value(serve, pty, certs):
+    s, port = serve(pty.path, *certs.server_flags())
     c = TlsClient(port, certs.client_context())
     assert c.sock.version() in ("TLSv1.2", "TLSv1.3")
     s.wait_log(r"\[cli\] client 127\.0\.0\.1:\d+ connected")
@@ -73,8 +57,8 @@ def test_tls_round_trip_of_every_byte_value(sertcp, pty, certs):
     c.close()
 
 
-def test_tls_1_2_is_served_and_older_versions_are_refused(sertcp, pty, certs):
-    s, port = serve(sertcp, pty.path, *certs.server_flags())
+def test_tls_1_2_is_served_and_older_versions_are_refused(serve, pty, certs):
+    s, port = serve(pty.path, *certs.server_flags())
     tls12 = certs.client_context()
     tls12.maximum_version = ssl.TLSVersion.TLSv1_2
     c = TlsClient(port, tls12)
@@ -93,8 +77,8 @@ def test_tls_1_2_is_served_and_older_versions_are_refused(sertcp, pty, certs):
     refused(s, "TLS handshake failed")
 
 
-def test_a_stalled_tls_handshake_times_out_without_holding_up_others(sertcp, pty, certs, clients):
-    s, port = serve(sertcp, pty.path, *certs.server_flags(), "--identity-timeout", "1", "--max-clients", "2")
+def test_a_stalled_tls_handshake_times_out_without_holding_up_others(serve, pty, certs, clients):
+    s, port = serve(pty.path, *certs.server_flags(), "--identity-timeout", "1", "--max-clients", "2")
     started = time.monotonic()
     stalled = clients(port)                  # TCP only: never says ClientHello
     c = TlsClient(port, certs.client_context())
@@ -104,10 +88,8 @@ def test_a_stalled_tls_handshake_times_out_without_holding_up_others(sertcp, pty
     refused(s, r"no TLS handshake within 1s")
 
 
-def test_tls_with_rfc2217_round_trip(sertcp, pty, certs, tmp_path):
-    if not rfc2217_supported(tmp_path):
-        pytest.skip("protocol = rfc2217 is not supported by this sertcp.py yet (--check refuses it)")
-    s, port = serve(sertcp, pty.path, *certs.server_flags(), "--protocol", "rfc2217")
+def test_tls_with_rfc2217_round_trip(serve, pty, certs):
+    s, port = serve(pty.path, *certs.server_flags(), "--protocol", "rfc2217")
     c = TlsClient(port, certs.client_context())
     telnet = TelnetData(c.sock)
     telnet.agree()
@@ -200,15 +182,15 @@ class TelnetData:
 
 # --- mutual TLS --------------------------------------------------------------
 
-def test_mutual_tls_accepts_a_client_certificate_from_the_ca(sertcp, pty, certs):
-    s, port = serve(sertcp, pty.path, *certs.server_flags(mutual=True))
+def test_mutual_tls_accepts_a_client_certificate_from_the_ca(serve, pty, certs):
+    s, port = serve(pty.path, *certs.server_flags(mutual=True))
     c = TlsClient(port, certs.client_context(cert=certs.client))
     both_ways(c, pty)
 
 
 @pytest.mark.parametrize("which", ["none", "other_ca"])
-def test_mutual_tls_refuses_a_client_without_a_good_certificate(sertcp, pty, certs, which):
-    s, port = serve(sertcp, pty.path, *certs.server_flags(mutual=True))
+def test_mutual_tls_refuses_a_client_without_a_good_certificate(serve, pty, certs, which):
+    s, port = serve(pty.path, *certs.server_flags(mutual=True))
     cert = None if which == "none" else certs.other_client
     assert refused_in_tls(port, certs.client_context(cert=cert))
     refused(s, "TLS handshake failed: .+")
@@ -218,8 +200,8 @@ def test_mutual_tls_refuses_a_client_without_a_good_certificate(sertcp, pty, cer
     both_ways(c, pty)
 
 
-def test_plain_tcp_to_a_tls_port_is_refused(sertcp, pty, certs, clients):
-    s, port = serve(sertcp, pty.path, *certs.server_flags())
+def test_plain_tcp_to_a_tls_port_is_refused(serve, pty, certs, clients):
+    s, port = serve(pty.path, *certs.server_flags())
     c = clients(port)
     c.send(b"GET / HTTP/1.0\r\n\r\n")
     assert c.closed_by_peer(5)
@@ -268,9 +250,9 @@ def test_client_role_refuses_a_server_that_does_not_verify(sertcp, pty, certs, c
         server.close()
 
 
-def test_sertcp_dials_sertcp_over_tls_with_a_password(sertcp, pty_factory, certs):
+def test_sertcp_dials_sertcp_over_tls_with_a_password(sertcp, serve, pty_factory, certs):
     near, far = pty_factory(), pty_factory()
-    server, port = serve(sertcp, near.path, *certs.server_flags(), "--password", SECRET)
+    server, port = serve(near.path, *certs.server_flags(), "--password", SECRET)
     client = sertcp("--connect", "127.0.0.1:%d" % port, "--tls", "yes", "--tls-ca", certs.ca,
                     "--tls-server-name", "localhost", "--password", SECRET, far.path)
     server.wait_log(r"\[cli\] client 127\.0\.0\.1:\d+ connected")
@@ -284,8 +266,8 @@ def test_sertcp_dials_sertcp_over_tls_with_a_password(sertcp, pty_factory, certs
 
 # --- password ----------------------------------------------------------------
 
-def test_right_password_then_banner_then_data_both_ways(sertcp, pty, clients):
-    s, port = serve(sertcp, pty.path, "--password", SECRET, "--banner", r"HELLO\r\n")
+def test_right_password_then_banner_then_data_both_ways(serve, pty, clients):
+    s, port = serve(pty.path, "--password", SECRET, "--banner", r"HELLO\r\n")
     c = clients(port)
     assert c.recv_available(0.3) == b"", "nothing is sent before the password (no prompt)"
     c.send(SECRET.encode() + b"\nfirst bytes")    # the rest of the segment goes to the device
@@ -294,16 +276,16 @@ def test_right_password_then_banner_then_data_both_ways(sertcp, pty, clients):
     both_ways(c, pty)
 
 
-def test_password_line_may_end_in_cr_lf(sertcp, pty, clients):
-    s, port = serve(sertcp, pty.path, "--password", SECRET)
+def test_password_line_may_end_in_cr_lf(serve, pty, clients):
+    s, port = serve(pty.path, "--password", SECRET)
     c = clients(port)
     c.send(SECRET.encode() + b"\r\n")
     s.wait_log(r"\[cli\] client 127\.0\.0\.1:\d+ connected")
     both_ways(c, pty)
 
 
-def test_wrong_password_is_closed_after_a_pause(sertcp, pty, clients):
-    s, port = serve(sertcp, pty.path, "--password", SECRET)
+def test_wrong_password_is_closed_after_a_pause(serve, pty, clients):
+    s, port = serve(pty.path, "--password", SECRET)
     c = clients(port)
     c.send(b"not-the-password\nsome data")
     closed, took = closed_quickly(c)
@@ -320,8 +302,8 @@ def test_wrong_password_is_closed_after_a_pause(sertcp, pty, clients):
     assert pty.read_available(0.1) == b""
 
 
-def test_missing_password_is_closed_after_identity_timeout(sertcp, pty, clients):
-    s, port = serve(sertcp, pty.path, "--password", SECRET, "--identity-timeout", "1")
+def test_missing_password_is_closed_after_identity_timeout(serve, pty, clients):
+    s, port = serve(pty.path, "--password", SECRET, "--identity-timeout", "1")
     c = clients(port)
     c.send(SECRET.encode())          # no newline: not a password line yet
     closed, took = closed_quickly(c)
@@ -329,8 +311,8 @@ def test_missing_password_is_closed_after_identity_timeout(sertcp, pty, clients)
     refused(s, r"no password within 1s")
 
 
-def test_slow_password_byte_by_byte_still_works(sertcp, pty, clients):
-    s, port = serve(sertcp, pty.path, "--password", SECRET, "--identity-timeout", "2")
+def test_slow_password_byte_by_byte_still_works(serve, pty, clients):
+    s, port = serve(pty.path, "--password", SECRET, "--identity-timeout", "2")
     c = clients(port)
     line = SECRET.encode() + b"\n"
     for i in range(len(line)):
@@ -340,8 +322,8 @@ def test_slow_password_byte_by_byte_still_works(sertcp, pty, clients):
     both_ways(c, pty)
 
 
-def test_password_line_too_long_is_refused(sertcp, pty, clients):
-    s, port = serve(sertcp, pty.path, "--password", SECRET)
+def test_password_line_too_long_is_refused(serve, pty, clients):
+    s, port = serve(pty.path, "--password", SECRET)
     c = clients(port)
     try:
         c.send(b"A" * 300)
@@ -352,8 +334,8 @@ def test_password_line_too_long_is_refused(sertcp, pty, clients):
     refused(s, "password line too long")
 
 
-def test_five_wrong_passwords_block_the_address(sertcp, pty, clients):
-    s, port = serve(sertcp, pty.path, "--password", SECRET, "--max-clients", "2")
+def test_five_wrong_passwords_block_the_address(serve, pty, clients):
+    s, port = serve(pty.path, "--password", SECRET, "--max-clients", "2")
     guessers = [clients(port, source="127.0.0.7") for _ in range(5)]
     for i, g in enumerate(guessers):
         g.send(b"guess-%d\n" % i)
@@ -372,10 +354,10 @@ def test_five_wrong_passwords_block_the_address(sertcp, pty, clients):
     both_ways(c, pty)
 
 
-def test_password_file_first_line_is_the_password(sertcp, pty, clients, tmp_path):
+def test_password_file_first_line_is_the_password(serve, pty, clients, tmp_path):
     secret_file = tmp_path / "secret"
     secret_file.write_text("from-the-file\nsecond line is not it\n")
-    s, port = serve(sertcp, pty.path, "--password-file", secret_file)
+    s, port = serve(pty.path, "--password-file", secret_file)
     wrong = clients(port)
     wrong.send(b"second line is not it\n")
     assert wrong.closed_by_peer(5)
@@ -386,7 +368,7 @@ def test_password_file_first_line_is_the_password(sertcp, pty, clients, tmp_path
     assert "from-the-file" not in s.log()
 
 
-def test_password_never_appears_in_log_check_or_status(sertcp, pty, clients, tmp_path):
+def test_password_never_appears_in_log_check_or_status(serve, pty, clients, tmp_path):
     checked = run_sertcp(["--check", "--listen", "7000", "--password", SECRET, pty.path], tmpdir=tmp_path)
     assert checked.returncode == 0, checked.stderr
     assert re.search(r"^password = \*{8}$", checked.stdout, re.M), checked.stdout
@@ -398,7 +380,7 @@ def test_password_never_appears_in_log_check_or_status(sertcp, pty, clients, tmp
     assert SECRET not in checked.stdout + checked.stderr
 
     status = free_port()
-    s, port = serve(sertcp, pty.path, "--password", SECRET, "--status", "127.0.0.1:%d" % status,
+    s, port = serve(pty.path, "--password", SECRET, "--status", "127.0.0.1:%d" % status,
                     "--log-level", "debug")
     s.wait_log("status endpoint on")
     bad = clients(port)
@@ -417,8 +399,8 @@ def test_password_never_appears_in_log_check_or_status(sertcp, pty, clients, tmp
 
 # --- allow -------------------------------------------------------------------
 
-def test_allow_ipv4_address(sertcp, pty, clients):
-    s, port = serve(sertcp, pty.path, "--allow", "127.0.0.2", "--max-clients", "2")
+def test_allow_ipv4_address(serve, pty, clients):
+    s, port = serve(pty.path, "--allow", "127.0.0.2", "--max-clients", "2")
     stranger = clients(port, source="127.0.0.3")
     try:
         stranger.send(b"let me in")
@@ -432,8 +414,8 @@ def test_allow_ipv4_address(sertcp, pty, clients):
     both_ways(friend, pty)
 
 
-def test_allow_cidr_and_lists(sertcp, pty, clients):
-    s, port = serve(sertcp, pty.path, "--allow", "10.0.0.0/8, 127.0.0.8/29, ::1", "--max-clients", "4")
+def test_allow_cidr_and_lists(serve, pty, clients):
+    s, port = serve(pty.path, "--allow", "10.0.0.0/8, 127.0.0.8/29, ::1", "--max-clients", "4")
     inside = [clients(port, source="127.0.0.%d" % n) for n in (8, 15)]
     for n in (7, 16):
         outside = clients(port, source="127.0.0.%d" % n)
@@ -449,21 +431,21 @@ def test_allow_cidr_and_lists(sertcp, pty, clients):
 
 
 @pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback")
-def test_allow_ipv6(sertcp, pty_factory, clients):
+def test_allow_ipv6(serve, pty_factory, clients):
     yes, no = pty_factory(), pty_factory()
-    s, port = serve(sertcp, yes.path, "--allow", "::1/128", host="::1")
+    s, port = serve(yes.path, "--allow", "::1/128", host="::1")
     c = clients(port, host="::1")
     s.wait_log(r"\[cli\] client \[::1\]:\d+ connected")
     both_ways(c, yes)
 
-    s2, port2 = serve(sertcp, no.path, "--allow", "127.0.0.1", host="::1")
+    s2, port2 = serve(no.path, "--allow", "127.0.0.1", host="::1")
     c = clients(port2, host="::1")
     assert c.closed_by_peer(5)
     s2.wait_log(r"\[cli\] client \[::1\]:\d+ refused: address not allowed")
 
 
-def test_allow_is_checked_before_tls_and_password(sertcp, pty, certs, clients):
-    s, port = serve(sertcp, pty.path, "--allow", "127.0.0.2", *certs.server_flags(), "--password", SECRET)
+def test_allow_is_checked_before_tls_and_password(serve, pty, certs, clients):
+    s, port = serve(pty.path, "--allow", "127.0.0.2", *certs.server_flags(), "--password", SECRET)
     assert refused_in_tls(port, certs.client_context(), source="127.0.0.3")
     refused(s, "address not allowed", source=r"127\.0\.0\.3")
     assert not re.search(r"127\.0\.0\.3:\d+ refused: (TLS|wrong|no password)", s.log())
