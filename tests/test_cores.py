@@ -71,17 +71,17 @@ def test_send_to_an_unknown_policy_is_a_bug_not_a_silence():
 @pytest.mark.parametrize("policy, heard", RECEIVE_FROM)
 def test_receive_from_hears(policy, heard):
     # the port asks with the sender as the active client (it just sent)
-    assert [c for c in CLIENTS if core.client_selected(policy, c, CLIENTS, c)] == heard
+    assert [c for c in CLIENTS if core.client_selected(policy, c, CLIENTS)] == heard
 
 
 @pytest.mark.parametrize("policy", ["first", "last", "last_active", "none"])
 def test_receive_from_without_clients_hears_nobody(policy):
-    assert not core.client_selected(policy, OLDEST, [], OLDEST)
+    assert not core.client_selected(policy, OLDEST, [])
 
 
 def test_receive_from_last_moves_back_when_the_newest_leaves():
-    assert core.client_selected("last", MIDDLE, [OLDEST, MIDDLE], MIDDLE)
-    assert not core.client_selected("last", OLDEST, [OLDEST, MIDDLE], OLDEST)
+    assert core.client_selected("last", MIDDLE, [OLDEST, MIDDLE])
+    assert not core.client_selected("last", OLDEST, [OLDEST, MIDDLE])
 
 
 # --- ByteBuffer: device data held while nobody is connected --------------------
