@@ -116,6 +116,7 @@ def test_device_unplugged_and_plugged_back(sertcp, clients, pty_factory, tmp_pat
     c.send(b"up")
     assert first.read(2) == b"up"
 
+    repoint(link, link.with_name("unplugged"))  # before the pty number is free for another test
     first.close()  # unplugged
     s.wait_log(r"\[cli\] device %s lost: .*; reopening every 0.2s" % re.escape(str(link)))
     c.send(b"void")  # nowhere to go: dropped and said so, never kept for later
@@ -141,6 +142,7 @@ def test_device_unplugged_twice_and_clients_come_and_go_meanwhile(sertcp, client
     s = sertcp("--listen", "127.0.0.1:%d" % port, "--reopen-interval", "0.2", link, wait_port=port)
     s.wait_log(OPENED)
     for round_ in (1, 2):
+        repoint(link, link.with_name("unplugged"))  # before the pty number is free for another test
         device.close()
         s.wait_log(r"\[cli\] device \S+ lost", count=round_)
         c = join(s, clients, port)  # the listener stays up while the device is gone
