@@ -146,6 +146,16 @@ class Settings:
         self.soak_sample = 5.0             # seconds between RSS/descriptor samples
         self.scale_bound = 60.0            # seconds any one scale step may take
         self.accept_bound = 10.0           # seconds a burst of connects may take
+        # cross-port isolation: port B's round trips alone and while port A streams
+        self.isolation_blocks = 5          # blocks of each, taken in turn
+        self.isolation_count = 300         # timed round trips per block
+        self.isolation_bound = 60.0        # seconds the whole measurement may take
+        # 32-port load: every port moves baudrate/10 bytes/s both ways
+        self.load_ports = 32
+        self.load_baudrate = 115200
+        self.load_seconds = 10.0           # per round
+        self.load_rounds = 2               # per server, sertcp and ser2net in turn
+        self.load_tick = 0.005             # seconds between paced writes
 
     @classmethod
     def full(cls):
@@ -155,6 +165,29 @@ class Settings:
     def quick(cls):
         return cls(size=4 * MiB, rounds=2, echo_count=500, budget=4.0,
                    stall_bound=2.5, startup_runs=3, soak=20.0, soak_timers=20.0, accept_runs=1)
+
+    @classmethod
+    def smoke(cls):
+        """Every measurement once, as small as still gives figures: that
+        each one runs and reports, in well under 30 s; its speeds mean
+        nothing (targets are not judged)."""
+        s = cls(size=256 * 1024, rounds=1, echo_count=40, echo_warmup=5, fanout_clients=3, budget=2.0,
+                stall_size=1 * MiB, stall_bound=2.0, startup_runs=1, soak=1.0, soak_timers=1.0,
+                accept_runs=1)
+        s.memory_levels = (1, 5, 20)
+        s.accept_clients = 50
+        s.big_fanout_clients = 20
+        s.big_fanout_size = 64 * 1024
+        s.scale_ports = 4
+        s.port_clients = 2
+        s.shared_listeners = 2
+        s.pack_samples = 3
+        s.soak_sample = 0.25
+        s.isolation_blocks = 1
+        s.isolation_count = 30
+        s.load_seconds = 0.5
+        s.load_rounds = 1
+        return s
 
     def as_dict(self):
         return dict(vars(self))
@@ -409,13 +442,28 @@ class Pty:
 _SERIAL = [0]   # numbers the servers' log files
 
 
+def write_ser2net_config(path, connections):
+    """A ser2net (4.x YAML) configuration: one connection per (TCP port,
+    device, max clients), 115200 8N1, with ser2net's default options."""
+    with open(path, "w") as f:
+        f.write("%YAML 1.1\n---\n")
+        for i, (port, device, max_clients) in enumerate(connections):
+            f.write("connection: &bench%d\n"
+                    "  accepter: tcp,%s,%d\n"
+                    "  connector: serialdev,%s,115200n81,local\n"
+                    "  options:\n"
+                    "    max-connections: %d\n"
+                    % (i, HOST, port, device, max_clients))
+
+
 class Server:
     """One server process (sertcp, socat or ser2net) on one pty and port.
     sertcp only: `extra` flags, `script` = run as `python3 sertcp.py`, and
     device/port None for a configuration given by `extra` (-c FILE)."""
 
-    def __init__(self, kind, device, port, max_clients, workdir, extra=(), script=False):
+    def __init__(self, kind, device, port, max_clients, workdir, extra=(), script=False, config=None):
         self.kind = kind
+        self.config = config    # ser2net: a configuration file instead of device and port
         self.device = device
         self.port = port
         self.max_clients = max_clients
@@ -450,16 +498,11 @@ class Server:
                     "TCP-LISTEN:%d,bind=%s,reuseaddr" % (self.port, HOST),
                     "FILE:%s,rawer,echo=0,b115200" % self.device]
         if self.kind == "ser2net":
-            config = os.path.join(self.workdir, "ser2net-%d.yaml" % self.port)
-            with open(config, "w") as f:
-                f.write("%%YAML 1.1\n---\n"
-                        "connection: &bench\n"
-                        "  accepter: tcp,%s,%d\n"
-                        "  connector: serialdev,%s,115200n81,local\n"
-                        "  options:\n"
-                        "    max-connections: %d\n"
-                        % (HOST, self.port, self.device, self.max_clients))
-            pidfile = os.path.join(self.workdir, "ser2net-%d.pid" % self.port)
+            config = self.config
+            if config is None:
+                config = os.path.join(self.workdir, "ser2net-%d.yaml" % self.port)
+                write_ser2net_config(config, [(self.port, self.device, self.max_clients)])
+            pidfile = os.path.join(self.workdir, "ser2net-%d.pid" % _SERIAL[0])
             # -n: stay in the foreground (Popen's pid is ser2net itself);
             # -d: log to stdout; -u: no UUCP lock files.
             return ["ser2net", "-n", "-d", "-u", "-c", config, "-P", pidfile]
@@ -950,6 +993,28 @@ class Net2Dev(Throughput):
             not r["complete"] for r in self.rounds) else {}
 
 
+def round_trip(sock, master, dev_poll, net_poll, i, wait_ms, clock=time.perf_counter):
+    """One byte from the client to the device, which (the bench) sends it
+    back; the microseconds from send to receipt.  dev_poll and net_poll
+    wait for the pty master and the socket to be readable."""
+    byte = bytes((i % 255 + 1,))
+    t0 = clock()
+    sock.send(byte)
+    if not dev_poll.poll(wait_ms):
+        raise BenchError("round trip %d: the byte never reached the device" % i)
+    got = os.read(master, 16)
+    if got != byte:
+        raise BenchError("round trip %d: device got %r, expected %r" % (i, got, byte))
+    os.write(master, got)
+    if not net_poll.poll(wait_ms):
+        raise BenchError("round trip %d: the byte never came back" % i)
+    back = sock.recv(16)
+    t1 = clock()
+    if back != byte:
+        raise BenchError("round trip %d: client got %r, expected %r" % (i, back, byte))
+    return (t1 - t0) * 1e6
+
+
 class Echo(Measurement):
     """1-byte round trips, in blocks taken in turn with the other servers."""
     name = "echo"
@@ -968,31 +1033,16 @@ class Echo(Measurement):
 
     def run_step(self, deadline):
         sock, master = self.session.clients[0].sock, self.pty.master
-        clock = time.perf_counter
         warmup = self.settings.echo_warmup
         end = min(self.total, self.done + self.block + (warmup if self.done == 0 else 0))
         while self.done < end:
             i = self.done
             if time.monotonic() > deadline:
                 return False
-            byte = bytes((i % 255 + 1,))
             wait_ms = int(self.settings.ready_timeout * 1000) if i == 0 else 2000
-            t0 = clock()
-            sock.send(byte)
-            if not self.dev_poll.poll(wait_ms):
-                raise BenchError("round trip %d: the byte never reached the device" % i)
-            got = os.read(master, 16)
-            if got != byte:
-                raise BenchError("round trip %d: device got %r, expected %r" % (i, got, byte))
-            os.write(master, got)
-            if not self.net_poll.poll(wait_ms):
-                raise BenchError("round trip %d: the byte never came back" % i)
-            back = sock.recv(16)
-            t1 = clock()
-            if back != byte:
-                raise BenchError("round trip %d: client got %r, expected %r" % (i, back, byte))
+            rtt = round_trip(sock, master, self.dev_poll, self.net_poll, i, wait_ms)
             if i >= warmup:
-                self.rtts.append((t1 - t0) * 1e6)
+                self.rtts.append(rtt)
             self.done += 1
         return self.done < self.total
 
