@@ -79,6 +79,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tty
 import zlib
@@ -598,8 +599,10 @@ class Client:
             pass
 
 
-def connect(server, deadline, rcvbuf=None):
-    """Connect to the server, retrying while the port is not yet listening."""
+def connect(server, deadline, rcvbuf=None, port=None):
+    """Connect to the server (on `port` if given, else its own), retrying
+    while the port is not yet listening."""
+    port = port or server.port
     while True:
         server.check_alive()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -607,12 +610,12 @@ def connect(server, deadline, rcvbuf=None):
             if rcvbuf:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
             sock.settimeout(max(0.05, min(2.0, deadline - time.monotonic())))
-            sock.connect((HOST, server.port))
+            sock.connect((HOST, port))
         except (ConnectionRefusedError, socket.timeout):
             sock.close()
             if time.monotonic() > deadline:
                 raise BenchError("%s: port %d never accepted a connection; log:\n%s"
-                                 % (server.kind, server.port, server.log_tail()))
+                                 % (server.kind, port, server.log_tail()))
             time.sleep(0.002)
             continue
         except BaseException:
@@ -1988,6 +1991,319 @@ def _soak(settings, workdir, dur, extra, greeting, keep):
             "rss_end_kib": end_snap["rss_kib"], "hwm_kib": end_snap["hwm_kib"],
             "fds_base": fds_base, "fds_end": fds_end, "fds_max": max(s["fds"] for s in samples),
             "flat": growth <= 1024 and fds_end <= fds_base and failed == 0}
+
+
+# ---------------------------------------------------------------- ports side by side
+#
+# One server process with many ports, each a pty of its own on a TCP port
+# of its own with one client: how one port's traffic affects another's
+# (isolation), and what a fleet of slow ports costs (load32).
+
+def distinct_ports(n):
+    ports = []
+    while len(ports) < n:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
+@contextlib.contextmanager
+def many_ports(kind, n, workdir, settings):
+    """`kind` (sertcp or ser2net) serving n fresh ptys, each on a TCP port
+    of its own with one client that has received a byte from its device and
+    whose device has received a byte from it.  Yields (ptys, server,
+    clients); everything is closed afterwards."""
+    ptys, server, clients = [], None, []
+    try:
+        for _ in range(n):
+            ptys.append(Pty())
+        lports = distinct_ports(n)
+        if kind == "sertcp":
+            path = os.path.join(workdir, "ports%d-%d.ini" % (n, _SERIAL[0]))
+            lines = ["[global]", "log_level = info", ""]
+            for i, (pty, lport) in enumerate(zip(ptys, lports)):
+                lines += ["[p%03d]" % i, "device = %s" % pty.path, "baudrate = 115200",
+                          "listen = %s:%d" % (HOST, lport), ""]
+            with open(path, "w") as f:
+                f.write("\n".join(lines))
+            server = Server("sertcp", None, None, 1, workdir, extra=["-c", path]).start()
+        else:
+            path = os.path.join(workdir, "ports%d-%d.yaml" % (n, _SERIAL[0]))
+            write_ser2net_config(path, [(lport, pty.path, 1) for pty, lport in zip(ptys, lports)])
+            server = Server(kind, None, None, 1, workdir, config=path).start()
+        deadline = time.monotonic() + settings.ready_timeout
+        for lport in lports:
+            clients.append(connect(server, deadline, port=lport))
+        for pty, client in zip(ptys, clients):
+            prime(pty, [client], deadline)
+            client.sock.send(PRIME)
+            read_master_exact(pty, 1, deadline)
+        yield ptys, server, clients
+    finally:
+        for c in clients:
+            c.close()
+        if server is not None:
+            server.stop()
+        for pty in ptys:
+            pty.close()
+
+
+def _stream(master, sock, control, report, bound):
+    """The child of Streamer: write into `master` as fast as it takes bytes
+    and read `sock`, until `control` says stop (or closes); then read on
+    until nothing arrived for 50 ms (the port drained), and write the
+    figures to `report` as JSON (after b"r" once 256 KiB had arrived)."""
+    end = time.monotonic() + bound
+    payload = make_payload(CHUNK)
+    poller = select.poll()
+    poller.register(master, select.POLLOUT)
+    poller.register(sock.fileno(), select.POLLIN)
+    poller.register(control, select.POLLIN)
+    written = received = 0
+    ready_at = stop_at = None
+    received_at_stop = 0
+    error = None
+    while time.monotonic() < end:
+        events = poller.poll(50 if stop_at else 100)
+        if not events and stop_at:
+            break
+        for fd, _ in events:
+            try:
+                if fd == control:
+                    stop_at, received_at_stop = time.monotonic(), received
+                    poller.unregister(control)
+                    poller.unregister(master)
+                elif fd == master:
+                    written += os.write(master, payload)
+                else:
+                    data = sock.recv(CHUNK)
+                    if not data:
+                        error = "sertcp closed port A's client"
+                        end = 0
+                        break
+                    received += len(data)
+                    if ready_at is None and received >= CHUNK:
+                        ready_at = time.monotonic()
+                        os.write(report, b"r")
+            except (BlockingIOError, InterruptedError):
+                pass
+    if stop_at is None:
+        error = error or "never told to stop"
+        stop_at, received_at_stop = time.monotonic(), received
+    streamed = received_at_stop - (CHUNK if ready_at else 0)
+    mbps = streamed / (stop_at - ready_at) / MB if ready_at and stop_at > ready_at else None
+    os.write(report, json.dumps({"written": written, "received": received, "mbps": mbps,
+                                 "error": error}).encode())
+
+
+class Streamer:
+    """Port A streaming device -> client at full speed, in a child process
+    (forked): a thread in the bench would hold the interpreter lock while
+    port B's round trips are timed, and the bench's own delay would be
+    measured, not sertcp's.  `with Streamer(...) as s:` returns once A's
+    client has received 256 KiB; on leaving, A stops, drains, and s.result
+    holds the figures (bytes written and received, MB/s while streaming)."""
+
+    def __init__(self, pty, client, bound):
+        self.pty, self.client, self.bound = pty, client, bound
+        self.result = None
+
+    def __enter__(self):
+        control_r, self.control = os.pipe()
+        self.report, report_w = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:       # the child: stream, report, and never return
+            code = 1
+            try:
+                os.close(self.control)
+                os.close(self.report)
+                _stream(self.pty.master, self.client.sock, control_r, report_w, self.bound)
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(control_r)
+        os.close(report_w)
+        try:
+            if not select.select([self.report], [], [], 10.0)[0] or os.read(self.report, 1) != b"r":
+                raise BenchError("port A never streamed%s" % self._collect())
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _collect(self):
+        """Stop the child (closing its control pipe), read its report, reap it."""
+        if self.control is not None:
+            os.close(self.control)
+            self.control = None
+        text = b""
+        end = time.monotonic() + 10.0
+        while time.monotonic() < end and select.select([self.report], [], [], 0.5)[0]:
+            chunk = os.read(self.report, 65536)
+            if not chunk:
+                break
+            text += chunk
+        os.close(self.report)
+        try:
+            os.waitpid(self.pid, 0) if text else self._kill()
+        except ChildProcessError:
+            pass
+        try:
+            self.result = json.loads(text.decode().lstrip("r")) if text.strip(b"r") else None
+        except ValueError:
+            self.result = None
+        if self.result and self.result.get("error"):
+            return ": %s" % self.result["error"]
+        return "" if self.result else ": no report from the streaming child"
+
+    def _kill(self):
+        os.kill(self.pid, signal.SIGKILL)
+        os.waitpid(self.pid, 0)
+
+    def __exit__(self, *exc):
+        if self.control is not None:
+            problem = self._collect()
+            if problem and exc[0] is None:
+                raise BenchError("port A" + problem)
+        return False
+
+
+def own_isolation(settings, workdir, report):
+    """Port B's 1-byte round trips alone and while port A streams at full
+    speed, in one sertcp process; blocks of each taken in turn."""
+    with many_ports("sertcp", 2, workdir, settings) as (ptys, server, clients):
+        (a_pty, b_pty), (a, b) = ptys, clients
+        deadline = time.monotonic() + settings.isolation_bound
+        dev_poll, net_poll = select.poll(), select.poll()
+        dev_poll.register(b_pty.master, select.POLLIN)
+        net_poll.register(b.fd, select.POLLIN)
+        i = [0]
+
+        def trips(count):
+            out = []
+            for _ in range(count):
+                if time.monotonic() > deadline:
+                    raise BenchError("port B: %d round trips within the time bound" % i[0])
+                out.append(round_trip(b.sock, b_pty.master, dev_poll, net_poll, i[0], 2000))
+                i[0] += 1
+            return out
+
+        trips(settings.echo_warmup)
+        alone, loaded, streams = [], [], []
+        for _ in range(settings.isolation_blocks):
+            alone += trips(settings.isolation_count)
+            with Streamer(a_pty, a, max(1.0, deadline - time.monotonic())) as streamer:
+                loaded += trips(settings.isolation_count)
+            streams.append(streamer.result)
+        server.check_alive()
+        alone.sort()
+        loaded.sort()
+        out = {"count": len(alone), "blocks": settings.isolation_blocks,
+               "alone_p50_us": statistics.median(alone), "alone_p99_us": percentile(alone, 0.99),
+               "loaded_p50_us": statistics.median(loaded), "loaded_p99_us": percentile(loaded, 0.99),
+               "a_mbps": statistics.median(s["mbps"] for s in streams if s["mbps"]) if any(
+                   s["mbps"] for s in streams) else None,
+               "a_bytes": sum(s["received"] for s in streams), "streams": streams}
+        out["p99_ratio"] = out["loaded_p99_us"] / out["alone_p99_us"]
+        out["p50_ratio"] = out["loaded_p50_us"] / out["alone_p50_us"]
+        return out
+
+
+def _paced(fds, rate, start, seconds, tick, out):
+    """Thread body of load32: every `tick`, write into each of `fds` what
+    is due at `rate` bytes/s since `start`, for `seconds`; read everything
+    that arrives on them all along, then until 0.2 s were quiet (at most
+    2 s more).  Fills out["sent"], out["got"] (bytes per fd)."""
+    try:
+        n = len(fds)
+        sent, got = [0] * n, [0] * n
+        index = {fd: i for i, fd in enumerate(fds)}
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        chunk = make_payload(int(rate * tick * 4) + 256)
+        end, last_rx = start + seconds, time.monotonic()
+        next_tick = start
+        while True:
+            now = time.monotonic()
+            if now >= end + 2.0 or (now >= end and now - last_rx >= 0.2):
+                break
+            if now < end and now >= next_tick:
+                due = int(rate * (now - start))
+                for i, fd in enumerate(fds):
+                    k = min(due - sent[i], len(chunk))
+                    if k > 0:
+                        try:
+                            sent[i] += os.write(fd, chunk[:k])
+                        except BlockingIOError:
+                            pass
+                next_tick = max(next_tick + tick, now)
+            wait = (next_tick if now < end else now + 0.05) - time.monotonic()
+            for fd, _ in poller.poll(max(0, int(math.ceil(wait * 1000)))):
+                try:
+                    data = os.read(fd, 65536)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                if not data:
+                    raise BenchError("a connection or device closed during the load")
+                got[index[fd]] += len(data)
+                last_rx = time.monotonic()
+        out["sent"], out["got"] = sent, got
+    except BaseException as e:     # handed to the main thread
+        out["error"] = "%s: %s" % (type(e).__name__, e)
+
+
+def _load_round(kind, settings, workdir):
+    """One server, load_ports ports, each moving baudrate/10 bytes/s both
+    ways for load_seconds: one thread paces every pty master, one every
+    client.  The server's CPU seconds over the load, and how much of what
+    was offered arrived."""
+    rate = settings.load_baudrate / 10.0
+    with many_ports(kind, settings.load_ports, workdir, settings) as (ptys, server, clients):
+        dev, net = {}, {}
+        start = time.monotonic() + 0.05
+        threads = [threading.Thread(target=_paced, args=([p.master for p in ptys], rate, start,
+                                                         settings.load_seconds, settings.load_tick, dev)),
+                   threading.Thread(target=_paced, args=([c.fd for c in clients], rate, start,
+                                                         settings.load_seconds, settings.load_tick, net))]
+        cpu0 = server.cpu()
+        for t in threads:
+            t.daemon = True
+            t.start()
+        for t in threads:
+            t.join(settings.load_seconds + 10.0)
+        cpu = server.cpu() - cpu0
+        server.check_alive()
+        for side in (dev, net):
+            if "error" in side:
+                raise BenchError(side["error"])
+            if "sent" not in side:
+                raise BenchError("the load did not finish within its time bound")
+        offered = rate * settings.load_seconds
+        to_net = [g / float(s) if s else 0.0 for g, s in zip(net["got"], dev["sent"])]
+        to_dev = [g / float(s) if s else 0.0 for g, s in zip(dev["got"], net["sent"])]
+        return {"cpu_s": cpu, "sent_fraction": min(dev["sent"] + net["sent"]) / offered,
+                "delivered_min": min(to_net + to_dev),
+                "bytes": sum(dev["sent"]) + sum(net["sent"])}
+
+
+def own_load32(settings, workdir, report):
+    """sertcp and ser2net (if installed) on the same load, rounds in turn."""
+    kinds = ["sertcp"] + (["ser2net"] if available("ser2net") else [])
+    rounds = {kind: [] for kind in kinds}
+    for _ in range(settings.load_rounds):
+        for kind in kinds:
+            rounds[kind].append(_load_round(kind, settings, workdir))
+    out = {"ports": settings.load_ports, "bytes_per_s_each_way": settings.load_baudrate / 10.0,
+           "seconds": settings.load_seconds, "tick_s": settings.load_tick}
+    for kind, rs in rounds.items():
+        out[kind] = {"cpu_s": statistics.median(r["cpu_s"] for r in rs),
+                     "delivered_min": min(r["delivered_min"] for r in rs),
+                     "sent_fraction": min(r["sent_fraction"] for r in rs), "rounds": rs}
+    if "ser2net" in out and out["ser2net"]["cpu_s"]:
+        out["ratio"] = out["sertcp"]["cpu_s"] / out["ser2net"]["cpu_s"]
+    return out
 
 
 SCALE_RUN = {"memory": scale_memory, "accept": scale_accept, "fanout1000": scale_fanout1000,
