@@ -92,11 +92,6 @@ HOST = "127.0.0.1"
 MiB = 1 << 20
 MB = 1e6
 SERVERS = ("sertcp", "socat", "ser2net")
-# footprint and scale: sertcp only, each against its target
-SCALE = ("memory", "accept", "fanout1000", "ports200", "packtimer", "soak", "soaktimers")
-MEASUREMENTS = ("dev2net", "net2dev", "echo", "fanout", "stalled", "startup") + SCALE
-# socat joins one client to one device; the shared-device tests skip it.
-SHARED_ONLY = ("fanout", "stalled")
 PRIME = b"\x00"          # priming byte; the payload never contains it
 PATTERN = bytes(range(1, 256))
 STALLED_RCVBUF = 64 * 1024  # receive buffer of the client that never reads
@@ -173,10 +168,11 @@ class Settings:
         each one runs and reports, in well under 30 s; its speeds mean
         nothing (targets are not judged)."""
         s = cls(size=256 * 1024, rounds=1, echo_count=40, echo_warmup=5, fanout_clients=3, budget=2.0,
-                stall_size=1 * MiB, stall_bound=2.0, startup_runs=1, soak=1.0, soak_timers=1.0,
+                stall_size=512 * 1024, stall_bound=1.5, startup_runs=1, soak=1.0, soak_timers=1.0,
                 accept_runs=1)
         s.memory_levels = (1, 5, 20)
-        s.accept_clients = 50
+        s.accept_clients = 12               # within the default backlog: none left hanging
+        s.accept_bound = 3.0
         s.big_fanout_clients = 20
         s.big_fanout_size = 64 * 1024
         s.scale_ports = 4
@@ -1206,9 +1202,6 @@ class Startup(Measurement):
         return out
 
 
-MEASURE = {cls.name: cls for cls in (Dev2Net, Net2Dev, Echo, FanOut, Stalled, Startup)}
-
-
 def measure(name, kinds, settings, workdir, errors, progress=None):
     """Run measurement `name` for each server in `kinds`, steps interleaved.
     Returns {kind: result}; failures go to errors["kind.name"]."""
@@ -1217,7 +1210,7 @@ def measure(name, kinds, settings, workdir, errors, progress=None):
     t0 = time.monotonic()
     try:
         for kind in kinds:
-            m = running[kind] = MEASURE[name](kind, settings, workdir)
+            m = running[kind] = BENCH[name].each(kind, settings, workdir)
             try:
                 m.start()
             except (BenchError, OSError) as e:
@@ -2306,131 +2299,360 @@ def own_load32(settings, workdir, report):
     return out
 
 
-SCALE_RUN = {"memory": scale_memory, "accept": scale_accept, "fanout1000": scale_fanout1000,
-             "ports200": scale_ports200, "packtimer": scale_packtimer, "soak": scale_soak,
-             "soaktimers": scale_soaktimers}
+# ---------------------------------------------------------------- the registry
+#
+# Every measurement once, in the order they run: its name (for --only), one
+# line on what it measures, how it runs, and each of its figures beside its
+# target.  A measurement runs either `each`: a Measurement class started for
+# every server in `servers`, their rounds interleaved, results in
+# report["results"][server][name]; or `own`: a function (settings, workdir,
+# report) -> dict that starts what it needs (sertcp, and ser2net where it
+# compares), result in report["own"][name].  A Target's figure(report) gives
+# (value, shown) -- None when there is nothing to show -- and check(value,
+# report) whether the target is met (None: cannot be judged, e.g. the peer
+# is not installed); a Target without a check is a figure for reference.
+
+class Target:
+    def __init__(self, label, figure, target="-", check=None):
+        self.label = label
+        self.figure = figure
+        self.target = target
+        self.check = check
 
 
-def run_scale(name, settings, workdir, report, progress):
+class Bench:
+    def __init__(self, name, about, targets, each=None, own=None, servers=SERVERS, group="servers"):
+        self.name = name
+        self.about = about
+        self.targets = targets
+        self.each = each
+        self.own = own
+        self.servers = servers
+        self.group = group       # "servers", "ports" or "scale" (the --only alias)
+
+
+def own(report, name):
+    return (report.get("own") or {}).get(name)
+
+
+def beside_peers(key, fmt):
+    """sertcp's figure `key` (see metric()), with its ratio to each peer."""
+    def figure(report):
+        value = metric(report, "sertcp", key)
+        if value is None:
+            return None
+        shown = fmt % (value / 1024.0 if key.startswith("rss") else value)
+        ratios = report["ratios"].get(key, {})
+        peers = ["%.2fx %s" % (ratios[p], p) for p in ("socat", "ser2net") if p in ratios]
+        return value, shown + (" (%s)" % ", ".join(peers) if peers else "")
+    return figure
+
+
+def ratio_to(key, peer, op, factor):
+    """check: sertcp's `key` over the peer's, against factor (None without the peer)."""
+    def check(_value, report):
+        r = report["ratios"].get(key, {}).get(peer)
+        if r is None:
+            return None
+        return r >= factor if op == ">=" else r <= factor
+    return check
+
+
+def own_figure(name, compute):
+    """figure from report["own"][name]: compute(result) -> (value, shown)."""
+    def figure(report):
+        r = own(report, name)
+        return compute(r) if r else None
+    return figure
+
+
+def _stalled_fraction(report):
+    st = _get(report, "sertcp", "stalled")
+    if not st or st.get("fraction") is None:
+        return None
+    return st["fraction"], "%.2f (median %.1f MB/s; client alone %.1f MB/s; stalled one %s)" % (
+        st["fraction"], st["median_mbps"], st.get("reference_median_mbps") or 0,
+        "cut off" if st["stalled_client_cut"] else "still connected")
+
+
+def _startup_above(report):
+    st = _get(report, "sertcp", "startup")
+    if not st or not st.get("python_pass_ms"):
+        return None
+    above = st["ms"] - st["python_pass_ms"]
+    return above, "%+.0f ms (%.0f vs %.0f)" % (above, st["ms"], st["python_pass_ms"])
+
+
+def _startup_script(report):
+    st = _get(report, "sertcp", "startup")
+    if not st or not st.get("script_ms") or not st.get("python_pass_ms"):
+        return None
+    return st["script_ms"], "%+.0f ms (%.0f)" % (st["script_ms"] - st["python_pass_ms"], st["script_ms"])
+
+
+def _isolation(r):
+    return r["loaded_p99_us"], "p50 / p99 %.0f / %.0f us; alone %.0f / %.0f us (p99 %.2fx); A at %s MB/s" % (
+        r["loaded_p50_us"], r["loaded_p99_us"], r["alone_p50_us"], r["alone_p99_us"], r["p99_ratio"],
+        "%.1f" % r["a_mbps"] if r["a_mbps"] else "-")
+
+
+def _load32(r):
+    mine = r["sertcp"]
+    shown = "sertcp %.2f s" % mine["cpu_s"]
+    if "ser2net" in r:
+        shown += ", ser2net %.2f s" % r["ser2net"]["cpu_s"]
+        if r.get("ratio") is not None:
+            shown += " (%.2fx)" % r["ratio"]
+    delivered = min(r[k]["delivered_min"] for k in ("sertcp", "ser2net") if k in r)
+    return mine["cpu_s"], shown + "; least delivered %.1f%%" % (delivered * 100)
+
+
+def _load32_check(_value, report):
+    r = own(report, "load32")
+    if "ser2net" not in r:
+        return None
+    return r["sertcp"]["cpu_s"] <= r["ser2net"]["cpu_s"]
+
+
+def _memory_above(m):
+    if m["above_python_kib"] is None:
+        return None
+    one, bare = m["levels"][0], m["bare_python_hwm_kib"]
+    return m["above_python_kib"], "%+.2f MiB (%.1f vs %.1f)" % (
+        m["above_python_kib"] / 1024.0, one["hwm_kib"] / 1024.0, bare / 1024.0)
+
+
+def _memory_script(m):
+    if m["script_above_python_kib"] is None:
+        return None
+    return m["script_above_python_kib"], "%+.2f MiB (%.1f)" % (
+        m["script_above_python_kib"] / 1024.0, m["script_one_client"]["hwm_kib"] / 1024.0)
+
+
+def _memory_per_client(m):
+    levels = m["levels"]
+    span = "%d-%d" % (levels[0]["clients"], levels[-1]["clients"])
+    kib = m["per_client_kib"].get(span)
+    if kib is None:
+        return None
+    others = ", ".join("%s: %.1f" % (k, v) for k, v in m["per_client_kib"].items() if k != span)
+    return kib, "%.1f KiB (%s clients%s)" % (kib, span.replace("-", " -> "), "; " + others if others else "")
+
+
+def _memory_levels(m):
+    return m["levels"][-1]["rss_kib"], "%s clients: %s; %s fds" % (
+        " / ".join(str(s["clients"]) for s in m["levels"]),
+        " / ".join("%.1f MiB" % (s["rss_kib"] / 1024.0) for s in m["levels"]),
+        " / ".join(str(s["fds"]) for s in m["levels"]))
+
+
+def _accept(label):
+    def compute(a):
+        v = a["variants"].get(label)
+        if v is None:
+            return None
+        if v["max_seconds"] is not None:
+            return v["max_seconds"], "%.2f s (max %.2f of %d), %d clients" % (
+                v["seconds"], v["max_seconds"], len(v["runs"]), a["clients"])
+        worst = min(v["runs"], key=lambda r: r["answered"])
+        return worst["answered"], "%d/%d answered in %.0f s; %d hang%s" % (
+            worst["answered"], a["clients"], a["bound_s"], worst["silent"],
+            " (syncookies)" if worst["kernel"].get("TCPReqQFullDoCookies") else "")
+    return compute
+
+
+def _accept_check(_value, report):
+    v = own(report, "accept")["variants"]["1024"]
+    return v["max_seconds"] is not None and v["max_seconds"] < 2.0
+
+
+def _fanout1000(f):
+    return f["complete"], "%d/%d complete, %.1f s, %.0f MB/s aggregate; cut off / short / CRC bad %d / %d / %d" % (
+        f["complete"], f["clients"], f["seconds"], f["aggregate_mbps"],
+        f["closed_by_sertcp"], f["short"], f["crc_mismatch"])
+
+
+def _ports200(p):
+    return p["routed"], "%d/%d routed over %d ports, %d listeners, in %.2f s; %.1f MiB, %d fds" % (
+        p["routed"], p["clients"], p["ports"], p["listeners"], p["connect_s"], p["rss_kib"] / 1024.0, p["fds"])
+
+
+def _packtimer(key):
+    def compute(t):
+        r = t[key]
+        if r["p95_abs_error_ms"] is None:
+            return None
+        return r["p95_abs_error_ms"], "error median %+.2f ms, p95 |%.2f| ms (n=%d)" % (
+            r["median_error_ms"], r["p95_abs_error_ms"], r["samples"])
+    return compute
+
+
+def _soak_figure(s):
+    return s["rss_growth_kib"], "RSS %+d KiB from %.0f s on (%s KiB/min); fds %d->%d; %d conns, %d failed" % (
+        s["rss_growth_kib"], s["warm_t"],
+        "%+.1f" % s["slope_kib_per_min"] if s["slope_kib_per_min"] is not None else "-",
+        s["fds_base"], s["fds_end"], s["connections"], s["failed"])
+
+
+def _rfc2217(direction, every):
+    def compute(result):
+        for r in result["results"].values():
+            if r["direction"] == direction and r["every"] == every:
+                if r["ratio"] is None:
+                    return None
+                return r["ratio"], "%.2fx (%.1f vs %.1f MB/s raw)" % (
+                    r["ratio"], r["rfc2217"]["mbps"], r["raw"]["mbps"])
+        return None
+    return compute
+
+
+def _rfc2217_targets():
+    out = []
+    for every in (64, 4, 2):
+        for direction, arrow in (("dev2net", "device->net"), ("net2dev", "net->device")):
+            plain = every == 64
+            out.append(Target("rfc2217/raw %s, 1 byte in %d 0xFF" % (arrow, every), own_figure("rfc2217", _rfc2217(direction, every)),
+                              ">= 0.80x raw" if plain else "-",
+                              (lambda v, _r: v >= 0.8) if plain else None))
+    return out
+
+
+def _own_rfc2217(settings, workdir, report):
+    return rfc2217_throughput(settings)
+
+
+REGISTRY = [
+    Bench("dev2net", "bytes written into the pty master, received by one TCP client (best round)", [
+        Target("device->network MB/s", beside_peers("dev2net.mbps", "%.1f MB/s"),
+               ">= 0.9x socat", ratio_to("dev2net.mbps", "socat", ">=", 0.9)),
+        Target("  CPU s/MB device->network", beside_peers("dev2net.cpu_s_per_mb", "%.4f"))], each=Dev2Net),
+    Bench("net2dev", "bytes sent by one TCP client, read from the pty master (best round)", [
+        Target("network->device MB/s", beside_peers("net2dev.mbps", "%.1f MB/s"),
+               ">= 0.9x socat", ratio_to("net2dev.mbps", "socat", ">=", 0.9)),
+        Target("  CPU s/MB network->device", beside_peers("net2dev.cpu_s_per_mb", "%.4f"))], each=Net2Dev),
+    Bench("echo", "1-byte round trip client -> device -> client", [
+        Target("round trip median", beside_peers("echo.median_us", "%.0f us"),
+               "<= 1.2x socat", ratio_to("echo.median_us", "socat", "<=", 1.2)),
+        Target("  round trip p99", beside_peers("echo.p99_us", "%.0f us"))], each=Echo),
+    Bench("fanout", "clients of one port each receive all that is written into the master (aggregate)", [
+        Target("8-client fan-out MB/s", beside_peers("fanout.mbps", "%.1f MB/s"),
+               ">= 3.0x ser2net", ratio_to("fanout.mbps", "ser2net", ">=", 3.0))],
+          each=FanOut, servers=("sertcp", "ser2net")),
+    Bench("stalled", "2 clients, one never reads: the other one's rate against it alone (medians)", [
+        Target("stalled / unstalled", _stalled_fraction, ">= 0.80", lambda v, _r: v >= 0.8)],
+          each=Stalled, servers=("sertcp", "ser2net")),
+    Bench("startup", "spawn to the listening port accepting a connection", [
+        Target("start-up above python3 -c pass", _startup_above, "<= +60 ms", lambda v, _r: v <= 60),
+        Target("  same, as `python3 sertcp.py`", _startup_script),
+        Target("  start-up ms", beside_peers("startup.ms", "%.0f ms"))], each=Startup),
+    Bench("isolation", "port B's 1-byte round trip while port A of the same sertcp streams at full speed", [
+        Target("port B round trip while A streams", own_figure("isolation", _isolation), "p99 <= 2x alone",
+               lambda v, r: v <= 2 * own(r, "isolation")["alone_p99_us"])], own=own_isolation, group="ports"),
+    Bench("load32", "32 ports, each moving 115,200 baud's worth both ways: CPU seconds per round", [
+        Target("32 ports x 11,520 B/s each way", own_figure("load32", _load32), "<= ser2net's", _load32_check)],
+          own=own_load32, group="ports"),
+    Bench("rfc2217", "protocol = rfc2217 beside raw, 0xFF-rich payloads (payload MB/s)", _rfc2217_targets(),
+          own=_own_rfc2217),
+    Bench("memory", "peak RSS of one port and client above a bare python3; RSS per idle client", [
+        Target("peak RSS, 1 port + 1 client, above python3", own_figure("memory", _memory_above),
+               "<= +3 MiB", lambda v, _r: v <= 3 * 1024),
+        Target("  same, as `python3 sertcp.py`", own_figure("memory", _memory_script)),
+        Target("RSS per idle client", own_figure("memory", _memory_per_client), "<= 16 KiB", lambda v, _r: v <= 16),
+        Target("  RSS / descriptors by clients", own_figure("memory", _memory_levels))],
+          own=scale_memory, group="scale"),
+    Bench("accept", "connections at once until sertcp has answered each one (its banner)", [
+        Target("accept at once, backlog 16 (default)", own_figure("accept", _accept("default"))),
+        Target("accept at once, backlog 1024", own_figure("accept", _accept("1024")), "< 2 s", _accept_check)],
+          own=scale_accept, group="scale"),
+    Bench("fanout1000", "1,000 clients, send_to = all, each receives all of a 1 MiB burst", [
+        Target("clients that got every byte", own_figure("fanout1000", _fanout1000), "all",
+               lambda v, r: v == own(r, "fanout1000")["clients"])], own=scale_fanout1000, group="scale"),
+    Bench("ports200", "2,000 clients on 200 ports behind 4 shared listeners (identity routing)", [
+        Target("clients routed to their port", own_figure("ports200", _ports200), "all",
+               lambda v, r: v == own(r, "ports200")["clients"])], own=scale_ports200, group="scale"),
+    Bench("packtimer", "pack_idle_ms = 20, pack_max_ms = 50: packet departure against the byte written", [
+        Target("pack_idle_ms (after the last byte)", own_figure("packtimer", _packtimer("idle")),
+               "p95 |error| <= 2 ms", lambda v, _r: v <= 2.0),
+        Target("pack_max_ms (after the first byte)", own_figure("packtimer", _packtimer("max")),
+               "p95 |error| <= 2 ms", lambda v, _r: v <= 2.0)], own=scale_packtimer, group="scale"),
+    Bench("soak", "connect/disconnect churn at 100 connections per second: RSS and descriptors", [
+        Target("soak, default settings", own_figure("soak", _soak_figure), "flat (RSS within 1 MiB, fds back)",
+               lambda _v, r: own(r, "soak")["flat"])], own=scale_soak, group="scale"),
+    Bench("soaktimers", "the same churn with an id sent first, timeout = 3600 and one client staying", [
+        Target("soak, id + timeout + 1 staying", own_figure("soaktimers", _soak_figure), "flat (RSS within 1 MiB, fds back)",
+               lambda _v, r: own(r, "soaktimers")["flat"])], own=scale_soaktimers, group="scale"),
+]
+BENCH = {b.name: b for b in REGISTRY}
+MEASUREMENTS = tuple(BENCH)
+SCALE = tuple(b.name for b in REGISTRY if b.group == "scale")
+PORTS = tuple(b.name for b in REGISTRY if b.group == "ports")
+
+
+def format_registry():
+    """The registry as text: each measurement, what it measures, and its targets."""
+    lines = []
+    for b in REGISTRY:
+        how = ", ".join(b.servers) if b.each else "starts its own servers"
+        lines.append("%-11s %s (%s)" % (b.name, b.about, how))
+        for t in b.targets:
+            lines.append("%-11s   %-46s %s" % ("", t.label.strip(), t.target))
+    return "\n".join(lines)
+
+
+def run_own(bench, settings, workdir, report, progress):
     t0 = time.monotonic()
-    progress("sertcp   %-10s ..." % name)
+    progress("sertcp   %-10s ..." % bench.name)
     try:
-        result = SCALE_RUN[name](settings, workdir, report)
+        result = bench.own(settings, workdir, report)
     except (BenchError, OSError) as e:
-        report["errors"]["sertcp.%s" % name] = str(e)
-        progress("sertcp   %-10s ERROR %s" % (name, e))
+        report["errors"]["sertcp.%s" % bench.name] = str(e)
+        progress("sertcp   %-10s ERROR %s" % (bench.name, e))
         return
     finally:
         _kill_leftovers()
-    report["footprint_and_scale"]["results"][name] = result
-    progress("sertcp   %-10s done (%.1fs)" % (name, time.monotonic() - t0))
+    report["own"][bench.name] = result
+    progress("sertcp   %-10s done (%.1fs)" % (bench.name, time.monotonic() - t0))
 
 
-def scale_rows(report):
-    """Every footprint and scale figure beside its target: a list of
-    {name, label, measured, target, ok} (ok None: no target, for reference)."""
-    res = report["footprint_and_scale"]["results"]
+def target_rows(report, judged=True):
+    """Every figure of every measurement that ran, beside its target: a list
+    of {name, label, value, measured, target, ok}; ok None: a figure for
+    reference, or not judged (the peer missing, or judged False: a smoke run)."""
     rows = []
-
-    def row(name, label, measured, target="", ok=None, value=None):
-        rows.append({"name": name, "label": label, "measured": measured, "target": target,
-                     "ok": None if ok is None else bool(ok), "value": value})
-
-    m = res.get("memory")
-    if m:
-        one, bare = m["levels"][0], m["bare_python_hwm_kib"]
-        if m["above_python_kib"] is not None:
-            row("memory.above_python", "peak RSS, 1 port + 1 client, above python3",
-                "%+.2f MiB (%.1f vs %.1f)" % (m["above_python_kib"] / 1024.0, one["hwm_kib"] / 1024.0, bare / 1024.0),
-                "<= +3 MiB", m["above_python_kib"] <= 3 * 1024, m["above_python_kib"])
-            row("memory.script_above_python", "  same, as `python3 sertcp.py` (reference)",
-                "%+.2f MiB (%.1f)" % (m["script_above_python_kib"] / 1024.0, m["script_one_client"]["hwm_kib"] / 1024.0),
-                "-", None, m["script_above_python_kib"])
-        for span, kib in m["per_client_kib"].items():
-            row("memory.per_client_%s" % span, "RSS per idle client, %s clients" % span.replace("-", " -> "),
-                "%.1f KiB" % kib, "<= 16 KiB", kib <= 16, kib)
-        row("memory.levels", "RSS / descriptors at %s clients" % " / ".join(str(s["clients"]) for s in m["levels"]),
-            " / ".join("%.1f MiB" % (s["rss_kib"] / 1024.0) for s in m["levels"]) + "; "
-            + " / ".join(str(s["fds"]) for s in m["levels"]) + " fds")
-    a = res.get("accept")
-    if a:
-        for label, v in a["variants"].items():
-            if v["max_seconds"] is not None:
-                shown = "%.2f s (max %.2f of %d)" % (v["seconds"], v["max_seconds"], len(v["runs"]))
-            else:
-                worst = min(v["runs"], key=lambda r: r["answered"])
-                shown = "%d/%d answered in %.0f s; %d hang%s" % (
-                    worst["answered"], a["clients"], a["bound_s"], worst["silent"],
-                    " (syncookies)" if worst["kernel"].get("TCPReqQFullDoCookies") else "")
-            # The target is for a server set up for fleets (backlog 1024, as
-            # the README says); SPEC's default of 16 is shown for reference:
-            # a burst of 1,000 overflows that queue and the kernel answers
-            # with SYN cookies, whose final ACK it may drop.
-            default = label == "default"
-            row("accept.%s" % label, "accept %d connections at once, backlog %d%s"
-                % (a["clients"], v["backlog"], " (default)" if default else ""),
-                shown, "- (reference)" if default else "< 2 s",
-                None if default else (v["max_seconds"] is not None and v["max_seconds"] < 2.0), v["max_seconds"])
-    f = res.get("fanout1000")
-    if f:
-        row("fanout1000", "%d clients, send_to = all, %g MiB burst" % (f["clients"], f["bytes"] / float(MiB)),
-            "%d/%d complete, %.1f s, %.0f MB/s aggregate" % (f["complete"], f["clients"], f["seconds"],
-                                                             f["aggregate_mbps"]),
-            "all bytes, all clients", f["complete"] == f["clients"], f["complete"])
-        row("fanout1000.detail", "  cut off / short / CRC bad; peak RSS, fds",
-            "%d / %d / %d; %.1f MiB, %d fds" % (f["closed_by_sertcp"], f["short"], f["crc_mismatch"],
-                                               f["hwm_kib"] / 1024.0, f["fds"]))
-    p = res.get("ports200")
-    if p:
-        row("ports200", "%d clients, %d ports, %d shared listeners" % (p["clients"], p["ports"], p["listeners"]),
-            "%d/%d routed, connected in %.2f s" % (p["routed"], p["clients"], p["connect_s"]),
-            "all routed", p["routed"] == p["clients"], p["routed"])
-        row("ports200.footprint", "  RSS, peak RSS, descriptors",
-            "%.1f MiB, %.1f MiB, %d fds" % (p["rss_kib"] / 1024.0, p["hwm_kib"] / 1024.0, p["fds"]))
-    t = res.get("packtimer")
-    if t:
-        for key, what in (("idle", "pack_idle_ms = %d (after the last byte)"),
-                          ("max", "pack_max_ms = %d (after the first byte)")):
-            r = t[key]
-            if r["p95_abs_error_ms"] is None:
-                continue
-            row("packtimer.%s" % key, what % r["configured_ms"],
-                "error median %+.2f ms, p95 |%.2f| ms (n=%d)" % (r["median_error_ms"], r["p95_abs_error_ms"],
-                                                                  r["samples"]),
-                "|error| <= 2 ms", r["p95_abs_error_ms"] <= 2.0, r["p95_abs_error_ms"])
-    for name, what in (("soak", ""), ("soaktimers", ", id + timeout 3600 + 1 staying")):
-        s = res.get(name)
-        if not s:
-            continue
-        row(name, "soak %.0f s, %.0f conn/s%s" % (s["seconds"], s["rate"], what),
-            "RSS %+d KiB from %.0f s on (%s KiB/min); fds %d->%d; %d conns, %d failed"
-            % (s["rss_growth_kib"], s["warm_t"], "%+.1f" % s["slope_kib_per_min"] if s["slope_kib_per_min"]
-               is not None else "-", s["fds_base"], s["fds_end"], s["connections"], s["failed"]),
-            "flat (RSS within 1 MiB, fds back)", s["flat"], s["rss_growth_kib"])
-    st = _get(report, "sertcp", "startup")
-    if st and st.get("python_pass_ms"):
-        above = st["ms"] - st["python_pass_ms"]
-        row("startup", "start-up (python3 -m sertcp) above python3 -c pass",
-            "%+.0f ms (%.0f vs %.0f)" % (above, st["ms"], st["python_pass_ms"]), "<= +60 ms", above <= 60, above)
-        if st.get("script_ms"):
-            row("startup.script", "  same, as `python3 sertcp.py` (reference)",
-                "%+.0f ms (%.0f)" % (st["script_ms"] - st["python_pass_ms"], st["script_ms"]), "-")
+    for name in report["meta"]["measurements"]:
+        bench = BENCH[name]
+        failed = any(k.split(".", 1)[1] == name for k in report["errors"])
+        for t in bench.targets:
+            try:
+                figure = t.figure(report)
+            except (KeyError, TypeError, ValueError, ZeroDivisionError, IndexError):
+                figure = None
+            value, shown, ok = None, "error" if failed else "-", None
+            if figure is not None:
+                value, shown = figure
+                if judged and t.check is not None:
+                    ok = t.check(value, report)
+            rows.append({"name": name, "label": t.label, "value": value, "measured": shown,
+                         "target": t.target, "ok": ok, "judged": judged and t.check is not None})
     return rows
 
 
-def format_scale(report):
-    rows = report["footprint_and_scale"]["rows"]
-    errors = {k: v for k, v in report["errors"].items() if k.split(".", 1)[-1] in SCALE}
-    if not rows and not errors:
+def format_targets(report):
+    rows = report["rows"]
+    if not rows:
         return ""
-    lines = ["", "footprint and scale: sertcp only (socat and ser2net have no shared listeners,"
-             " identity routing or packing timers); RSS = VmRSS, peak RSS = VmHWM",
-             "%-56s %-48s %s" % ("measurement", "measured", "target")]
-    lines.append("-" * 122)
+    smoke = report["meta"].get("smoke")
+    lines = ["", "every measurement beside its target%s" % (
+        " (smoke run: tiny sizes, targets not judged)" if smoke else ""),
+        "%-11s %-44s %-64s %s" % ("name", "figure", "measured", "target: verdict")]
+    lines.append("-" * 140)
     for r in rows:
-        verdict = "" if r["ok"] is None else ("ok" if r["ok"] else "MISS")
-        lines.append("%-56s %-48s %s %s" % (r["label"], r["measured"], r["target"], verdict))
-    for name, err in sorted(errors.items()):
+        verdict = ""
+        if r["target"] != "-":
+            verdict = {True: "ok", False: "MISS", None: "not judged" if not smoke else ""}[r["ok"]]
+        lines.append("%-11s %-44s %-64s %s%s" % (r["name"], r["label"], r["measured"], r["target"],
+                                                ": " + verdict if verdict else ""))
+    for name, err in sorted(report["errors"].items()):
         lines.append("ERROR %s: %s" % (name, err.splitlines()[0] if err else ""))
     compiled = report["meta"].get("compiled_during_run")
     if compiled:
@@ -2442,8 +2664,9 @@ def format_scale(report):
 
 # ---------------------------------------------------------------- run & report
 
-def run(settings, servers=SERVERS, measurements=MEASUREMENTS, progress=None):
-    """Run the chosen measurements; returns the result dictionary."""
+def run(settings, servers=SERVERS, measurements=MEASUREMENTS, progress=None, smoke=False):
+    """Run the chosen measurements (names in REGISTRY, run in its order);
+    returns the result dictionary.  smoke: targets are not judged."""
     progress = progress or (lambda _msg: None)
     started = time.monotonic()
     report = {
@@ -2458,11 +2681,14 @@ def run(settings, servers=SERVERS, measurements=MEASUREMENTS, progress=None):
             "cpu_clock_ticks_per_s": os.sysconf("SC_CLK_TCK"),
             "stalled_client_rcvbuf": STALLED_RCVBUF,
             "ser2net_options": "defaults (chardelay on: >= 1000 us before sending device data)",
+            "measurements": [b.name for b in REGISTRY if b.name in measurements],
+            "servers": [],
+            "smoke": smoke,
         },
         "bare_python": None,
-        "results": {},
-        "footprint_and_scale": {"results": {}, "rows": [],
-                                "note": "issue #7 targets; sertcp only, run as python3 -m sertcp"},
+        "results": {},       # server -> measurement -> result, for those run on each server
+        "own": {},           # measurement -> result, for those that start their own servers
+        "rows": [],          # every figure beside its target (target_rows)
         "skipped": {},
         "errors": {},
     }
@@ -2473,6 +2699,7 @@ def run(settings, servers=SERVERS, measurements=MEASUREMENTS, progress=None):
             kinds.append(kind)
             report["meta"]["versions"][kind] = tool_version(kind)
             report["results"][kind] = {}
+            report["meta"]["servers"].append(kind)
         else:
             report["skipped"][kind] = "not found"
             progress("%s: not found, skipped" % kind)
@@ -2482,12 +2709,13 @@ def run(settings, servers=SERVERS, measurements=MEASUREMENTS, progress=None):
         if "sertcp" in kinds:
             ensure_bytecode()   # compiled once; every start reads the .pyc
             cached = pycache_files()
-        for name in measurements:
-            if name in SCALE:
+        for name in report["meta"]["measurements"]:
+            bench = BENCH[name]
+            if bench.own is not None:
                 if "sertcp" in kinds:
-                    run_scale(name, settings, workdir, report, progress)
+                    run_own(bench, settings, workdir, report, progress)
                 continue
-            these = [k for k in kinds if not (k == "socat" and name in SHARED_ONLY)]
+            these = [k for k in kinds if k in bench.servers]
             for kind, result in measure(name, these, settings, workdir,
                                         report["errors"], progress).items():
                 report["results"][kind][name] = result
@@ -2504,8 +2732,8 @@ def run(settings, servers=SERVERS, measurements=MEASUREMENTS, progress=None):
     finally:
         _kill_leftovers()
         shutil.rmtree(workdir, ignore_errors=True)
-    report["ratios"], report["targets"] = compare(report)
-    report["footprint_and_scale"]["rows"] = scale_rows(report)
+    report["ratios"] = compare(report)
+    report["rows"] = target_rows(report, judged=not smoke)
     report["meta"]["seconds"] = time.monotonic() - started
     return report
 
@@ -2558,46 +2786,42 @@ def metric(report, kind, key):
 
 
 # (key, label, unit format, better: "high"/"low"/None, target: (peer, op, value) or None)
+# The servers side by side (the measurements run on each server); each
+# figure's target is in REGISTRY.  (key, label, unit format, better: "high"/"low")
 ROWS = [
-    ("dev2net.mbps", "device->network MB/s", "%.1f", "high", ("socat", ">=", 0.9)),
-    ("net2dev.mbps", "network->device MB/s", "%.1f", "high", ("socat", ">=", 0.9)),
-    ("echo.median_us", "round trip median us", "%.0f", "low", ("socat", "<=", 1.2)),
-    ("echo.p99_us", "round trip p99 us", "%.0f", "low", None),
-    ("fanout.mbps", "8-client fan-out MB/s", "%.1f", "high", ("ser2net", ">=", 3.0)),
-    ("stalled.mbps", "stalled: other client MB/s", "%.1f", "high", None),
-    ("stalled.fraction", "stalled / unstalled (medians)", "%.2f", "high", ("self", ">=", 0.8)),
-    ("cpu_s_per_mb", "CPU s/MB (dev2net+net2dev)", "%.4f", "low", None),
-    ("dev2net.cpu_s_per_mb", "CPU s/MB device->network", "%.4f", "low", None),
-    ("net2dev.cpu_s_per_mb", "CPU s/MB network->device", "%.4f", "low", None),
-    ("fanout.cpu_s_per_mb", "CPU s/MB fan-out (per dev MB)", "%.4f", "low", None),
-    ("rss_kib", "peak RSS (VmHWM) MiB", "%.1f", "low", None),
-    ("rss_end_kib", "RSS at end (VmRSS) MiB", "%.1f", "low", None),
-    ("rss_above_python_kib", "RSS above bare python MiB", "%.1f", "low", None),
-    ("startup.ms", "start-up ms", "%.0f", "low", None),
+    ("dev2net.mbps", "device->network MB/s", "%.1f", "high"),
+    ("net2dev.mbps", "network->device MB/s", "%.1f", "high"),
+    ("echo.median_us", "round trip median us", "%.0f", "low"),
+    ("echo.p99_us", "round trip p99 us", "%.0f", "low"),
+    ("fanout.mbps", "8-client fan-out MB/s", "%.1f", "high"),
+    ("stalled.mbps", "stalled: other client MB/s", "%.1f", "high"),
+    ("stalled.fraction", "stalled / unstalled (medians)", "%.2f", "high"),
+    ("cpu_s_per_mb", "CPU s/MB (dev2net+net2dev)", "%.4f", "low"),
+    ("dev2net.cpu_s_per_mb", "CPU s/MB device->network", "%.4f", "low"),
+    ("net2dev.cpu_s_per_mb", "CPU s/MB network->device", "%.4f", "low"),
+    ("fanout.cpu_s_per_mb", "CPU s/MB fan-out (per dev MB)", "%.4f", "low"),
+    ("rss_kib", "peak RSS (VmHWM) MiB", "%.1f", "low"),
+    ("rss_end_kib", "RSS at end (VmRSS) MiB", "%.1f", "low"),
+    ("rss_above_python_kib", "RSS above bare python MiB", "%.1f", "low"),
+    ("startup.ms", "start-up ms", "%.0f", "low"),
 ]
 
 
 def compare(report):
-    ratios, targets = {}, {}
-    for key, _label, _fmt, _better, target in ROWS:
+    """sertcp's figure over each peer's: {key: {peer: ratio}}."""
+    ratios = {}
+    for key, _label, _fmt, _better in ROWS:
         mine = metric(report, "sertcp", key)
         for peer in (() if key == "stalled.fraction" else ("socat", "ser2net")):
             theirs = metric(report, peer, key)
             if mine is not None and theirs:
                 ratios.setdefault(key, {})[peer] = mine / theirs
-        if target and mine is not None:
-            peer, op, value = target
-            got = mine if peer == "self" else ratios.get(key, {}).get(peer)
-            if got is not None:
-                ok = got >= value if op == ">=" else got <= value
-                targets[key] = {"value": got, "target": "%s %s%s" % (op, value, "" if peer == "self" else "x " + peer),
-                                "ok": ok}
     startup = _get(report, "sertcp", "startup", "ms")
     bare = (_get(report, "sertcp", "startup", "python_pass_ms")
             or (report.get("bare_python") or {}).get("pass_ms"))
     if startup and bare:
         ratios["startup.ms"] = dict(ratios.get("startup.ms", {}), python_pass=startup / bare)
-    return ratios, targets
+    return ratios
 
 
 def format_table(report):
@@ -2613,11 +2837,11 @@ def format_table(report):
         lines.append("  %-8s %s" % (kind, version))
     lines.append("")
     header = "%-30s" % "measurement" + "".join("%11s" % k for k in kinds)
-    header += "%14s%16s  %s" % ("sertcp/socat", "sertcp/ser2net", "target")
+    header += "%14s%16s" % ("sertcp/socat", "sertcp/ser2net")
     lines.append(header)
     lines.append("-" * len(header))
     table_at = len(lines)
-    for key, label, fmt, better, _target in ROWS:
+    for key, label, fmt, better in ROWS:
         cells = []
         any_value = False
         for kind in kinds:
@@ -2636,13 +2860,6 @@ def format_table(report):
         line = "%-30s" % label + "".join(cells)
         line += "%14s%16s" % (("%.2fx" % r["socat"]) if "socat" in r else "-",
                               ("%.2fx" % r["ser2net"]) if "ser2net" in r else "-")
-        t = report["targets"].get(key)
-        if t:
-            line += "  %s: %s" % (t["target"], "ok" if t["ok"] else "MISS")
-        elif key == "startup.ms" and "python_pass" in r:
-            bare = (_get(report, "sertcp", "startup", "python_pass_ms")
-                    or report["bare_python"]["pass_ms"])
-            line += "  python3 -c pass %.0f ms (%.2fx)" % (bare, r["python_pass"])
         lines.append(line)
     has_rows = len(lines) > table_at
     if not has_rows:    # only footprint and scale measurements ran
@@ -2669,9 +2886,6 @@ def format_table(report):
                      " MB = 10^6 bytes; CPU in %d Hz clock ticks" % os.sysconf("SC_CLK_TCK"))
         lines.append("ratios are sertcp/peer: throughput higher is better; time, CPU, RSS lower is better")
         lines.append("sertcp runs as `python3 -m sertcp` from cached bytecode")
-    for name, err in sorted(report["errors"].items()):
-        if name.split(".", 1)[-1] not in SCALE:   # those are listed under footprint and scale
-            lines.append("ERROR %s: %s" % (name, err.splitlines()[0] if err else ""))
     return "\n".join(lines)
 
 
@@ -2679,9 +2893,14 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description="Benchmark sertcp against socat and ser2net on ptys over loopback.")
     p.add_argument("--json", metavar="OUT.json", help="write every number to this file")
     p.add_argument("--quick", action="store_true", help="small sizes, fewer rounds, a 20 s soak (about 2 minutes)")
+    p.add_argument("--smoke", action="store_true",
+                   help="every measurement with tiny sizes (well under 30 s): that each runs and reports;"
+                        " targets are not judged")
+    p.add_argument("--list", action="store_true", help="print the measurements and their targets, run nothing")
     p.add_argument("--only", metavar="NAME", action="append", default=[],
-                   help="measurement (%s; scale = all of %s) and/or server (%s); comma separated, repeatable"
-                        % (", ".join(MEASUREMENTS), ", ".join(SCALE), ", ".join(SERVERS)))
+                   help="measurement (%s; scale = all of %s; ports = all of %s) and/or server (%s);"
+                        " comma separated, repeatable"
+                        % (", ".join(MEASUREMENTS), ", ".join(SCALE), ", ".join(PORTS), ", ".join(SERVERS)))
     p.add_argument("--size-mib", type=float, help="MiB per transfer round (and stalled-client run)")
     p.add_argument("--rounds", type=int, help="throughput rounds per server (best reported)")
     p.add_argument("--echo-count", type=int, help="timed 1-byte round trips")
@@ -2697,6 +2916,8 @@ def parse_args(argv):
             servers.append(item)
         elif item == "scale":
             measurements += SCALE
+        elif item == "ports":
+            measurements += PORTS
         elif item in MEASUREMENTS:
             measurements.append(item)
         else:
@@ -2708,7 +2929,10 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    settings = Settings.quick() if args.quick else Settings.full()
+    if args.list:
+        print(format_registry())
+        return 0
+    settings = Settings.smoke() if args.smoke else Settings.quick() if args.quick else Settings.full()
     if args.size_mib:
         settings.size = settings.stall_size = max(1, int(args.size_mib * MiB))
     if args.rounds:
@@ -2730,20 +2954,14 @@ def main(argv=None):
     if argv is None:
         signal.signal(signal.SIGTERM, on_term)
     try:
-        report = run(settings, args.servers, args.measurements, progress)
+        report = run(settings, args.servers, args.measurements, progress, smoke=args.smoke)
     finally:
         if argv is None:
             signal.signal(signal.SIGTERM, previous)
     print(format_table(report))
-    if "sertcp" in args.servers and {"dev2net", "net2dev"} & set(args.measurements):
-        try:
-            report["rfc2217"] = rfc2217_throughput(settings, progress)
-            print(format_rfc2217(report["rfc2217"]))
-        except (BenchError, OSError) as e:
-            report["errors"]["sertcp.rfc2217"] = str(e)
-    scale = format_scale(report)
-    if scale:
-        print(scale)
+    if own(report, "rfc2217"):
+        print(format_rfc2217(own(report, "rfc2217")))
+    print(format_targets(report))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2, sort_keys=True)
@@ -2864,11 +3082,12 @@ def _rfc2217_round(direction, protocol, payload, workdir, bound):
         pty.close()
 
 
-def rfc2217_throughput(settings, progress):
+def rfc2217_throughput(settings, progress=None):
     """dev2net and net2dev through sertcp in raw and in rfc2217 mode, with
     0xFF-rich payloads (half and a quarter of the bytes 0xFF) and a plain
     one (1 in 64); payload MB/s
     (best of the rounds), and rfc2217 as a fraction of raw."""
+    progress = progress or (lambda _msg: None)
     size = min(settings.size, 8 * MiB)
     rounds = max(1, min(settings.rounds, 3))
     out = {"size": size, "rounds": rounds, "results": {}}
@@ -2887,7 +3106,8 @@ def rfc2217_throughput(settings, progress):
                 key = "%s %.3g%% 0xFF" % (direction, density * 100)
                 raw, telnet = best.get("raw"), best.get("rfc2217")
                 ratio = telnet["mbps"] / raw["mbps"] if raw and telnet else None
-                out["results"][key] = {"raw": raw, "rfc2217": telnet, "ratio": ratio}
+                out["results"][key] = {"raw": raw, "rfc2217": telnet, "ratio": ratio,
+                                       "direction": direction, "every": every}
                 progress("rfc2217: %s: raw %s, rfc2217 %s MB/s" % (
                     key, "%.1f" % raw["mbps"] if raw else "-", "%.1f" % telnet["mbps"] if telnet else "-"))
     finally:
