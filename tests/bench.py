@@ -1,14 +1,22 @@
 #!/usr/bin/env python3
 """Benchmark sertcp against socat and ser2net.
 
-    python3 tests/bench.py [--json OUT.json] [--quick] [--only NAME[,NAME...]]
-                           [--soak SECONDS]
+    python3 tests/bench.py [--json OUT.json] [--quick | --smoke] [--list]
+                           [--only NAME[,NAME...]] [--soak SECONDS]
+
+Every measurement is in one registry (REGISTRY, near the end): its name,
+one line on what it measures, how it runs, and each figure it gives beside
+its target, written as a check on the result.  `--list` prints it; the
+report ends with one table of every figure, its target and ok / MISS.
+`--smoke` runs every measurement with tiny sizes (well under 30 s) to show
+that each one runs and reports; its speeds mean nothing and its targets are
+not judged (tests/test_bench.py runs it).
 
 Every server runs on its own pseudo-terminal (os.openpty(), slave set raw at
 once, the bench keeps the master) and listens on 127.0.0.1 on a free port.
 The bench plays both the device (the pty master) and the TCP clients, in one
 thread, with poll() and non-blocking descriptors.  Each server gets a fresh
-process for each measurement:
+process for each measurement.  Run on each server, side by side:
 
   dev2net  bytes written into the master, received by one TCP client (MB/s)
   net2dev  bytes sent by one TCP client, read from the master (MB/s)
@@ -21,9 +29,22 @@ process for each measurement:
   startup  spawn to the listening port accepting a connection (ms), beside
            the wall time of `python3 -c pass`; sertcp also as a script
 
+Ports side by side ("--only ports" runs just these):
+
+  isolation  two ports in one sertcp: port B's 1-byte round trips (p50,
+             p99) alone and while port A streams device -> client at full
+             speed (from a forked child), in blocks taken in turn
+  load32     32 ports in one process, one client each, every port moving
+             115,200 baud's worth (11,520 bytes/s) both ways, paced by one
+             thread for all ptys and one for all sockets: the server's CPU
+             seconds, sertcp's beside ser2net's on the same load
+
+Protocol: rfc2217  dev2net and net2dev in raw and in rfc2217 mode, with
+payloads where 1 byte in 2, 4 and 64 is 0xFF.
+
 Footprint and scale (sertcp only -- socat and ser2net have no
-shared listeners, identity routing or packing timers), each against its
-target in a table of its own ("--only scale" runs just these):
+shared listeners, identity routing or packing timers; "--only scale" runs
+just these):
 
   memory      peak RSS of one port with one idle client above a bare python3
               (python3 -m sertcp, and python3 sertcp.py for reference); RSS
@@ -56,10 +77,12 @@ over the timed part of the throughput runs, peak RSS from VmHWM in
 /proc/PID/status; a bare python3 is measured the same way for reference.
 MB means 10**6 bytes.  Every transfer is bounded in bytes and time; a
 transfer that hits its time bound is reported with what it achieved and
-marked "partial".
+marked "partial".  --json: "results" (server -> measurement) for those run
+on each server, "own" (measurement) for those that start their own
+servers, "rows" every figure beside its target.
 
 --only takes measurement names and/or server names (sertcp, socat, ser2net),
-comma separated.  Linux only (/proc); standard library only.  socat and
+comma separated.  Linux only (/proc, fork); standard library only.  socat and
 ser2net are used if found on PATH and skipped otherwise.
 """
 
