@@ -1,14 +1,22 @@
 #!/usr/bin/env python3
 """Benchmark sertcp against socat and ser2net.
 
-    python3 tests/bench.py [--json OUT.json] [--quick] [--only NAME[,NAME...]]
-                           [--soak SECONDS]
+    python3 tests/bench.py [--json OUT.json] [--quick | --smoke] [--list]
+                           [--only NAME[,NAME...]] [--soak SECONDS]
+
+Every measurement is in one registry (REGISTRY, near the end): its name,
+one line on what it measures, how it runs, and each figure it gives beside
+its target, written as a check on the result.  `--list` prints it; the
+report ends with one table of every figure, its target and ok / MISS.
+`--smoke` runs every measurement with tiny sizes (well under 30 s) to show
+that each one runs and reports; its speeds mean nothing and its targets are
+not judged (tests/test_bench.py runs it).
 
 Every server runs on its own pseudo-terminal (os.openpty(), slave set raw at
 once, the bench keeps the master) and listens on 127.0.0.1 on a free port.
 The bench plays both the device (the pty master) and the TCP clients, in one
 thread, with poll() and non-blocking descriptors.  Each server gets a fresh
-process for each measurement:
+process for each measurement.  Run on each server, side by side:
 
   dev2net  bytes written into the master, received by one TCP client (MB/s)
   net2dev  bytes sent by one TCP client, read from the master (MB/s)
@@ -21,9 +29,22 @@ process for each measurement:
   startup  spawn to the listening port accepting a connection (ms), beside
            the wall time of `python3 -c pass`; sertcp also as a script
 
+Ports side by side ("--only ports" runs just these):
+
+  isolation  two ports in one sertcp: port B's 1-byte round trips (p50,
+             p99) alone and while port A streams device -> client at full
+             speed (from a forked child), in blocks taken in turn
+  load32     32 ports in one process, one client each, every port moving
+             115,200 baud's worth (11,520 bytes/s) both ways, paced by one
+             thread for all ptys and one for all sockets: the server's CPU
+             seconds, sertcp's beside ser2net's on the same load
+
+Protocol: rfc2217  dev2net and net2dev in raw and in rfc2217 mode, with
+payloads where 1 byte in 2, 4 and 64 is 0xFF.
+
 Footprint and scale (sertcp only -- socat and ser2net have no
-shared listeners, identity routing or packing timers), each against its
-target in a table of its own ("--only scale" runs just these):
+shared listeners, identity routing or packing timers; "--only scale" runs
+just these):
 
   memory      peak RSS of one port with one idle client above a bare python3
               (python3 -m sertcp, and python3 sertcp.py for reference); RSS
@@ -56,10 +77,12 @@ over the timed part of the throughput runs, peak RSS from VmHWM in
 /proc/PID/status; a bare python3 is measured the same way for reference.
 MB means 10**6 bytes.  Every transfer is bounded in bytes and time; a
 transfer that hits its time bound is reported with what it achieved and
-marked "partial".
+marked "partial".  --json: "results" (server -> measurement) for those run
+on each server, "own" (measurement) for those that start their own
+servers, "rows" every figure beside its target.
 
 --only takes measurement names and/or server names (sertcp, socat, ser2net),
-comma separated.  Linux only (/proc); standard library only.  socat and
+comma separated.  Linux only (/proc, fork); standard library only.  socat and
 ser2net are used if found on PATH and skipped otherwise.
 """
 
@@ -79,6 +102,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tty
 import zlib
@@ -91,11 +115,6 @@ HOST = "127.0.0.1"
 MiB = 1 << 20
 MB = 1e6
 SERVERS = ("sertcp", "socat", "ser2net")
-# footprint and scale: sertcp only, each against its target
-SCALE = ("memory", "accept", "fanout1000", "ports200", "packtimer", "soak", "soaktimers")
-MEASUREMENTS = ("dev2net", "net2dev", "echo", "fanout", "stalled", "startup") + SCALE
-# socat joins one client to one device; the shared-device tests skip it.
-SHARED_ONLY = ("fanout", "stalled")
 PRIME = b"\x00"          # priming byte; the payload never contains it
 PATTERN = bytes(range(1, 256))
 STALLED_RCVBUF = 64 * 1024  # receive buffer of the client that never reads
@@ -146,6 +165,16 @@ class Settings:
         self.soak_sample = 5.0             # seconds between RSS/descriptor samples
         self.scale_bound = 60.0            # seconds any one scale step may take
         self.accept_bound = 10.0           # seconds a burst of connects may take
+        # cross-port isolation: port B's round trips alone and while port A streams
+        self.isolation_blocks = 5          # blocks of each, taken in turn
+        self.isolation_count = 300         # timed round trips per block
+        self.isolation_bound = 60.0        # seconds the whole measurement may take
+        # 32-port load: every port moves baudrate/10 bytes/s both ways
+        self.load_ports = 32
+        self.load_baudrate = 115200
+        self.load_seconds = 10.0           # per round
+        self.load_rounds = 2               # per server, sertcp and ser2net in turn
+        self.load_tick = 0.005             # seconds between paced writes
 
     @classmethod
     def full(cls):
@@ -155,6 +184,30 @@ class Settings:
     def quick(cls):
         return cls(size=4 * MiB, rounds=2, echo_count=500, budget=4.0,
                    stall_bound=2.5, startup_runs=3, soak=20.0, soak_timers=20.0, accept_runs=1)
+
+    @classmethod
+    def smoke(cls):
+        """Every measurement once, as small as still gives figures: that
+        each one runs and reports, in well under 30 s; its speeds mean
+        nothing (targets are not judged)."""
+        s = cls(size=256 * 1024, rounds=1, echo_count=40, echo_warmup=5, fanout_clients=3, budget=2.0,
+                stall_size=512 * 1024, stall_bound=1.5, startup_runs=1, soak=1.0, soak_timers=1.0,
+                accept_runs=1)
+        s.memory_levels = (1, 5, 20)
+        s.accept_clients = 12               # within the default backlog: none left hanging
+        s.accept_bound = 3.0
+        s.big_fanout_clients = 20
+        s.big_fanout_size = 64 * 1024
+        s.scale_ports = 4
+        s.port_clients = 2
+        s.shared_listeners = 2
+        s.pack_samples = 3
+        s.soak_sample = 0.25
+        s.isolation_blocks = 1
+        s.isolation_count = 30
+        s.load_seconds = 0.5
+        s.load_rounds = 1
+        return s
 
     def as_dict(self):
         return dict(vars(self))
@@ -409,13 +462,28 @@ class Pty:
 _SERIAL = [0]   # numbers the servers' log files
 
 
+def write_ser2net_config(path, connections):
+    """A ser2net (4.x YAML) configuration: one connection per (TCP port,
+    device, max clients), 115200 8N1, with ser2net's default options."""
+    with open(path, "w") as f:
+        f.write("%YAML 1.1\n---\n")
+        for i, (port, device, max_clients) in enumerate(connections):
+            f.write("connection: &bench%d\n"
+                    "  accepter: tcp,%s,%d\n"
+                    "  connector: serialdev,%s,115200n81,local\n"
+                    "  options:\n"
+                    "    max-connections: %d\n"
+                    % (i, HOST, port, device, max_clients))
+
+
 class Server:
     """One server process (sertcp, socat or ser2net) on one pty and port.
     sertcp only: `extra` flags, `script` = run as `python3 sertcp.py`, and
     device/port None for a configuration given by `extra` (-c FILE)."""
 
-    def __init__(self, kind, device, port, max_clients, workdir, extra=(), script=False):
+    def __init__(self, kind, device, port, max_clients, workdir, extra=(), script=False, config=None):
         self.kind = kind
+        self.config = config    # ser2net: a configuration file instead of device and port
         self.device = device
         self.port = port
         self.max_clients = max_clients
@@ -450,16 +518,11 @@ class Server:
                     "TCP-LISTEN:%d,bind=%s,reuseaddr" % (self.port, HOST),
                     "FILE:%s,rawer,echo=0,b115200" % self.device]
         if self.kind == "ser2net":
-            config = os.path.join(self.workdir, "ser2net-%d.yaml" % self.port)
-            with open(config, "w") as f:
-                f.write("%%YAML 1.1\n---\n"
-                        "connection: &bench\n"
-                        "  accepter: tcp,%s,%d\n"
-                        "  connector: serialdev,%s,115200n81,local\n"
-                        "  options:\n"
-                        "    max-connections: %d\n"
-                        % (HOST, self.port, self.device, self.max_clients))
-            pidfile = os.path.join(self.workdir, "ser2net-%d.pid" % self.port)
+            config = self.config
+            if config is None:
+                config = os.path.join(self.workdir, "ser2net-%d.yaml" % self.port)
+                write_ser2net_config(config, [(self.port, self.device, self.max_clients)])
+            pidfile = os.path.join(self.workdir, "ser2net-%d.pid" % _SERIAL[0])
             # -n: stay in the foreground (Popen's pid is ser2net itself);
             # -d: log to stdout; -u: no UUCP lock files.
             return ["ser2net", "-n", "-d", "-u", "-c", config, "-P", pidfile]
@@ -555,8 +618,10 @@ class Client:
             pass
 
 
-def connect(server, deadline, rcvbuf=None):
-    """Connect to the server, retrying while the port is not yet listening."""
+def connect(server, deadline, rcvbuf=None, port=None):
+    """Connect to the server (on `port` if given, else its own), retrying
+    while the port is not yet listening."""
+    port = port or server.port
     while True:
         server.check_alive()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -564,12 +629,12 @@ def connect(server, deadline, rcvbuf=None):
             if rcvbuf:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
             sock.settimeout(max(0.05, min(2.0, deadline - time.monotonic())))
-            sock.connect((HOST, server.port))
+            sock.connect((HOST, port))
         except (ConnectionRefusedError, socket.timeout):
             sock.close()
             if time.monotonic() > deadline:
                 raise BenchError("%s: port %d never accepted a connection; log:\n%s"
-                                 % (server.kind, server.port, server.log_tail()))
+                                 % (server.kind, port, server.log_tail()))
             time.sleep(0.002)
             continue
         except BaseException:
@@ -950,6 +1015,28 @@ class Net2Dev(Throughput):
             not r["complete"] for r in self.rounds) else {}
 
 
+def round_trip(sock, master, dev_poll, net_poll, i, wait_ms, clock=time.perf_counter):
+    """One byte from the client to the device, which (the bench) sends it
+    back; the microseconds from send to receipt.  dev_poll and net_poll
+    wait for the pty master and the socket to be readable."""
+    byte = bytes((i % 255 + 1,))
+    t0 = clock()
+    sock.send(byte)
+    if not dev_poll.poll(wait_ms):
+        raise BenchError("round trip %d: the byte never reached the device" % i)
+    got = os.read(master, 16)
+    if got != byte:
+        raise BenchError("round trip %d: device got %r, expected %r" % (i, got, byte))
+    os.write(master, got)
+    if not net_poll.poll(wait_ms):
+        raise BenchError("round trip %d: the byte never came back" % i)
+    back = sock.recv(16)
+    t1 = clock()
+    if back != byte:
+        raise BenchError("round trip %d: client got %r, expected %r" % (i, back, byte))
+    return (t1 - t0) * 1e6
+
+
 class Echo(Measurement):
     """1-byte round trips, in blocks taken in turn with the other servers."""
     name = "echo"
@@ -968,31 +1055,16 @@ class Echo(Measurement):
 
     def run_step(self, deadline):
         sock, master = self.session.clients[0].sock, self.pty.master
-        clock = time.perf_counter
         warmup = self.settings.echo_warmup
         end = min(self.total, self.done + self.block + (warmup if self.done == 0 else 0))
         while self.done < end:
             i = self.done
             if time.monotonic() > deadline:
                 return False
-            byte = bytes((i % 255 + 1,))
             wait_ms = int(self.settings.ready_timeout * 1000) if i == 0 else 2000
-            t0 = clock()
-            sock.send(byte)
-            if not self.dev_poll.poll(wait_ms):
-                raise BenchError("round trip %d: the byte never reached the device" % i)
-            got = os.read(master, 16)
-            if got != byte:
-                raise BenchError("round trip %d: device got %r, expected %r" % (i, got, byte))
-            os.write(master, got)
-            if not self.net_poll.poll(wait_ms):
-                raise BenchError("round trip %d: the byte never came back" % i)
-            back = sock.recv(16)
-            t1 = clock()
-            if back != byte:
-                raise BenchError("round trip %d: client got %r, expected %r" % (i, back, byte))
+            rtt = round_trip(sock, master, self.dev_poll, self.net_poll, i, wait_ms)
             if i >= warmup:
-                self.rtts.append((t1 - t0) * 1e6)
+                self.rtts.append(rtt)
             self.done += 1
         return self.done < self.total
 
@@ -1153,9 +1225,6 @@ class Startup(Measurement):
         return out
 
 
-MEASURE = {cls.name: cls for cls in (Dev2Net, Net2Dev, Echo, FanOut, Stalled, Startup)}
-
-
 def measure(name, kinds, settings, workdir, errors, progress=None):
     """Run measurement `name` for each server in `kinds`, steps interleaved.
     Returns {kind: result}; failures go to errors["kind.name"]."""
@@ -1164,7 +1233,7 @@ def measure(name, kinds, settings, workdir, errors, progress=None):
     t0 = time.monotonic()
     try:
         for kind in kinds:
-            m = running[kind] = MEASURE[name](kind, settings, workdir)
+            m = running[kind] = BENCH[name].each(kind, settings, workdir)
             try:
                 m.start()
             except (BenchError, OSError) as e:
@@ -1940,131 +2009,673 @@ def _soak(settings, workdir, dur, extra, greeting, keep):
             "flat": growth <= 1024 and fds_end <= fds_base and failed == 0}
 
 
-SCALE_RUN = {"memory": scale_memory, "accept": scale_accept, "fanout1000": scale_fanout1000,
-             "ports200": scale_ports200, "packtimer": scale_packtimer, "soak": scale_soak,
-             "soaktimers": scale_soaktimers}
+# ---------------------------------------------------------------- ports side by side
+#
+# One server process with many ports, each a pty of its own on a TCP port
+# of its own with one client: how one port's traffic affects another's
+# (isolation), and what a fleet of slow ports costs (load32).
+
+def distinct_ports(n):
+    ports = []
+    while len(ports) < n:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
 
 
-def run_scale(name, settings, workdir, report, progress):
-    t0 = time.monotonic()
-    progress("sertcp   %-10s ..." % name)
+@contextlib.contextmanager
+def many_ports(kind, n, workdir, settings):
+    """`kind` (sertcp or ser2net) serving n fresh ptys, each on a TCP port
+    of its own with one client that has received a byte from its device and
+    whose device has received a byte from it.  Yields (ptys, server,
+    clients); everything is closed afterwards."""
+    ptys, server, clients = [], None, []
     try:
-        result = SCALE_RUN[name](settings, workdir, report)
+        for _ in range(n):
+            ptys.append(Pty())
+        lports = distinct_ports(n)
+        if kind == "sertcp":
+            path = os.path.join(workdir, "ports%d-%d.ini" % (n, _SERIAL[0]))
+            lines = ["[global]", "log_level = info", ""]
+            for i, (pty, lport) in enumerate(zip(ptys, lports)):
+                lines += ["[p%03d]" % i, "device = %s" % pty.path, "baudrate = 115200",
+                          "listen = %s:%d" % (HOST, lport), ""]
+            with open(path, "w") as f:
+                f.write("\n".join(lines))
+            server = Server("sertcp", None, None, 1, workdir, extra=["-c", path]).start()
+        else:
+            path = os.path.join(workdir, "ports%d-%d.yaml" % (n, _SERIAL[0]))
+            write_ser2net_config(path, [(lport, pty.path, 1) for pty, lport in zip(ptys, lports)])
+            server = Server(kind, None, None, 1, workdir, config=path).start()
+        deadline = time.monotonic() + settings.ready_timeout
+        for lport in lports:
+            clients.append(connect(server, deadline, port=lport))
+        for pty, client in zip(ptys, clients):
+            prime(pty, [client], deadline)
+            client.sock.send(PRIME)
+            read_master_exact(pty, 1, deadline)
+        yield ptys, server, clients
+    finally:
+        for c in clients:
+            c.close()
+        if server is not None:
+            server.stop()
+        for pty in ptys:
+            pty.close()
+
+
+def _stream(master, sock, control, report, bound):
+    """The child of Streamer: write into `master` as fast as it takes bytes
+    and read `sock`, until `control` says stop (or closes); then read on
+    until nothing arrived for 50 ms (the port drained), and write the
+    figures to `report` as JSON (after b"r" once 256 KiB had arrived)."""
+    end = time.monotonic() + bound
+    payload = make_payload(CHUNK)
+    poller = select.poll()
+    poller.register(master, select.POLLOUT)
+    poller.register(sock.fileno(), select.POLLIN)
+    poller.register(control, select.POLLIN)
+    written = received = 0
+    ready_at = stop_at = None
+    received_at_stop = 0
+    error = None
+    while time.monotonic() < end:
+        events = poller.poll(50 if stop_at else 100)
+        if not events and stop_at:
+            break
+        for fd, _ in events:
+            try:
+                if fd == control:
+                    stop_at, received_at_stop = time.monotonic(), received
+                    poller.unregister(control)
+                    poller.unregister(master)
+                elif fd == master:
+                    written += os.write(master, payload)
+                else:
+                    data = sock.recv(CHUNK)
+                    if not data:
+                        error = "sertcp closed port A's client"
+                        end = 0
+                        break
+                    received += len(data)
+                    if ready_at is None and received >= CHUNK:
+                        ready_at = time.monotonic()
+                        os.write(report, b"r")
+            except (BlockingIOError, InterruptedError):
+                pass
+    if stop_at is None:
+        error = error or "never told to stop"
+        stop_at, received_at_stop = time.monotonic(), received
+    streamed = received_at_stop - (CHUNK if ready_at else 0)
+    mbps = streamed / (stop_at - ready_at) / MB if ready_at and stop_at > ready_at else None
+    os.write(report, json.dumps({"written": written, "received": received, "mbps": mbps,
+                                 "error": error}).encode())
+
+
+class Streamer:
+    """Port A streaming device -> client at full speed, in a child process
+    (forked): a thread in the bench would hold the interpreter lock while
+    port B's round trips are timed, and the bench's own delay would be
+    measured, not sertcp's.  `with Streamer(...) as s:` returns once A's
+    client has received 256 KiB; on leaving, A stops, drains, and s.result
+    holds the figures (bytes written and received, MB/s while streaming)."""
+
+    def __init__(self, pty, client, bound):
+        self.pty, self.client, self.bound = pty, client, bound
+        self.result = None
+
+    def __enter__(self):
+        control_r, self.control = os.pipe()
+        self.report, report_w = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:       # the child: stream, report, and never return
+            code = 1
+            try:
+                os.close(self.control)
+                os.close(self.report)
+                _stream(self.pty.master, self.client.sock, control_r, report_w, self.bound)
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(control_r)
+        os.close(report_w)
+        try:
+            if not select.select([self.report], [], [], 10.0)[0] or os.read(self.report, 1) != b"r":
+                raise BenchError("port A never streamed%s" % self._collect())
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _collect(self):
+        """Stop the child (closing its control pipe), read its report, reap it."""
+        if self.control is not None:
+            os.close(self.control)
+            self.control = None
+        text = b""
+        end = time.monotonic() + 10.0
+        while time.monotonic() < end and select.select([self.report], [], [], 0.5)[0]:
+            chunk = os.read(self.report, 65536)
+            if not chunk:
+                break
+            text += chunk
+        os.close(self.report)
+        try:
+            os.waitpid(self.pid, 0) if text else self._kill()
+        except ChildProcessError:
+            pass
+        try:
+            self.result = json.loads(text.decode().lstrip("r")) if text.strip(b"r") else None
+        except ValueError:
+            self.result = None
+        if self.result and self.result.get("error"):
+            return ": %s" % self.result["error"]
+        return "" if self.result else ": no report from the streaming child"
+
+    def _kill(self):
+        os.kill(self.pid, signal.SIGKILL)
+        os.waitpid(self.pid, 0)
+
+    def __exit__(self, *exc):
+        if self.control is not None:
+            problem = self._collect()
+            if problem and exc[0] is None:
+                raise BenchError("port A" + problem)
+        return False
+
+
+def own_isolation(settings, workdir, report):
+    """Port B's 1-byte round trips alone and while port A streams at full
+    speed, in one sertcp process; blocks of each taken in turn."""
+    with many_ports("sertcp", 2, workdir, settings) as (ptys, server, clients):
+        (a_pty, b_pty), (a, b) = ptys, clients
+        deadline = time.monotonic() + settings.isolation_bound
+        dev_poll, net_poll = select.poll(), select.poll()
+        dev_poll.register(b_pty.master, select.POLLIN)
+        net_poll.register(b.fd, select.POLLIN)
+        i = [0]
+
+        def trips(count):
+            out = []
+            for _ in range(count):
+                if time.monotonic() > deadline:
+                    raise BenchError("port B: %d round trips within the time bound" % i[0])
+                out.append(round_trip(b.sock, b_pty.master, dev_poll, net_poll, i[0], 2000))
+                i[0] += 1
+            return out
+
+        trips(settings.echo_warmup)
+        alone, loaded, streams = [], [], []
+        for _ in range(settings.isolation_blocks):
+            alone += trips(settings.isolation_count)
+            with Streamer(a_pty, a, max(1.0, deadline - time.monotonic())) as streamer:
+                loaded += trips(settings.isolation_count)
+            streams.append(streamer.result)
+        server.check_alive()
+        alone.sort()
+        loaded.sort()
+        out = {"count": len(alone), "blocks": settings.isolation_blocks,
+               "alone_p50_us": statistics.median(alone), "alone_p99_us": percentile(alone, 0.99),
+               "loaded_p50_us": statistics.median(loaded), "loaded_p99_us": percentile(loaded, 0.99),
+               "a_mbps": statistics.median(s["mbps"] for s in streams if s["mbps"]) if any(
+                   s["mbps"] for s in streams) else None,
+               "a_bytes": sum(s["received"] for s in streams), "streams": streams}
+        out["p99_ratio"] = out["loaded_p99_us"] / out["alone_p99_us"]
+        out["p50_ratio"] = out["loaded_p50_us"] / out["alone_p50_us"]
+        return out
+
+
+def _paced(fds, rate, start, seconds, tick, out):
+    """Thread body of load32: every `tick`, write into each of `fds` what
+    is due at `rate` bytes/s since `start`, for `seconds`; read everything
+    that arrives on them all along, then until 0.2 s were quiet (at most
+    2 s more).  Fills out["sent"], out["got"] (bytes per fd)."""
+    try:
+        n = len(fds)
+        sent, got = [0] * n, [0] * n
+        index = {fd: i for i, fd in enumerate(fds)}
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        chunk = make_payload(int(rate * tick * 4) + 256)
+        end, last_rx = start + seconds, time.monotonic()
+        next_tick = start
+        while True:
+            now = time.monotonic()
+            if now >= end + 2.0 or (now >= end and now - last_rx >= 0.2):
+                break
+            if now < end and now >= next_tick:
+                due = int(rate * (now - start))
+                for i, fd in enumerate(fds):
+                    k = min(due - sent[i], len(chunk))
+                    if k > 0:
+                        try:
+                            sent[i] += os.write(fd, chunk[:k])
+                        except BlockingIOError:
+                            pass
+                next_tick = max(next_tick + tick, now)
+            wait = (next_tick if now < end else now + 0.05) - time.monotonic()
+            for fd, _ in poller.poll(max(0, int(math.ceil(wait * 1000)))):
+                try:
+                    data = os.read(fd, 65536)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                if not data:
+                    raise BenchError("a connection or device closed during the load")
+                got[index[fd]] += len(data)
+                last_rx = time.monotonic()
+        out["sent"], out["got"] = sent, got
+    except BaseException as e:     # handed to the main thread
+        out["error"] = "%s: %s" % (type(e).__name__, e)
+
+
+def _load_round(kind, settings, workdir):
+    """One server, load_ports ports, each moving baudrate/10 bytes/s both
+    ways for load_seconds: one thread paces every pty master, one every
+    client.  The server's CPU seconds over the load, and how much of what
+    was offered arrived."""
+    rate = settings.load_baudrate / 10.0
+    with many_ports(kind, settings.load_ports, workdir, settings) as (ptys, server, clients):
+        dev, net = {}, {}
+        start = time.monotonic() + 0.05
+        threads = [threading.Thread(target=_paced, args=([p.master for p in ptys], rate, start,
+                                                         settings.load_seconds, settings.load_tick, dev)),
+                   threading.Thread(target=_paced, args=([c.fd for c in clients], rate, start,
+                                                         settings.load_seconds, settings.load_tick, net))]
+        cpu0 = server.cpu()
+        for t in threads:
+            t.daemon = True
+            t.start()
+        for t in threads:
+            t.join(settings.load_seconds + 10.0)
+        cpu = server.cpu() - cpu0
+        server.check_alive()
+        for side in (dev, net):
+            if "error" in side:
+                raise BenchError(side["error"])
+            if "sent" not in side:
+                raise BenchError("the load did not finish within its time bound")
+        offered = rate * settings.load_seconds
+        to_net = [g / float(s) if s else 0.0 for g, s in zip(net["got"], dev["sent"])]
+        to_dev = [g / float(s) if s else 0.0 for g, s in zip(dev["got"], net["sent"])]
+        return {"cpu_s": cpu, "sent_fraction": min(dev["sent"] + net["sent"]) / offered,
+                "delivered_min": min(to_net + to_dev),
+                "bytes": sum(dev["sent"]) + sum(net["sent"])}
+
+
+def own_load32(settings, workdir, report):
+    """sertcp and ser2net (if installed) on the same load, rounds in turn."""
+    kinds = ["sertcp"] + (["ser2net"] if available("ser2net") else [])
+    rounds = {kind: [] for kind in kinds}
+    for _ in range(settings.load_rounds):
+        for kind in kinds:
+            rounds[kind].append(_load_round(kind, settings, workdir))
+    out = {"ports": settings.load_ports, "bytes_per_s_each_way": settings.load_baudrate / 10.0,
+           "seconds": settings.load_seconds, "tick_s": settings.load_tick}
+    for kind, rs in rounds.items():
+        out[kind] = {"cpu_s": statistics.median(r["cpu_s"] for r in rs),
+                     "delivered_min": min(r["delivered_min"] for r in rs),
+                     "sent_fraction": min(r["sent_fraction"] for r in rs), "rounds": rs}
+    if "ser2net" in out and out["ser2net"]["cpu_s"]:
+        out["ratio"] = out["sertcp"]["cpu_s"] / out["ser2net"]["cpu_s"]
+    return out
+
+
+# ---------------------------------------------------------------- the registry
+#
+# Every measurement once, in the order they run: its name (for --only), one
+# line on what it measures, how it runs, and each of its figures beside its
+# target.  A measurement runs either `each`: a Measurement class started for
+# every server in `servers`, their rounds interleaved, results in
+# report["results"][server][name]; or `own`: a function (settings, workdir,
+# report) -> dict that starts what it needs (sertcp, and ser2net where it
+# compares), result in report["own"][name].  A Target's figure(report) gives
+# (value, shown) -- None when there is nothing to show -- and check(value,
+# report) whether the target is met (None: cannot be judged, e.g. the peer
+# is not installed); a Target without a check is a figure for reference.
+
+class Target:
+    def __init__(self, label, figure, target="-", check=None):
+        self.label = label
+        self.figure = figure
+        self.target = target
+        self.check = check
+
+
+class Bench:
+    def __init__(self, name, about, targets, each=None, own=None, servers=SERVERS, group="servers"):
+        self.name = name
+        self.about = about
+        self.targets = targets
+        self.each = each
+        self.own = own
+        self.servers = servers
+        self.group = group       # "servers", "ports" or "scale" (the --only alias)
+
+
+def own(report, name):
+    return (report.get("own") or {}).get(name)
+
+
+def beside_peers(key, fmt):
+    """sertcp's figure `key` (see metric()), with its ratio to each peer."""
+    def figure(report):
+        value = metric(report, "sertcp", key)
+        if value is None:
+            return None
+        shown = fmt % (value / 1024.0 if key.startswith("rss") else value)
+        ratios = report["ratios"].get(key, {})
+        peers = ["%.2fx %s" % (ratios[p], p) for p in ("socat", "ser2net") if p in ratios]
+        return value, shown + (" (%s)" % ", ".join(peers) if peers else "")
+    return figure
+
+
+def ratio_to(key, peer, op, factor):
+    """check: sertcp's `key` over the peer's, against factor (None without the peer)."""
+    def check(_value, report):
+        r = report["ratios"].get(key, {}).get(peer)
+        if r is None:
+            return None
+        return r >= factor if op == ">=" else r <= factor
+    return check
+
+
+def own_figure(name, compute):
+    """figure from report["own"][name]: compute(result) -> (value, shown)."""
+    def figure(report):
+        r = own(report, name)
+        return compute(r) if r else None
+    return figure
+
+
+def _stalled_fraction(report):
+    st = _get(report, "sertcp", "stalled")
+    if not st or st.get("fraction") is None:
+        return None
+    return st["fraction"], "%.2f (median %.1f MB/s; client alone %.1f MB/s; stalled one %s)" % (
+        st["fraction"], st["median_mbps"], st.get("reference_median_mbps") or 0,
+        "cut off" if st["stalled_client_cut"] else "still connected")
+
+
+def _startup_above(report):
+    st = _get(report, "sertcp", "startup")
+    if not st or not st.get("python_pass_ms"):
+        return None
+    above = st["ms"] - st["python_pass_ms"]
+    return above, "%+.0f ms (%.0f vs %.0f)" % (above, st["ms"], st["python_pass_ms"])
+
+
+def _startup_script(report):
+    st = _get(report, "sertcp", "startup")
+    if not st or not st.get("script_ms") or not st.get("python_pass_ms"):
+        return None
+    return st["script_ms"], "%+.0f ms (%.0f)" % (st["script_ms"] - st["python_pass_ms"], st["script_ms"])
+
+
+def _isolation(r):
+    return r["loaded_p99_us"], "p50 / p99 %.0f / %.0f us; alone %.0f / %.0f us (p99 %.2fx); A at %s MB/s" % (
+        r["loaded_p50_us"], r["loaded_p99_us"], r["alone_p50_us"], r["alone_p99_us"], r["p99_ratio"],
+        "%.1f" % r["a_mbps"] if r["a_mbps"] else "-")
+
+
+def _load32(r):
+    mine = r["sertcp"]
+    shown = "sertcp %.2f s" % mine["cpu_s"]
+    if "ser2net" in r:
+        shown += ", ser2net %.2f s" % r["ser2net"]["cpu_s"]
+        if r.get("ratio") is not None:
+            shown += " (%.2fx)" % r["ratio"]
+    delivered = min(r[k]["delivered_min"] for k in ("sertcp", "ser2net") if k in r)
+    return mine["cpu_s"], shown + "; least delivered %.1f%%" % (delivered * 100)
+
+
+def _load32_check(_value, report):
+    r = own(report, "load32")
+    if "ser2net" not in r:
+        return None
+    return r["sertcp"]["cpu_s"] <= r["ser2net"]["cpu_s"]
+
+
+def _memory_above(m):
+    if m["above_python_kib"] is None:
+        return None
+    one, bare = m["levels"][0], m["bare_python_hwm_kib"]
+    return m["above_python_kib"], "%+.2f MiB (%.1f vs %.1f)" % (
+        m["above_python_kib"] / 1024.0, one["hwm_kib"] / 1024.0, bare / 1024.0)
+
+
+def _memory_script(m):
+    if m["script_above_python_kib"] is None:
+        return None
+    return m["script_above_python_kib"], "%+.2f MiB (%.1f)" % (
+        m["script_above_python_kib"] / 1024.0, m["script_one_client"]["hwm_kib"] / 1024.0)
+
+
+def _memory_per_client(m):
+    levels = m["levels"]
+    span = "%d-%d" % (levels[0]["clients"], levels[-1]["clients"])
+    kib = m["per_client_kib"].get(span)
+    if kib is None:
+        return None
+    others = ", ".join("%s: %.1f" % (k, v) for k, v in m["per_client_kib"].items() if k != span)
+    return kib, "%.1f KiB (%s clients%s)" % (kib, span.replace("-", " -> "), "; " + others if others else "")
+
+
+def _memory_levels(m):
+    return m["levels"][-1]["rss_kib"], "%s clients: %s; %s fds" % (
+        " / ".join(str(s["clients"]) for s in m["levels"]),
+        " / ".join("%.1f MiB" % (s["rss_kib"] / 1024.0) for s in m["levels"]),
+        " / ".join(str(s["fds"]) for s in m["levels"]))
+
+
+def _accept(label):
+    def compute(a):
+        v = a["variants"].get(label)
+        if v is None:
+            return None
+        if v["max_seconds"] is not None:
+            return v["max_seconds"], "%.2f s (max %.2f of %d), %d clients" % (
+                v["seconds"], v["max_seconds"], len(v["runs"]), a["clients"])
+        worst = min(v["runs"], key=lambda r: r["answered"])
+        return worst["answered"], "%d/%d answered in %.0f s; %d hang%s" % (
+            worst["answered"], a["clients"], a["bound_s"], worst["silent"],
+            " (syncookies)" if worst["kernel"].get("TCPReqQFullDoCookies") else "")
+    return compute
+
+
+def _accept_check(_value, report):
+    v = own(report, "accept")["variants"]["1024"]
+    return v["max_seconds"] is not None and v["max_seconds"] < 2.0
+
+
+def _fanout1000(f):
+    return f["complete"], "%d/%d complete, %.1f s, %.0f MB/s aggregate; cut off / short / CRC bad %d / %d / %d" % (
+        f["complete"], f["clients"], f["seconds"], f["aggregate_mbps"],
+        f["closed_by_sertcp"], f["short"], f["crc_mismatch"])
+
+
+def _ports200(p):
+    return p["routed"], "%d/%d routed over %d ports, %d listeners, in %.2f s; %.1f MiB, %d fds" % (
+        p["routed"], p["clients"], p["ports"], p["listeners"], p["connect_s"], p["rss_kib"] / 1024.0, p["fds"])
+
+
+def _packtimer(key):
+    def compute(t):
+        r = t[key]
+        if r["p95_abs_error_ms"] is None:
+            return None
+        return r["p95_abs_error_ms"], "error median %+.2f ms, p95 |%.2f| ms (n=%d)" % (
+            r["median_error_ms"], r["p95_abs_error_ms"], r["samples"])
+    return compute
+
+
+def _soak_figure(s):
+    return s["rss_growth_kib"], "RSS %+d KiB from %.0f s on (%s KiB/min); fds %d->%d; %d conns, %d failed" % (
+        s["rss_growth_kib"], s["warm_t"],
+        "%+.1f" % s["slope_kib_per_min"] if s["slope_kib_per_min"] is not None else "-",
+        s["fds_base"], s["fds_end"], s["connections"], s["failed"])
+
+
+def _rfc2217(direction, every):
+    def compute(result):
+        for r in result["results"].values():
+            if r["direction"] == direction and r["every"] == every:
+                if r["ratio"] is None:
+                    return None
+                return r["ratio"], "%.2fx (%.1f vs %.1f MB/s raw)" % (
+                    r["ratio"], r["rfc2217"]["mbps"], r["raw"]["mbps"])
+        return None
+    return compute
+
+
+def _rfc2217_targets():
+    out = []
+    for every in (64, 4, 2):
+        for direction, arrow in (("dev2net", "device->net"), ("net2dev", "net->device")):
+            plain = every == 64
+            out.append(Target("rfc2217/raw %s, 1 byte in %d 0xFF" % (arrow, every), own_figure("rfc2217", _rfc2217(direction, every)),
+                              ">= 0.80x raw" if plain else "-",
+                              (lambda v, _r: v >= 0.8) if plain else None))
+    return out
+
+
+def _own_rfc2217(settings, workdir, report):
+    return rfc2217_throughput(settings)
+
+
+REGISTRY = [
+    Bench("dev2net", "bytes written into the pty master, received by one TCP client (best round)", [
+        Target("device->network MB/s", beside_peers("dev2net.mbps", "%.1f MB/s"),
+               ">= 0.9x socat", ratio_to("dev2net.mbps", "socat", ">=", 0.9)),
+        Target("  CPU s/MB device->network", beside_peers("dev2net.cpu_s_per_mb", "%.4f"))], each=Dev2Net),
+    Bench("net2dev", "bytes sent by one TCP client, read from the pty master (best round)", [
+        Target("network->device MB/s", beside_peers("net2dev.mbps", "%.1f MB/s"),
+               ">= 0.9x socat", ratio_to("net2dev.mbps", "socat", ">=", 0.9)),
+        Target("  CPU s/MB network->device", beside_peers("net2dev.cpu_s_per_mb", "%.4f"))], each=Net2Dev),
+    Bench("echo", "1-byte round trip client -> device -> client", [
+        Target("round trip median", beside_peers("echo.median_us", "%.0f us"),
+               "<= 1.2x socat", ratio_to("echo.median_us", "socat", "<=", 1.2)),
+        Target("  round trip p99", beside_peers("echo.p99_us", "%.0f us"))], each=Echo),
+    Bench("fanout", "clients of one port each receive all that is written into the master (aggregate)", [
+        Target("8-client fan-out MB/s", beside_peers("fanout.mbps", "%.1f MB/s"),
+               ">= 3.0x ser2net", ratio_to("fanout.mbps", "ser2net", ">=", 3.0))],
+          each=FanOut, servers=("sertcp", "ser2net")),
+    Bench("stalled", "2 clients, one never reads: the other one's rate against it alone (medians)", [
+        Target("stalled / unstalled", _stalled_fraction, ">= 0.80", lambda v, _r: v >= 0.8)],
+          each=Stalled, servers=("sertcp", "ser2net")),
+    Bench("startup", "spawn to the listening port accepting a connection", [
+        Target("start-up above python3 -c pass", _startup_above, "<= +60 ms", lambda v, _r: v <= 60),
+        Target("  same, as `python3 sertcp.py`", _startup_script),
+        Target("  start-up ms", beside_peers("startup.ms", "%.0f ms"))], each=Startup),
+    Bench("isolation", "port B's 1-byte round trip while port A of the same sertcp streams at full speed", [
+        Target("port B round trip while A streams", own_figure("isolation", _isolation), "p99 <= 2x alone",
+               lambda v, r: v <= 2 * own(r, "isolation")["alone_p99_us"])], own=own_isolation, group="ports"),
+    Bench("load32", "32 ports, each moving 115,200 baud's worth both ways: CPU seconds per round", [
+        Target("32 ports x 11,520 B/s each way", own_figure("load32", _load32), "<= ser2net's", _load32_check)],
+          own=own_load32, group="ports"),
+    Bench("rfc2217", "protocol = rfc2217 beside raw, 0xFF-rich payloads (payload MB/s)", _rfc2217_targets(),
+          own=_own_rfc2217),
+    Bench("memory", "peak RSS of one port and client above a bare python3; RSS per idle client", [
+        Target("peak RSS, 1 port + 1 client, above python3", own_figure("memory", _memory_above),
+               "<= +3 MiB", lambda v, _r: v <= 3 * 1024),
+        Target("  same, as `python3 sertcp.py`", own_figure("memory", _memory_script)),
+        Target("RSS per idle client", own_figure("memory", _memory_per_client), "<= 16 KiB", lambda v, _r: v <= 16),
+        Target("  RSS / descriptors by clients", own_figure("memory", _memory_levels))],
+          own=scale_memory, group="scale"),
+    Bench("accept", "connections at once until sertcp has answered each one (its banner)", [
+        Target("accept at once, backlog 16 (default)", own_figure("accept", _accept("default"))),
+        Target("accept at once, backlog 1024", own_figure("accept", _accept("1024")), "< 2 s", _accept_check)],
+          own=scale_accept, group="scale"),
+    Bench("fanout1000", "1,000 clients, send_to = all, each receives all of a 1 MiB burst", [
+        Target("clients that got every byte", own_figure("fanout1000", _fanout1000), "all",
+               lambda v, r: v == own(r, "fanout1000")["clients"])], own=scale_fanout1000, group="scale"),
+    Bench("ports200", "2,000 clients on 200 ports behind 4 shared listeners (identity routing)", [
+        Target("clients routed to their port", own_figure("ports200", _ports200), "all",
+               lambda v, r: v == own(r, "ports200")["clients"])], own=scale_ports200, group="scale"),
+    Bench("packtimer", "pack_idle_ms = 20, pack_max_ms = 50: packet departure against the byte written", [
+        Target("pack_idle_ms (after the last byte)", own_figure("packtimer", _packtimer("idle")),
+               "p95 |error| <= 2 ms", lambda v, _r: v <= 2.0),
+        Target("pack_max_ms (after the first byte)", own_figure("packtimer", _packtimer("max")),
+               "p95 |error| <= 2 ms", lambda v, _r: v <= 2.0)], own=scale_packtimer, group="scale"),
+    Bench("soak", "connect/disconnect churn at 100 connections per second: RSS and descriptors", [
+        Target("soak, default settings", own_figure("soak", _soak_figure), "flat (RSS within 1 MiB, fds back)",
+               lambda _v, r: own(r, "soak")["flat"])], own=scale_soak, group="scale"),
+    Bench("soaktimers", "the same churn with an id sent first, timeout = 3600 and one client staying", [
+        Target("soak, id + timeout + 1 staying", own_figure("soaktimers", _soak_figure), "flat (RSS within 1 MiB, fds back)",
+               lambda _v, r: own(r, "soaktimers")["flat"])], own=scale_soaktimers, group="scale"),
+]
+BENCH = {b.name: b for b in REGISTRY}
+MEASUREMENTS = tuple(BENCH)
+SCALE = tuple(b.name for b in REGISTRY if b.group == "scale")
+PORTS = tuple(b.name for b in REGISTRY if b.group == "ports")
+
+
+def format_registry():
+    """The registry as text: each measurement, what it measures, and its targets."""
+    lines = []
+    for b in REGISTRY:
+        how = ", ".join(b.servers) if b.each else "starts its own servers"
+        lines.append("%-11s %s (%s)" % (b.name, b.about, how))
+        for t in b.targets:
+            lines.append("%-11s   %-46s %s" % ("", t.label.strip(), t.target))
+    return "\n".join(lines)
+
+
+def run_own(bench, settings, workdir, report, progress):
+    t0 = time.monotonic()
+    progress("sertcp   %-10s ..." % bench.name)
+    try:
+        result = bench.own(settings, workdir, report)
     except (BenchError, OSError) as e:
-        report["errors"]["sertcp.%s" % name] = str(e)
-        progress("sertcp   %-10s ERROR %s" % (name, e))
+        report["errors"]["sertcp.%s" % bench.name] = str(e)
+        progress("sertcp   %-10s ERROR %s" % (bench.name, e))
         return
     finally:
         _kill_leftovers()
-    report["footprint_and_scale"]["results"][name] = result
-    progress("sertcp   %-10s done (%.1fs)" % (name, time.monotonic() - t0))
+    report["own"][bench.name] = result
+    progress("sertcp   %-10s done (%.1fs)" % (bench.name, time.monotonic() - t0))
 
 
-def scale_rows(report):
-    """Every footprint and scale figure beside its target: a list of
-    {name, label, measured, target, ok} (ok None: no target, for reference)."""
-    res = report["footprint_and_scale"]["results"]
+def target_rows(report, judged=True):
+    """Every figure of every measurement that ran, beside its target: a list
+    of {name, label, value, measured, target, ok}; ok None: a figure for
+    reference, or not judged (the peer missing, or judged False: a smoke run)."""
     rows = []
-
-    def row(name, label, measured, target="", ok=None, value=None):
-        rows.append({"name": name, "label": label, "measured": measured, "target": target,
-                     "ok": None if ok is None else bool(ok), "value": value})
-
-    m = res.get("memory")
-    if m:
-        one, bare = m["levels"][0], m["bare_python_hwm_kib"]
-        if m["above_python_kib"] is not None:
-            row("memory.above_python", "peak RSS, 1 port + 1 client, above python3",
-                "%+.2f MiB (%.1f vs %.1f)" % (m["above_python_kib"] / 1024.0, one["hwm_kib"] / 1024.0, bare / 1024.0),
-                "<= +3 MiB", m["above_python_kib"] <= 3 * 1024, m["above_python_kib"])
-            row("memory.script_above_python", "  same, as `python3 sertcp.py` (reference)",
-                "%+.2f MiB (%.1f)" % (m["script_above_python_kib"] / 1024.0, m["script_one_client"]["hwm_kib"] / 1024.0),
-                "-", None, m["script_above_python_kib"])
-        for span, kib in m["per_client_kib"].items():
-            row("memory.per_client_%s" % span, "RSS per idle client, %s clients" % span.replace("-", " -> "),
-                "%.1f KiB" % kib, "<= 16 KiB", kib <= 16, kib)
-        row("memory.levels", "RSS / descriptors at %s clients" % " / ".join(str(s["clients"]) for s in m["levels"]),
-            " / ".join("%.1f MiB" % (s["rss_kib"] / 1024.0) for s in m["levels"]) + "; "
-            + " / ".join(str(s["fds"]) for s in m["levels"]) + " fds")
-    a = res.get("accept")
-    if a:
-        for label, v in a["variants"].items():
-            if v["max_seconds"] is not None:
-                shown = "%.2f s (max %.2f of %d)" % (v["seconds"], v["max_seconds"], len(v["runs"]))
-            else:
-                worst = min(v["runs"], key=lambda r: r["answered"])
-                shown = "%d/%d answered in %.0f s; %d hang%s" % (
-                    worst["answered"], a["clients"], a["bound_s"], worst["silent"],
-                    " (syncookies)" if worst["kernel"].get("TCPReqQFullDoCookies") else "")
-            # The target is for a server set up for fleets (backlog 1024, as
-            # the README says); SPEC's default of 16 is shown for reference:
-            # a burst of 1,000 overflows that queue and the kernel answers
-            # with SYN cookies, whose final ACK it may drop.
-            default = label == "default"
-            row("accept.%s" % label, "accept %d connections at once, backlog %d%s"
-                % (a["clients"], v["backlog"], " (default)" if default else ""),
-                shown, "- (reference)" if default else "< 2 s",
-                None if default else (v["max_seconds"] is not None and v["max_seconds"] < 2.0), v["max_seconds"])
-    f = res.get("fanout1000")
-    if f:
-        row("fanout1000", "%d clients, send_to = all, %g MiB burst" % (f["clients"], f["bytes"] / float(MiB)),
-            "%d/%d complete, %.1f s, %.0f MB/s aggregate" % (f["complete"], f["clients"], f["seconds"],
-                                                             f["aggregate_mbps"]),
-            "all bytes, all clients", f["complete"] == f["clients"], f["complete"])
-        row("fanout1000.detail", "  cut off / short / CRC bad; peak RSS, fds",
-            "%d / %d / %d; %.1f MiB, %d fds" % (f["closed_by_sertcp"], f["short"], f["crc_mismatch"],
-                                               f["hwm_kib"] / 1024.0, f["fds"]))
-    p = res.get("ports200")
-    if p:
-        row("ports200", "%d clients, %d ports, %d shared listeners" % (p["clients"], p["ports"], p["listeners"]),
-            "%d/%d routed, connected in %.2f s" % (p["routed"], p["clients"], p["connect_s"]),
-            "all routed", p["routed"] == p["clients"], p["routed"])
-        row("ports200.footprint", "  RSS, peak RSS, descriptors",
-            "%.1f MiB, %.1f MiB, %d fds" % (p["rss_kib"] / 1024.0, p["hwm_kib"] / 1024.0, p["fds"]))
-    t = res.get("packtimer")
-    if t:
-        for key, what in (("idle", "pack_idle_ms = %d (after the last byte)"),
-                          ("max", "pack_max_ms = %d (after the first byte)")):
-            r = t[key]
-            if r["p95_abs_error_ms"] is None:
-                continue
-            row("packtimer.%s" % key, what % r["configured_ms"],
-                "error median %+.2f ms, p95 |%.2f| ms (n=%d)" % (r["median_error_ms"], r["p95_abs_error_ms"],
-                                                                  r["samples"]),
-                "|error| <= 2 ms", r["p95_abs_error_ms"] <= 2.0, r["p95_abs_error_ms"])
-    for name, what in (("soak", ""), ("soaktimers", ", id + timeout 3600 + 1 staying")):
-        s = res.get(name)
-        if not s:
-            continue
-        row(name, "soak %.0f s, %.0f conn/s%s" % (s["seconds"], s["rate"], what),
-            "RSS %+d KiB from %.0f s on (%s KiB/min); fds %d->%d; %d conns, %d failed"
-            % (s["rss_growth_kib"], s["warm_t"], "%+.1f" % s["slope_kib_per_min"] if s["slope_kib_per_min"]
-               is not None else "-", s["fds_base"], s["fds_end"], s["connections"], s["failed"]),
-            "flat (RSS within 1 MiB, fds back)", s["flat"], s["rss_growth_kib"])
-    st = _get(report, "sertcp", "startup")
-    if st and st.get("python_pass_ms"):
-        above = st["ms"] - st["python_pass_ms"]
-        row("startup", "start-up (python3 -m sertcp) above python3 -c pass",
-            "%+.0f ms (%.0f vs %.0f)" % (above, st["ms"], st["python_pass_ms"]), "<= +60 ms", above <= 60, above)
-        if st.get("script_ms"):
-            row("startup.script", "  same, as `python3 sertcp.py` (reference)",
-                "%+.0f ms (%.0f)" % (st["script_ms"] - st["python_pass_ms"], st["script_ms"]), "-")
+    for name in report["meta"]["measurements"]:
+        bench = BENCH[name]
+        failed = any(k.split(".", 1)[1] == name for k in report["errors"])
+        for t in bench.targets:
+            try:
+                figure = t.figure(report)
+            except (KeyError, TypeError, ValueError, ZeroDivisionError, IndexError):
+                figure = None
+            value, shown, ok = None, "error" if failed else "-", None
+            if figure is not None:
+                value, shown = figure
+                if judged and t.check is not None:
+                    ok = t.check(value, report)
+            rows.append({"name": name, "label": t.label, "value": value, "measured": shown,
+                         "target": t.target, "ok": ok, "judged": judged and t.check is not None})
     return rows
 
 
-def format_scale(report):
-    rows = report["footprint_and_scale"]["rows"]
-    errors = {k: v for k, v in report["errors"].items() if k.split(".", 1)[-1] in SCALE}
-    if not rows and not errors:
+def format_targets(report):
+    rows = report["rows"]
+    if not rows:
         return ""
-    lines = ["", "footprint and scale: sertcp only (socat and ser2net have no shared listeners,"
-             " identity routing or packing timers); RSS = VmRSS, peak RSS = VmHWM",
-             "%-56s %-48s %s" % ("measurement", "measured", "target")]
-    lines.append("-" * 122)
+    smoke = report["meta"].get("smoke")
+    lines = ["", "every measurement beside its target%s" % (
+        " (smoke run: tiny sizes, targets not judged)" if smoke else ""),
+        "%-11s %-44s %-64s %s" % ("name", "figure", "measured", "target: verdict")]
+    lines.append("-" * 140)
     for r in rows:
-        verdict = "" if r["ok"] is None else ("ok" if r["ok"] else "MISS")
-        lines.append("%-56s %-48s %s %s" % (r["label"], r["measured"], r["target"], verdict))
-    for name, err in sorted(errors.items()):
+        verdict = ""
+        if r["target"] != "-":
+            verdict = {True: "ok", False: "MISS", None: "not judged" if not smoke else ""}[r["ok"]]
+        lines.append("%-11s %-44s %-64s %s%s" % (r["name"], r["label"], r["measured"], r["target"],
+                                                ": " + verdict if verdict else ""))
+    for name, err in sorted(report["errors"].items()):
         lines.append("ERROR %s: %s" % (name, err.splitlines()[0] if err else ""))
     compiled = report["meta"].get("compiled_during_run")
     if compiled:
@@ -2076,8 +2687,9 @@ def format_scale(report):
 
 # ---------------------------------------------------------------- run & report
 
-def run(settings, servers=SERVERS, measurements=MEASUREMENTS, progress=None):
-    """Run the chosen measurements; returns the result dictionary."""
+def run(settings, servers=SERVERS, measurements=MEASUREMENTS, progress=None, smoke=False):
+    """Run the chosen measurements (names in REGISTRY, run in its order);
+    returns the result dictionary.  smoke: targets are not judged."""
     progress = progress or (lambda _msg: None)
     started = time.monotonic()
     report = {
@@ -2092,11 +2704,14 @@ def run(settings, servers=SERVERS, measurements=MEASUREMENTS, progress=None):
             "cpu_clock_ticks_per_s": os.sysconf("SC_CLK_TCK"),
             "stalled_client_rcvbuf": STALLED_RCVBUF,
             "ser2net_options": "defaults (chardelay on: >= 1000 us before sending device data)",
+            "measurements": [b.name for b in REGISTRY if b.name in measurements],
+            "servers": [],
+            "smoke": smoke,
         },
         "bare_python": None,
-        "results": {},
-        "footprint_and_scale": {"results": {}, "rows": [],
-                                "note": "issue #7 targets; sertcp only, run as python3 -m sertcp"},
+        "results": {},       # server -> measurement -> result, for those run on each server
+        "own": {},           # measurement -> result, for those that start their own servers
+        "rows": [],          # every figure beside its target (target_rows)
         "skipped": {},
         "errors": {},
     }
@@ -2107,6 +2722,7 @@ def run(settings, servers=SERVERS, measurements=MEASUREMENTS, progress=None):
             kinds.append(kind)
             report["meta"]["versions"][kind] = tool_version(kind)
             report["results"][kind] = {}
+            report["meta"]["servers"].append(kind)
         else:
             report["skipped"][kind] = "not found"
             progress("%s: not found, skipped" % kind)
@@ -2116,12 +2732,13 @@ def run(settings, servers=SERVERS, measurements=MEASUREMENTS, progress=None):
         if "sertcp" in kinds:
             ensure_bytecode()   # compiled once; every start reads the .pyc
             cached = pycache_files()
-        for name in measurements:
-            if name in SCALE:
+        for name in report["meta"]["measurements"]:
+            bench = BENCH[name]
+            if bench.own is not None:
                 if "sertcp" in kinds:
-                    run_scale(name, settings, workdir, report, progress)
+                    run_own(bench, settings, workdir, report, progress)
                 continue
-            these = [k for k in kinds if not (k == "socat" and name in SHARED_ONLY)]
+            these = [k for k in kinds if k in bench.servers]
             for kind, result in measure(name, these, settings, workdir,
                                         report["errors"], progress).items():
                 report["results"][kind][name] = result
@@ -2138,8 +2755,8 @@ def run(settings, servers=SERVERS, measurements=MEASUREMENTS, progress=None):
     finally:
         _kill_leftovers()
         shutil.rmtree(workdir, ignore_errors=True)
-    report["ratios"], report["targets"] = compare(report)
-    report["footprint_and_scale"]["rows"] = scale_rows(report)
+    report["ratios"] = compare(report)
+    report["rows"] = target_rows(report, judged=not smoke)
     report["meta"]["seconds"] = time.monotonic() - started
     return report
 
@@ -2192,46 +2809,42 @@ def metric(report, kind, key):
 
 
 # (key, label, unit format, better: "high"/"low"/None, target: (peer, op, value) or None)
+# The servers side by side (the measurements run on each server); each
+# figure's target is in REGISTRY.  (key, label, unit format, better: "high"/"low")
 ROWS = [
-    ("dev2net.mbps", "device->network MB/s", "%.1f", "high", ("socat", ">=", 0.9)),
-    ("net2dev.mbps", "network->device MB/s", "%.1f", "high", ("socat", ">=", 0.9)),
-    ("echo.median_us", "round trip median us", "%.0f", "low", ("socat", "<=", 1.2)),
-    ("echo.p99_us", "round trip p99 us", "%.0f", "low", None),
-    ("fanout.mbps", "8-client fan-out MB/s", "%.1f", "high", ("ser2net", ">=", 3.0)),
-    ("stalled.mbps", "stalled: other client MB/s", "%.1f", "high", None),
-    ("stalled.fraction", "stalled / unstalled (medians)", "%.2f", "high", ("self", ">=", 0.8)),
-    ("cpu_s_per_mb", "CPU s/MB (dev2net+net2dev)", "%.4f", "low", None),
-    ("dev2net.cpu_s_per_mb", "CPU s/MB device->network", "%.4f", "low", None),
-    ("net2dev.cpu_s_per_mb", "CPU s/MB network->device", "%.4f", "low", None),
-    ("fanout.cpu_s_per_mb", "CPU s/MB fan-out (per dev MB)", "%.4f", "low", None),
-    ("rss_kib", "peak RSS (VmHWM) MiB", "%.1f", "low", None),
-    ("rss_end_kib", "RSS at end (VmRSS) MiB", "%.1f", "low", None),
-    ("rss_above_python_kib", "RSS above bare python MiB", "%.1f", "low", None),
-    ("startup.ms", "start-up ms", "%.0f", "low", None),
+    ("dev2net.mbps", "device->network MB/s", "%.1f", "high"),
+    ("net2dev.mbps", "network->device MB/s", "%.1f", "high"),
+    ("echo.median_us", "round trip median us", "%.0f", "low"),
+    ("echo.p99_us", "round trip p99 us", "%.0f", "low"),
+    ("fanout.mbps", "8-client fan-out MB/s", "%.1f", "high"),
+    ("stalled.mbps", "stalled: other client MB/s", "%.1f", "high"),
+    ("stalled.fraction", "stalled / unstalled (medians)", "%.2f", "high"),
+    ("cpu_s_per_mb", "CPU s/MB (dev2net+net2dev)", "%.4f", "low"),
+    ("dev2net.cpu_s_per_mb", "CPU s/MB device->network", "%.4f", "low"),
+    ("net2dev.cpu_s_per_mb", "CPU s/MB network->device", "%.4f", "low"),
+    ("fanout.cpu_s_per_mb", "CPU s/MB fan-out (per dev MB)", "%.4f", "low"),
+    ("rss_kib", "peak RSS (VmHWM) MiB", "%.1f", "low"),
+    ("rss_end_kib", "RSS at end (VmRSS) MiB", "%.1f", "low"),
+    ("rss_above_python_kib", "RSS above bare python MiB", "%.1f", "low"),
+    ("startup.ms", "start-up ms", "%.0f", "low"),
 ]
 
 
 def compare(report):
-    ratios, targets = {}, {}
-    for key, _label, _fmt, _better, target in ROWS:
+    """sertcp's figure over each peer's: {key: {peer: ratio}}."""
+    ratios = {}
+    for key, _label, _fmt, _better in ROWS:
         mine = metric(report, "sertcp", key)
         for peer in (() if key == "stalled.fraction" else ("socat", "ser2net")):
             theirs = metric(report, peer, key)
             if mine is not None and theirs:
                 ratios.setdefault(key, {})[peer] = mine / theirs
-        if target and mine is not None:
-            peer, op, value = target
-            got = mine if peer == "self" else ratios.get(key, {}).get(peer)
-            if got is not None:
-                ok = got >= value if op == ">=" else got <= value
-                targets[key] = {"value": got, "target": "%s %s%s" % (op, value, "" if peer == "self" else "x " + peer),
-                                "ok": ok}
     startup = _get(report, "sertcp", "startup", "ms")
     bare = (_get(report, "sertcp", "startup", "python_pass_ms")
             or (report.get("bare_python") or {}).get("pass_ms"))
     if startup and bare:
         ratios["startup.ms"] = dict(ratios.get("startup.ms", {}), python_pass=startup / bare)
-    return ratios, targets
+    return ratios
 
 
 def format_table(report):
@@ -2247,11 +2860,11 @@ def format_table(report):
         lines.append("  %-8s %s" % (kind, version))
     lines.append("")
     header = "%-30s" % "measurement" + "".join("%11s" % k for k in kinds)
-    header += "%14s%16s  %s" % ("sertcp/socat", "sertcp/ser2net", "target")
+    header += "%14s%16s" % ("sertcp/socat", "sertcp/ser2net")
     lines.append(header)
     lines.append("-" * len(header))
     table_at = len(lines)
-    for key, label, fmt, better, _target in ROWS:
+    for key, label, fmt, better in ROWS:
         cells = []
         any_value = False
         for kind in kinds:
@@ -2270,13 +2883,6 @@ def format_table(report):
         line = "%-30s" % label + "".join(cells)
         line += "%14s%16s" % (("%.2fx" % r["socat"]) if "socat" in r else "-",
                               ("%.2fx" % r["ser2net"]) if "ser2net" in r else "-")
-        t = report["targets"].get(key)
-        if t:
-            line += "  %s: %s" % (t["target"], "ok" if t["ok"] else "MISS")
-        elif key == "startup.ms" and "python_pass" in r:
-            bare = (_get(report, "sertcp", "startup", "python_pass_ms")
-                    or report["bare_python"]["pass_ms"])
-            line += "  python3 -c pass %.0f ms (%.2fx)" % (bare, r["python_pass"])
         lines.append(line)
     has_rows = len(lines) > table_at
     if not has_rows:    # only footprint and scale measurements ran
@@ -2303,9 +2909,6 @@ def format_table(report):
                      " MB = 10^6 bytes; CPU in %d Hz clock ticks" % os.sysconf("SC_CLK_TCK"))
         lines.append("ratios are sertcp/peer: throughput higher is better; time, CPU, RSS lower is better")
         lines.append("sertcp runs as `python3 -m sertcp` from cached bytecode")
-    for name, err in sorted(report["errors"].items()):
-        if name.split(".", 1)[-1] not in SCALE:   # those are listed under footprint and scale
-            lines.append("ERROR %s: %s" % (name, err.splitlines()[0] if err else ""))
     return "\n".join(lines)
 
 
@@ -2313,9 +2916,14 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description="Benchmark sertcp against socat and ser2net on ptys over loopback.")
     p.add_argument("--json", metavar="OUT.json", help="write every number to this file")
     p.add_argument("--quick", action="store_true", help="small sizes, fewer rounds, a 20 s soak (about 2 minutes)")
+    p.add_argument("--smoke", action="store_true",
+                   help="every measurement with tiny sizes (well under 30 s): that each runs and reports;"
+                        " targets are not judged")
+    p.add_argument("--list", action="store_true", help="print the measurements and their targets, run nothing")
     p.add_argument("--only", metavar="NAME", action="append", default=[],
-                   help="measurement (%s; scale = all of %s) and/or server (%s); comma separated, repeatable"
-                        % (", ".join(MEASUREMENTS), ", ".join(SCALE), ", ".join(SERVERS)))
+                   help="measurement (%s; scale = all of %s; ports = all of %s) and/or server (%s);"
+                        " comma separated, repeatable"
+                        % (", ".join(MEASUREMENTS), ", ".join(SCALE), ", ".join(PORTS), ", ".join(SERVERS)))
     p.add_argument("--size-mib", type=float, help="MiB per transfer round (and stalled-client run)")
     p.add_argument("--rounds", type=int, help="throughput rounds per server (best reported)")
     p.add_argument("--echo-count", type=int, help="timed 1-byte round trips")
@@ -2331,6 +2939,8 @@ def parse_args(argv):
             servers.append(item)
         elif item == "scale":
             measurements += SCALE
+        elif item == "ports":
+            measurements += PORTS
         elif item in MEASUREMENTS:
             measurements.append(item)
         else:
@@ -2342,7 +2952,10 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    settings = Settings.quick() if args.quick else Settings.full()
+    if args.list:
+        print(format_registry())
+        return 0
+    settings = Settings.smoke() if args.smoke else Settings.quick() if args.quick else Settings.full()
     if args.size_mib:
         settings.size = settings.stall_size = max(1, int(args.size_mib * MiB))
     if args.rounds:
@@ -2364,20 +2977,14 @@ def main(argv=None):
     if argv is None:
         signal.signal(signal.SIGTERM, on_term)
     try:
-        report = run(settings, args.servers, args.measurements, progress)
+        report = run(settings, args.servers, args.measurements, progress, smoke=args.smoke)
     finally:
         if argv is None:
             signal.signal(signal.SIGTERM, previous)
     print(format_table(report))
-    if "sertcp" in args.servers and {"dev2net", "net2dev"} & set(args.measurements):
-        try:
-            report["rfc2217"] = rfc2217_throughput(settings, progress)
-            print(format_rfc2217(report["rfc2217"]))
-        except (BenchError, OSError) as e:
-            report["errors"]["sertcp.rfc2217"] = str(e)
-    scale = format_scale(report)
-    if scale:
-        print(scale)
+    if own(report, "rfc2217"):
+        print(format_rfc2217(own(report, "rfc2217")))
+    print(format_targets(report))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2, sort_keys=True)
@@ -2498,11 +3105,12 @@ def _rfc2217_round(direction, protocol, payload, workdir, bound):
         pty.close()
 
 
-def rfc2217_throughput(settings, progress):
+def rfc2217_throughput(settings, progress=None):
     """dev2net and net2dev through sertcp in raw and in rfc2217 mode, with
     0xFF-rich payloads (half and a quarter of the bytes 0xFF) and a plain
     one (1 in 64); payload MB/s
     (best of the rounds), and rfc2217 as a fraction of raw."""
+    progress = progress or (lambda _msg: None)
     size = min(settings.size, 8 * MiB)
     rounds = max(1, min(settings.rounds, 3))
     out = {"size": size, "rounds": rounds, "results": {}}
@@ -2521,7 +3129,8 @@ def rfc2217_throughput(settings, progress):
                 key = "%s %.3g%% 0xFF" % (direction, density * 100)
                 raw, telnet = best.get("raw"), best.get("rfc2217")
                 ratio = telnet["mbps"] / raw["mbps"] if raw and telnet else None
-                out["results"][key] = {"raw": raw, "rfc2217": telnet, "ratio": ratio}
+                out["results"][key] = {"raw": raw, "rfc2217": telnet, "ratio": ratio,
+                                       "direction": direction, "every": every}
                 progress("rfc2217: %s: raw %s, rfc2217 %s MB/s" % (
                     key, "%.1f" % raw["mbps"] if raw else "-", "%.1f" % telnet["mbps"] if telnet else "-"))
     finally:
