@@ -1384,19 +1384,14 @@ def decode_com_port_request(body):
         if not 5 <= number <= 8:
             return code, what, None, "data size %d out of range (5-8)" % number
         return code, what, number, None
-    if what == "parity":
-        names = {v: k for k, v in PARITY_CODES.items()}
+    if what in ("parity", "stopbits"):
+        codes, noun, allowed = (PARITY_CODES, "parity", "1-5") if what == "parity" else \
+            (STOPBITS_CODES, "stop size", "1-3")
+        names = {v: k for k, v in codes.items()}
         if number == 0:
             return code, what, None, None
         if number not in names:
-            return code, what, None, "parity %d out of range (1-5)" % number
-        return code, what, names[number], None
-    if what == "stopbits":
-        names = {v: k for k, v in STOPBITS_CODES.items()}
-        if number == 0:
-            return code, what, None, None
-        if number not in names:
-            return code, what, None, "stop size %d out of range (1-3)" % number
+            return code, what, None, "%s %d out of range (%s)" % (noun, number, allowed)
         return code, what, names[number], None
     if what == "control":
         if number not in CONTROL_VALUES:
@@ -2210,13 +2205,55 @@ class Device(Handler):
         self.close()
         self.port.on_device_lost(reason)
 
+    def _stop_watching(self):
+        """Closing: out of the loop, and no longer open."""
+        self.reactor.forget(self)
+        self.is_open = False
+
     def fail(self, reason):
         self._lost(reason)      # a bug met while serving it: reopened like a lost device
 
     def on_writable(self):
         self._flush()
 
+    def on_readable(self):
+        try:
+            data = self._read_some(READ_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            # EIO: the USB adapter was unplugged or the pty's other side closed
+            self._lost("read failed: %s" % describe_error(e))
+            return
+        if not data:
+            self._lost("hung up")
+            return
+        if len(data) >= BURST_READ:
+            # A tty hands out about 4 KiB a read: during a burst, gather what
+            # is already there so that clients get one send, not sixteen.
+            chunks = [data]
+            total = len(data)
+            # at most a quarter of client_buffer, so one delivery can never
+            # overflow a client that is only a little behind
+            limit = max(BURST_READ, min(READ_CHUNK, self.config.client_buffer // 4))
+            while total < limit:
+                try:
+                    more = self._read_some(limit - total)
+                except OSError:
+                    break  # EAGAIN, or a failure the next wake-up reports
+                if not more:
+                    break
+                chunks.append(more)
+                total += len(more)
+            if len(chunks) > 1:
+                data = b"".join(chunks)
+        self.port.on_device_data(data)
+
     # -- what each kind provides --
+
+    def _read_some(self, size):
+        """One non-blocking read of the descriptor (devices that have one)."""
+        raise NotImplementedError
 
     def _write_some(self, data):
         raise NotImplementedError
@@ -2421,8 +2458,7 @@ class FdDevice(PyserialDevice):
     def close(self):
         if self.serial is None:
             return
-        self.reactor.forget(self)
-        self.is_open = False
+        self._stop_watching()
         try:
             self.serial.close()
         except Exception:  # a vanished USB device may fail in any way here
@@ -2433,38 +2469,8 @@ class FdDevice(PyserialDevice):
         self.serial = None
         self.fd = None
 
-    def on_readable(self):
-        try:
-            data = os.read(self.fd, READ_CHUNK)
-        except BlockingIOError:
-            return
-        except OSError as e:
-            # EIO: the USB adapter was unplugged or the pty's other side closed
-            self._lost("read failed: %s" % describe_error(e))
-            return
-        if not data:
-            self._lost("hung up")
-            return
-        if len(data) >= BURST_READ:
-            # A tty hands out about 4 KiB a read: during a burst, gather what
-            # is already there so that clients get one send, not sixteen.
-            chunks = [data]
-            total = len(data)
-            # at most a quarter of client_buffer, so one delivery can never
-            # overflow a client that is only a little behind
-            limit = max(BURST_READ, min(READ_CHUNK, self.config.client_buffer // 4))
-            while total < limit:
-                try:
-                    more = os.read(self.fd, limit - total)
-                except OSError:
-                    break  # EAGAIN, or a failure the next wake-up reports
-                if not more:
-                    break
-                chunks.append(more)
-                total += len(more)
-            if len(chunks) > 1:
-                data = b"".join(chunks)
-        self.port.on_device_data(data)
+    def _read_some(self, size):
+        return os.read(self.fd, size)
 
     def _write_some(self, data):
         try:
@@ -2694,23 +2700,12 @@ class SocketDevice(Device):
             self.dial = None
         if self.sock is None:
             return
-        self.reactor.forget(self)
-        self.is_open = False
+        self._stop_watching()
         self.sock.close()
         self.sock = None
 
-    def on_readable(self):
-        try:
-            data = self.sock.recv(READ_CHUNK)
-        except BlockingIOError:
-            return
-        except OSError as e:
-            self._lost("read failed: %s" % describe_error(e))
-            return
-        if not data:
-            self._lost("closed by the far end")
-            return
-        self.port.on_device_data(data)
+    def _read_some(self, size):
+        return self.sock.recv(size)
 
     def _write_some(self, data):
         try:
@@ -2868,8 +2863,7 @@ class VirtualDevice(Device):
     def close(self):
         if self.master is None:
             return
-        self.reactor.forget(self)
-        self.is_open = False
+        self._stop_watching()
         for timer in (self.poll_timer, self.pace_timer):
             if timer:
                 timer.cancel()
@@ -4693,16 +4687,6 @@ class Port:
         program has the virtual port open."""
         return not self.config.listen_on_open or self.device.peer_open
 
-    def dial_wanted(self):
-        """Whether the client role should dial now (its plan is idle)."""
-        c = self.config
-        if self.stopping or not self.network_enabled() or any(conn.dialed for conn in self.clients):
-            return False
-        if c.event_bytes == 0:
-            return True
-        # mixed role: one connection at a time, incoming or outgoing (ezTCP)
-        return not self.clients and len(self.held) >= c.event_bytes
-
     def client_payload(self, conn, data):
         if self.trace:
             self.trace.record(">", format_peer(conn.peer), data)
@@ -4924,8 +4908,17 @@ class Dialer:
 
     def poke(self):
         """Dial if the plan rests and the port wants a connection now."""
-        if self.plan.state == "gathering" and self.port.dial_wanted():
+        if self.plan.state == "gathering" and self.wanted():
             self._event("wanted")
+
+    def wanted(self):
+        port, c = self.port, self.port.config
+        if port.stopping or not port.network_enabled() or any(conn.dialed for conn in port.clients):
+            return False
+        if c.event_bytes == 0:
+            return True
+        # mixed role: one connection at a time, incoming or outgoing (ezTCP)
+        return not port.clients and len(port.held) >= c.event_bytes
 
     def connection_ended(self, conn, by_peer, duration):
         """A dialed connection ended: who hung up decides what follows."""
