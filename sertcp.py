@@ -102,19 +102,35 @@ def parse_bool(text):
     raise ValueProblem("expected yes/no/true/false/on/off/1/0")
 
 
-def parse_size(text):
-    value = text.strip().lower()
-    scale = 1
-    if value[-1:] in ("k", "m", "g"):
-        scale = {"k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}[value[-1]]
-        value = value[:-1]
-    try:
-        number = int(value)
-    except ValueError:
-        raise ValueProblem("expected a size such as 4096, 64k or 1m")
-    if number < 0:
-        raise ValueProblem("must not be negative")
-    return number * scale
+SIZE_UNITS = (("g", 1024 ** 3), ("m", 1024 ** 2), ("k", 1024))
+
+
+def show_size(value):
+    """4096 -> 4k, as parse_size reads it back."""
+    for suffix, scale in SIZE_UNITS:
+        if value and value % scale == 0:
+            return "%d%s" % (value // scale, suffix)
+    return str(value)
+
+
+def size_parser(low, high):
+    """A parser for a size key (4096, 64k, 1m, 1g) within low..high."""
+    allowed = "%s-%s" % (show_size(low), show_size(high))
+
+    def parse(text):
+        value = text.strip().lower()
+        scale = dict(SIZE_UNITS).get(value[-1:], 1)
+        if scale != 1:
+            value = value[:-1]
+        try:
+            number = int(value)
+        except ValueError:
+            raise ValueProblem("expected a size such as 4096, 64k or 1m, in %s" % allowed)
+        if not low <= number * scale <= high:
+            raise ValueProblem("allowed range is %s" % allowed)
+        return number * scale
+    parse.allowed = allowed
+    return parse
 
 
 def parse_bytes(text):
@@ -169,19 +185,37 @@ def show_bytes(value):
     return "".join(out)
 
 
-def number_parser(kind, low=None, high=None):
+# Every number a key takes has a range, written once here and shown by
+# --check's errors, -h, the example file and the README's table.  Times
+# stop at TIME_LIMIT: epoll's timeout is a 32-bit count of milliseconds
+# (24.8 days), and a timer any further away would end the loop.
+TIME_LIMIT = 864000            # seconds (10 days): the longest time a key may hold
+SIZE_LIMIT = 1 << 30           # bytes (1g): the largest buffer a key may ask for
+
+
+def show_number(value):
+    """1000000 and 0.05 as a user would write them (no 1e+06)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value)
+
+
+def number_parser(kind, low, high):
+    """A parser for an int or float key within low..high; `allowed` tells
+    the range to the documentation and to the error messages."""
+    allowed = "%s-%s" % (show_number(low), show_number(high))
+
     def parse(text):
         try:
             value = kind(text.strip())
         except ValueError:
-            raise ValueProblem("expected %s" % ("an integer" if kind is int else "a number"))
+            raise ValueProblem("expected %s in %s" % ("an integer" if kind is int else "a number", allowed))
         if value != value or value in (float("inf"), float("-inf")):
-            raise ValueProblem("expected a finite number")
-        if low is not None and value < low:
-            raise ValueProblem("must be at least %s" % low)
-        if high is not None and value > high:
-            raise ValueProblem("must be at most %s" % high)
+            raise ValueProblem("expected a finite number in %s" % allowed)
+        if not low <= value <= high:
+            raise ValueProblem("allowed range is %s" % allowed)
         return value
+    parse.allowed = allowed
     return parse
 
 
@@ -242,6 +276,11 @@ def parse_connect(text):
     return tuple(parse_hostport(p, need_host=True) for p in peers)
 
 
+# What Linux takes for TCP_KEEPIDLE, TCP_KEEPINTVL and TCP_KEEPCNT (more is
+# EINVAL at every connection, and the keepalive would be half set)
+KEEPALIVE_LIMITS = (("IDLE", 32767), ("INTERVAL", 32767), ("COUNT", 127))
+
+
 def parse_keepalive(text):
     parts = [p.strip() for p in text.split(",")]
     if parts == ["0"]:
@@ -252,9 +291,14 @@ def parse_keepalive(text):
         values = tuple(int(p) for p in parts)
     except ValueError:
         raise ValueProblem("expected three integers IDLE,INTERVAL,COUNT")
-    if min(values) < 1:
-        raise ValueProblem("each of IDLE,INTERVAL,COUNT must be at least 1 (0 alone turns keepalive off)")
+    for value, (name, high) in zip(values, KEEPALIVE_LIMITS):
+        if not 1 <= value <= high:
+            raise ValueProblem("%s must be 1-%d (0 alone turns keepalive off); allowed: %s"
+                               % (name, high, parse_keepalive.allowed))
     return values
+
+
+parse_keepalive.allowed = "0, or " + ",".join("1-%d" % high for _, high in KEEPALIVE_LIMITS)
 
 
 def parse_line_state(text):
@@ -318,6 +362,16 @@ class Key:
     def flag(self):
         return "--" + self.name.replace("_", "-")
 
+    @property
+    def allowed(self):
+        """The range of a numeric key ("0-864000"), None for the others."""
+        return getattr(self.parse, "allowed", None)
+
+    @property
+    def described(self):
+        """The help line with the range, for -h and the example file."""
+        return "%s; allowed: %s" % (self.help, self.allowed) if self.allowed else self.help
+
     def format(self, value):
         if value is None:
             return ""
@@ -331,7 +385,7 @@ def _show_bool(v):
 
 
 def _show_float(v):
-    return ("%g" % v)
+    return show_number(v)
 
 
 def _show_list(v):
@@ -342,8 +396,8 @@ PORT_KEYS = [
     # serial side
     Key("device", parse_path, None, "path (/dev/ttyUSB0) or pyserial URL (loop://, socket://, rfc2217://) of the serial device"),
     Key("virtual", parse_path, None, "create a pseudo-terminal with a symlink at this path: a virtual serial port for local programs"),
-    Key("baudrate", number_parser(int, 1), 9600, "bits per second; any rate the OS accepts"),
-    Key("bytesize", number_parser(int, 5, 8), 8, "data bits: 5-8"),
+    Key("baudrate", number_parser(int, 50, 12000000), 9600, "bits per second; any rate the OS accepts"),
+    Key("bytesize", number_parser(int, 5, 8), 8, "data bits"),
     Key("parity", choice_parser("none", "even", "odd", "mark", "space",
                                 aliases={"n": "none", "e": "even", "o": "odd", "m": "mark", "s": "space"}),
         "none", "none, even, odd, mark, space (N E O M S accepted)"),
@@ -354,7 +408,7 @@ PORT_KEYS = [
     Key("dtr_idle", parse_line_state, "keep", "DTR while no client is connected: on, off, keep"),
     Key("rts_idle", parse_line_state, "keep", "RTS while no client is connected: on, off, keep"),
     Key("open_on_demand", parse_bool, False, "open the device only while at least one client is connected", _show_bool),
-    Key("reopen_interval", number_parser(float, 0.05), 2.0, "seconds between attempts to open a missing or failed device", _show_float),
+    Key("reopen_interval", number_parser(float, 0.05, TIME_LIMIT), 2.0, "seconds between attempts to open a missing or failed device", _show_float),
     Key("exclusive", parse_bool, True, "lock the device against other programs (TIOCEXCL and flock)", _show_bool),
     Key("tx_pause_ms", number_parser(int, 0, 60000), 0, "milliseconds to pause between successive writes to the device"),
     Key("strict_baud", parse_bool, False, "virtual ports: pace data at the port's baud rate, like a real line", _show_bool),
@@ -362,36 +416,36 @@ PORT_KEYS = [
     # network side
     Key("listen", parse_listen, None, "[HOST:]PORT to accept clients on ([::1]:PORT for IPv6; no host = all addresses)", show_hostport),
     Key("connect", parse_connect, None, "HOST:PORT[, HOST:PORT ...] to dial, tried in order", lambda v: ", ".join(show_hostport(p) for p in v)),
-    Key("event_bytes", number_parser(int, 0), 0, "client role: 0 = dial at start and stay up; N = dial once N device bytes wait"),
-    Key("timeout", number_parser(float, 0), 0.0, "close a connection idle this many seconds in both directions (0 = never)", _show_float),
-    Key("reconnect_min", number_parser(float, 0.01), 1.0, "client role: shortest pause between failed dials", _show_float),
-    Key("reconnect_max", number_parser(float, 0.01), 60.0, "client role: longest pause between failed dials", _show_float),
+    Key("event_bytes", number_parser(int, 0, 1 << 20), 0, "client role: 0 = dial at start and stay up; N = dial once N device bytes wait"),
+    Key("timeout", number_parser(float, 0, TIME_LIMIT), 0.0, "close a connection idle this many seconds in both directions (0 = never)", _show_float),
+    Key("reconnect_min", number_parser(float, 0.01, TIME_LIMIT), 1.0, "client role: shortest pause between failed dials", _show_float),
+    Key("reconnect_max", number_parser(float, 0.01, TIME_LIMIT), 60.0, "client role: longest pause between failed dials", _show_float),
     Key("protocol", choice_parser("raw", "rfc2217"), "raw", "raw, or rfc2217 (Telnet COM-PORT-OPTION)"),
     Key("rfc2217_role", choice_parser("auto", "server", "client"), "auto", "server, client, or auto (a virtual port is the client)"),
     Key("remote_control", parse_remote_control, REMOTE_CONTROL_ITEMS, "rfc2217 server: what clients may change: yes, no, or a list of settings, dtr, rts, break, purge",
         lambda v: "yes" if tuple(v) == REMOTE_CONTROL_ITEMS else (", ".join(v) if v else "no")),
     Key("max_clients", number_parser(int, 1, 100000), 1, "server role: clients accepted at once"),
-    Key("backlog", number_parser(int, 1, 65535), 16, "server role: pending connections the kernel queues"),
+    Key("backlog", number_parser(int, 1, 65535), 1024, "server role: pending connections the kernel queues (at most net.core.somaxconn)"),
     Key("when_full", choice_parser("reject", "kick_oldest"), "reject", "when max_clients are connected: reject the newest, or kick_oldest"),
     Key("send_to", choice_parser("all", "first", "last", "last_active", "none"), "all", "which clients get device data: all, first, last, last_active, none"),
     Key("receive_from", choice_parser("all", "first", "last", "last_active", "none"), "all", "whose data goes to the device: all, first, last, last_active, none"),
-    Key("client_buffer", parse_size, 262144, "bytes queued for one client before slow_client applies", lambda v: str(v)),
+    Key("client_buffer", size_parser(0, SIZE_LIMIT), 262144, "bytes queued for one client before slow_client applies", lambda v: str(v)),
     Key("slow_client", choice_parser("disconnect", "drop"), "disconnect", "a client whose queue is full: disconnect it, or drop its data"),
-    Key("buffer", parse_size, 0, "device bytes held while no client is connected, for the next one (0 = discard)"),
+    Key("buffer", size_parser(0, SIZE_LIMIT), 0, "device bytes held while no client is connected, for the next one (0 = discard)"),
     Key("buffer_drop", choice_parser("newest", "oldest"), "newest", "when buffer is full: discard the newest or the oldest bytes"),
     Key("nodelay", parse_bool, True, "TCP_NODELAY (send small packets at once)", _show_bool),
     Key("keepalive", parse_keepalive, (60, 10, 3), "TCP keepalive IDLE,INTERVAL,COUNT, or 0 for off",
         lambda v: "0" if not v[0] else "%d,%d,%d" % v),
-    Key("pack_size", parse_size, 0, "device->network: send when this many bytes are gathered (0 = off)"),
+    Key("pack_size", size_parser(0, 1 << 20), 0, "device->network: send when this many bytes are gathered (0 = off)"),
     Key("pack_delimiter", parse_bytes, None, "device->network: send when this byte or 2-byte sequence arrives", show_bytes),
-    Key("pack_trailing", number_parser(int, 0, 2), 0, "bytes after the delimiter that belong to the packet (0-2)"),
+    Key("pack_trailing", number_parser(int, 0, 2), 0, "bytes after the delimiter that belong to the packet (a CRC)"),
     Key("pack_strip", parse_bool, False, "drop the delimiter from the packet", _show_bool),
     Key("pack_idle_ms", number_parser(int, 0, 3600000), 0, "device->network: send when the device was silent this long (0 = off)"),
     Key("pack_max_ms", number_parser(int, 0, 3600000), 0, "device->network: never hold gathered data longer than this (0 = off)"),
     Key("banner", parse_bytes, None, "bytes sent to each client on connect", show_bytes),
     Key("connect_id", parse_bytes, None, "client role: bytes sent first on every connection (the device's identity)", show_bytes),
     Key("identity", parse_bytes, None, "server role: the id a client must send first (shared listeners)", show_bytes),
-    Key("identity_timeout", number_parser(float, 0.01), 10.0, "seconds a client has to send its id or password", _show_float),
+    Key("identity_timeout", number_parser(float, 0.01, 3600), 10.0, "seconds a client has to send its id or password", _show_float),
     Key("allow", parse_allow, None, "comma list of IPs/CIDRs allowed to connect (IPv4 and IPv6)", _show_list),
     Key("password", parse_text, None, "a client must send this password and a newline first", secret=True),
     Key("password_file", parse_path, None, "file whose first line is the password"),
@@ -794,12 +848,12 @@ def example_ini():
            "# Byte strings (banner, connect_id, identity, pack_delimiter) take C escapes.",
            "", "[global]"]
     for key in GLOBAL_KEYS:
-        out.append("# %s" % key.help)
+        out.append("# %s" % key.described)
         out.append("%s%s = %s" % ("" if key.default is not None else ";", key.name, key.format(key.default)))
     out += ["", "# One port: a virtual serial port bridged to TCP port 7000.",
             "# Change 'virtual' to 'device = /dev/ttyUSB0' for a real adapter.", "[example]"]
     for key in PORT_KEYS:
-        out.append("# %s" % key.help)
+        out.append("# %s" % key.described)
         if key.name == "virtual":
             out.append("virtual = /tmp/ttySERTCP0")
         elif key.name == "listen":
@@ -4884,7 +4938,7 @@ Global keys:
 
 def usage_text():
     def table(keys):
-        return "\n".join("  %-22s %s (default: %s)" % (k.flag, k.help, k.format(k.default) or "-")
+        return "\n".join("  %-22s %s (default: %s)" % (k.flag, k.described, k.format(k.default) or "-")
                          for k in keys)
     return USAGE % (table(PORT_KEYS), table(GLOBAL_KEYS))
 

@@ -5,6 +5,8 @@ tests run sertcp to completion and read what it printed."""
 import configparser
 import contextlib
 import io
+import os
+import re
 import socket
 import subprocess
 import sys
@@ -84,7 +86,7 @@ def test_check_prints_every_key_of_every_port_with_defaults_filled_in():
     defaults = {"baudrate": "9600", "bytesize": "8", "parity": "none", "stopbits": "1",
                 "flow": "none", "dtr_active": "on", "rts_active": "on", "dtr_idle": "keep",
                 "rts_idle": "keep", "open_on_demand": "no", "reopen_interval": "2",
-                "exclusive": "yes", "max_clients": "1", "backlog": "16", "when_full": "reject",
+                "exclusive": "yes", "max_clients": "1", "backlog": "1024", "when_full": "reject",
                 "send_to": "all", "receive_from": "all", "client_buffer": "262144",
                 "slow_client": "disconnect", "buffer": "0", "buffer_drop": "newest",
                 "nodelay": "yes", "keepalive": "60,10,3", "timeout": "0", "pack_size": "0",
@@ -594,3 +596,118 @@ def test_port_already_in_use_is_a_fatal_runtime_error_exit_1(tmp_path):
         result = run_sertcp(["--listen", "127.0.0.1:%d" % busy, str(tmp_path / "tty")])
     assert result.returncode == 1, result.stderr
     assert "cannot listen on 127.0.0.1:%d" % busy in result.stderr
+
+
+# --- ranges: every number a key takes is bounded at --check ----------------
+
+# Values that used to pass --check and fail later: a time past epoll's
+# 24.8 days ended the process with a traceback, a keepalive past what
+# Linux takes failed every connection or half set the keepalive.
+@pytest.mark.parametrize("key, value, allowed", [
+    ("timeout", "3000000", "0-864000"),
+    ("identity_timeout", "3000000", "0.01-3600"),
+    ("reopen_interval", "3000000", "0.05-864000"),
+    ("reconnect_min", "3000000", "0.01-864000"),
+    ("reconnect_max", "3000000", "0.01-864000"),
+    ("keepalive", "32768,10,3", "1-32767,1-32767,1-127"),
+    ("keepalive", "60,32768,3", "1-32767,1-32767,1-127"),
+    ("keepalive", "60,10,128", "1-32767,1-32767,1-127"),
+    ("keepalive", "99999999999,10,3", "1-32767,1-32767,1-127"),
+    ("baudrate", "99999999999", "50-12000000"),
+    ("bytesize", "4", "5-8"),
+    ("tx_pause_ms", "60001", "0-60000"),
+    ("event_bytes", "99999999999", "0-1048576"),
+    ("max_clients", "100001", "1-100000"),
+    ("backlog", "65536", "1-65535"),
+    ("client_buffer", "100g", "0-1g"),
+    ("buffer", "100g", "0-1g"),
+    ("pack_size", "2m", "0-1m"),
+    ("pack_trailing", "3", "0-2"),
+    ("pack_idle_ms", "3600001", "0-3600000"),
+    ("pack_max_ms", "3600001", "0-3600000"),
+])
+def test_a_number_out_of_its_range_is_an_error_naming_key_and_range(tmp_path, key, value, allowed):
+    ini = write_ini(tmp_path, """
+        [a]
+        device = /dev/ttyUSB0
+        listen = 7001
+        connect = 127.0.0.1:7002
+        pack_delimiter = \\n
+        %s = %s
+    """ % (key, value))
+    stderr = errors_of(quick_check(ini=ini))
+    assert "%s:6: %s: bad value %r" % (ini, key, value) in stderr
+    assert allowed in stderr
+    assert "1 configuration error" in stderr
+
+
+def numeric_keys():
+    """Every key whose value is a number (or numbers): by its default."""
+    return [k for k in sertcp_module.PORT_KEYS + sertcp_module.GLOBAL_KEYS
+            if isinstance(k.default, (int, float)) and not isinstance(k.default, bool)
+            or k.name == "keepalive"]
+
+
+def test_every_numeric_key_has_a_range_and_both_ends_are_checked(tmp_path):
+    keys = numeric_keys()
+    assert {k.name for k in keys} == set("""
+        baudrate bytesize reopen_interval tx_pause_ms event_bytes timeout reconnect_min
+        reconnect_max max_clients backlog client_buffer buffer keepalive pack_size
+        pack_trailing pack_idle_ms pack_max_ms identity_timeout""".split())
+    for key in keys:
+        assert key.allowed, "%s has no documented range" % key.name
+        if key.name == "keepalive":
+            continue                     # three numbers: the table above
+        low, high = key.allowed.split("-")
+        assert key.parse(low) is not None and key.parse(high) is not None, key.name
+        above = high[:-1] + str(int(high[-1]) + 1) if high[-1].isdigit() else str(int(high[:-1]) + 1) + high[-1]
+        with pytest.raises(sertcp_module.ValueProblem, match="allowed range is " + key.allowed):
+            key.parse(above)
+        if float(low.rstrip("kmg")) > 0:
+            with pytest.raises(sertcp_module.ValueProblem, match=key.allowed):
+                key.parse("0")
+        # -h shows it too
+        assert key.allowed in key.described
+
+
+def test_the_example_file_and_the_readme_give_every_range():
+    example = (ROOT / "sertcp.ini.example").read_text()
+    readme = (ROOT / "README.md").read_text()
+    table = dict(re.findall(r"^\| `(\w+)` \| ([^|]+?) \|", readme.split("### Ranges", 1)[1].split("\n#", 1)[0], re.M))
+    for key in numeric_keys():
+        assert "; allowed: %s\n" % key.allowed in example, key.name
+        assert table.get(key.name) == key.allowed, (key.name, table.get(key.name))
+    assert set(table) == {k.name for k in numeric_keys()}
+
+
+def test_the_largest_times_run_without_ending_the_loop(tmp_path):
+    """At the top of the range the timers stay within what epoll takes:
+    a missing device with reopen_interval 864000 is retried in 10 days,
+    and the process keeps serving and stops cleanly."""
+    from conftest import Client, Sertcp, free_port
+    port = free_port()
+    s = Sertcp([tmp_path / "absent-tty", "--listen", "127.0.0.1:%d" % port, "--reopen-interval", "864000",
+                "--timeout", "864000", "--reconnect-max", "864000", "--identity-timeout", "3600",
+                "--identity", "x"], tmp_path)
+    try:
+        s.wait_listening(port)
+        s.wait_log("absent-tty")
+        c = Client(port)
+        c.send(b"x\n")
+        s.wait_log("connected")
+        c.close()
+        s.wait_log("disconnected")
+    finally:
+        assert s.stop() == 0, s.log()
+    assert "Traceback" not in s.log()
+
+
+def test_a_time_past_epoll_range_is_refused_before_starting(tmp_path):
+    """It used to start, and end at the first retry of the missing device
+    with OverflowError and exit 1."""
+    from conftest import free_port
+    result = run_sertcp([tmp_path / "absent-tty", "--listen", "127.0.0.1:%d" % free_port(),
+                         "--reopen-interval", "3000000"])
+    stderr = errors_of(result)
+    assert "--reopen-interval: bad value '3000000': allowed range is 0.05-864000" in stderr
+    assert "Traceback" not in stderr
