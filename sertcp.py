@@ -590,65 +590,83 @@ def _parse_settings(schema, settings, section_label, errors):
     return values
 
 
+# Rules across the keys of one port, one row each: (when the values break
+# it, the key to blame, the message).  A message may name the port as
+# {name} and any key's value as {key}, shown as --check shows it.
+PORT_RULES = (
+    (lambda v: v["device"] is None and v["virtual"] is None,
+     "device", "port [{name}] needs device or virtual"),
+    (lambda v: v["device"] is not None and v["virtual"] is not None,
+     "virtual", "port [{name}] has both device and virtual; choose one"),
+    (lambda v: v["listen"] is None and v["connect"] is None,
+     "listen", "port [{name}] needs listen or connect (or both)"),
+    (lambda v: v["pack_delimiter"] is not None and not 1 <= len(v["pack_delimiter"]) <= 2,
+     "pack_delimiter", "must be 1 or 2 bytes"),
+    (lambda v: v["pack_delimiter"] is None and v["pack_trailing"],
+     "pack_trailing", "needs pack_delimiter"),
+    (lambda v: v["pack_delimiter"] is None and v["pack_strip"],
+     "pack_strip", "needs pack_delimiter"),
+    (lambda v: v["reconnect_min"] > v["reconnect_max"],
+     "reconnect_min", "is larger than reconnect_max ({reconnect_min} > {reconnect_max})"),
+    (lambda v: v["virtual"] is None and v["strict_baud"],
+     "strict_baud", "applies only to virtual ports"),
+    (lambda v: v["virtual"] is None and v["listen_on_open"],
+     "listen_on_open", "applies only to virtual ports"),
+    (lambda v: v["password"] is not None and v["password_file"] is not None,
+     "password_file", "set password or password_file, not both"),
+    (lambda v: v["password"] is not None and len(v["password"].encode("utf-8")) > PASSWORD_LINE_LIMIT,
+     "password", "is longer than %d bytes" % PASSWORD_LINE_LIMIT),
+    (lambda v: v["tls_cert"] is not None and v["tls_key"] is None,
+     "tls_key", "tls_cert and tls_key go together"),
+    (lambda v: v["tls_key"] is not None and v["tls_cert"] is None,
+     "tls_cert", "tls_cert and tls_key go together"),
+    (lambda v: v["tls_cert"] is not None and v["listen"] is None,
+     "tls_cert", "serves TLS on listen, which is not set"),
+    (lambda v: v["tls"] and v["connect"] is None,
+     "tls", "dials with TLS on connect, which is not set"),
+    (lambda v: v["event_bytes"] and v["connect"] is None,
+     "event_bytes", "needs connect"),
+    (lambda v: v["connect_id"] is not None and v["connect"] is None,
+     "connect_id", "needs connect"),
+    (lambda v: v["identity"] is not None and v["listen"] is None,
+     "identity", "needs listen"),
+    (lambda v: v["identity"] == b"",
+     "identity", "must not be empty"),
+    (lambda v: v["identity"] is not None and (b"\n" in v["identity"] or b"\r" in v["identity"]),
+     "identity", "must not contain CR or LF (they end an id)"),
+)
+
+
 def _validate_port(port, where_of, errors):
-    """Combinations that each key alone cannot check."""
+    """Combinations that each key alone cannot check: PORT_RULES, then
+    the files the port names."""
     v = port.values
-
-    def err(key, message):
-        errors.append(ConfigError(where_of(key), key, message))
-
-    if v["device"] is None and v["virtual"] is None:
-        err("device", "port [%s] needs device or virtual" % port.name)
-    if v["device"] is not None and v["virtual"] is not None:
-        err("virtual", "port [%s] has both device and virtual; choose one" % port.name)
-    if v["listen"] is None and v["connect"] is None:
-        err("listen", "port [%s] needs listen or connect (or both)" % port.name)
-    if v["pack_delimiter"] is not None and not 1 <= len(v["pack_delimiter"]) <= 2:
-        err("pack_delimiter", "must be 1 or 2 bytes")
-    if v["pack_delimiter"] is None and (v["pack_trailing"] or v["pack_strip"]):
-        err("pack_trailing" if v["pack_trailing"] else "pack_strip", "needs pack_delimiter")
-    if v["reconnect_min"] > v["reconnect_max"]:
-        err("reconnect_min", "is larger than reconnect_max (%g > %g)" % (v["reconnect_min"], v["reconnect_max"]))
-    if v["virtual"] is None:
-        for key in ("strict_baud", "listen_on_open"):
-            if v[key]:
-                err(key, "applies only to virtual ports")
-    if v["password"] is not None and v["password_file"] is not None:
-        err("password_file", "set password or password_file, not both")
-    if v["password"] is not None and len(v["password"].encode("utf-8")) > PASSWORD_LINE_LIMIT:
-        err("password", "is longer than %d bytes" % PASSWORD_LINE_LIMIT)
-    for key in ("tls_cert", "tls_key", "tls_ca"):
-        if v[key] is not None:
-            try:
-                with open(v[key], "rb") as f:
-                    head = f.read(65536)
-            except OSError as e:
-                err(key, "cannot read %s: %s" % (v[key], e.strerror))
-                continue
-            wanted = b"PRIVATE KEY-----" if key == "tls_key" else b"-----BEGIN CERTIFICATE-----"
-            if wanted not in head:
-                err(key, "%s is not a PEM %s" % (v[key], "private key" if key == "tls_key" else "certificate"))
-    if (v["tls_cert"] is None) != (v["tls_key"] is None):
-        err("tls_key" if v["tls_key"] is None else "tls_cert", "tls_cert and tls_key go together")
-    if v["tls_cert"] is not None and v["listen"] is None:
-        err("tls_cert", "serves TLS on listen, which is not set")
-    if v["tls"] and v["connect"] is None:
-        err("tls", "dials with TLS on connect, which is not set")
-    if v["event_bytes"] and v["connect"] is None:
-        err("event_bytes", "needs connect")
-    if v["connect_id"] is not None and v["connect"] is None:
-        err("connect_id", "needs connect")
-    if v["identity"] is not None and v["listen"] is None:
-        err("identity", "needs listen")
-    if v["identity"] is not None and not v["identity"]:
-        err("identity", "must not be empty")
-    if v["identity"] is not None and (b"\n" in v["identity"] or b"\r" in v["identity"]):
-        err("identity", "must not contain CR or LF (they end an id)")
-    if v["device"] is not None and v["virtual"] is None and v["listen_on_open"]:
-        err("listen_on_open", "applies only to virtual ports")
+    for broken, key, message in PORT_RULES:
+        if broken(v):
+            shown = {k: PORT_SCHEMA[k].format(value) for k, value in v.items()}
+            errors.append(ConfigError(where_of(key), key, message.format(name=port.name, **shown)))
+    _check_port_files(port, where_of, errors)
     for key in sorted(NOT_YET):
         if NOT_YET[key](v[key]):
-            err(key, "is not supported by sertcp %s yet" % __version__)
+            errors.append(ConfigError(where_of(key), key, "is not supported by sertcp %s yet" % __version__))
+
+
+def _check_port_files(port, where_of, errors):
+    """The TLS files must be PEM of the right kind."""
+    v = port.values
+    for key in ("tls_cert", "tls_key", "tls_ca"):
+        if v[key] is None:
+            continue
+        try:
+            with open(v[key], "rb") as f:
+                head = f.read(65536)
+        except OSError as e:
+            errors.append(ConfigError(where_of(key), key, "cannot read %s: %s" % (v[key], e.strerror)))
+            continue
+        wanted = b"PRIVATE KEY-----" if key == "tls_key" else b"-----BEGIN CERTIFICATE-----"
+        if wanted not in head:
+            errors.append(ConfigError(where_of(key), key, "%s is not a PEM %s"
+                                      % (v[key], "private key" if key == "tls_key" else "certificate")))
 
 
 def _validate_ports(ports, where_of_port, errors):

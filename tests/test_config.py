@@ -711,3 +711,43 @@ def test_a_time_past_epoll_range_is_refused_before_starting(tmp_path):
     stderr = errors_of(result)
     assert "--reopen-interval: bad value '3000000': allowed range is 0.05-864000" in stderr
     assert "Traceback" not in stderr
+
+
+def test_a_rule_broken_once_is_reported_once(tmp_path):
+    ini = write_ini(tmp_path, """
+        [a]
+        device = /dev/ttyUSB0
+        listen = 7001
+        listen_on_open = yes
+        strict_baud = yes
+    """)
+    stderr = errors_of(check(ini=ini))
+    assert stderr.count("listen_on_open") == 1, stderr
+    assert "%s:4: listen_on_open: applies only to virtual ports" % ini in stderr
+    assert "%s:5: strict_baud: applies only to virtual ports" % ini in stderr
+    assert "2 configuration errors" in stderr
+
+
+def test_cross_key_rules_keep_their_messages(tmp_path):
+    ini = write_ini(tmp_path, """
+        [a]
+        device = /dev/ttyUSB0
+        connect = 127.0.0.1:7001
+        reconnect_min = 100.5
+        reconnect_max = 10
+        identity = a\\nb
+        tls_key = /nonexistent/key.pem
+        pack_strip = yes
+        password = secret
+        password_file = /nonexistent/pw
+    """)
+    stderr = errors_of(check(ini=ini))
+    for where, message in [(4, "reconnect_min: is larger than reconnect_max (100.5 > 10)"),
+                           (6, "identity: needs listen"),
+                           (6, "identity: must not contain CR or LF (they end an id)"),
+                           (7, "tls_key: cannot read /nonexistent/key.pem"),
+                           (1, "tls_cert: tls_cert and tls_key go together"),
+                           (8, "pack_strip: needs pack_delimiter"),
+                           (10, "password_file: set password or password_file, not both")]:
+        assert "%s:%d: %s" % (ini, where, message) in stderr, message
+    assert "secret" not in stderr
