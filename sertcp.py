@@ -350,6 +350,43 @@ def parse_path(text):
     return value
 
 
+# The largest file of each kind sertcp reads.  Anything bigger is a
+# mistake (a log file named as -c), and reading it whole at every start
+# and SIGHUP would only fill memory.
+CONFIG_FILE_LIMIT = 4 << 20    # -c FILE: some 20,000 ports
+PEM_FILE_LIMIT = 1 << 20       # tls_cert, tls_key, tls_ca (a system CA bundle is ~200k)
+PASSWORD_FILE_LIMIT = 64 << 10  # password_file (only its first line counts)
+
+
+def read_regular_file(path, limit):
+    """The bytes of the regular file at `path`, at most `limit` of them.
+
+    Opened without blocking, so that a FIFO (which would wait for a
+    writer) cannot hang --check or stall every port at SIGHUP; a FIFO, a
+    device (/dev/zero, which never ends) or a directory is refused, and
+    so is a file larger than `limit`.  Raises OSError, or ValueProblem
+    with a message to put after the path."""
+    import stat
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFDIR: "a directory",
+                    stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}.get(stat.S_IFMT(mode), "special")
+            raise ValueProblem("is %s, not a regular file" % kind)
+        chunks, size = [], 0
+        while True:
+            chunk = os.read(fd, min(65536, limit + 1 - size))
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise ValueProblem("is larger than %s, the most this kind of file may hold" % show_size(limit))
+    finally:
+        os.close(fd)
+
+
 class Key:
     """One configuration key: declared once, used by the INI parser, the
     flags, --check, the example file and the README table."""
@@ -504,10 +541,11 @@ def read_ini(path):
     Comment lines start with '#' or ';'; an indented line continues a value.
     """
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        lines = read_regular_file(path, CONFIG_FILE_LIMIT).decode("utf-8").splitlines()
     except OSError as e:
         raise ConfigError(path, None, "cannot read: %s" % e.strerror)
+    except ValueProblem as e:
+        raise ConfigError(path, None, str(e))
     except UnicodeDecodeError:
         raise ConfigError(path, None, "not UTF-8 text")
     sections = IniSections()
@@ -652,19 +690,21 @@ def _validate_port(port, where_of, errors):
 
 
 def _check_port_files(port, where_of, errors):
-    """The TLS files must be PEM of the right kind."""
+    """The TLS files must be regular files, of PEM of the right kind."""
     v = port.values
     for key in ("tls_cert", "tls_key", "tls_ca"):
         if v[key] is None:
             continue
         try:
-            with open(v[key], "rb") as f:
-                head = f.read(65536)
+            content = read_regular_file(v[key], PEM_FILE_LIMIT)
         except OSError as e:
             errors.append(ConfigError(where_of(key), key, "cannot read %s: %s" % (v[key], e.strerror)))
             continue
+        except ValueProblem as e:
+            errors.append(ConfigError(where_of(key), key, "%s %s" % (v[key], e)))
+            continue
         wanted = b"PRIVATE KEY-----" if key == "tls_key" else b"-----BEGIN CERTIFICATE-----"
-        if wanted not in head:
+        if wanted not in content:
             errors.append(ConfigError(where_of(key), key, "%s is not a PEM %s"
                                       % (v[key], "private key" if key == "tls_key" else "certificate")))
 
@@ -801,14 +841,15 @@ def build_config(config_path, port_flags, global_flags, device):
         elif values["password_file"] is not None:
             # read at every (re)load, so SIGHUP picks up a changed file
             try:
-                with open(values["password_file"], "rb") as f:
-                    # bounded: a path pointing at /dev/zero or a huge file
-                    # must not hang or fill memory at start or on SIGHUP
-                    port.secret = f.readline(PASSWORD_LINE_LIMIT + 1).rstrip(b"\r\n")
+                content = read_regular_file(values["password_file"], PASSWORD_FILE_LIMIT)
             except OSError as e:
                 errors.append(ConfigError(merged["password_file"].where, "password_file",
                                           "cannot read %s: %s" % (values["password_file"], e.strerror)))
+            except ValueProblem as e:
+                errors.append(ConfigError(merged["password_file"].where, "password_file",
+                                          "%s %s" % (values["password_file"], e)))
             else:
+                port.secret = content.split(b"\n", 1)[0].rstrip(b"\r\n")
                 if not port.secret:
                     errors.append(ConfigError(merged["password_file"].where, "password_file",
                                               "the first line of %s is empty" % values["password_file"]))

@@ -442,8 +442,10 @@ def test_password_longer_than_a_client_may_send_is_an_error(tmp_path):
     /dev/zero does not hang the start."""
     stderr = errors_of(check("--listen", "7000", "--password", "x" * 257, "/dev/ttyUSB0"))
     assert "password" in stderr and "longer than 256 bytes" in stderr
-    stderr = errors_of(check("--listen", "7000", "--password-file", "/dev/zero", "/dev/ttyUSB0"))
-    assert "--password-file: the first line of /dev/zero is longer than 256 bytes" in stderr
+    long_line = tmp_path / "long"
+    long_line.write_bytes(b"z" * 1000 + b"\n")
+    stderr = errors_of(check("--listen", "7000", "--password-file", long_line, "/dev/ttyUSB0"))
+    assert "--password-file: the first line of %s is longer than 256 bytes" % long_line in stderr
     secret = tmp_path / "secret"
     secret.write_bytes(b"y" * 256 + b"\r\nsecond line\n")
     assert check("--listen", "7000", "--password-file", str(secret), "/dev/ttyUSB0").returncode == 0
@@ -751,3 +753,55 @@ def test_cross_key_rules_keep_their_messages(tmp_path):
                            (10, "password_file: set password or password_file, not both")]:
         assert "%s:%d: %s" % (ini, where, message) in stderr, message
     assert "secret" not in stderr
+
+
+# --- files the configuration names: regular files, read bounded ------------
+
+def test_a_fifo_named_as_a_configuration_file_is_an_error_not_a_hang(tmp_path):
+    """--check used to wait forever for a writer on the FIFO."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    stderr = errors_of(run_sertcp(["--check", "-c", fifo], timeout=15))
+    assert "%s: is a FIFO, not a regular file" % fifo in stderr
+    stderr = errors_of(run_sertcp(["--check", "--listen", "7000", "--password-file", fifo, "--tls-cert", fifo,
+                                   "--tls-key", fifo, "--tls-ca", fifo, "/dev/ttyUSB0"], timeout=15))
+    for flag in ("--password-file", "--tls-cert", "--tls-key", "--tls-ca"):
+        assert "%s: %s is a FIFO, not a regular file" % (flag, fifo) in stderr, flag
+    assert "4 configuration errors" in stderr
+
+
+def test_a_device_or_directory_named_as_a_configuration_file_is_an_error(tmp_path):
+    """-c /dev/zero used to read until memory ran out (here the address
+    space is capped, so that it would fail instead of taking the machine)."""
+    import resource
+    import subprocess
+
+    def cap_memory():
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+    result = subprocess.run([sys.executable, str(ROOT / "sertcp.py"), "--check", "-c", "/dev/zero"],
+                            capture_output=True, text=True, timeout=30, preexec_fn=cap_memory)
+    assert "/dev/zero: is a character device, not a regular file" in errors_of(result)
+    stderr = errors_of(check("--listen", "7000", "--tls-ca", tmp_path, "--password-file", "/dev/null",
+                             "/dev/ttyUSB0"))
+    assert "--tls-ca: %s is a directory, not a regular file" % tmp_path in stderr
+    assert "--password-file: /dev/null is a character device, not a regular file" in stderr
+
+
+def test_configuration_files_larger_than_their_kind_may_be_are_errors(tmp_path):
+    big_ini = tmp_path / "big.ini"
+    with open(big_ini, "wb") as f:
+        f.write(b"[a]\ndevice = /dev/ttyUSB0\nlisten = 7001\n")
+        f.write(b"#" * (5 << 20))
+    assert "%s: is larger than 4m" % big_ini in errors_of(check(ini=big_ini))
+    big_pem = tmp_path / "big.pem"
+    big_pem.write_bytes(b"-----BEGIN CERTIFICATE-----\n" + b"A" * (2 << 20))
+    big_password = tmp_path / "password"
+    big_password.write_bytes(b"letmein\n" + b"#" * (100 << 10))
+    stderr = errors_of(check("--listen", "7000", "--tls-ca", big_pem, "--password-file", big_password,
+                             "/dev/ttyUSB0"))
+    assert "--tls-ca: %s is larger than 1m" % big_pem in stderr
+    assert "--password-file: %s is larger than 64k" % big_password in stderr
+    # at the limits they are read
+    fits = tmp_path / "fits.ini"
+    fits.write_bytes(b"[a]\ndevice = /dev/ttyUSB0\nlisten = 7001\n#".ljust(4 << 20, b"x"))
+    assert effective(check(ini=fits))["a"]["listen"] == "7001"

@@ -457,3 +457,29 @@ def test_sertcp_stays_valid_for_python_3_8():
     r = subprocess.run([command, "--target=3.8-", "--violations", "--no-tips", str(SERTCP)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_a_fifo_in_place_of_the_password_file_is_refused_at_sighup(tmp_path, pty):
+    """Reading it used to wait for a writer: every port froze at SIGHUP."""
+    port = free_port()
+    password = tmp_path / "password"
+    password.write_text("letmein\n")
+    ini = tmp_path / "ports.ini"
+    write_ini(ini, {"one": {"device": pty.path, "listen": "127.0.0.1:%d" % port, "password_file": password}})
+    s = Sertcp(["-c", ini], tmp_path)
+    try:
+        s.wait_listening(port)
+        c = Client(port)
+        c.send(b"letmein\nabc")
+        assert pty.read(3) == b"abc"
+        password.unlink()
+        os.mkfifo(password)
+        s.signal(signal.SIGHUP)
+        s.wait_log(r"reload refused: .*password_file: %s is a FIFO, not a regular file" % re.escape(str(password)))
+        s.wait_log(r"reload refused: 1 error")
+        c.send(b"def")
+        assert pty.read(3) == b"def"
+        pty.write(b"ghi")
+        assert c.recv(3) == b"ghi"
+    finally:
+        assert s.stop() == 0, s.log()
