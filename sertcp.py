@@ -5010,12 +5010,10 @@ def log_warning(message):
         _log.warning(message)
 
 
-def setup_logging(global_values):
+def open_log_handler(global_values):
+    """A logging handler for `log`: stderr, syslog or a file (raises
+    OSError when the file cannot be opened)."""
     import logging
-    logger = logging.getLogger(PROGRAM)
-    for old in logger.handlers[:]:
-        logger.removeHandler(old)
-        old.close()
     target = global_values["log"]
     if target == "stderr":
         handler = logging.StreamHandler(sys.stderr)
@@ -5028,7 +5026,21 @@ def setup_logging(global_values):
     else:
         handler = logging.FileHandler(target)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    return handler
+
+
+def use_log_handler(logger, handler):
+    """Make `handler` the logger's only one, closing those it replaces."""
+    for old in logger.handlers[:]:
+        logger.removeHandler(old)
+        old.close()
     logger.addHandler(handler)
+
+
+def setup_logging(global_values):
+    import logging
+    logger = logging.getLogger(PROGRAM)
+    use_log_handler(logger, open_log_handler(global_values))
     logger.setLevel(global_values["log_level"].upper())
     logger.propagate = False
     global _log
@@ -5186,6 +5198,7 @@ class Server:
         self.signals_seen = deque()
         self.reload_config = reload_config
         self.started = time.monotonic()
+        self.pidfile = None         # the path written, removed at exit
 
     def internal_error(self, where, exc):
         """A bug met while serving `where` (contained by the reactor): the
@@ -5239,6 +5252,104 @@ class Server:
                     ", ".join(p.name for p in group), show_hostport(address), describe_error(e)))
         return gates
 
+    def write_pidfile(self, path):
+        """Write our pid to `path` (raises RuntimeError) and remember it."""
+        try:
+            with open(path, "w") as f:
+                f.write("%d\n" % os.getpid())
+        except OSError as e:
+            raise RuntimeError("pidfile %s: %s" % (path, describe_error(e)))
+        self.pidfile = path
+
+    def remove_pidfile(self):
+        if self.pidfile:
+            try:
+                os.unlink(self.pidfile)
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    self.log.warning("pidfile %s not removed: %s", self.pidfile, describe_error(e))
+            self.pidfile = None
+
+    def apply_globals(self, new):
+        """At SIGHUP, before any port changes: take the new `log`,
+        `pidfile` and `status` (log_level is set with the ports).  Returns
+        None, or why the reload must be refused; then nothing changed.
+        Every step that can fail is done first and undone if a later one
+        fails."""
+        old = self.config.globals
+        if new["user"] != old["user"]:
+            return ("user: cannot change from %s to %s while running (privileges are dropped once, at start); "
+                    "restart sertcp" % (old["user"] or "(none)", new["user"] or "(none)"))
+        handler = None
+        if new["log"] != old["log"]:
+            try:
+                handler = open_log_handler(new)
+            except OSError as e:
+                return "log: cannot open %s: %s" % (new["log"], describe_error(e))
+        wrote_pidfile = new["pidfile"] is not None and new["pidfile"] != old["pidfile"]
+        if wrote_pidfile:
+            previous = self.pidfile
+            try:
+                self.write_pidfile(new["pidfile"])
+            except RuntimeError as e:
+                if handler is not None:
+                    handler.close()
+                return str(e)
+            self.pidfile = previous
+        status = self.status
+        if new["status"] != old["status"]:
+            try:
+                status = self._rebind_status(new["status"])
+            except OSError as e:
+                if handler is not None:
+                    handler.close()
+                if wrote_pidfile:
+                    try:
+                        os.unlink(new["pidfile"])
+                    except OSError:
+                        pass
+                return "status: cannot listen on %s: %s" % (show_hostport(new["status"]), describe_error(e))
+        # nothing can fail from here on
+        if handler is not None:
+            self.log.info("reload: log moves to %s", new["log"])
+            use_log_handler(self.log, handler)
+            self.log.info("reload: log continues here from %s", old["log"])
+        if new["pidfile"] != old["pidfile"]:
+            self.remove_pidfile()
+            self.pidfile = new["pidfile"]
+            if new["pidfile"]:
+                self.log.info("reload: pidfile now %s", new["pidfile"])
+        if status is not self.status:
+            if self.status is not None:
+                self.status.close()
+                self.log.info("reload: status endpoint on %s closed", show_hostport(old["status"]))
+            self.status = status
+        return None
+
+    def _rebind_status(self, address):
+        """A StatusEndpoint on `address` (None for none), bound while the
+        old one still serves; if the old one holds the address (a port
+        moving from 127.0.0.1:N to N), it is closed first and brought
+        back should the new one fail.  Raises OSError."""
+        if address is None:
+            return None
+        try:
+            return StatusEndpoint(self, address)
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE or self.status is None:
+                raise
+        old_address = self.config.globals["status"]
+        self.status.close()
+        try:
+            return StatusEndpoint(self, address)
+        except OSError:
+            try:
+                self.status = StatusEndpoint(self, old_address)
+            except OSError as e:
+                self.log.error("status endpoint on %s lost: %s", show_hostport(old_address), describe_error(e))
+                self.status = None
+            raise
+
     def on_signal(self, signum, frame):
         if signum in (signal.SIGTERM, signal.SIGINT):
             self.stop_requested = signum
@@ -5280,6 +5391,10 @@ class Server:
                 self.log.error("reload refused: %s", error)
             self.log.error("reload refused: %d error%s; the running configuration stays",
                            len(e.errors), "" if len(e.errors) == 1 else "s")
+            return
+        refused = self.apply_globals(new.globals)
+        if refused:
+            self.log.error("reload refused: %s; the running configuration stays", refused)
             return
         old_by_name = {p.name: p for p in self.ports}
         kept, restarted, started, stopped = [], [], [], []
@@ -5385,33 +5500,25 @@ def main(argv=None):
         return EXIT_USAGE
     raise_fd_limit(log)
     server = Server(config, log, load)
-    pidfile = config.globals["pidfile"]
     server.install_signals()
     try:
         server.start()
-        if pidfile:
-            try:
-                with open(pidfile, "w") as f:
-                    f.write("%d\n" % os.getpid())
-            except OSError as e:
-                raise RuntimeError("pidfile %s: %s" % (pidfile, describe_error(e)))
+        if config.globals["pidfile"]:
+            server.write_pidfile(config.globals["pidfile"])
         if config.globals["user"]:
             drop_privileges(config.globals["user"], log)
     except RuntimeError as e:
         log.error("%s", e)
         for port in server.ports:
             port.stop("fatal error")
+        server.remove_pidfile()
         return EXIT_FATAL
     log.info("%s %s started with %d port%s", PROGRAM, __version__, len(server.ports),
              "" if len(server.ports) == 1 else "s")
     try:
         server.run()
     finally:
-        if pidfile:
-            try:
-                os.unlink(pidfile)
-            except OSError:
-                pass
+        server.remove_pidfile()
     return EXIT_OK
 
 

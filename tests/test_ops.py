@@ -483,3 +483,144 @@ def test_a_fifo_in_place_of_the_password_file_is_refused_at_sighup(tmp_path, pty
         assert c.recv(3) == b"ghi"
     finally:
         assert s.stop() == 0, s.log()
+
+
+# --- SIGHUP applies the global keys too --------------------------------------
+
+def refused_to_connect(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except OSError:
+        return True
+    return False
+
+
+def test_sighup_moves_the_status_endpoint_and_keeps_the_ports(tmp_path, pty):
+    port, status, status2 = free_port(), free_port(), free_port()
+    ini = tmp_path / "ports.ini"
+    ports = {"one": {"device": pty.path, "listen": "127.0.0.1:%d" % port}}
+    write_ini(ini, ports, "status = 127.0.0.1:%d\n" % status)
+    s = Sertcp(["-c", ini], tmp_path)
+    try:
+        s.wait_listening(port)
+        s.wait_log("status endpoint on")
+        assert http_get(status, "/status")[0] == 200
+        c = Client(port)
+        s.wait_log("connected")
+        write_ini(ini, ports, "status = 127.0.0.1:%d\n" % status2)
+        s.signal(signal.SIGHUP)
+        s.wait_log(r"reloaded: kept one")
+        assert json.loads(http_get(status2, "/status")[1])["ports"][0]["name"] == "one"
+        assert refused_to_connect(status)
+        c.send(b"kept")
+        assert pty.read(4) == b"kept"
+        # no status key: the endpoint closes
+        write_ini(ini, ports)
+        s.signal(signal.SIGHUP)
+        s.wait_log(r"reloaded: kept one", count=2)
+        assert refused_to_connect(status2)
+    finally:
+        assert s.stop() == 0, s.log()
+
+
+def test_sighup_refuses_a_status_address_it_cannot_bind(tmp_path, pty):
+    port, status, other = free_port(), free_port(), free_port()
+    ini = tmp_path / "ports.ini"
+    write_ini(ini, {"one": {"device": pty.path, "listen": "127.0.0.1:%d" % port}}, "status = 127.0.0.1:%d\n" % status)
+    s = Sertcp(["-c", ini], tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        busy = taken.getsockname()[1]
+        try:
+            s.wait_listening(port)
+            write_ini(ini, {"one": {"device": pty.path, "listen": "127.0.0.1:%d" % other}},
+                      "status = 127.0.0.1:%d\n" % busy)
+            s.signal(signal.SIGHUP)
+            s.wait_log(r"reload refused: status: cannot listen on 127.0.0.1:%d: .*; the running configuration stays"
+                       % busy)
+            assert http_get(status, "/status")[0] == 200
+            c = Client(port)                # the port did not change either
+            c.send(b"same")
+            assert pty.read(4) == b"same"
+            assert "reloaded" not in s.log()
+        finally:
+            assert s.stop() == 0, s.log()
+
+
+def test_sighup_moves_the_log_to_its_new_file(tmp_path, pty):
+    port = free_port()
+    first, second = tmp_path / "first.log", tmp_path / "second.log"
+    ini = tmp_path / "ports.ini"
+    ports = {"one": {"device": pty.path, "listen": "127.0.0.1:%d" % port}}
+    write_ini(ini, ports, "log = %s\n" % first)
+    s = Sertcp(["-c", ini], tmp_path)
+    try:
+        wait_for(lambda: first.exists() and "listening on" in first.read_text(), message="the first log")
+        write_ini(ini, ports, "log = %s\n" % second)
+        s.signal(signal.SIGHUP)
+        wait_for(lambda: second.exists() and "reloaded: kept one" in second.read_text(), message="the second log")
+        assert "log continues here from %s" % first in second.read_text()
+        assert "log moves to %s" % second in first.read_text()
+        c = Client(port)
+        wait_for(lambda: "connected" in second.read_text(), message="a connection logged in the second log")
+        c.close()
+        assert "connected" not in first.read_text()
+        assert "reloaded" not in first.read_text()
+    finally:
+        assert s.stop() == 0, s.log()
+    assert "stopped" in second.read_text()
+
+
+def test_sighup_refuses_a_log_file_it_cannot_open(tmp_path, pty):
+    port = free_port()
+    log = tmp_path / "sertcp.log"
+    ini = tmp_path / "ports.ini"
+    ports = {"one": {"device": pty.path, "listen": "127.0.0.1:%d" % port}}
+    write_ini(ini, ports, "log = %s\n" % log)
+    s = Sertcp(["-c", ini], tmp_path)
+    try:
+        wait_for(lambda: log.exists() and "listening on" in log.read_text(), message="the log")
+        write_ini(ini, ports, "log = %s\n" % (tmp_path / "no-such-dir" / "x.log"))
+        s.signal(signal.SIGHUP)
+        wait_for(lambda: "reload refused: log: cannot open %s" % (tmp_path / "no-such-dir" / "x.log")
+                 in log.read_text(), message="the refusal in the log")
+    finally:
+        assert s.stop() == 0, s.log()
+
+
+def test_sighup_writes_the_new_pidfile_and_removes_the_old(tmp_path, pty):
+    port = free_port()
+    first, second = tmp_path / "first.pid", tmp_path / "second.pid"
+    ini = tmp_path / "ports.ini"
+    ports = {"one": {"device": pty.path, "listen": "127.0.0.1:%d" % port}}
+    write_ini(ini, ports, "pidfile = %s\n" % first)
+    s = Sertcp(["-c", ini], tmp_path)
+    try:
+        wait_for(lambda: first.exists() and first.read_text() == "%d\n" % s.proc.pid, message="the first pidfile")
+        write_ini(ini, ports, "pidfile = %s\n" % second)
+        s.signal(signal.SIGHUP)
+        s.wait_log(r"reloaded: kept one")
+        assert second.read_text() == "%d\n" % s.proc.pid
+        assert not first.exists()
+    finally:
+        assert s.stop() == 0, s.log()
+    assert not second.exists()
+
+
+def test_sighup_refuses_a_change_of_user_naming_the_key(tmp_path, pty):
+    port, port2 = free_port(), free_port()
+    ini = tmp_path / "ports.ini"
+    write_ini(ini, {"one": {"device": pty.path, "listen": "127.0.0.1:%d" % port}})
+    s = Sertcp(["-c", ini], tmp_path)
+    try:
+        s.wait_listening(port)
+        write_ini(ini, {"one": {"device": pty.path, "listen": "127.0.0.1:%d" % port2}}, "user = nobody\n")
+        s.signal(signal.SIGHUP)
+        s.wait_log(r"reload refused: user: cannot change from \(none\) to nobody .*restart")
+        assert "reloaded" not in s.log()
+        c = Client(port)
+        c.send(b"same")
+        assert pty.read(4) == b"same"
+    finally:
+        assert s.stop() == 0, s.log()
