@@ -55,11 +55,12 @@ def test_status_and_metrics_count_the_bytes_moved(sertcp, pty, clients):
 
     code, text = http_get(status, "/metrics")
     assert code == 200
-    assert 'sertcp_bytes_from_device{port="cli"} 1000' in text
-    assert 'sertcp_bytes_to_device{port="cli"} 300' in text
+    assert 'sertcp_bytes_from_device_total{port="cli"} 1000' in text
+    assert 'sertcp_bytes_to_device_total{port="cli"} 300' in text
     assert 'sertcp_connections_total{port="cli"} 2' in text
+    assert 'sertcp_clients{port="cli"} 2' in text
     for counter in ("bytes_dropped", "connections_rejected", "dials_failed", "device_errors"):
-        assert re.search(r"^sertcp_%s\{port=\"cli\"\} \d+$" % counter, text, re.M), counter
+        assert re.search(r"^sertcp_%s_total\{port=\"cli\"\} \d+$" % counter, text, re.M), counter
 
 
 def test_shared_listener_counts_its_refusals(sertcp, pty_factory, clients):
@@ -90,7 +91,7 @@ identity = id-b
     listeners = json.loads(http_get(status, "/status")[1])["listeners"]
     assert listeners == [{"listen": "127.0.0.1:%d" % port, "ports": ["a", "b"], "connections_rejected": 3}]
     metrics = http_get(status, "/metrics")[1]
-    assert 'sertcp_listener_connections_rejected{listen="127.0.0.1:%d"} 3\n' % port in metrics
+    assert 'sertcp_listener_connections_rejected_total{listen="127.0.0.1:%d"} 3\n' % port in metrics
 
 
 def test_status_endpoint_answers_bad_requests_and_survives(sertcp, pty):
@@ -622,5 +623,40 @@ def test_sighup_refuses_a_change_of_user_naming_the_key(tmp_path, pty):
         c = Client(port)
         c.send(b"same")
         assert pty.read(4) == b"same"
+    finally:
+        assert s.stop() == 0, s.log()
+
+
+def test_metrics_pass_promtool_check(tmp_path, pty_factory):
+    """/metrics as Prometheus wants it: counters end in _total, gauges do
+    not, every family has HELP and TYPE.  promtool comes with Debian's
+    prometheus package (.ci/run installs it)."""
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: apt-get install prometheus"
+    a, b = pty_factory(), pty_factory()
+    port, status = free_port(), free_port()
+    ini = tmp_path / "ports.ini"
+    ini.write_text("[global]\nstatus = 127.0.0.1:%d\n"
+                   "[server]\ndevice = %s\nlisten = 127.0.0.1:%d\nmax_clients = 2\n"
+                   '[dialer "quoted" \\ name]\ndevice = %s\nconnect = 127.0.0.1:%d\nreconnect_min = 0.1\n'
+                   % (status, a.path, port, b.path, free_port()))
+    s = Sertcp(["-c", ini], tmp_path)
+    try:
+        s.wait_listening(port)
+        s.wait_log("status endpoint on")
+        c = Client(port)
+        s.wait_log("connected")
+        a.write(b"x" * 100)
+        assert c.recv(100) == b"x" * 100
+        s.wait_log("every peer failed")
+        code, text = http_get(status, "/metrics")
+        assert code == 200
+        check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+        assert (check.returncode, check.stdout + check.stderr) == (0, ""), text
+        assert 'sertcp_bytes_from_device_total{port="server"} 100' in text
+        assert re.search(r'^sertcp_dials_failed_total\{port="dialer \\"quoted\\" \\\\ name"\} [1-9]', text, re.M), text
+        assert 'sertcp_clients{port="server"} 1' in text
+        assert "# TYPE sertcp_clients gauge" in text
+        assert "sertcp_internal_errors_total 0" in text
     finally:
         assert s.stop() == 0, s.log()
