@@ -4929,7 +4929,10 @@ class Trace:
         self.path, self.format, self.log, self.name = path, fmt, log, name
         self.file = None
         try:
-            self.file = open(path, "ab")
+            # without blocking: a FIFO nobody reads would otherwise hold up
+            # the start (or a SIGHUP) at open, and every port at write
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_NOCTTY, 0o666)
+            self.file = open(fd, "ab")
         except OSError as e:
             self._fail(e)
 

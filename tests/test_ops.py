@@ -660,3 +660,15 @@ def test_metrics_pass_promtool_check(tmp_path, pty_factory):
         assert "sertcp_internal_errors_total 0" in text
     finally:
         assert s.stop() == 0, s.log()
+
+
+def test_a_trace_to_a_fifo_nobody_reads_never_holds_up_the_bridge(sertcp, pty, clients, tmp_path):
+    """Opening it used to wait for a reader, before the port listened."""
+    port = free_port()
+    fifo = tmp_path / "trace.fifo"
+    os.mkfifo(fifo)
+    s = sertcp(pty.path, "--listen", "127.0.0.1:%d" % port, "--trace", fifo, wait_port=port)
+    s.wait_log(r"trace %s disabled" % re.escape(str(fifo)))
+    c = clients(port)
+    c.send(b"through")
+    assert pty.read(7) == b"through"
