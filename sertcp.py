@@ -904,6 +904,7 @@ def example_ini():
            "# [global] holds process-wide keys; every other section is one serial port.",
            "# [DEFAULT] keys apply to every port. Booleans: yes/no/true/false/on/off/1/0.",
            "# Sizes: 4096, 64k, 1m. Times in seconds unless the key ends in _ms.",
+           "# A number outside the range after 'allowed:' is an error (--check says so).",
            "# Byte strings (banner, connect_id, identity, pack_delimiter) take C escapes.",
            "", "[global]"]
     for key in GLOBAL_KEYS:
