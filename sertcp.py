@@ -107,19 +107,35 @@ def parse_bool(text):
     raise ValueProblem("expected yes/no/true/false/on/off/1/0")
 
 
-def parse_size(text):
-    value = text.strip().lower()
-    scale = 1
-    if value[-1:] in ("k", "m", "g"):
-        scale = {"k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}[value[-1]]
-        value = value[:-1]
-    try:
-        number = int(value)
-    except ValueError:
-        raise ValueProblem("expected a size such as 4096, 64k or 1m")
-    if number < 0:
-        raise ValueProblem("must not be negative")
-    return number * scale
+SIZE_UNITS = (("g", 1024 ** 3), ("m", 1024 ** 2), ("k", 1024))
+
+
+def show_size(value):
+    """4096 -> 4k, as parse_size reads it back."""
+    for suffix, scale in SIZE_UNITS:
+        if value and value % scale == 0:
+            return "%d%s" % (value // scale, suffix)
+    return str(value)
+
+
+def size_parser(low, high):
+    """A parser for a size key (4096, 64k, 1m, 1g) within low..high."""
+    allowed = "%s-%s" % (show_size(low), show_size(high))
+
+    def parse(text):
+        value = text.strip().lower()
+        scale = dict(SIZE_UNITS).get(value[-1:], 1)
+        if scale != 1:
+            value = value[:-1]
+        try:
+            number = int(value)
+        except ValueError:
+            raise ValueProblem("expected a size such as 4096, 64k or 1m, in %s" % allowed)
+        if not low <= number * scale <= high:
+            raise ValueProblem("allowed range is %s" % allowed)
+        return number * scale
+    parse.allowed = allowed
+    return parse
 
 
 def parse_bytes(text):
@@ -174,19 +190,37 @@ def show_bytes(value):
     return "".join(out)
 
 
-def number_parser(kind, low=None, high=None):
+# Every number a key takes has a range, written once here and shown by
+# --check's errors, -h, the example file and the README's table.  Times
+# stop at TIME_LIMIT: epoll's timeout is a 32-bit count of milliseconds
+# (24.8 days), and a timer any further away would end the loop.
+TIME_LIMIT = 864000            # seconds (10 days): the longest time a key may hold
+SIZE_LIMIT = 1 << 30           # bytes (1g): the largest buffer a key may ask for
+
+
+def show_number(value):
+    """1000000 and 0.05 as a user would write them (no 1e+06)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value)
+
+
+def number_parser(kind, low, high):
+    """A parser for an int or float key within low..high; `allowed` tells
+    the range to the documentation and to the error messages."""
+    allowed = "%s-%s" % (show_number(low), show_number(high))
+
     def parse(text):
         try:
             value = kind(text.strip())
         except ValueError:
-            raise ValueProblem("expected %s" % ("an integer" if kind is int else "a number"))
+            raise ValueProblem("expected %s in %s" % ("an integer" if kind is int else "a number", allowed))
         if value != value or value in (float("inf"), float("-inf")):
-            raise ValueProblem("expected a finite number")
-        if low is not None and value < low:
-            raise ValueProblem("must be at least %s" % low)
-        if high is not None and value > high:
-            raise ValueProblem("must be at most %s" % high)
+            raise ValueProblem("expected a finite number in %s" % allowed)
+        if not low <= value <= high:
+            raise ValueProblem("allowed range is %s" % allowed)
         return value
+    parse.allowed = allowed
     return parse
 
 
@@ -247,6 +281,11 @@ def parse_connect(text):
     return tuple(parse_hostport(p, need_host=True) for p in peers)
 
 
+# What Linux takes for TCP_KEEPIDLE, TCP_KEEPINTVL and TCP_KEEPCNT (more is
+# EINVAL at every connection, and the keepalive would be half set)
+KEEPALIVE_LIMITS = (("IDLE", 32767), ("INTERVAL", 32767), ("COUNT", 127))
+
+
 def parse_keepalive(text):
     parts = [p.strip() for p in text.split(",")]
     if parts == ["0"]:
@@ -257,9 +296,14 @@ def parse_keepalive(text):
         values = tuple(int(p) for p in parts)
     except ValueError:
         raise ValueProblem("expected three integers IDLE,INTERVAL,COUNT")
-    if min(values) < 1:
-        raise ValueProblem("each of IDLE,INTERVAL,COUNT must be at least 1 (0 alone turns keepalive off)")
+    for value, (name, high) in zip(values, KEEPALIVE_LIMITS):
+        if not 1 <= value <= high:
+            raise ValueProblem("%s must be 1-%d (0 alone turns keepalive off); allowed: %s"
+                               % (name, high, parse_keepalive.allowed))
     return values
+
+
+parse_keepalive.allowed = "0, or " + ",".join("1-%d" % high for _, high in KEEPALIVE_LIMITS)
 
 
 def parse_line_state(text):
@@ -311,6 +355,43 @@ def parse_path(text):
     return value
 
 
+# The largest file of each kind sertcp reads.  Anything bigger is a
+# mistake (a log file named as -c), and reading it whole at every start
+# and SIGHUP would only fill memory.
+CONFIG_FILE_LIMIT = 4 << 20    # -c FILE: some 20,000 ports
+PEM_FILE_LIMIT = 1 << 20       # tls_cert, tls_key, tls_ca (a system CA bundle is ~200k)
+PASSWORD_FILE_LIMIT = 64 << 10  # password_file (only its first line counts)
+
+
+def read_regular_file(path, limit):
+    """The bytes of the regular file at `path`, at most `limit` of them.
+
+    Opened without blocking, so that a FIFO (which would wait for a
+    writer) cannot hang --check or stall every port at SIGHUP; a FIFO, a
+    device (/dev/zero, which never ends) or a directory is refused, and
+    so is a file larger than `limit`.  Raises OSError, or ValueProblem
+    with a message to put after the path."""
+    import stat
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFDIR: "a directory",
+                    stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}.get(stat.S_IFMT(mode), "special")
+            raise ValueProblem("is %s, not a regular file" % kind)
+        chunks, size = [], 0
+        while True:
+            chunk = os.read(fd, min(65536, limit + 1 - size))
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise ValueProblem("is larger than %s, the most this kind of file may hold" % show_size(limit))
+    finally:
+        os.close(fd)
+
+
 class Key:
     """One configuration key: declared once, used by the INI parser, the
     flags, --check, the example file and the README table."""
@@ -322,6 +403,16 @@ class Key:
     @property
     def flag(self):
         return "--" + self.name.replace("_", "-")
+
+    @property
+    def allowed(self):
+        """The range of a numeric key ("0-864000"), None for the others."""
+        return getattr(self.parse, "allowed", None)
+
+    @property
+    def described(self):
+        """The help line with the range, for -h and the example file."""
+        return "%s; allowed: %s" % (self.help, self.allowed) if self.allowed else self.help
 
     def format(self, value):
         if value is None:
@@ -336,7 +427,7 @@ def _show_bool(v):
 
 
 def _show_float(v):
-    return ("%g" % v)
+    return show_number(v)
 
 
 def _show_list(v):
@@ -347,8 +438,8 @@ PORT_KEYS = [
     # serial side
     Key("device", parse_path, None, "path (/dev/ttyUSB0) or pyserial URL (loop://, socket://, rfc2217://) of the serial device"),
     Key("virtual", parse_path, None, "create a pseudo-terminal with a symlink at this path: a virtual serial port for local programs"),
-    Key("baudrate", number_parser(int, 1), 9600, "bits per second; any rate the OS accepts"),
-    Key("bytesize", number_parser(int, 5, 8), 8, "data bits: 5-8"),
+    Key("baudrate", number_parser(int, 50, 12000000), 9600, "bits per second; any rate the OS accepts"),
+    Key("bytesize", number_parser(int, 5, 8), 8, "data bits"),
     Key("parity", choice_parser("none", "even", "odd", "mark", "space",
                                 aliases={"n": "none", "e": "even", "o": "odd", "m": "mark", "s": "space"}),
         "none", "none, even, odd, mark, space (N E O M S accepted)"),
@@ -359,7 +450,7 @@ PORT_KEYS = [
     Key("dtr_idle", parse_line_state, "keep", "DTR while no client is connected: on, off, keep"),
     Key("rts_idle", parse_line_state, "keep", "RTS while no client is connected: on, off, keep"),
     Key("open_on_demand", parse_bool, False, "open the device only while at least one client is connected", _show_bool),
-    Key("reopen_interval", number_parser(float, 0.05), 2.0, "seconds between attempts to open a missing or failed device", _show_float),
+    Key("reopen_interval", number_parser(float, 0.05, TIME_LIMIT), 2.0, "seconds between attempts to open a missing or failed device", _show_float),
     Key("exclusive", parse_bool, True, "lock the device against other programs (TIOCEXCL and flock)", _show_bool),
     Key("tx_pause_ms", number_parser(int, 0, 60000), 0, "milliseconds to pause between successive writes to the device"),
     Key("strict_baud", parse_bool, False, "virtual ports: pace data at the port's baud rate, like a real line", _show_bool),
@@ -367,36 +458,36 @@ PORT_KEYS = [
     # network side
     Key("listen", parse_listen, None, "[HOST:]PORT to accept clients on ([::1]:PORT for IPv6; no host = all addresses)", show_hostport),
     Key("connect", parse_connect, None, "HOST:PORT[, HOST:PORT ...] to dial, tried in order", lambda v: ", ".join(show_hostport(p) for p in v)),
-    Key("event_bytes", number_parser(int, 0), 0, "client role: 0 = dial at start and stay up; N = dial once N device bytes wait"),
-    Key("timeout", number_parser(float, 0), 0.0, "close a connection idle this many seconds in both directions (0 = never)", _show_float),
-    Key("reconnect_min", number_parser(float, 0.01), 1.0, "client role: shortest pause between failed dials", _show_float),
-    Key("reconnect_max", number_parser(float, 0.01), 60.0, "client role: longest pause between failed dials", _show_float),
+    Key("event_bytes", number_parser(int, 0, 1 << 20), 0, "client role: 0 = dial at start and stay up; N = dial once N device bytes wait"),
+    Key("timeout", number_parser(float, 0, TIME_LIMIT), 0.0, "close a connection idle this many seconds in both directions (0 = never)", _show_float),
+    Key("reconnect_min", number_parser(float, 0.01, TIME_LIMIT), 1.0, "client role: shortest pause between failed dials", _show_float),
+    Key("reconnect_max", number_parser(float, 0.01, TIME_LIMIT), 60.0, "client role: longest pause between failed dials", _show_float),
     Key("protocol", choice_parser("raw", "rfc2217"), "raw", "raw, or rfc2217 (Telnet COM-PORT-OPTION)"),
     Key("rfc2217_role", choice_parser("auto", "server", "client"), "auto", "server, client, or auto (a virtual port is the client)"),
     Key("remote_control", parse_remote_control, REMOTE_CONTROL_ITEMS, "rfc2217 server: what clients may change: yes, no, or a list of settings, dtr, rts, break, purge",
         lambda v: "yes" if tuple(v) == REMOTE_CONTROL_ITEMS else (", ".join(v) if v else "no")),
     Key("max_clients", number_parser(int, 1, 100000), 1, "server role: clients accepted at once"),
-    Key("backlog", number_parser(int, 1, 65535), 16, "server role: pending connections the kernel queues"),
+    Key("backlog", number_parser(int, 1, 65535), 1024, "server role: pending connections the kernel queues (at most net.core.somaxconn)"),
     Key("when_full", choice_parser("reject", "kick_oldest"), "reject", "when max_clients are connected: reject the newest, or kick_oldest"),
     Key("send_to", choice_parser("all", "first", "last", "last_active", "none"), "all", "which clients get device data: all, first, last, last_active, none"),
     Key("receive_from", choice_parser("all", "first", "last", "last_active", "none"), "all", "whose data goes to the device: all, first, last, last_active, none"),
-    Key("client_buffer", parse_size, 262144, "bytes queued for one client before slow_client applies", lambda v: str(v)),
+    Key("client_buffer", size_parser(0, SIZE_LIMIT), 262144, "bytes queued for one client before slow_client applies", lambda v: str(v)),
     Key("slow_client", choice_parser("disconnect", "drop"), "disconnect", "a client whose queue is full: disconnect it, or drop its data"),
-    Key("buffer", parse_size, 0, "device bytes held while no client is connected, for the next one (0 = discard)"),
+    Key("buffer", size_parser(0, SIZE_LIMIT), 0, "device bytes held while no client is connected, for the next one (0 = discard)"),
     Key("buffer_drop", choice_parser("newest", "oldest"), "newest", "when buffer is full: discard the newest or the oldest bytes"),
     Key("nodelay", parse_bool, True, "TCP_NODELAY (send small packets at once)", _show_bool),
     Key("keepalive", parse_keepalive, (60, 10, 3), "TCP keepalive IDLE,INTERVAL,COUNT, or 0 for off",
         lambda v: "0" if not v[0] else "%d,%d,%d" % v),
-    Key("pack_size", parse_size, 0, "device->network: send when this many bytes are gathered (0 = off)"),
+    Key("pack_size", size_parser(0, 1 << 20), 0, "device->network: send when this many bytes are gathered (0 = off)"),
     Key("pack_delimiter", parse_bytes, None, "device->network: send when this byte or 2-byte sequence arrives", show_bytes),
-    Key("pack_trailing", number_parser(int, 0, 2), 0, "bytes after the delimiter that belong to the packet (0-2)"),
+    Key("pack_trailing", number_parser(int, 0, 2), 0, "bytes after the delimiter that belong to the packet (a CRC)"),
     Key("pack_strip", parse_bool, False, "drop the delimiter from the packet", _show_bool),
     Key("pack_idle_ms", number_parser(int, 0, 3600000), 0, "device->network: send when the device was silent this long (0 = off)"),
     Key("pack_max_ms", number_parser(int, 0, 3600000), 0, "device->network: never hold gathered data longer than this (0 = off)"),
     Key("banner", parse_bytes, None, "bytes sent to each client on connect", show_bytes),
     Key("connect_id", parse_bytes, None, "client role: bytes sent first on every connection (the device's identity)", show_bytes),
     Key("identity", parse_bytes, None, "server role: the id a client must send first (shared listeners)", show_bytes),
-    Key("identity_timeout", number_parser(float, 0.01), 10.0, "seconds a client has to send its id or password", _show_float),
+    Key("identity_timeout", number_parser(float, 0.01, 3600), 10.0, "seconds a client has to send its id or password", _show_float),
     Key("allow", parse_allow, None, "comma list of IPs/CIDRs allowed to connect (IPv4 and IPv6)", _show_list),
     Key("password", parse_text, None, "a client must send this password and a newline first", secret=True),
     Key("password_file", parse_path, None, "file whose first line is the password"),
@@ -455,10 +546,11 @@ def read_ini(path):
     Comment lines start with '#' or ';'; an indented line continues a value.
     """
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        lines = read_regular_file(path, CONFIG_FILE_LIMIT).decode("utf-8").splitlines()
     except OSError as e:
         raise ConfigError(path, None, "cannot read: %s" % e.strerror)
+    except ValueProblem as e:
+        raise ConfigError(path, None, str(e))
     except UnicodeDecodeError:
         raise ConfigError(path, None, "not UTF-8 text")
     sections = IniSections()
@@ -541,65 +633,85 @@ def _parse_settings(schema, settings, section_label, errors):
     return values
 
 
+# Rules across the keys of one port, one row each: (when the values break
+# it, the key to blame, the message).  A message may name the port as
+# {name} and any key's value as {key}, shown as --check shows it.
+PORT_RULES = (
+    (lambda v: v["device"] is None and v["virtual"] is None,
+     "device", "port [{name}] needs device or virtual"),
+    (lambda v: v["device"] is not None and v["virtual"] is not None,
+     "virtual", "port [{name}] has both device and virtual; choose one"),
+    (lambda v: v["listen"] is None and v["connect"] is None,
+     "listen", "port [{name}] needs listen or connect (or both)"),
+    (lambda v: v["pack_delimiter"] is not None and not 1 <= len(v["pack_delimiter"]) <= 2,
+     "pack_delimiter", "must be 1 or 2 bytes"),
+    (lambda v: v["pack_delimiter"] is None and v["pack_trailing"],
+     "pack_trailing", "needs pack_delimiter"),
+    (lambda v: v["pack_delimiter"] is None and v["pack_strip"],
+     "pack_strip", "needs pack_delimiter"),
+    (lambda v: v["reconnect_min"] > v["reconnect_max"],
+     "reconnect_min", "is larger than reconnect_max ({reconnect_min} > {reconnect_max})"),
+    (lambda v: v["virtual"] is None and v["strict_baud"],
+     "strict_baud", "applies only to virtual ports"),
+    (lambda v: v["virtual"] is None and v["listen_on_open"],
+     "listen_on_open", "applies only to virtual ports"),
+    (lambda v: v["password"] is not None and v["password_file"] is not None,
+     "password_file", "set password or password_file, not both"),
+    (lambda v: v["password"] is not None and len(v["password"].encode("utf-8")) > PASSWORD_LINE_LIMIT,
+     "password", "is longer than %d bytes" % PASSWORD_LINE_LIMIT),
+    (lambda v: v["tls_cert"] is not None and v["tls_key"] is None,
+     "tls_key", "tls_cert and tls_key go together"),
+    (lambda v: v["tls_key"] is not None and v["tls_cert"] is None,
+     "tls_cert", "tls_cert and tls_key go together"),
+    (lambda v: v["tls_cert"] is not None and v["listen"] is None,
+     "tls_cert", "serves TLS on listen, which is not set"),
+    (lambda v: v["tls"] and v["connect"] is None,
+     "tls", "dials with TLS on connect, which is not set"),
+    (lambda v: v["event_bytes"] and v["connect"] is None,
+     "event_bytes", "needs connect"),
+    (lambda v: v["connect_id"] is not None and v["connect"] is None,
+     "connect_id", "needs connect"),
+    (lambda v: v["identity"] is not None and v["listen"] is None,
+     "identity", "needs listen"),
+    (lambda v: v["identity"] == b"",
+     "identity", "must not be empty"),
+    (lambda v: v["identity"] is not None and (b"\n" in v["identity"] or b"\r" in v["identity"]),
+     "identity", "must not contain CR or LF (they end an id)"),
+)
+
+
 def _validate_port(port, where_of, errors):
-    """Combinations that each key alone cannot check."""
+    """Combinations that each key alone cannot check: PORT_RULES, then
+    the files the port names."""
     v = port.values
-
-    def err(key, message):
-        errors.append(ConfigError(where_of(key), key, message))
-
-    if v["device"] is None and v["virtual"] is None:
-        err("device", "port [%s] needs device or virtual" % port.name)
-    if v["device"] is not None and v["virtual"] is not None:
-        err("virtual", "port [%s] has both device and virtual; choose one" % port.name)
-    if v["listen"] is None and v["connect"] is None:
-        err("listen", "port [%s] needs listen or connect (or both)" % port.name)
-    if v["pack_delimiter"] is not None and not 1 <= len(v["pack_delimiter"]) <= 2:
-        err("pack_delimiter", "must be 1 or 2 bytes")
-    if v["pack_delimiter"] is None and (v["pack_trailing"] or v["pack_strip"]):
-        err("pack_trailing" if v["pack_trailing"] else "pack_strip", "needs pack_delimiter")
-    if v["reconnect_min"] > v["reconnect_max"]:
-        err("reconnect_min", "is larger than reconnect_max (%g > %g)" % (v["reconnect_min"], v["reconnect_max"]))
-    if v["virtual"] is None:
-        for key in ("strict_baud", "listen_on_open"):
-            if v[key]:
-                err(key, "applies only to virtual ports")
-    if v["password"] is not None and v["password_file"] is not None:
-        err("password_file", "set password or password_file, not both")
-    if v["password"] is not None and len(v["password"].encode("utf-8")) > PASSWORD_LINE_LIMIT:
-        err("password", "is longer than %d bytes" % PASSWORD_LINE_LIMIT)
-    for key in ("tls_cert", "tls_key", "tls_ca"):
-        if v[key] is not None:
-            try:
-                with open(v[key], "rb") as f:
-                    head = f.read(65536)
-            except OSError as e:
-                err(key, "cannot read %s: %s" % (v[key], e.strerror))
-                continue
-            wanted = b"PRIVATE KEY-----" if key == "tls_key" else b"-----BEGIN CERTIFICATE-----"
-            if wanted not in head:
-                err(key, "%s is not a PEM %s" % (v[key], "private key" if key == "tls_key" else "certificate"))
-    if (v["tls_cert"] is None) != (v["tls_key"] is None):
-        err("tls_key" if v["tls_key"] is None else "tls_cert", "tls_cert and tls_key go together")
-    if v["tls_cert"] is not None and v["listen"] is None:
-        err("tls_cert", "serves TLS on listen, which is not set")
-    if v["tls"] and v["connect"] is None:
-        err("tls", "dials with TLS on connect, which is not set")
-    if v["event_bytes"] and v["connect"] is None:
-        err("event_bytes", "needs connect")
-    if v["connect_id"] is not None and v["connect"] is None:
-        err("connect_id", "needs connect")
-    if v["identity"] is not None and v["listen"] is None:
-        err("identity", "needs listen")
-    if v["identity"] is not None and not v["identity"]:
-        err("identity", "must not be empty")
-    if v["identity"] is not None and (b"\n" in v["identity"] or b"\r" in v["identity"]):
-        err("identity", "must not contain CR or LF (they end an id)")
-    if v["device"] is not None and v["virtual"] is None and v["listen_on_open"]:
-        err("listen_on_open", "applies only to virtual ports")
+    for broken, key, message in PORT_RULES:
+        if broken(v):
+            shown = {k: PORT_SCHEMA[k].format(value) for k, value in v.items()}
+            errors.append(ConfigError(where_of(key), key, message.format(name=port.name, **shown)))
+    _check_port_files(port, where_of, errors)
     for key in sorted(NOT_YET):
         if NOT_YET[key](v[key]):
-            err(key, "is not supported by sertcp %s yet" % __version__)
+            errors.append(ConfigError(where_of(key), key, "is not supported by sertcp %s yet" % __version__))
+
+
+def _check_port_files(port, where_of, errors):
+    """The TLS files must be regular files, of PEM of the right kind."""
+    v = port.values
+    for key in ("tls_cert", "tls_key", "tls_ca"):
+        if v[key] is None:
+            continue
+        try:
+            content = read_regular_file(v[key], PEM_FILE_LIMIT)
+        except OSError as e:
+            errors.append(ConfigError(where_of(key), key, "cannot read %s: %s" % (v[key], e.strerror)))
+            continue
+        except ValueProblem as e:
+            errors.append(ConfigError(where_of(key), key, "%s %s" % (v[key], e)))
+            continue
+        wanted = b"PRIVATE KEY-----" if key == "tls_key" else b"-----BEGIN CERTIFICATE-----"
+        if wanted not in content:
+            errors.append(ConfigError(where_of(key), key, "%s is not a PEM %s"
+                                      % (v[key], "private key" if key == "tls_key" else "certificate")))
 
 
 def _validate_ports(ports, where_of_port, errors):
@@ -734,14 +846,15 @@ def build_config(config_path, port_flags, global_flags, device):
         elif values["password_file"] is not None:
             # read at every (re)load, so SIGHUP picks up a changed file
             try:
-                with open(values["password_file"], "rb") as f:
-                    # bounded: a path pointing at /dev/zero or a huge file
-                    # must not hang or fill memory at start or on SIGHUP
-                    port.secret = f.readline(PASSWORD_LINE_LIMIT + 1).rstrip(b"\r\n")
+                content = read_regular_file(values["password_file"], PASSWORD_FILE_LIMIT)
             except OSError as e:
                 errors.append(ConfigError(merged["password_file"].where, "password_file",
                                           "cannot read %s: %s" % (values["password_file"], e.strerror)))
+            except ValueProblem as e:
+                errors.append(ConfigError(merged["password_file"].where, "password_file",
+                                          "%s %s" % (values["password_file"], e)))
             else:
+                port.secret = content.split(b"\n", 1)[0].rstrip(b"\r\n")
                 if not port.secret:
                     errors.append(ConfigError(merged["password_file"].where, "password_file",
                                               "the first line of %s is empty" % values["password_file"]))
@@ -796,15 +909,16 @@ def example_ini():
            "# [global] holds process-wide keys; every other section is one serial port.",
            "# [DEFAULT] keys apply to every port. Booleans: yes/no/true/false/on/off/1/0.",
            "# Sizes: 4096, 64k, 1m. Times in seconds unless the key ends in _ms.",
+           "# A number outside the range after 'allowed:' is an error (--check says so).",
            "# Byte strings (banner, connect_id, identity, pack_delimiter) take C escapes.",
            "", "[global]"]
     for key in GLOBAL_KEYS:
-        out.append("# %s" % key.help)
+        out.append("# %s" % key.described)
         out.append("%s%s = %s" % ("" if key.default is not None else ";", key.name, key.format(key.default)))
     out += ["", "# One port: a virtual serial port bridged to TCP port 7000.",
             "# Change 'virtual' to 'device = /dev/ttyUSB0' for a real adapter.", "[example]"]
     for key in PORT_KEYS:
-        out.append("# %s" % key.help)
+        out.append("# %s" % key.described)
         if key.name == "virtual":
             out.append("virtual = /tmp/ttySERTCP0")
         elif key.name == "listen":
@@ -5129,35 +5243,40 @@ COUNTER_HELP = {
 }
 
 
+def counter_metric(counter):
+    """A counter's Prometheus name: sertcp_<counter>_total (a counter
+    already named ..._total is not suffixed twice)."""
+    name = "sertcp_" + counter
+    return name if name.endswith("_total") else name + "_total"
+
+
 def format_metrics(server):
-    """Prometheus text exposition of the counters and a few gauges."""
-    def label(port):
-        return port.name.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    """Prometheus text exposition (format 0.0.4) of the counters and a few
+    gauges: counters end in _total, gauges do not, each family has HELP
+    and TYPE, so that `promtool check metrics` finds nothing to report."""
+    def label(text):
+        return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
     lines = []
-    for counter, help_text in COUNTER_HELP.items():
-        metric = "sertcp_%s" % counter
+
+    def family(metric, kind, help_text, samples):
         lines.append("# HELP %s %s" % (metric, help_text))
-        lines.append("# TYPE %s counter" % metric)
-        for port in server.ports:
-            lines.append('%s{port="%s"} %d' % (metric, label(port), port.counters[counter]))
+        lines.append("# TYPE %s %s" % (metric, kind))
+        for labels, value in samples:
+            lines.append("%s%s %d" % (metric, labels, value))
+    for counter, help_text in COUNTER_HELP.items():
+        family(counter_metric(counter), "counter", help_text,
+               [('{port="%s"}' % label(port.name), port.counters[counter]) for port in server.ports])
     for gauge, help_text, value in (
             ("clients", "Connections open now.", lambda p: len(p.clients)),
             ("device_open", "1 if the device is open.", lambda p: 1 if p.device.is_open else 0)):
-        metric = "sertcp_%s" % gauge
-        lines.append("# HELP %s %s" % (metric, help_text))
-        lines.append("# TYPE %s gauge" % metric)
-        for port in server.ports:
-            lines.append('%s{port="%s"} %d' % (metric, label(port), value(port)))
-    metric = "sertcp_listener_connections_rejected"
-    lines.append("# HELP %s Connections a listener refused before choosing a port (address, "
-                 "password block, unknown identity, silence)." % metric)
-    lines.append("# TYPE %s counter" % metric)
-    for gate in server.gates:
-        lines.append('%s{listen="%s"} %d' % (metric, show_hostport(gate.listener.address), gate.rejected))
-    metric = "sertcp_internal_errors"
-    lines.append("# HELP %s Bugs met and contained: the connection, device or request closed." % metric)
-    lines.append("# TYPE %s counter" % metric)
-    lines.append("%s %d" % (metric, server.reactor.errors))
+        family("sertcp_" + gauge, "gauge", help_text,
+               [('{port="%s"}' % label(port.name), value(port)) for port in server.ports])
+    family(counter_metric("listener_connections_rejected"), "counter",
+           "Connections a listener refused before choosing a port (address, password block, unknown identity, "
+           "silence).", [('{listen="%s"}' % label(show_hostport(gate.listener.address)), gate.rejected)
+                         for gate in server.gates])
+    family(counter_metric("internal_errors"), "counter",
+           "Bugs met and contained: the connection, device or request closed.", [("", server.reactor.errors)])
     return "\n".join(lines) + "\n"
 
 
@@ -5305,7 +5424,10 @@ class Trace:
         self.path, self.format, self.log, self.name = path, fmt, log, name
         self.file = None
         try:
-            self.file = open(path, "ab")
+            # without blocking: a FIFO nobody reads would otherwise hold up
+            # the start (or a SIGHUP) at open, and every port at write
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_NOCTTY, 0o666)
+            self.file = open(fd, "ab")
         except OSError as e:
             self._fail(e)
 
@@ -5378,7 +5500,7 @@ Global keys:
 
 def usage_text():
     def table(keys):
-        return "\n".join("  %-22s %s (default: %s)" % (k.flag, k.help, k.format(k.default) or "-")
+        return "\n".join("  %-22s %s (default: %s)" % (k.flag, k.described, k.format(k.default) or "-")
                          for k in keys)
     return USAGE % (table(PORT_KEYS), table(GLOBAL_KEYS))
 
@@ -5391,12 +5513,10 @@ def log_warning(message):
         _log.warning(message)
 
 
-def setup_logging(global_values):
+def open_log_handler(global_values):
+    """A logging handler for `log`: stderr, syslog or a file (raises
+    OSError when the file cannot be opened)."""
     import logging
-    logger = logging.getLogger(PROGRAM)
-    for old in logger.handlers[:]:
-        logger.removeHandler(old)
-        old.close()
     target = global_values["log"]
     if target == "stderr":
         handler = logging.StreamHandler(sys.stderr)
@@ -5409,7 +5529,21 @@ def setup_logging(global_values):
     else:
         handler = logging.FileHandler(target)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    return handler
+
+
+def use_log_handler(logger, handler):
+    """Make `handler` the logger's only one, closing those it replaces."""
+    for old in logger.handlers[:]:
+        logger.removeHandler(old)
+        old.close()
     logger.addHandler(handler)
+
+
+def setup_logging(global_values):
+    import logging
+    logger = logging.getLogger(PROGRAM)
+    use_log_handler(logger, open_log_handler(global_values))
     logger.setLevel(global_values["log_level"].upper())
     logger.propagate = False
     global _log
@@ -5567,6 +5701,7 @@ class Server:
         self.signals_seen = deque()
         self.reload_config = reload_config
         self.started = time.monotonic()
+        self.pidfile = None         # the path written, removed at exit
 
     def internal_error(self, where, exc):
         """A bug met while serving `where` (contained by the reactor): the
@@ -5620,6 +5755,104 @@ class Server:
                     ", ".join(p.name for p in group), show_hostport(address), describe_error(e)))
         return gates
 
+    def write_pidfile(self, path):
+        """Write our pid to `path` (raises RuntimeError) and remember it."""
+        try:
+            with open(path, "w") as f:
+                f.write("%d\n" % os.getpid())
+        except OSError as e:
+            raise RuntimeError("pidfile %s: %s" % (path, describe_error(e)))
+        self.pidfile = path
+
+    def remove_pidfile(self):
+        if self.pidfile:
+            try:
+                os.unlink(self.pidfile)
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    self.log.warning("pidfile %s not removed: %s", self.pidfile, describe_error(e))
+            self.pidfile = None
+
+    def apply_globals(self, new):
+        """At SIGHUP, before any port changes: take the new `log`,
+        `pidfile` and `status` (log_level is set with the ports).  Returns
+        None, or why the reload must be refused; then nothing changed.
+        Every step that can fail is done first and undone if a later one
+        fails."""
+        old = self.config.globals
+        if new["user"] != old["user"]:
+            return ("user: cannot change from %s to %s while running (privileges are dropped once, at start); "
+                    "restart sertcp" % (old["user"] or "(none)", new["user"] or "(none)"))
+        handler = None
+        if new["log"] != old["log"]:
+            try:
+                handler = open_log_handler(new)
+            except OSError as e:
+                return "log: cannot open %s: %s" % (new["log"], describe_error(e))
+        wrote_pidfile = new["pidfile"] is not None and new["pidfile"] != old["pidfile"]
+        if wrote_pidfile:
+            previous = self.pidfile
+            try:
+                self.write_pidfile(new["pidfile"])
+            except RuntimeError as e:
+                if handler is not None:
+                    handler.close()
+                return str(e)
+            self.pidfile = previous
+        status = self.status
+        if new["status"] != old["status"]:
+            try:
+                status = self._rebind_status(new["status"])
+            except OSError as e:
+                if handler is not None:
+                    handler.close()
+                if wrote_pidfile:
+                    try:
+                        os.unlink(new["pidfile"])
+                    except OSError:
+                        pass
+                return "status: cannot listen on %s: %s" % (show_hostport(new["status"]), describe_error(e))
+        # nothing can fail from here on
+        if handler is not None:
+            self.log.info("reload: log moves to %s", new["log"])
+            use_log_handler(self.log, handler)
+            self.log.info("reload: log continues here from %s", old["log"])
+        if new["pidfile"] != old["pidfile"]:
+            self.remove_pidfile()
+            self.pidfile = new["pidfile"]
+            if new["pidfile"]:
+                self.log.info("reload: pidfile now %s", new["pidfile"])
+        if status is not self.status:
+            if self.status is not None:
+                self.status.close()
+                self.log.info("reload: status endpoint on %s closed", show_hostport(old["status"]))
+            self.status = status
+        return None
+
+    def _rebind_status(self, address):
+        """A StatusEndpoint on `address` (None for none), bound while the
+        old one still serves; if the old one holds the address (a port
+        moving from 127.0.0.1:N to N), it is closed first and brought
+        back should the new one fail.  Raises OSError."""
+        if address is None:
+            return None
+        try:
+            return StatusEndpoint(self, address)
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE or self.status is None:
+                raise
+        old_address = self.config.globals["status"]
+        self.status.close()
+        try:
+            return StatusEndpoint(self, address)
+        except OSError:
+            try:
+                self.status = StatusEndpoint(self, old_address)
+            except OSError as e:
+                self.log.error("status endpoint on %s lost: %s", show_hostport(old_address), describe_error(e))
+                self.status = None
+            raise
+
     def on_signal(self, signum, frame):
         if signum in (signal.SIGTERM, signal.SIGINT):
             self.stop_requested = signum
@@ -5661,6 +5894,10 @@ class Server:
                 self.log.error("reload refused: %s", error)
             self.log.error("reload refused: %d error%s; the running configuration stays",
                            len(e.errors), "" if len(e.errors) == 1 else "s")
+            return
+        refused = self.apply_globals(new.globals)
+        if refused:
+            self.log.error("reload refused: %s; the running configuration stays", refused)
             return
         old_by_name = {p.name: p for p in self.ports}
         kept, restarted, started, stopped = [], [], [], []
@@ -5766,33 +6003,25 @@ def main(argv=None):
         return EXIT_USAGE
     raise_fd_limit(log)
     server = Server(config, log, load)
-    pidfile = config.globals["pidfile"]
     server.install_signals()
     try:
         server.start()
-        if pidfile:
-            try:
-                with open(pidfile, "w") as f:
-                    f.write("%d\n" % os.getpid())
-            except OSError as e:
-                raise RuntimeError("pidfile %s: %s" % (pidfile, describe_error(e)))
+        if config.globals["pidfile"]:
+            server.write_pidfile(config.globals["pidfile"])
         if config.globals["user"]:
             drop_privileges(config.globals["user"], log)
     except RuntimeError as e:
         log.error("%s", e)
         for port in server.ports:
             port.stop("fatal error")
+        server.remove_pidfile()
         return EXIT_FATAL
     log.info("%s %s started with %d port%s", PROGRAM, __version__, len(server.ports),
              "" if len(server.ports) == 1 else "s")
     try:
         server.run()
     finally:
-        if pidfile:
-            try:
-                os.unlink(pidfile)
-            except OSError:
-                pass
+        server.remove_pidfile()
     return EXIT_OK
 
 

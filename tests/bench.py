@@ -51,7 +51,7 @@ just these):
               and descriptors at 1, 100 and 1,000 clients that all receive a
               broadcast, and the KiB each further client costs
   accept      1,000 connections at once until sertcp has answered each one
-              (its banner), with the default backlog and with backlog 1024
+              (its banner), with the default backlog (1024) and with 16
   fanout1000  1,000 clients, send_to = all, each receives all of a 1 MiB
               burst (byte count and CRC per client)
   ports200    2,000 clients on 200 ports behind 4 shared listeners
@@ -1558,11 +1558,11 @@ def _accept_run(settings, workdir, extra):
 
 def scale_accept(settings, workdir, report):
     out = {"clients": settings.accept_clients, "variants": {}}
-    for label, extra in (("default", []), ("1024", ["--backlog", "1024"])):
+    for label, extra in (("16", ["--backlog", "16"]), ("default", [])):
         runs = [_accept_run(settings, workdir, extra) for _ in range(settings.accept_runs)]
         secs = [r["seconds"] for r in runs]
         every = None not in secs      # None: not all answered within accept_bound
-        out["variants"][label] = {"backlog": 16 if label == "default" else int(label),
+        out["variants"][label] = {"backlog": 1024 if label == "default" else int(label),
                                   "seconds": statistics.median(secs) if every else None,
                                   "max_seconds": max(secs) if every else None,
                                   "answered_min": min(r["answered"] for r in runs),
@@ -2485,7 +2485,7 @@ def _accept(label):
 
 
 def _accept_check(_value, report):
-    v = own(report, "accept")["variants"]["1024"]
+    v = own(report, "accept")["variants"]["default"]
     return v["max_seconds"] is not None and v["max_seconds"] < 2.0
 
 
@@ -2584,8 +2584,11 @@ REGISTRY = [
         Target("  RSS / descriptors by clients", own_figure("memory", _memory_levels))],
           own=scale_memory, group="scale"),
     Bench("accept", "connections at once until sertcp has answered each one (its banner)", [
-        Target("accept at once, backlog 16 (default)", own_figure("accept", _accept("default"))),
-        Target("accept at once, backlog 1024", own_figure("accept", _accept("1024")), "< 2 s", _accept_check)],
+        # the default is set for fleets; 16 for reference: a burst of 1,000
+        # overflows that queue and the kernel answers with SYN cookies
+        Target("accept at once, backlog 1024 (default)", own_figure("accept", _accept("default")), "< 2 s",
+               _accept_check),
+        Target("accept at once, backlog 16", own_figure("accept", _accept("16")))],
           own=scale_accept, group="scale"),
     Bench("fanout1000", "1,000 clients, send_to = all, each receives all of a 1 MiB burst", [
         Target("clients that got every byte", own_figure("fanout1000", _fanout1000), "all",

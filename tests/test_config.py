@@ -5,6 +5,8 @@ tests run sertcp to completion and read what it printed."""
 import configparser
 import contextlib
 import io
+import os
+import re
 import socket
 import subprocess
 import sys
@@ -84,7 +86,7 @@ def test_check_prints_every_key_of_every_port_with_defaults_filled_in():
     defaults = {"baudrate": "9600", "bytesize": "8", "parity": "none", "stopbits": "1",
                 "flow": "none", "dtr_active": "on", "rts_active": "on", "dtr_idle": "keep",
                 "rts_idle": "keep", "open_on_demand": "no", "reopen_interval": "2",
-                "exclusive": "yes", "max_clients": "1", "backlog": "16", "when_full": "reject",
+                "exclusive": "yes", "max_clients": "1", "backlog": "1024", "when_full": "reject",
                 "send_to": "all", "receive_from": "all", "client_buffer": "262144",
                 "slow_client": "disconnect", "buffer": "0", "buffer_drop": "newest",
                 "nodelay": "yes", "keepalive": "60,10,3", "timeout": "0", "pack_size": "0",
@@ -440,8 +442,10 @@ def test_password_longer_than_a_client_may_send_is_an_error(tmp_path):
     /dev/zero does not hang the start."""
     stderr = errors_of(check("--listen", "7000", "--password", "x" * 257, "/dev/ttyUSB0"))
     assert "password" in stderr and "longer than 256 bytes" in stderr
-    stderr = errors_of(check("--listen", "7000", "--password-file", "/dev/zero", "/dev/ttyUSB0"))
-    assert "--password-file: the first line of /dev/zero is longer than 256 bytes" in stderr
+    long_line = tmp_path / "long"
+    long_line.write_bytes(b"z" * 1000 + b"\n")
+    stderr = errors_of(check("--listen", "7000", "--password-file", long_line, "/dev/ttyUSB0"))
+    assert "--password-file: the first line of %s is longer than 256 bytes" % long_line in stderr
     secret = tmp_path / "secret"
     secret.write_bytes(b"y" * 256 + b"\r\nsecond line\n")
     assert check("--listen", "7000", "--password-file", str(secret), "/dev/ttyUSB0").returncode == 0
@@ -594,3 +598,210 @@ def test_port_already_in_use_is_a_fatal_runtime_error_exit_1(tmp_path):
         result = run_sertcp(["--listen", "127.0.0.1:%d" % busy, str(tmp_path / "tty")])
     assert result.returncode == 1, result.stderr
     assert "cannot listen on 127.0.0.1:%d" % busy in result.stderr
+
+
+# --- ranges: every number a key takes is bounded at --check ----------------
+
+# Values that used to pass --check and fail later: a time past epoll's
+# 24.8 days ended the process with a traceback, a keepalive past what
+# Linux takes failed every connection or half set the keepalive.
+@pytest.mark.parametrize("key, value, allowed", [
+    ("timeout", "3000000", "0-864000"),
+    ("identity_timeout", "3000000", "0.01-3600"),
+    ("reopen_interval", "3000000", "0.05-864000"),
+    ("reconnect_min", "3000000", "0.01-864000"),
+    ("reconnect_max", "3000000", "0.01-864000"),
+    ("keepalive", "32768,10,3", "1-32767,1-32767,1-127"),
+    ("keepalive", "60,32768,3", "1-32767,1-32767,1-127"),
+    ("keepalive", "60,10,128", "1-32767,1-32767,1-127"),
+    ("keepalive", "99999999999,10,3", "1-32767,1-32767,1-127"),
+    ("baudrate", "99999999999", "50-12000000"),
+    ("bytesize", "4", "5-8"),
+    ("tx_pause_ms", "60001", "0-60000"),
+    ("event_bytes", "99999999999", "0-1048576"),
+    ("max_clients", "100001", "1-100000"),
+    ("backlog", "65536", "1-65535"),
+    ("client_buffer", "100g", "0-1g"),
+    ("buffer", "100g", "0-1g"),
+    ("pack_size", "2m", "0-1m"),
+    ("pack_trailing", "3", "0-2"),
+    ("pack_idle_ms", "3600001", "0-3600000"),
+    ("pack_max_ms", "3600001", "0-3600000"),
+])
+def test_a_number_out_of_its_range_is_an_error_naming_key_and_range(tmp_path, key, value, allowed):
+    ini = write_ini(tmp_path, """
+        [a]
+        device = /dev/ttyUSB0
+        listen = 7001
+        connect = 127.0.0.1:7002
+        pack_delimiter = \\n
+        %s = %s
+    """ % (key, value))
+    stderr = errors_of(quick_check(ini=ini))
+    assert "%s:6: %s: bad value %r" % (ini, key, value) in stderr
+    assert allowed in stderr
+    assert "1 configuration error" in stderr
+
+
+def numeric_keys():
+    """Every key whose value is a number (or numbers): by its default."""
+    return [k for k in sertcp_module.PORT_KEYS + sertcp_module.GLOBAL_KEYS
+            if isinstance(k.default, (int, float)) and not isinstance(k.default, bool)
+            or k.name == "keepalive"]
+
+
+def test_every_numeric_key_has_a_range_and_both_ends_are_checked(tmp_path):
+    keys = numeric_keys()
+    assert {k.name for k in keys} == set("""
+        baudrate bytesize reopen_interval tx_pause_ms event_bytes timeout reconnect_min
+        reconnect_max max_clients backlog client_buffer buffer keepalive pack_size
+        pack_trailing pack_idle_ms pack_max_ms identity_timeout""".split())
+    for key in keys:
+        assert key.allowed, "%s has no documented range" % key.name
+        if key.name == "keepalive":
+            continue                     # three numbers: the table above
+        low, high = key.allowed.split("-")
+        assert key.parse(low) is not None and key.parse(high) is not None, key.name
+        above = high[:-1] + str(int(high[-1]) + 1) if high[-1].isdigit() else str(int(high[:-1]) + 1) + high[-1]
+        with pytest.raises(sertcp_module.ValueProblem, match="allowed range is " + key.allowed):
+            key.parse(above)
+        if float(low.rstrip("kmg")) > 0:
+            with pytest.raises(sertcp_module.ValueProblem, match=key.allowed):
+                key.parse("0")
+        # -h shows it too
+        assert key.allowed in key.described
+
+
+def test_the_example_file_and_the_readme_give_every_range():
+    example = (ROOT / "sertcp.ini.example").read_text()
+    readme = (ROOT / "README.md").read_text()
+    table = dict(re.findall(r"^\| `(\w+)` \| ([^|]+?) \|", readme.split("### Ranges", 1)[1].split("\n#", 1)[0], re.M))
+    for key in numeric_keys():
+        assert "; allowed: %s\n" % key.allowed in example, key.name
+        assert table.get(key.name) == key.allowed, (key.name, table.get(key.name))
+    assert set(table) == {k.name for k in numeric_keys()}
+
+
+def test_the_largest_times_run_without_ending_the_loop(tmp_path):
+    """At the top of the range the timers stay within what epoll takes:
+    a missing device with reopen_interval 864000 is retried in 10 days,
+    and the process keeps serving and stops cleanly."""
+    from conftest import Client, Sertcp, free_port
+    port = free_port()
+    s = Sertcp([tmp_path / "absent-tty", "--listen", "127.0.0.1:%d" % port, "--reopen-interval", "864000",
+                "--timeout", "864000", "--reconnect-max", "864000", "--identity-timeout", "3600",
+                "--identity", "x"], tmp_path)
+    try:
+        s.wait_listening(port)
+        s.wait_log("absent-tty")
+        c = Client(port)
+        c.send(b"x\n")
+        s.wait_log("connected")
+        c.close()
+        s.wait_log("disconnected")
+    finally:
+        assert s.stop() == 0, s.log()
+    assert "Traceback" not in s.log()
+
+
+def test_a_time_past_epoll_range_is_refused_before_starting(tmp_path):
+    """It used to start, and end at the first retry of the missing device
+    with OverflowError and exit 1."""
+    from conftest import free_port
+    result = run_sertcp([tmp_path / "absent-tty", "--listen", "127.0.0.1:%d" % free_port(),
+                         "--reopen-interval", "3000000"])
+    stderr = errors_of(result)
+    assert "--reopen-interval: bad value '3000000': allowed range is 0.05-864000" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_a_rule_broken_once_is_reported_once(tmp_path):
+    ini = write_ini(tmp_path, """
+        [a]
+        device = /dev/ttyUSB0
+        listen = 7001
+        listen_on_open = yes
+        strict_baud = yes
+    """)
+    stderr = errors_of(check(ini=ini))
+    assert stderr.count("listen_on_open") == 1, stderr
+    assert "%s:4: listen_on_open: applies only to virtual ports" % ini in stderr
+    assert "%s:5: strict_baud: applies only to virtual ports" % ini in stderr
+    assert "2 configuration errors" in stderr
+
+
+def test_cross_key_rules_keep_their_messages(tmp_path):
+    ini = write_ini(tmp_path, """
+        [a]
+        device = /dev/ttyUSB0
+        connect = 127.0.0.1:7001
+        reconnect_min = 100.5
+        reconnect_max = 10
+        identity = a\\nb
+        tls_key = /nonexistent/key.pem
+        pack_strip = yes
+        password = secret
+        password_file = /nonexistent/pw
+    """)
+    stderr = errors_of(check(ini=ini))
+    for where, message in [(4, "reconnect_min: is larger than reconnect_max (100.5 > 10)"),
+                           (6, "identity: needs listen"),
+                           (6, "identity: must not contain CR or LF (they end an id)"),
+                           (7, "tls_key: cannot read /nonexistent/key.pem"),
+                           (1, "tls_cert: tls_cert and tls_key go together"),
+                           (8, "pack_strip: needs pack_delimiter"),
+                           (10, "password_file: set password or password_file, not both")]:
+        assert "%s:%d: %s" % (ini, where, message) in stderr, message
+    assert "secret" not in stderr
+
+
+# --- files the configuration names: regular files, read bounded ------------
+
+def test_a_fifo_named_as_a_configuration_file_is_an_error_not_a_hang(tmp_path):
+    """--check used to wait forever for a writer on the FIFO."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    stderr = errors_of(run_sertcp(["--check", "-c", fifo], timeout=15))
+    assert "%s: is a FIFO, not a regular file" % fifo in stderr
+    stderr = errors_of(run_sertcp(["--check", "--listen", "7000", "--password-file", fifo, "--tls-cert", fifo,
+                                   "--tls-key", fifo, "--tls-ca", fifo, "/dev/ttyUSB0"], timeout=15))
+    for flag in ("--password-file", "--tls-cert", "--tls-key", "--tls-ca"):
+        assert "%s: %s is a FIFO, not a regular file" % (flag, fifo) in stderr, flag
+    assert "4 configuration errors" in stderr
+
+
+def test_a_device_or_directory_named_as_a_configuration_file_is_an_error(tmp_path):
+    """-c /dev/zero used to read until memory ran out (here the address
+    space is capped, so that it would fail instead of taking the machine)."""
+    import resource
+    import subprocess
+
+    def cap_memory():
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+    result = subprocess.run([sys.executable, str(ROOT / "sertcp.py"), "--check", "-c", "/dev/zero"],
+                            capture_output=True, text=True, timeout=30, preexec_fn=cap_memory)
+    assert "/dev/zero: is a character device, not a regular file" in errors_of(result)
+    stderr = errors_of(check("--listen", "7000", "--tls-ca", tmp_path, "--password-file", "/dev/null",
+                             "/dev/ttyUSB0"))
+    assert "--tls-ca: %s is a directory, not a regular file" % tmp_path in stderr
+    assert "--password-file: /dev/null is a character device, not a regular file" in stderr
+
+
+def test_configuration_files_larger_than_their_kind_may_be_are_errors(tmp_path):
+    big_ini = tmp_path / "big.ini"
+    with open(big_ini, "wb") as f:
+        f.write(b"[a]\ndevice = /dev/ttyUSB0\nlisten = 7001\n")
+        f.write(b"#" * (5 << 20))
+    assert "%s: is larger than 4m" % big_ini in errors_of(check(ini=big_ini))
+    big_pem = tmp_path / "big.pem"
+    big_pem.write_bytes(b"-----BEGIN CERTIFICATE-----\n" + b"A" * (2 << 20))
+    big_password = tmp_path / "password"
+    big_password.write_bytes(b"letmein\n" + b"#" * (100 << 10))
+    stderr = errors_of(check("--listen", "7000", "--tls-ca", big_pem, "--password-file", big_password,
+                             "/dev/ttyUSB0"))
+    assert "--tls-ca: %s is larger than 1m" % big_pem in stderr
+    assert "--password-file: %s is larger than 64k" % big_password in stderr
+    # at the limits they are read
+    fits = tmp_path / "fits.ini"
+    fits.write_bytes(b"[a]\ndevice = /dev/ttyUSB0\nlisten = 7001\n#".ljust(4 << 20, b"x"))
+    assert effective(check(ini=fits))["a"]["listen"] == "7001"

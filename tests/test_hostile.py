@@ -757,7 +757,7 @@ def test_a_bug_met_on_one_connection_closes_only_that_connection(pty, tmp_path):
         code, body = http_get(status, "/status")
         assert '"internal_errors": 1' in body
         code, body = http_get(status, "/metrics")
-        assert "sertcp_internal_errors 1" in body
+        assert "sertcp_internal_errors_total 1" in body
         bystander.close()
         assert proc.poll() is None
     finally:

@@ -56,12 +56,13 @@ def test_status_and_metrics_count_the_bytes_moved(sertcp, pty, clients):
 
     code, text = http_get(status, "/metrics")
     assert code == 200
-    assert 'sertcp_bytes_from_device{port="cli"} 1000' in text
-    assert 'sertcp_bytes_to_device{port="cli"} 300' in text
+    assert 'sertcp_bytes_from_device_total{port="cli"} 1000' in text
+    assert 'sertcp_bytes_to_device_total{port="cli"} 300' in text
     assert 'sertcp_connections_total{port="cli"} 2' in text
+    assert 'sertcp_clients{port="cli"} 2' in text
     # both clients read everything, nothing dials, the pty never failed
     for counter in ("bytes_dropped", "connections_rejected", "dials_failed", "device_errors"):
-        assert re.search(r"^sertcp_%s\{port=\"cli\"\} 0$" % counter, text, re.M), counter
+        assert re.search(r"^sertcp_%s_total\{port=\"cli\"\} 0$" % counter, text, re.M), counter
 
 
 def test_metrics_count_ignored_bytes_failed_dials_and_device_errors(sertcp, pty_factory, clients, tmp_path):
@@ -93,7 +94,7 @@ reopen_interval = 60
 
     def counters():
         text = http_get(status, "/metrics")[1]
-        found = re.findall(r'^sertcp_(bytes_dropped|dials_failed|device_errors)\{port="(\w+)"\} (\d+)$', text, re.M)
+        found = re.findall(r'^sertcp_(bytes_dropped|dials_failed|device_errors)_total\{port="(\w+)"\} (\d+)$', text, re.M)
         return {(name, counter): int(value) for counter, name, value in found}
 
     def clients_of(name):
@@ -144,7 +145,7 @@ identity = id-b
     listeners = json.loads(http_get(status, "/status")[1])["listeners"]
     assert listeners == [{"listen": "127.0.0.1:%d" % port, "ports": ["a", "b"], "connections_rejected": 3}]
     metrics = http_get(status, "/metrics")[1]
-    assert 'sertcp_listener_connections_rejected{listen="127.0.0.1:%d"} 3\n' % port in metrics
+    assert 'sertcp_listener_connections_rejected_total{listen="127.0.0.1:%d"} 3\n' % port in metrics
 
 
 def test_status_endpoint_answers_bad_requests_and_survives(sertcp, pty):
@@ -511,3 +512,217 @@ def test_sertcp_stays_valid_for_python_3_8():
     r = subprocess.run([command, "--target=3.8-", "--violations", "--no-tips", str(SERTCP)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_a_fifo_in_place_of_the_password_file_is_refused_at_sighup(tmp_path, pty):
+    """Reading it used to wait for a writer: every port froze at SIGHUP."""
+    port = free_port()
+    password = tmp_path / "password"
+    password.write_text("letmein\n")
+    ini = tmp_path / "ports.ini"
+    write_ini(ini, {"one": {"device": pty.path, "listen": "127.0.0.1:%d" % port, "password_file": password}})
+    s = Sertcp(["-c", ini], tmp_path)
+    try:
+        s.wait_listening(port)
+        c = Client(port)
+        c.send(b"letmein\nabc")
+        assert pty.read(3) == b"abc"
+        password.unlink()
+        os.mkfifo(password)
+        s.signal(signal.SIGHUP)
+        s.wait_log(r"reload refused: .*password_file: %s is a FIFO, not a regular file" % re.escape(str(password)))
+        s.wait_log(r"reload refused: 1 error")
+        c.send(b"def")
+        assert pty.read(3) == b"def"
+        pty.write(b"ghi")
+        assert c.recv(3) == b"ghi"
+    finally:
+        assert s.stop() == 0, s.log()
+
+
+# --- SIGHUP applies the global keys too --------------------------------------
+
+def refused_to_connect(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except OSError:
+        return True
+    return False
+
+
+def test_sighup_moves_the_status_endpoint_and_keeps_the_ports(tmp_path, pty):
+    port, status, status2 = free_port(), free_port(), free_port()
+    ini = tmp_path / "ports.ini"
+    ports = {"one": {"device": pty.path, "listen": "127.0.0.1:%d" % port}}
+    write_ini(ini, ports, "status = 127.0.0.1:%d\n" % status)
+    s = Sertcp(["-c", ini], tmp_path)
+    try:
+        s.wait_listening(port)
+        s.wait_log("status endpoint on")
+        assert http_get(status, "/status")[0] == 200
+        c = Client(port)
+        s.wait_log("connected")
+        write_ini(ini, ports, "status = 127.0.0.1:%d\n" % status2)
+        s.signal(signal.SIGHUP)
+        s.wait_log(r"reloaded: kept one")
+        assert json.loads(http_get(status2, "/status")[1])["ports"][0]["name"] == "one"
+        assert refused_to_connect(status)
+        c.send(b"kept")
+        assert pty.read(4) == b"kept"
+        # no status key: the endpoint closes
+        write_ini(ini, ports)
+        s.signal(signal.SIGHUP)
+        s.wait_log(r"reloaded: kept one", count=2)
+        assert refused_to_connect(status2)
+    finally:
+        assert s.stop() == 0, s.log()
+
+
+def test_sighup_refuses_a_status_address_it_cannot_bind(tmp_path, pty):
+    port, status, other = free_port(), free_port(), free_port()
+    ini = tmp_path / "ports.ini"
+    write_ini(ini, {"one": {"device": pty.path, "listen": "127.0.0.1:%d" % port}}, "status = 127.0.0.1:%d\n" % status)
+    s = Sertcp(["-c", ini], tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        busy = taken.getsockname()[1]
+        try:
+            s.wait_listening(port)
+            write_ini(ini, {"one": {"device": pty.path, "listen": "127.0.0.1:%d" % other}},
+                      "status = 127.0.0.1:%d\n" % busy)
+            s.signal(signal.SIGHUP)
+            s.wait_log(r"reload refused: status: cannot listen on 127.0.0.1:%d: .*; the running configuration stays"
+                       % busy)
+            assert http_get(status, "/status")[0] == 200
+            c = Client(port)                # the port did not change either
+            c.send(b"same")
+            assert pty.read(4) == b"same"
+            assert "reloaded" not in s.log()
+        finally:
+            assert s.stop() == 0, s.log()
+
+
+def test_sighup_moves_the_log_to_its_new_file(tmp_path, pty):
+    port = free_port()
+    first, second = tmp_path / "first.log", tmp_path / "second.log"
+    ini = tmp_path / "ports.ini"
+    ports = {"one": {"device": pty.path, "listen": "127.0.0.1:%d" % port}}
+    write_ini(ini, ports, "log = %s\n" % first)
+    s = Sertcp(["-c", ini], tmp_path)
+    try:
+        wait_for(lambda: first.exists() and "listening on" in first.read_text(), message="the first log")
+        write_ini(ini, ports, "log = %s\n" % second)
+        s.signal(signal.SIGHUP)
+        wait_for(lambda: second.exists() and "reloaded: kept one" in second.read_text(), message="the second log")
+        assert "log continues here from %s" % first in second.read_text()
+        assert "log moves to %s" % second in first.read_text()
+        c = Client(port)
+        wait_for(lambda: "connected" in second.read_text(), message="a connection logged in the second log")
+        c.close()
+        assert "connected" not in first.read_text()
+        assert "reloaded" not in first.read_text()
+    finally:
+        assert s.stop() == 0, s.log()
+    assert "stopped" in second.read_text()
+
+
+def test_sighup_refuses_a_log_file_it_cannot_open(tmp_path, pty):
+    port = free_port()
+    log = tmp_path / "sertcp.log"
+    ini = tmp_path / "ports.ini"
+    ports = {"one": {"device": pty.path, "listen": "127.0.0.1:%d" % port}}
+    write_ini(ini, ports, "log = %s\n" % log)
+    s = Sertcp(["-c", ini], tmp_path)
+    try:
+        wait_for(lambda: log.exists() and "listening on" in log.read_text(), message="the log")
+        write_ini(ini, ports, "log = %s\n" % (tmp_path / "no-such-dir" / "x.log"))
+        s.signal(signal.SIGHUP)
+        wait_for(lambda: "reload refused: log: cannot open %s" % (tmp_path / "no-such-dir" / "x.log")
+                 in log.read_text(), message="the refusal in the log")
+    finally:
+        assert s.stop() == 0, s.log()
+
+
+def test_sighup_writes_the_new_pidfile_and_removes_the_old(tmp_path, pty):
+    port = free_port()
+    first, second = tmp_path / "first.pid", tmp_path / "second.pid"
+    ini = tmp_path / "ports.ini"
+    ports = {"one": {"device": pty.path, "listen": "127.0.0.1:%d" % port}}
+    write_ini(ini, ports, "pidfile = %s\n" % first)
+    s = Sertcp(["-c", ini], tmp_path)
+    try:
+        wait_for(lambda: first.exists() and first.read_text() == "%d\n" % s.proc.pid, message="the first pidfile")
+        write_ini(ini, ports, "pidfile = %s\n" % second)
+        s.signal(signal.SIGHUP)
+        s.wait_log(r"reloaded: kept one")
+        assert second.read_text() == "%d\n" % s.proc.pid
+        assert not first.exists()
+    finally:
+        assert s.stop() == 0, s.log()
+    assert not second.exists()
+
+
+def test_sighup_refuses_a_change_of_user_naming_the_key(tmp_path, pty):
+    port, port2 = free_port(), free_port()
+    ini = tmp_path / "ports.ini"
+    write_ini(ini, {"one": {"device": pty.path, "listen": "127.0.0.1:%d" % port}})
+    s = Sertcp(["-c", ini], tmp_path)
+    try:
+        s.wait_listening(port)
+        write_ini(ini, {"one": {"device": pty.path, "listen": "127.0.0.1:%d" % port2}}, "user = nobody\n")
+        s.signal(signal.SIGHUP)
+        s.wait_log(r"reload refused: user: cannot change from \(none\) to nobody .*restart")
+        assert "reloaded" not in s.log()
+        c = Client(port)
+        c.send(b"same")
+        assert pty.read(4) == b"same"
+    finally:
+        assert s.stop() == 0, s.log()
+
+
+def test_metrics_pass_promtool_check(tmp_path, pty_factory):
+    """/metrics as Prometheus wants it: counters end in _total, gauges do
+    not, every family has HELP and TYPE.  promtool comes with Debian's
+    prometheus package (.ci/run installs it)."""
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: apt-get install prometheus"
+    a, b = pty_factory(), pty_factory()
+    port, status = free_port(), free_port()
+    ini = tmp_path / "ports.ini"
+    ini.write_text("[global]\nstatus = 127.0.0.1:%d\n"
+                   "[server]\ndevice = %s\nlisten = 127.0.0.1:%d\nmax_clients = 2\n"
+                   '[dialer "quoted" \\ name]\ndevice = %s\nconnect = 127.0.0.1:%d\nreconnect_min = 0.1\n'
+                   % (status, a.path, port, b.path, free_port()))
+    s = Sertcp(["-c", ini], tmp_path)
+    try:
+        s.wait_listening(port)
+        s.wait_log("status endpoint on")
+        c = Client(port)
+        s.wait_log("connected")
+        a.write(b"x" * 100)
+        assert c.recv(100) == b"x" * 100
+        s.wait_log("every peer failed")
+        code, text = http_get(status, "/metrics")
+        assert code == 200
+        check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+        assert (check.returncode, check.stdout + check.stderr) == (0, ""), text
+        assert 'sertcp_bytes_from_device_total{port="server"} 100' in text
+        assert re.search(r'^sertcp_dials_failed_total\{port="dialer \\"quoted\\" \\\\ name"\} [1-9]', text, re.M), text
+        assert 'sertcp_clients{port="server"} 1' in text
+        assert "# TYPE sertcp_clients gauge" in text
+        assert "sertcp_internal_errors_total 0" in text
+    finally:
+        assert s.stop() == 0, s.log()
+
+
+def test_a_trace_to_a_fifo_nobody_reads_never_holds_up_the_bridge(sertcp, pty, clients, tmp_path):
+    """Opening it used to wait for a reader, before the port listened."""
+    port = free_port()
+    fifo = tmp_path / "trace.fifo"
+    os.mkfifo(fifo)
+    s = sertcp(pty.path, "--listen", "127.0.0.1:%d" % port, "--trace", fifo, wait_port=port)
+    s.wait_log(r"trace %s disabled" % re.escape(str(fifo)))
+    c = clients(port)
+    c.send(b"through")
+    assert pty.read(7) == b"through"
