@@ -11,6 +11,7 @@ import select
 import signal
 import socket
 import struct
+import subprocess
 import termios
 import threading
 import time
@@ -1035,7 +1036,6 @@ def test_a_client_that_half_closes_still_gets_the_reply(sertcp, pty, clients):
 def test_a_command_piped_through_socat_gets_the_reply(sertcp, pty):
     """The same with a real tool: `printf 'cmd\\r' | socat -t 5 - TCP:...`
     half-closes at the end of its input and prints what comes back."""
-    import subprocess
     port = free_port()
     s = sertcp("--listen", "127.0.0.1:%d" % port, pty.path, wait_port=port)
     s.wait_log(OPENED)
