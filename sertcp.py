@@ -4918,7 +4918,9 @@ class Admission:
 
     def _idle_limit(self, conn):
         timeout = self.port.config.timeout
-        return timeout if timeout or not conn.half_closed else HALF_CLOSE_GRACE
+        if conn.half_closed:
+            return min(timeout, HALF_CLOSE_GRACE) if timeout else HALF_CLOSE_GRACE
+        return timeout
 
     def _idle_check(self, conn):
         conn.idle_timer = None
@@ -4936,8 +4938,8 @@ class Admission:
     def peer_finished(self, conn):
         """The peer shut down its sending side.  It may still be reading
         (`nc -N`, `printf cmd | socat`): device data goes on to it until
-        it has been quiet for HALF_CLOSE_GRACE (or `timeout`, if set), as
-        socat does; meanwhile a new client may take its place."""
+        it has been quiet for HALF_CLOSE_GRACE (or `timeout`, if shorter),
+        as socat does; meanwhile a new client may take its place."""
         if conn.idle_timer is not None:
             conn.idle_timer.cancel()
         conn.last_io = self.port.reactor.now()
