@@ -513,14 +513,6 @@ GLOBAL_SCHEMA = {k.name: k for k in GLOBAL_KEYS}
 FLAG_TO_KEY = {k.flag: k for k in PORT_KEYS + GLOBAL_KEYS}
 CLI_PORT = "cli"
 
-# Keys whose feature a later release brings; they parse and validate now
-# so that files written for it are understood, but using them is refused
-# at start rather than silently ignored.
-NOT_YET = {
-}
-NOT_YET_GLOBAL = {}
-
-
 class Setting:
     """A raw key = value with where it came from."""
     __slots__ = ("value", "where")
@@ -689,9 +681,6 @@ def _validate_port(port, where_of, errors):
             shown = {k: PORT_SCHEMA[k].format(value) for k, value in v.items()}
             errors.append(ConfigError(where_of(key), key, message.format(name=port.name, **shown)))
     _check_port_files(port, where_of, errors)
-    for key in sorted(NOT_YET):
-        if NOT_YET[key](v[key]):
-            errors.append(ConfigError(where_of(key), key, "is not supported by sertcp %s yet" % __version__))
 
 
 def _check_port_files(port, where_of, errors):
@@ -814,9 +803,6 @@ def build_config(config_path, port_flags, global_flags, device):
         errors.append(ConfigError(config_path, None, "section [%s] clashes with the port given on the command line" % CLI_PORT))
     global_settings.update(global_flags)
     global_values = _parse_settings(GLOBAL_SCHEMA, global_settings, "[global]", errors)
-    for key in sorted(NOT_YET_GLOBAL):
-        if NOT_YET_GLOBAL[key](global_values[key]):
-            errors.append(ConfigError(global_settings[key].where, key, "is not supported by sertcp %s yet" % __version__))
 
     port_sections = list(sections.items())
     if device is not None or port_flags:

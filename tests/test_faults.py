@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import Background, closing_factory, free_port, http_get, log_count, random_bytes, wait_for
+from conftest import Background, closing_factory, free_port, http_get, log_count, need_programs, random_bytes, wait_for
 
 CONNECTED = r"\[cli\] client \S+ connected"
 DISCONNECTED = r"\[cli\] client \S+ disconnected"
@@ -1036,14 +1036,19 @@ def test_a_client_that_half_closes_still_gets_the_reply(sertcp, pty, clients):
     s.wait_log(DISCONNECTED)
 
 
-def test_a_command_piped_through_socat_gets_the_reply(sertcp, pty):
-    """The same with a real tool: `printf 'cmd\\r' | socat -t 5 - TCP:...`
-    half-closes at the end of its input and prints what comes back."""
+@pytest.mark.parametrize("tool", [["socat", "-t", "5", "-", "TCP:127.0.0.1:{port}"],
+                                  ["nc.openbsd", "-N", "127.0.0.1", "{port}"]], ids=["socat", "nc -N"])
+def test_a_command_piped_through_a_tool_gets_the_reply(sertcp, pty, tool):
+    """The same with real tools: `printf 'cmd\\r' | socat -t 5 - TCP:...`
+    and `printf 'cmd\\r' | nc -N host port` (netcat-openbsd) half-close at
+    the end of their input and print what comes back; nc waits for
+    sertcp to close, which it does after the 0.5 s grace."""
+    need_programs(tool[0])
     port = free_port()
     s = sertcp("--listen", "127.0.0.1:%d" % port, pty.path, wait_port=port)
     s.wait_log(OPENED)
     device = Background(answer, pty, b"cmd\r", b"reply\r\n")
-    tool = subprocess.run(["socat", "-t", "5", "-", "TCP:127.0.0.1:%d" % port], input=b"cmd\r",
+    tool = subprocess.run([arg.format(port=port) for arg in tool], input=b"cmd\r",
                           capture_output=True, timeout=20)
     device.join(10)
     assert tool.returncode == 0, tool.stderr
