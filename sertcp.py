@@ -4598,6 +4598,9 @@ class Port:
         self.device.pause_reading(self.device_paused)
 
     def close_device(self, why):
+        if self.reopen_timer is not None:
+            self.reopen_timer.cancel()      # closed on purpose: no retry
+            self.reopen_timer = None
         if self.device.is_open:
             self.log.info("[%s] device %s closed (%s)", self.name, self.device.label(), why)
         self.device.close()             # an open under way is dropped when it ends
@@ -4605,6 +4608,8 @@ class Port:
         self.on_device_drained()
 
     def on_device_lost(self, reason):
+        if self.device_state != "open":
+            return                      # closed already (a bug met while closing it)
         self.counters["device_errors"] += 1
         self._device_event("lost")
         self.device_was_missing = True
@@ -5321,12 +5326,14 @@ class StatusEndpoint:
         self.listener.close()
 
 
-class StatusRequest:
+class StatusRequest(Handler):
+    """One HTTP request on the status endpoint: read the head, answer,
+    close; bounded in size and time."""
+
     def __init__(self, endpoint, sock):
         self.endpoint = endpoint
         self.reactor = endpoint.server.reactor
         self.sock = sock
-        self.watched = 0
         self.head = bytearray()
         self.reply = b""
         self.replied = False
@@ -5338,9 +5345,6 @@ class StatusRequest:
     def start(self):
         self.reactor.set_interest(self, True, False)
         self.timer = self.reactor.call_later(STATUS_REQUEST_TIMEOUT, self.close)
-
-    def fail(self, reason):
-        self.close()
 
     def on_readable(self):
         try:
@@ -5393,6 +5397,9 @@ class StatusRequest:
             self.reactor.set_interest(self, True, False)
 
     def close(self):
+        self.finish()
+
+    def ended(self, reason):
         if self.timer:
             self.timer.cancel()
             self.timer = None
