@@ -4727,7 +4727,7 @@ class Port:
             if self.dialer:
                 self.dialer.poke()
             return
-        recipients = self._recipients()
+        recipients = self.recipients or self._recipients()     # (cached: the round trip's path)
         if not recipients:
             self.count_dropped(len(data), "send_to = %s selects no client" % self.config.send_to)
             return
