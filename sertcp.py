@@ -498,6 +498,13 @@ PORT_KEYS = [
     Key("tls_server_name", parse_text, None, "client role: name to verify (default: the host dialled)"),
     Key("trace", parse_path, None, "file to which both directions are appended with timestamps"),
     Key("trace_format", choice_parser("hex", "raw"), "hex", "hex (lines marked < device->net, > net->device) or raw"),
+    # UDP side
+    Key("udp_listen", parse_listen, None, "[HOST:]PORT: datagrams received here go to the device (allow applies)", show_hostport),
+    Key("udp_send_to", parse_connect, None, "HOST:PORT[, HOST:PORT ...]: each packet of device data goes to each as one datagram "
+        "(unicast, broadcast or multicast)", lambda v: ", ".join(show_hostport(p) for p in v)),
+    Key("udp_reply", parse_bool, False, "also send device data to the source of the latest datagram, until timeout passes "
+        "without one", _show_bool),
+    Key("udp_multicast_ttl", number_parser(int, 0, 255), 1, "hop limit of multicast datagrams"),
 ]
 
 GLOBAL_KEYS = [
@@ -633,8 +640,8 @@ PORT_RULES = (
      "device", "port [{name}] needs device or virtual"),
     (lambda v: v["device"] is not None and v["virtual"] is not None,
      "virtual", "port [{name}] has both device and virtual; choose one"),
-    (lambda v: v["listen"] is None and v["connect"] is None,
-     "listen", "port [{name}] needs listen or connect (or both)"),
+    (lambda v: v["listen"] is None and v["connect"] is None and v["udp_listen"] is None and v["udp_send_to"] is None,
+     "listen", "port [{name}] needs listen or connect (or both), or udp_listen or udp_send_to"),
     (lambda v: v["pack_delimiter"] is not None and not 1 <= len(v["pack_delimiter"]) <= 2,
      "pack_delimiter", "must be 1 or 2 bytes"),
     (lambda v: v["pack_delimiter"] is None and v["pack_trailing"],
@@ -669,6 +676,12 @@ PORT_RULES = (
      "identity", "must not be empty"),
     (lambda v: v["identity"] is not None and (b"\n" in v["identity"] or b"\r" in v["identity"]),
      "identity", "must not contain CR or LF (they end an id)"),
+    (lambda v: v["udp_reply"] and v["udp_listen"] is None,
+     "udp_reply", "answers datagrams received on udp_listen, which is not set"),
+    (lambda v: v["udp_multicast_ttl"] != 1 and v["udp_send_to"] is None,
+     "udp_multicast_ttl", "applies to udp_send_to, which is not set"),
+    (lambda v: v["open_on_demand"] and v["listen"] is None and v["connect"] is None,
+     "open_on_demand", "opens the device while a TCP client is connected; set listen or connect (UDP has no connections)"),
 )
 
 
@@ -724,6 +737,14 @@ def _validate_ports(ports, where_of_port, errors):
                 errors.append(ConfigError(where_of_port(port, "listen"), "listen",
                                           "%s is shared by %s; each port on it needs identity or allow"
                                           % (show_hostport(address), ", ".join("[%s]" % p.name for p in group))))
+    by_udp = {}
+    for port in ports:
+        address = port.values["udp_listen"]
+        if address is not None and address in by_udp:
+            errors.append(ConfigError(where_of_port(port, "udp_listen"), "udp_listen",
+                                      "%s is already port [%s]'s udp_listen: a datagram has no id to pick a port by"
+                                      % (show_hostport(address), by_udp[address])))
+        by_udp.setdefault(address, port.name)
     seen = {}
     for port in ports:
         for key in ("device", "virtual"):
@@ -1053,6 +1074,21 @@ def client_selected(policy, client, clients):
         return client is clients[-1]
     # last_active: the client that sent most recently holds the device; a
     # client that sends becomes that client, so its own data is accepted.
+    return True
+
+
+def udp_source_selected(policy, source, holder, tcp_clients):
+    """True if a datagram from `source` may go to the device under the
+    receive_from `policy`.  A source counts as a client that exists while
+    it sends: it is the newest and the latest active at that moment, so
+    all, last and last_active take every datagram.  first takes them from
+    the `holder` (the first source heard, kept while it sends within
+    `timeout`) only, and from nobody while a TCP client is connected
+    (that client came first)."""
+    if policy == "none":
+        return False
+    if policy == "first":
+        return not tcp_clients and (holder is None or holder == source)
     return True
 
 
@@ -3873,6 +3909,405 @@ class Handshake(Handler):
             self.gate.refuse(self.sock, self.peer, reason)
 
 
+# ---------------------------------------------------------------------
+# UDP: datagrams from udp_listen to the device, packets to udp_send_to
+# ---------------------------------------------------------------------
+
+UDP_MAX_PAYLOAD = 65507        # the most one IPv4 datagram carries; longer packets are split
+UDP_READ_BURST = 64            # datagrams read per wake-up before the others run
+UDP_SOURCES_SHOWN = 16         # recent source addresses /status lists
+UDP_COUNTERS = ("udp_datagrams_in", "udp_bytes_in", "udp_datagrams_out", "udp_bytes_out",
+                "udp_datagrams_refused", "udp_send_errors", "udp_packets_split")
+# Linux's numbers for these; Python does not name them
+IP_RECVERR, IPV6_RECVERR = 11, 25
+
+
+def udp_key(address):
+    """(host, port) of a sockaddr, an IPv4-mapped IPv6 one (a dual-stack
+    socket's view of an IPv4 peer) as the IPv4 address."""
+    host = address[0]
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return host, address[1]
+
+
+def open_udp_socket(family, ttl, bind_to=None, dual=False):
+    """A non-blocking datagram socket, bound to `bind_to` if given, set
+    for what udp_send_to may name: broadcast (SO_BROADCAST: the peers are
+    the user's choice, so it is always allowed), multicast (`ttl` hops),
+    and ICMP errors queued with the address they are about (IP_RECVERR;
+    without it an unconnected socket never hears of an unreachable peer)."""
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual else 1)
+        if bind_to is not None:
+            sock.bind(bind_to)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    options = [(socket.SOL_SOCKET, socket.SO_BROADCAST, 1),
+               (socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, ttl)]
+    if sys.platform.startswith("linux"):
+        options.append((socket.IPPROTO_IP, IP_RECVERR, 1))
+    if family == socket.AF_INET6:
+        options.append((socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, ttl))
+        if sys.platform.startswith("linux"):
+            options.append((socket.IPPROTO_IPV6, IPV6_RECVERR, 1))
+    for level, name, value in options:
+        try:
+            sock.setsockopt(level, name, value)
+        except OSError:
+            pass        # an IPv6-only socket takes no IPv4 options: nothing to send there
+    return sock
+
+
+class UdpPeer:
+    """Where device data goes by UDP: one udp_send_to entry (resolved at
+    start), or the source udp_reply follows; and what went to it."""
+
+    def __init__(self, name, address=None):
+        self.name = name                # as configured, or the source as heard
+        self.address = address          # sockaddr; None until resolved
+        self.datagrams_out = self.bytes_out = self.errors = 0
+        self.last_error = None
+
+    def status(self):
+        return {"peer": self.name, "address": format_peer(self.address) if self.address else None,
+                "datagrams_out": self.datagrams_out, "bytes_out": self.bytes_out,
+                "errors": self.errors, "last_error": self.last_error}
+
+
+class UdpSocket(Handler):
+    """One datagram socket of a port: bound to udp_listen (datagrams go
+    on to the port) or unbound (sending only; anything it receives is
+    discarded).  Both are read for ICMP errors: IP_RECVERR queues them,
+    and a queue left full would wake the loop for ever."""
+
+    def __init__(self, side, sock, bound, dual=False):
+        self.side, self.sock, self.bound, self.dual = side, sock, bound, dual
+        self.family = sock.family
+        self.buffer = bytearray(65536)
+        self.view = memoryview(self.buffer)
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def on_readable(self):
+        self.read_errors()
+        for _ in range(UDP_READ_BURST):
+            try:
+                n, source = self.sock.recvfrom_into(self.buffer)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if self.read_errors():
+                    continue            # an ICMP error about an earlier datagram
+                self.side.port.log.warning("[%s] UDP socket: %s", self.side.port.name, describe_error(e))
+                return
+            self.side.received(self, self.view[:n].tobytes(), source)
+
+    def read_errors(self):
+        """Hand each queued ICMP error to the side, with the address the
+        refused datagram was sent to; returns how many there were."""
+        flag = getattr(socket, "MSG_ERRQUEUE", 0)
+        count = 0
+        while flag and count < 1024:
+            try:
+                _, ancillary, _, address = self.sock.recvmsg(1, 512, flag)
+            except OSError:             # BlockingIOError: the queue is empty
+                return count
+            count += 1
+            for level, kind, data in ancillary:
+                if (level, kind) in ((socket.IPPROTO_IP, IP_RECVERR), (socket.IPPROTO_IPV6, IPV6_RECVERR)):
+                    # struct sock_extended_err begins with ee_errno (u32)
+                    self.side.peer_error(address, int.from_bytes(data[:4], sys.byteorder))
+        return count
+
+    def send(self, peer, data, address):
+        """One datagram; True if the kernel took it.  A failure that was
+        an earlier datagram's ICMP error (reported on this send, which the
+        kernel then did not make) is read off the queue and the send made
+        again."""
+        for attempt in (0, 1):
+            try:
+                self.sock.sendto(data, address)
+                return True
+            except (BlockingIOError, InterruptedError) as e:
+                self.side.send_failed(peer, e, len(data))
+                return False
+            except OSError as e:
+                if attempt == 0 and self.read_errors():
+                    continue
+                self.side.send_failed(peer, e, len(data))
+                return False
+
+    def fail(self, reason):
+        pass    # that one datagram is lost (the logged traceback says how); the socket goes on
+
+    def close(self):
+        self.side.port.reactor.forget(self)
+        self.sock.close()
+
+
+class UdpSide:
+    """The UDP side of one port (udp_listen, udp_send_to, udp_reply).
+
+    Datagrams received on udp_listen go to the device, one write each,
+    subject to allow, receive_from (see udp_source_selected) and
+    listen_on_open.  Each packet of device data goes to every udp_send_to
+    peer and the udp_reply peer as one datagram (split, and counted, past
+    UDP_MAX_PAYLOAD), from the udp_listen socket of its family when there
+    is one, so that a peer sees the answer come from the port it sent to.
+    UDP has no back-pressure: a datagram the socket cannot take now is
+    dropped and counted; an error from one peer (an ICMP unreachable is
+    ECONNREFUSED) is counted and logged for that peer alone."""
+
+    def __init__(self, port):
+        self.port = port
+        config = port.config
+        self.listen = config.udp_listen
+        self.ttl = config.udp_multicast_ttl
+        self.bound = []                 # UdpSockets on udp_listen
+        self.unbound = {}               # family -> UdpSocket that only sends
+        self.peers = [UdpPeer(show_hostport(a)) for a in config.udp_send_to or ()]
+        self.reply_peer = None          # udp_reply: the latest source
+        self.reply_heard = 0.0
+        self.holder = None              # receive_from = first: the source that holds the device
+        self.holder_heard = 0.0
+        self.sources = {}               # udp_key -> [shown, datagrams, bytes, last heard]: the latest few
+        self.listen_error = None
+        self.timers = set()
+        self.stopped = False
+
+    # -- life --
+
+    def start(self):
+        if self.listen is not None:
+            self.bind()
+        for peer, (host, number) in zip(self.peers, self.port.config.udp_send_to or ()):
+            self.resolve(peer, host, number)
+
+    def later(self, delay, callback):
+        def fire():
+            self.timers.discard(timer)
+            callback()
+        timer = self.port.reactor.call_later(delay, fire)
+        self.timers.add(timer)
+
+    def bind(self):
+        """Bind udp_listen; an address that cannot be bound (in use, an
+        interface not up yet) is logged once and retried every
+        reopen_interval, and sending meanwhile uses unbound sockets."""
+        port = self.port
+        made = []
+        try:
+            for family, sockaddr, dual in resolve_listen(self.listen):
+                made.append(UdpSocket(self, open_udp_socket(family, self.ttl, sockaddr, dual), True, dual))
+        except OSError as e:
+            for s in made:
+                s.sock.close()
+            if self.listen_error is None:
+                port.log.error("[%s] cannot listen for UDP on %s: %s; retrying every %gs", port.name,
+                               show_hostport(self.listen), describe_error(e), port.config.reopen_interval)
+            self.listen_error = describe_error(e)
+            self.later(port.config.reopen_interval, self.bind)
+            return
+        self.listen_error = None
+        self.bound = made
+        for s in made:
+            port.reactor.set_interest(s, True, False)
+        port.log.info("[%s] listening for UDP on %s", port.name,
+                      ", ".join(format_peer(s.sock.getsockname()) for s in made))
+
+    def resolve(self, peer, host, number):
+        """Resolve a udp_send_to peer once, off the loop; a name that does
+        not resolve is retried every reopen_interval."""
+        port = self.port
+
+        def done(results, error):
+            if self.stopped:
+                return
+            if error is not None or not results:
+                peer.last_error = "cannot resolve %s: %s" % (host, describe_error(error) if error else "no address")
+                port.peer_log(host, WARNING, "[%s] UDP peer %s", port.name, peer.last_error)
+                self.later(port.config.reopen_interval, lambda: self.resolve(peer, host, number))
+                return
+            families = [s.family for s in self.bound]
+            results = [r for r in results if r[0] in families] + results
+            peer.address = results[0][1]
+            peer.last_error = None
+        resolve_in_thread(port.reactor, host, number, done)
+
+    def close(self):
+        self.stopped = True
+        for timer in list(self.timers):
+            timer.cancel()
+        self.timers.clear()
+        for s in self.bound + list(self.unbound.values()):
+            s.close()
+        self.bound, self.unbound = [], {}
+
+    # -- device to peers --
+
+    def socket_for(self, address):
+        """(UdpSocket, sockaddr as it takes it) to send to `address`: a
+        udp_listen socket of its family, a dual-stack one for IPv4 (as an
+        IPv4-mapped address), else an unbound one made on first use."""
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        for s in self.bound:
+            if s.family == family:
+                return s, address
+        if family == socket.AF_INET:
+            for s in self.bound:
+                if s.dual:
+                    return s, ("::ffff:" + address[0], address[1], 0, 0)
+        s = self.unbound.get(family)
+        if s is None:
+            s = self.unbound[family] = UdpSocket(self, open_udp_socket(family, self.ttl), False)
+            self.port.reactor.set_interest(s, True, False)
+        return s, address
+
+    def targets(self):
+        """The peers device data goes to now: udp_send_to, and the source
+        of the latest datagram (udp_reply) until `timeout` passes."""
+        peers = [p for p in self.peers if p.address is not None]
+        reply = self.reply_peer
+        if reply is not None:
+            timeout = self.port.config.timeout
+            if timeout and self.port.reactor.now() - self.reply_heard >= timeout:
+                self.port.log.info("[%s] udp_reply: %s silent for %gs, no longer answered",
+                                   self.port.name, reply.name, timeout)
+                self.reply_peer = reply = None
+            elif all(udp_key(p.address) != udp_key(reply.address) for p in peers):
+                peers.append(reply)
+        return peers
+
+    def send(self, data):
+        """A packet of device data to every target; returns how many there
+        were (a datagram one of them did not get is counted as dropped)."""
+        peers = self.targets()
+        if not peers:
+            return 0
+        counters = self.port.counters
+        if len(data) > UDP_MAX_PAYLOAD:
+            counters["udp_packets_split"] += 1
+            chunks = [data[i:i + UDP_MAX_PAYLOAD] for i in range(0, len(data), UDP_MAX_PAYLOAD)]
+        else:
+            chunks = (data,)
+        for peer in peers:
+            try:
+                sock, address = self.socket_for(peer.address)
+            except OSError as e:        # no socket of that family (IPv6 off)
+                self.send_failed(peer, e, len(data))
+                continue
+            for chunk in chunks:
+                if sock.send(peer, chunk, address):
+                    peer.datagrams_out += 1
+                    peer.bytes_out += len(chunk)
+                    counters["udp_datagrams_out"] += 1
+                    counters["udp_bytes_out"] += len(chunk)
+        return len(peers)
+
+    def send_failed(self, peer, error, size):
+        """A datagram the kernel did not take: counted, its bytes dropped,
+        logged (rate-limited per peer address)."""
+        port = self.port
+        if isinstance(error, BlockingIOError) or getattr(error, "errno", None) == errno.ENOBUFS:
+            why = "socket buffer full, datagram dropped (UDP has no back-pressure)"
+        else:
+            why = describe_error(error)
+        peer.errors += 1
+        peer.last_error = why
+        port.counters["udp_send_errors"] += 1
+        port.count_dropped(size, "UDP peer %s: %s" % (peer.name, why))
+        port.peer_log(udp_key(peer.address)[0] if peer.address else peer.name, WARNING,
+                      "[%s] UDP peer %s: %s", port.name, peer.name, why)
+
+    def peer_error(self, address, code):
+        """An ICMP error about a datagram sent to `address` earlier (port
+        unreachable: ECONNREFUSED): counted and logged for that peer; the
+        udp_reply peer is forgotten, it has gone."""
+        port = self.port
+        key = udp_key(address)
+        why = os.strerror(code) if code else "ICMP error"
+        port.counters["udp_send_errors"] += 1
+        for peer in self.peers + ([self.reply_peer] if self.reply_peer else []):
+            if peer.address is not None and udp_key(peer.address) == key:
+                peer.errors += 1
+                peer.last_error = why
+        port.peer_log(key[0], WARNING, "[%s] UDP peer %s: %s", port.name, format_peer(key), why)
+        if self.reply_peer is not None and udp_key(self.reply_peer.address) == key:
+            port.log.info("[%s] udp_reply: %s is gone, no longer answered", port.name, self.reply_peer.name)
+            self.reply_peer = None
+
+    # -- peers to device --
+
+    def received(self, sock, data, source):
+        port = self.port
+        config = port.config
+        counters = port.counters
+        counters["udp_datagrams_in"] += 1
+        counters["udp_bytes_in"] += len(data)
+        key = udp_key(source)
+        self.note_source(key, len(data))
+        now = port.reactor.now()
+        if not sock.bound:
+            why = "sent to a socket that only sends (use udp_listen)"
+        elif config.allow is not None and not host_allowed(config.allow, source[0]):
+            why = "address not allowed"
+        elif not port.network_enabled():
+            why = "virtual port not open by a local program (listen_on_open)"
+        else:
+            if config.receive_from == "first" and (self.holder is None or config.timeout
+                                                   and now - self.holder_heard >= config.timeout):
+                self.holder = key
+            if self.holder == key:
+                self.holder_heard = now
+            why = None if udp_source_selected(config.receive_from, key, self.holder, port.clients) else \
+                "receive_from = %s ignores it" % config.receive_from
+        if why is not None:
+            counters["udp_datagrams_refused"] += 1
+            port.count_dropped(len(data), "datagram from %s: %s" % (format_peer(key), why))
+            port.peer_log(key[0], INFO, "[%s] datagram from %s refused: %s", port.name, format_peer(key), why)
+            return
+        if config.udp_reply:
+            if self.reply_peer is None or udp_key(self.reply_peer.address) != key:
+                self.reply_peer = UdpPeer(format_peer(key), source)
+                port.peer_log(key[0], INFO, "[%s] udp_reply: answering %s", port.name, format_peer(key))
+            self.reply_heard = now
+        port.udp_payload(key, data)
+
+    def note_source(self, key, size):
+        """Keep the latest few sources for /status (bounded, whoever sends)."""
+        entry = self.sources.pop(key, None)
+        if entry is None:
+            if len(self.sources) >= UDP_SOURCES_SHOWN:
+                del self.sources[next(iter(self.sources))]
+            entry = [format_peer(key), 0, 0, 0.0]
+        entry[1] += 1
+        entry[2] += size
+        entry[3] = time.time()
+        self.sources[key] = entry
+
+    def status(self):
+        reply = self.reply_peer
+        shown = None
+        if reply is not None:
+            shown = reply.status()
+            timeout = self.port.config.timeout
+            shown["expires_in"] = round(max(0.0, self.reply_heard + timeout - self.port.reactor.now()), 3) \
+                if timeout else None
+        return {"listen": show_hostport(self.listen) if self.listen else None,
+                "bound": [format_peer(s.sock.getsockname()) for s in self.bound],
+                "listen_error": self.listen_error,
+                "send_to": [p.status() for p in self.peers],
+                "reply_to": shown,
+                "sources": [{"peer": e[0], "datagrams_in": e[1], "bytes_in": e[2], "last_heard": round(e[3], 3)}
+                            for e in reversed(list(self.sources.values()))]}
+
+
 # =====================================================================
 # 6. Port: one serial device and its clients
 # =====================================================================
@@ -4501,11 +4936,13 @@ class Port:
         self.counters = dict(bytes_from_device=0, bytes_to_device=0, bytes_dropped=0,
                              connections_total=0, connections_rejected=0, dials_failed=0,
                              device_errors=0)
+        self.counters.update(dict.fromkeys(UDP_COUNTERS, 0))
         self.drop_log_pending = 0       # dropped bytes not yet in a log line
         self.drop_log_timer = None      # ends the second in which one line was logged
         self.trace = Trace(config.trace, config.trace_format, log, self.name) if config.trace else None
         self.rfc2217 = make_com_port_role(self) if config.protocol == "rfc2217" else None
         self.dialer = Dialer(self) if config.connect is not None else None
+        self.udp = UdpSide(self) if config.udp_listen is not None or config.udp_send_to is not None else None
         # the client role must keep at least the event bytes that make it dial
         self.held = ByteBuffer(self.held_limit(), config.buffer_drop)
         self.admission = Admission(self)
@@ -4526,6 +4963,8 @@ class Port:
             self.open_device()
         if self.dialer:
             self.dialer.start()
+        if self.udp:
+            self.udp.start()
 
     def stop(self, reason="shutdown"):
         self.stopping = True
@@ -4536,6 +4975,8 @@ class Port:
             self.dialer.stop()
         if self.rfc2217:
             self.rfc2217.stop()
+        if self.udp:
+            self.udp.close()
         for conn in list(self.clients):
             self.end_connection(conn, reason)
         self.close_device("shutdown" if reason == "shutdown" else "port stopped: %s" % reason)
@@ -4712,15 +5153,21 @@ class Port:
         return recipients
 
     def deliver(self, data):
-        """Device data (a packet, when packing) to the clients send_to picks."""
+        """Device data (a packet, when packing) to the clients send_to picks,
+        and as one datagram to each UDP peer."""
+        reached = self.udp.send(data) if self.udp is not None else 0
         if self.trace:
             self.trace.record("<", ",".join(format_peer(c.peer) for c in
                                             choose_clients(self.config.send_to, self.clients, self.active_client))
                               or "(no client)", data)
         if not self.clients:
+            if self.config.listen is None and self.config.connect is None:
+                if not reached:         # UDP only: no TCP client to hold data for
+                    self.count_dropped(len(data), "no UDP peer to send to")
+                return
             self.held.limit = self.held_limit()
             dropped = self.held.add(data)
-            if dropped:
+            if dropped and (self.held.limit or not reached):    # with buffer = 0, UDP peers had it
                 self.count_dropped(dropped, "buffer of %d bytes full (buffer_drop = %s)"
                                    % (self.held.limit, self.config.buffer_drop)
                                    if self.held.limit else "no client connected (buffer = 0)")
@@ -4804,6 +5251,24 @@ class Port:
             self.count_dropped(len(data), "receive_from = %s ignores %s" % (self.config.receive_from,
                                                                            format_peer(conn.peer)))
             return
+        self.to_device(data)
+
+    def udp_payload(self, source, data):
+        """A datagram UdpSide accepted: one write to the device.  UDP has
+        no back-pressure, so past DEVICE_HIGH_WATER it is dropped (counted)
+        rather than queued without bound."""
+        if self.trace:
+            self.trace.record(">", "udp " + format_peer(source), data)
+        if self.device.is_open and self.device.tx_bytes >= DEVICE_HIGH_WATER:
+            self.counters["udp_datagrams_refused"] += 1
+            self.count_dropped(len(data), "device queue full (%d bytes): datagram from %s dropped"
+                               % (self.device.tx_bytes, format_peer(source)))
+            return
+        self.to_device(data)
+
+    def to_device(self, data):
+        """Network data for the device, queued; while the device's queue
+        is full, clients are not read."""
         if self.device_state not in ("open", "opening"):
             self.count_dropped(len(data), "device %s is not open" % self.device.label())
             return
@@ -5210,6 +5675,7 @@ def port_status(port):
         "clients": clients,
     }
     status.update(port.counters)
+    status["udp"] = port.udp.status() if port.udp else None
     status["bytes_held"] = len(port.held)
     status["updated"] = round(wall, 3)
     return status
@@ -5233,6 +5699,13 @@ COUNTER_HELP = {
     "connections_rejected": "TCP connections refused (port full, not allowed).",
     "dials_failed": "Dial rounds in which every peer failed.",
     "device_errors": "Failures to open or keep the device.",
+    "udp_datagrams_in": "UDP datagrams received on udp_listen.",
+    "udp_bytes_in": "Bytes of UDP datagrams received on udp_listen.",
+    "udp_datagrams_out": "UDP datagrams sent to udp_send_to and udp_reply peers.",
+    "udp_bytes_out": "Bytes of UDP datagrams sent.",
+    "udp_datagrams_refused": "UDP datagrams received and not written to the device (allow, receive_from, device queue full).",
+    "udp_send_errors": "UDP datagrams not sent, and ICMP errors from UDP peers (unreachable).",
+    "udp_packets_split": "Packets of device data longer than one UDP datagram, sent in several.",
 }
 
 
