@@ -4169,19 +4169,24 @@ class UdpSide:
             self.port.reactor.set_interest(s, True, False)
         return s, address
 
+    def current_reply_peer(self):
+        """The udp_reply peer, None once it has been silent for `timeout`
+        (looked at when it matters: data to send, a /status request)."""
+        reply = self.reply_peer
+        timeout = self.port.config.timeout
+        if reply is not None and timeout and self.port.reactor.now() - self.reply_heard >= timeout:
+            self.port.log.info("[%s] udp_reply: %s silent for %gs, no longer answered",
+                               self.port.name, reply.name, timeout)
+            self.reply_peer = reply = None
+        return reply
+
     def targets(self):
         """The peers device data goes to now: udp_send_to, and the source
         of the latest datagram (udp_reply) until `timeout` passes."""
         peers = [p for p in self.peers if p.address is not None]
-        reply = self.reply_peer
-        if reply is not None:
-            timeout = self.port.config.timeout
-            if timeout and self.port.reactor.now() - self.reply_heard >= timeout:
-                self.port.log.info("[%s] udp_reply: %s silent for %gs, no longer answered",
-                                   self.port.name, reply.name, timeout)
-                self.reply_peer = reply = None
-            elif all(udp_key(p.address) != udp_key(reply.address) for p in peers):
-                peers.append(reply)
+        reply = self.current_reply_peer() if self.reply_peer is not None else None
+        if reply is not None and all(udp_key(p.address) != udp_key(reply.address) for p in peers):
+            peers.append(reply)
         return peers
 
     def send(self, data):
@@ -4292,7 +4297,7 @@ class UdpSide:
         self.sources[key] = entry
 
     def status(self):
-        reply = self.reply_peer
+        reply = self.current_reply_peer()
         shown = None
         if reply is not None:
             shown = reply.status()

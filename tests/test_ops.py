@@ -726,3 +726,14 @@ def test_a_trace_to_a_fifo_nobody_reads_never_holds_up_the_bridge(sertcp, pty, c
     c = clients(port)
     c.send(b"through")
     assert pty.read(7) == b"through"
+
+
+def test_the_udp_side_imports_nothing_more(pty, tmp_path):
+    """UDP needs only socket, already loaded: a port with udp_listen and
+    udp_send_to (addresses, so no resolver thread) imports what a plain one
+    does."""
+    port, plain_port = free_port(), free_port()
+    plain = imported_modules([pty.path, "--listen", "127.0.0.1:%d" % plain_port], tmp_path, plain_port)
+    udp = imported_modules([pty.path, "--listen", "127.0.0.1:%d" % port, "--udp-listen", "127.0.0.1:%d" % free_port(),
+                            "--udp-send-to", "127.0.0.1:9, 127.255.255.255:10110"], tmp_path, port)
+    assert udp - plain == set(), sorted(udp - plain)
