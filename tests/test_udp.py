@@ -6,6 +6,7 @@ of its own so that no datagram can leave the machine."""
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import SERTCP, free_port, http_get, ipv6_loopback, need_programs, run_sertcp, wait_for
+from conftest import SERTCP, closing_factory, free_port, http_get, ipv6_loopback, need_programs, run_sertcp, wait_for
 
 
 def udp_port(host="127.0.0.1"):
@@ -63,15 +64,7 @@ class Receiver:
 
 @pytest.fixture
 def receivers():
-    made = []
-
-    def make(*args, **kw):
-        r = Receiver(*args, **kw)
-        made.append(r)
-        return r
-    yield make
-    for r in made:
-        r.close()
+    yield from closing_factory(Receiver)
 
 
 @pytest.fixture
@@ -411,6 +404,14 @@ def test_a_peer_that_is_gone_is_counted_while_another_keeps_receiving(sertcp, pt
     assert live_peer["errors"] == 0 and live_peer["datagrams_out"] == 200 and live_peer["bytes_out"] == 1800
     assert st["udp_send_errors"] >= 100
     assert s.proc.poll() is None
+    # the same counters in /metrics, as promtool wants them
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: apt-get install prometheus"
+    _, text = http_get(status, "/metrics")
+    check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+    assert (check.returncode, check.stdout + check.stderr) == (0, ""), text
+    assert 'sertcp_udp_datagrams_out_total{port="cli"} 400' in text
+    assert re.search(r'^sertcp_udp_send_errors_total\{port="cli"\} [1-9]\d\d', text, re.M), text
     # logged, but at most PEER_LOG_BURST lines per 10 s for that address
     refused = len(re.findall(r"UDP peer 127\.0\.0\.1:%d: Connection refused" % gone, s.log()))
     assert 1 <= refused <= 10, s.log()
