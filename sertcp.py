@@ -4034,7 +4034,7 @@ class UdpSocket(Handler):
             try:
                 self.sock.sendto(data, address)
                 return True
-            except (BlockingIOError, InterruptedError) as e:
+            except BlockingIOError as e:
                 self.side.send_failed(peer, e, len(data))
                 return False
             except OSError as e:
@@ -5164,7 +5164,7 @@ class Port:
         if self.trace:
             self.trace.record("<", ",".join(format_peer(c.peer) for c in
                                             choose_clients(self.config.send_to, self.clients, self.active_client))
-                              or "(no client)", data)
+                              or ("(UDP peers)" if reached else "(no client)"), data)
         if not self.clients:
             if self.config.listen is None and self.config.connect is None:
                 if not reached:         # UDP only: no TCP client to hold data for
