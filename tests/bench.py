@@ -42,6 +42,11 @@ Ports side by side ("--only ports" runs just these):
 Protocol: rfc2217  dev2net and net2dev in raw and in rfc2217 mode, with
 payloads where 1 byte in 2, 4 and 64 is 0xFF.
 
+UDP: udp  device -> UDP: what is written into the master, received by one
+UDP socket from sertcp's udp_send_to and from socat's UDP-SENDTO, each read
+one datagram (MB/s) and in 1 KiB datagrams (datagrams/s; sertcp's
+pack_size, socat's -b), with the bytes lost (UDP has no back-pressure).
+
 Footprint and scale (sertcp only -- socat and ser2net have no
 shared listeners, identity routing or packing timers; "--only scale" runs
 just these):
@@ -2544,6 +2549,138 @@ def _own_rfc2217(settings, workdir, report):
     return rfc2217_throughput(settings)
 
 
+def _udp_round(kind, size, workdir, bound, packet=None):
+    """One pty and one server (sertcp with udp_send_to, or socat's
+    UDP-SENDTO) sending what is written into the master to one UDP
+    receiver: payload MB/s and datagrams/s as received, and bytes lost
+    (UDP has no back-pressure: what the receiver's buffer cannot hold is
+    gone).  Timed from the first payload byte written to the last one
+    received.  `packet`: datagrams of at most this size (sertcp's
+    pack_size, socat's -b), else each read is one datagram."""
+    pty = Pty()
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server = None
+    try:
+        try:    # root may pass net.core.rmem_max: fewer datagrams lost to the bench itself
+            rx.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_RCVBUFFORCE", 33), 16 * MiB)
+        except OSError:
+            rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * MiB)
+        rx.bind((HOST, 0))
+        rx.setblocking(False)
+        target = "%s:%d" % (HOST, rx.getsockname()[1])
+        server = Server(kind, pty.path, None if kind == "sertcp" else 0, 1, workdir,
+                        extra=["--udp-send-to", target] + (["--pack-size", str(packet)] if packet else []))
+        if kind == "socat":     # each read (at most -b bytes) is one datagram
+            server.argv = ["socat", "-u", "-b", str(packet or 65507), "FILE:%s,rawer,echo=0,b115200" % pty.path,
+                           "UDP4-SENDTO:%s" % target]
+        server.start()
+        poller = select.poll()
+        poller.register(rx.fileno(), select.POLLIN)
+        deadline = time.monotonic() + 10.0
+        primed, last = False, 0.0
+        while not primed:       # the server is up and sending once a priming byte arrives
+            server.check_alive()
+            if time.monotonic() > deadline:
+                raise BenchError("%s: no datagram within 10 s; log:\n%s" % (kind, server.log_tail()))
+            if time.monotonic() - last >= 0.005:
+                try:
+                    os.write(pty.master, PRIME)
+                except BlockingIOError:
+                    pass
+                last = time.monotonic()
+            for _ in poller.poll(5):
+                primed = True
+        while poller.poll(100):     # stragglers of the priming
+            try:
+                while rx.recv(65536):
+                    pass
+            except BlockingIOError:
+                pass
+        payload = make_payload(size)
+        view = memoryview(payload)
+        poller.register(pty.master, select.POLLOUT)
+        got = datagrams = 0
+        start = time.monotonic()
+        end = start + bound
+        last_at = start
+        while got < size:
+            now = time.monotonic()
+            if now > end or (not view and now - last_at > 1.0):
+                break           # the rest was lost
+            for fd, _ in poller.poll(100):
+                if fd == pty.master:
+                    try:
+                        view = view[os.write(pty.master, view[:CHUNK]):]
+                    except BlockingIOError:
+                        pass
+                    if not view:
+                        poller.unregister(pty.master)
+                    continue
+                try:
+                    while True:
+                        data = rx.recv(65536)
+                        datagrams += 1
+                        got += len(data) - data.count(PRIME)
+                        last_at = time.monotonic()
+                except BlockingIOError:
+                    pass
+        seconds = last_at - start
+        server.check_alive()
+        return {"mbps": got / seconds / MB if seconds > 0 else None,
+                "datagrams_per_s": datagrams / seconds if seconds > 0 else None,
+                "datagrams": datagrams, "bytes": got, "lost": size - got,
+                "average_datagram": got / datagrams if datagrams else None, "seconds": seconds}
+    finally:
+        if server is not None:
+            server.stop()
+        rx.close()
+        pty.close()
+
+
+UDP_SMALL_DATAGRAM = 1024
+
+
+def own_udp(settings, workdir, report):
+    """device -> UDP through sertcp (udp_send_to) and socat (UDP-SENDTO) on
+    the same kind of pty, rounds taken in turn, the best round of each:
+    each read one datagram ("bulk"), and datagrams of 1 KiB ("small",
+    the cost per datagram)."""
+    size = min(settings.size, 16 * MiB)
+    kinds = [k for k in ("sertcp", "socat") if available(k)]
+    out = {"size": size, "rounds": settings.rounds}
+    for variant, packet, metric in (("bulk", None, "mbps"), ("small", UDP_SMALL_DATAGRAM, "datagrams_per_s")):
+        best = {}
+        for _ in range(settings.rounds):
+            for kind in kinds:
+                r = _udp_round(kind, size // (4 if packet else 1), workdir, max(2.0, settings.budget), packet)
+                if r[metric] is not None and r[metric] > best.get(kind, {}).get(metric, 0):
+                    best[kind] = r
+        out[variant] = best
+        if "sertcp" in best and "socat" in best:
+            out[variant + "_ratio"] = best["sertcp"][metric] / best["socat"][metric]
+    return out
+
+
+def _udp_figure(variant, key, fmt):
+    def compute(u):
+        mine = u[variant].get("sertcp")
+        if not mine or mine[key] is None:
+            return None
+        peer = u[variant].get("socat")
+        shown = fmt % mine[key] + " (lost %d of %d bytes)" % (mine["lost"], mine["lost"] + mine["bytes"])
+        if peer and peer[key]:
+            shown += "; socat " + fmt % peer[key] + " (lost %d), %.2fx" % (peer["lost"], mine[key] / peer[key])
+        return mine[key], shown
+    return compute
+
+
+def _udp_check(variant, factor):
+    def check(_value, report):
+        ratio = own(report, "udp").get(variant + "_ratio")
+        return None if ratio is None else ratio >= factor
+    return check
+
+
 REGISTRY = [
     Bench("dev2net", "bytes written into the pty master, received by one TCP client (best round)", [
         Target("device->network MB/s", beside_peers("dev2net.mbps", "%.1f MB/s"),
@@ -2576,6 +2713,13 @@ REGISTRY = [
           own=own_load32, group="ports"),
     Bench("rfc2217", "protocol = rfc2217 beside raw, 0xFF-rich payloads (payload MB/s)", _rfc2217_targets(),
           own=_own_rfc2217),
+    Bench("udp", "device -> UDP (udp_send_to): payload received by one UDP socket, beside socat UDP-SENDTO", [
+        Target("device->UDP MB/s", own_figure("udp", _udp_figure("bulk", "mbps", "%.1f MB/s")), ">= 0.9x socat",
+               _udp_check("bulk", 0.9)),
+        Target("  same, datagrams/s", own_figure("udp", _udp_figure("bulk", "datagrams_per_s", "%.0f/s"))),
+        Target("device->UDP 1 KiB datagrams/s", own_figure("udp", _udp_figure("small", "datagrams_per_s", "%.0f/s")),
+               ">= 0.9x socat", _udp_check("small", 0.9))],
+          own=own_udp),
     Bench("memory", "peak RSS of one port and client above a bare python3; RSS per idle client", [
         Target("peak RSS, 1 port + 1 client, above python3", own_figure("memory", _memory_above),
                "<= +3 MiB", lambda v, _r: v <= 3 * 1024),
