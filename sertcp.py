@@ -12,7 +12,8 @@ The file reads top to bottom; each section uses only the ones above it:
                       validation, --check output, the example file
     3. cores        - sans-I/O: packer, client-selection policies, identity
                       matcher, Telnet codec (RFC 854/855/1143), RFC 2217
-                      encoders and per-connection state, and the port's
+                      encoders and per-connection state, Modbus (MBAP,
+                      RTU framing, the bus scheduler), and the port's
                       state machines: device life (DEVICE_STATE_ON), the
                       back-pressure rule, admission, the dial plan
                       (bytes, times and settings in; bytes, events and
@@ -23,7 +24,8 @@ The file reads top to bottom; each section uses only the ones above it:
                       helper threads, socket, virtual pty); termios tables;
                       connections and TLS; listeners; the gate of a
                       listener (allow, password, identity)
-    6. port         - the RFC 2217 roles (server, client); the port (device
+    6. port         - the RFC 2217 roles (server, client); the Modbus
+                      gateway role; the port (device
                       life, delivery, back-pressure); its admission shell;
                       its dialer (the client role)
     7. status       - /status and /metrics, traces, reload (SIGHUP)
@@ -462,10 +464,13 @@ PORT_KEYS = [
     Key("timeout", number_parser(float, 0, TIME_LIMIT), 0.0, "close a connection idle this many seconds in both directions (0 = never)", _show_float),
     Key("reconnect_min", number_parser(float, 0.01, TIME_LIMIT), 1.0, "client role: shortest pause between failed dials", _show_float),
     Key("reconnect_max", number_parser(float, 0.01, TIME_LIMIT), 60.0, "client role: longest pause between failed dials", _show_float),
-    Key("protocol", choice_parser("raw", "rfc2217"), "raw", "raw, or rfc2217 (Telnet COM-PORT-OPTION)"),
+    Key("protocol", choice_parser("raw", "rfc2217", "modbus"), "raw", "raw, rfc2217 (Telnet COM-PORT-OPTION), or modbus (Modbus TCP clients, RTU device)"),
     Key("rfc2217_role", choice_parser("auto", "server", "client"), "auto", "server, client, or auto (a virtual port is the client)"),
     Key("remote_control", parse_remote_control, REMOTE_CONTROL_ITEMS, "rfc2217 server: what clients may change: yes, no, or a list of settings, dtr, rts, break, purge",
         lambda v: "yes" if tuple(v) == REMOTE_CONTROL_ITEMS else (", ".join(v) if v else "no")),
+    Key("modbus_timeout_ms", number_parser(int, 1, 600000), 1000, "modbus: milliseconds the device has to answer; then exception 0x0B"),
+    Key("modbus_retries", number_parser(int, 0, 100), 0, "modbus: extra tries before that exception"),
+    Key("modbus_frame_gap_ms", number_parser(float, 0, 10000), 0.0, "modbus: silence that ends an RTU frame (0 = 3.5 characters at baudrate, 1.75 above 19200)", _show_float),
     Key("max_clients", number_parser(int, 1, 100000), 1, "server role: clients accepted at once"),
     Key("backlog", number_parser(int, 1, 65535), 1024, "server role: pending connections the kernel queues (at most net.core.somaxconn)"),
     Key("when_full", choice_parser("reject", "kick_oldest"), "reject", "when max_clients are connected: reject the newest, or kick_oldest"),
@@ -665,6 +670,12 @@ PORT_RULES = (
      "connect_id", "needs connect"),
     (lambda v: v["identity"] is not None and v["listen"] is None,
      "identity", "needs listen"),
+    (lambda v: v["protocol"] == "modbus" and (v["pack_size"] or v["pack_idle_ms"] or v["pack_max_ms"]
+                                              or v["pack_delimiter"] is not None),
+     "protocol", "modbus frames device data itself; remove the pack_* keys"),
+    (lambda v: v["protocol"] != "modbus" and (v["modbus_retries"] or v["modbus_frame_gap_ms"]
+                                              or v["modbus_timeout_ms"] != 1000),
+     "protocol", "modbus_* keys need protocol = modbus (it is {protocol})"),
     (lambda v: v["identity"] == b"",
      "identity", "must not be empty"),
     (lambda v: v["identity"] is not None and (b"\n" in v["identity"] or b"\r" in v["identity"]),
@@ -1689,6 +1700,380 @@ class ByteBuffer:
 
     def __len__(self):
         return len(self.data)
+
+
+# ---------------------------------------------------------------------
+# Modbus: MBAP to RTU and back (protocol = modbus)
+# ---------------------------------------------------------------------
+# Modbus TCP masters on the network, one Modbus RTU bus on the device.
+# MbapDecoder cuts a client's stream into requests; RtuAssembler cuts the
+# device's bytes into frames (by the length the function code announces,
+# else by silence); ModbusBus is the one-request-at-a-time scheduler.
+# ModbusGateway joins them for the port: bytes and times in, actions out.
+
+MBAP_HEADER = 7                 # transaction id, protocol id, length, unit id
+MBAP_LENGTH_RANGE = (2, 254)    # unit id + function code .. unit id + 253-byte PDU
+MODBUS_CLIENT_QUEUE = 16        # requests one client may have waiting; more is a flood
+MODBUS_ROUND_TRIPS = 1024       # bus round trips kept for p50/p99
+MODBUS_GATEWAY_NO_RESPONSE = 0x0B   # exception: gateway target device failed to respond
+
+
+def modbus_crc(data):
+    """CRC-16/MODBUS (reflected polynomial 0xA001, initial 0xFFFF) as
+    the two bytes that end an RTU frame, low byte first."""
+    crc = 0xFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
+    return bytes((crc & 0xFF, crc >> 8))
+
+
+def rtu_frame(unit, pdu):
+    """An RTU frame: unit id, PDU, CRC."""
+    body = bytes((unit,)) + pdu
+    return body + modbus_crc(body)
+
+
+def mbap_frame(transaction, unit, pdu):
+    """A Modbus TCP frame: the MBAP header (protocol id 0), then the PDU."""
+    return (transaction.to_bytes(2, "big") + b"\0\0" + (len(pdu) + 1).to_bytes(2, "big")
+            + bytes((unit,)) + pdu)
+
+
+def modbus_exception_pdu(function, code):
+    return bytes((function | 0x80, code))
+
+
+def rtu_char_time(baudrate, bytesize=8, parity="none", stopbits="1"):
+    """Seconds one character takes on the line: start bit, data, parity, stop."""
+    bits = 1 + bytesize + (0 if parity == "none" else 1) + float(stopbits)
+    return bits / baudrate
+
+
+def rtu_frame_gap(baudrate, bytesize=8, parity="none", stopbits="1", gap_ms=0):
+    """The silence that ends an RTU frame: gap_ms if set, else 3.5
+    character times, fixed at 1.75 ms above 19,200 baud (Modbus over
+    serial line, 2.5.1.1)."""
+    if gap_ms:
+        return gap_ms / 1000.0
+    if baudrate > 19200:
+        return 0.00175
+    return 3.5 * rtu_char_time(baudrate, bytesize, parity, stopbits)
+
+
+# Length of a reply by function code, where the code tells it: a fixed
+# size, or ("count", i, extra): byte i holds a count of the bytes that
+# follow it, and `extra` bytes (the CRC) end the frame.
+RTU_REPLY_LENGTH = {
+    0x01: ("count", 2, 2), 0x02: ("count", 2, 2), 0x03: ("count", 2, 2), 0x04: ("count", 2, 2),
+    0x05: 8, 0x06: 8, 0x07: 5, 0x08: 8, 0x0B: 8, 0x0C: ("count", 2, 2),
+    0x0F: 8, 0x10: 8, 0x11: ("count", 2, 2), 0x14: ("count", 2, 2), 0x15: ("count", 2, 2),
+    0x16: 10, 0x17: ("count", 2, 2),
+}
+
+
+def rtu_reply_length(frame):
+    """The full length of the reply that starts with `frame`, or None
+    while unknown (too few bytes yet, or a code whose reply ends only by
+    silence)."""
+    if len(frame) < 2:
+        return None
+    function = frame[1]
+    if function & 0x80:
+        return 5                        # unit, function | 0x80, exception code, CRC
+    rule = RTU_REPLY_LENGTH.get(function)
+    if rule is None or isinstance(rule, int):
+        return rule
+    _, at, extra = rule
+    if len(frame) <= at:
+        return None
+    return at + 1 + frame[at] + extra
+
+
+class MbapDecoder:
+    """One client's Modbus TCP stream, fed as it comes: feed() returns
+    ("request", transaction, unit, pdu) events, or ("malformed", why)
+    after which the stream is not read further (the client is closed)."""
+
+    def __init__(self):
+        self.data = bytearray()
+        self.broken = False
+
+    def feed(self, data):
+        if self.broken:
+            return []
+        self.data += data
+        events = []
+        while len(self.data) >= MBAP_HEADER:
+            header = self.data
+            protocol = int.from_bytes(header[2:4], "big")
+            length = int.from_bytes(header[4:6], "big")
+            if protocol != 0:
+                return self._malformed(events, "protocol id %d (Modbus is 0)" % protocol)
+            if not MBAP_LENGTH_RANGE[0] <= length <= MBAP_LENGTH_RANGE[1]:
+                return self._malformed(events, "length %d out of range %d-%d" % ((length,) + MBAP_LENGTH_RANGE))
+            end = 6 + length
+            if len(self.data) < end:
+                break
+            transaction = int.from_bytes(header[0:2], "big")
+            events.append(("request", transaction, header[6], bytes(header[7:end])))
+            del self.data[:end]
+        return events
+
+    def pending(self):
+        """Bytes of an unfinished frame (a truncated one, at the end)."""
+        return len(self.data)
+
+    def _malformed(self, events, why):
+        self.broken = True
+        self.data.clear()
+        events.append(("malformed", why))
+        return events
+
+
+class RtuAssembler:
+    """The device's bytes cut into RTU frames: a frame ends when it holds
+    the length its function code announces, or after `gap` seconds of
+    silence.  feed(data, now) / deadline() / expire(now) like Packer."""
+
+    def __init__(self, gap):
+        self.gap = gap
+        self.frame = bytearray()
+        self.last = None                # when the last byte came
+
+    def feed(self, data, now):
+        frames = []
+        if self.frame and now - self.last >= self.gap:
+            frames.append(bytes(self.frame))    # the silence passed before this read
+            self.frame.clear()
+        self.last = now
+        self.frame += data
+        while True:
+            length = rtu_reply_length(self.frame)
+            if length is None or len(self.frame) < length:
+                break
+            frames.append(bytes(self.frame[:length]))
+            del self.frame[:length]
+        return frames
+
+    def deadline(self):
+        return self.last + self.gap if self.frame else None
+
+    def expire(self, now):
+        if self.frame and now >= self.last + self.gap:
+            frame = bytes(self.frame)
+            self.frame.clear()
+            return [frame]
+        return []
+
+
+class ModbusRequest:
+    __slots__ = ("client", "transaction", "unit", "pdu", "tries", "queued_at")
+
+    def __init__(self, client, transaction, unit, pdu, queued_at):
+        self.client, self.transaction, self.unit, self.pdu = client, transaction, unit, pdu
+        self.tries = 0
+        self.queued_at = queued_at
+
+
+# The bus: (state, event) -> next state.  One request is on the bus at a
+# time; "waiting" ends with its reply, a bad reply or the timeout (then a
+# retry or exception 0x0B); a broadcast is not answered, so the bus is
+# held ("turnaround") until the device has had time to act on it.
+MODBUS_BUS_ON = {
+    ("idle", "send"): "waiting",
+    ("idle", "send_broadcast"): "turnaround",
+    ("waiting", "reply"): "idle",
+    ("waiting", "bad_reply"): "idle",
+    ("waiting", "timeout"): "idle",
+    ("turnaround", "timeout"): "idle",
+}
+
+
+class ModbusBus:
+    """The RTU bus shared by every client: requests wait in arrival
+    order, one goes out at a time, its answer goes back to the client
+    that asked.  A reply with a bad CRC, from another unit or for another
+    function counts as no reply: the request is tried again (retries) or
+    answered with exception 0x0B.  Returns actions:
+    ("write", rtu bytes), ("reply", client, mbap bytes),
+    ("flood", client) (a client with too many requests waiting), and
+    ("stray", n bytes, why) for device bytes nobody asked for."""
+
+    def __init__(self, timeout, retries, turnaround, char_time=0.0, queue_limit=MODBUS_CLIENT_QUEUE):
+        self.timeout, self.retries, self.turnaround = timeout, retries, turnaround
+        self.char_time = char_time      # a frame's own time on the wire is added to the waits
+        self.queue_limit = queue_limit
+        self.state = "idle"
+        self.queue = deque()
+        self.waiting = {}               # client -> its requests in the queue
+        self.current = None
+        self.due = None
+        self.sent_at = None
+        self.counters = dict(requests=0, replies=0, timeouts=0, crc_errors=0, bad_replies=0,
+                             broadcasts=0, exceptions_sent=0)
+        self.round_trips = deque(maxlen=MODBUS_ROUND_TRIPS)
+
+    def _move(self, event):
+        self.state = MODBUS_BUS_ON[self.state, event]
+
+    def depth(self):
+        return len(self.queue) + (self.current is not None)
+
+    def request(self, client, transaction, unit, pdu, now):
+        if self.waiting.get(client, 0) >= self.queue_limit:
+            return [("flood", client)]
+        self.counters["requests"] += 1
+        self.queue.append(ModbusRequest(client, transaction, unit, pdu, now))
+        self.waiting[client] = self.waiting.get(client, 0) + 1
+        return self._next(now)
+
+    def forget(self, client):
+        """A client left: its waiting requests go; a reply to the one on
+        the bus is thrown away when it comes."""
+        if self.waiting.pop(client, None):
+            self.queue = deque(r for r in self.queue if r.client is not client)
+        if self.current is not None and self.current.client is client:
+            self.current.client = None
+
+    def frame(self, frame, now):
+        """A whole RTU frame from the device."""
+        request = self.current
+        if self.state != "waiting":
+            return [("stray", len(frame), "device sent %d bytes with no request on the bus" % len(frame))]
+        if len(frame) < 4 or modbus_crc(frame[:-2]) != frame[-2:]:
+            self.counters["crc_errors"] += 1
+            return self._no_reply(now, "bad_reply")
+        if frame[0] != request.unit or frame[1] & 0x7F != request.pdu[0]:
+            self.counters["bad_replies"] += 1
+            return self._no_reply(now, "bad_reply")
+        self._move("reply")
+        self.counters["replies"] += 1
+        self.round_trips.append(now - self.sent_at)
+        self.current = self.due = None
+        actions = []
+        if request.client is not None:
+            actions.append(("reply", request.client, mbap_frame(request.transaction, request.unit, frame[1:-2])))
+        return actions + self._next(now)
+
+    def deadline(self):
+        return self.due
+
+    def expire(self, now):
+        if self.due is None or now < self.due:
+            return []
+        if self.state == "turnaround":
+            self._move("timeout")
+            self.due = None
+            return self._next(now)
+        self.counters["timeouts"] += 1
+        return self._no_reply(now, "timeout")
+
+    def _no_reply(self, now, event):
+        self._move(event)
+        request, self.current, self.due = self.current, None, None
+        if request.tries <= self.retries:
+            self.queue.appendleft(request)      # tried again before anything else
+            if request.client is not None:
+                self.waiting[request.client] = self.waiting.get(request.client, 0) + 1
+            return self._next(now)
+        actions = []
+        if request.client is not None:
+            self.counters["exceptions_sent"] += 1
+            pdu = modbus_exception_pdu(request.pdu[0], MODBUS_GATEWAY_NO_RESPONSE)
+            actions.append(("reply", request.client, mbap_frame(request.transaction, request.unit, pdu)))
+        return actions + self._next(now)
+
+    def _next(self, now):
+        if self.state != "idle" or not self.queue:
+            return []
+        request = self.current = self.queue.popleft()
+        if request.client is not None:
+            left = self.waiting[request.client] - 1
+            if left:
+                self.waiting[request.client] = left
+            else:
+                del self.waiting[request.client]
+        request.tries += 1
+        frame = rtu_frame(request.unit, request.pdu)
+        on_wire = len(frame) * self.char_time
+        self.sent_at = now
+        if request.unit == 0:
+            self.counters["broadcasts"] += 1
+            self._move("send_broadcast")
+            self.current = None
+            self.due = now + on_wire + self.turnaround
+        else:
+            self._move("send")
+            self.due = now + on_wire + self.timeout
+        return [("write", frame)]
+
+    def percentile(self, fraction):
+        """The bus round trip (request written to reply complete) below
+        which `fraction` of the recent ones fall, in seconds; None before any."""
+        if not self.round_trips:
+            return None
+        ordered = sorted(self.round_trips)
+        return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+class ModbusGateway:
+    """Everything of protocol = modbus that needs no I/O: each client's
+    MBAP stream, the device's RTU frames, the bus.  The port calls
+    from_client(), from_device(), client_gone(), expire() at deadline(),
+    and performs the actions (ModbusBus's, and ("close", client, why) for
+    a client whose MBAP is malformed)."""
+
+    def __init__(self, timeout, retries, gap, char_time=0.0, queue_limit=MODBUS_CLIENT_QUEUE):
+        self.assembler = RtuAssembler(gap)
+        self.bus = ModbusBus(timeout, retries, gap, char_time, queue_limit)
+        self.decoders = {}
+
+    @classmethod
+    def from_config(cls, c):
+        gap = rtu_frame_gap(c.baudrate, c.bytesize, c.parity, c.stopbits, c.modbus_frame_gap_ms)
+        return cls(c.modbus_timeout_ms / 1000.0, c.modbus_retries, gap,
+                   rtu_char_time(c.baudrate, c.bytesize, c.parity, c.stopbits))
+
+    def from_client(self, client, data, now):
+        decoder = self.decoders.get(client)
+        if decoder is None:
+            decoder = self.decoders[client] = MbapDecoder()
+        actions = []
+        for event in decoder.feed(data):
+            if event[0] == "malformed":
+                self.client_gone(client)
+                return actions + [("close", client, "malformed Modbus TCP frame: %s" % event[1])]
+            _, transaction, unit, pdu = event
+            done = self.bus.request(client, transaction, unit, pdu, now)
+            actions += done
+            if done and done[0][0] == "flood":
+                self.client_gone(client)
+                break
+        return actions
+
+    def client_gone(self, client):
+        """Forget a client; the bytes of a frame it left unfinished."""
+        decoder = self.decoders.pop(client, None)
+        self.bus.forget(client)
+        return decoder.pending() if decoder is not None else 0
+
+    def from_device(self, data, now):
+        actions = []
+        for frame in self.assembler.feed(data, now):
+            actions += self.bus.frame(frame, now)
+        return actions
+
+    def deadline(self):
+        due = [d for d in (self.assembler.deadline(), self.bus.deadline()) if d is not None]
+        return min(due) if due else None
+
+    def expire(self, now):
+        actions = []
+        for frame in self.assembler.expire(now):
+            actions += self.bus.frame(frame, now)
+        return actions + self.bus.expire(now)
 
 
 # ---------------------------------------------------------------------
@@ -4466,6 +4851,92 @@ def describe_settings(settings):
 
 
 # ---------------------------------------------------------------------
+# Modbus gateway role: Modbus TCP clients, an RTU device
+# ---------------------------------------------------------------------
+
+class ModbusRole:
+    """A port with protocol = modbus: the shell around ModbusGateway.
+    Bytes from every client and from the device go to the core; the role
+    writes the RTU frames it returns, sends each answer to the client that
+    asked, closes a client whose MBAP is malformed or that floods
+    requests (like a slow client), and keeps one timer at the core's
+    deadline (frame gap, reply timeout, broadcast turnaround)."""
+
+    def __init__(self, port):
+        self.port = port
+        self.core = ModbusGateway.from_config(port.config)
+        self.timer = None
+
+    def received(self, conn, data):
+        """MBAP bytes from a client."""
+        self._perform(self.core.from_client(conn, data, self.port.reactor.now()))
+
+    def device_data(self, data):
+        """RTU bytes from the device."""
+        if self.port.trace:
+            self.port.trace.record("<", "(modbus)", data)
+        self._perform(self.core.from_device(data, self.port.reactor.now()))
+
+    def detach(self, conn):
+        """A client left: its waiting requests are dropped."""
+        unfinished = self.core.client_gone(conn)
+        if unfinished:
+            self.port.log.info("[%s] client %s left %d bytes of a truncated Modbus TCP frame",
+                               self.port.name, format_peer(conn.peer), unfinished)
+            self.port.count_dropped(unfinished, "truncated Modbus TCP frame")
+
+    def stop(self):
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def status(self):
+        bus = self.core.bus
+        p50, p99 = bus.percentile(0.5), bus.percentile(0.99)
+        status = dict(bus.counters)
+        status.update(bus_state=bus.state, queue_depth=bus.depth(),
+                      round_trip_p50_ms=None if p50 is None else round(p50 * 1000, 3),
+                      round_trip_p99_ms=None if p99 is None else round(p99 * 1000, 3))
+        return status
+
+    def _perform(self, actions):
+        port = self.port
+        for action in actions:
+            kind = action[0]
+            if kind == "write":
+                if port.device_state in ("open", "opening"):
+                    port.device.write(action[1])    # else: no reply, so exception 0x0B in time
+                else:
+                    port.count_dropped(len(action[1]), "device %s is not open" % port.device.label())
+            elif kind == "reply":
+                action[1].send(action[2])           # a full client_buffer ends it like any slow client
+            elif kind == "stray":
+                port.count_dropped(action[1], action[2])
+            elif kind == "flood":
+                port.end_connection(action[1], "flooding: more than %d Modbus requests waiting"
+                                    % MODBUS_CLIENT_QUEUE)
+            elif kind == "close":
+                port.peer_log(action[1].peer[0], WARNING, "[%s] client %s: %s", port.name,
+                              format_peer(action[1].peer), action[2])
+                port.end_connection(action[1], action[2])
+        self._arm()
+
+    def _arm(self):
+        due = self.core.deadline()
+        if self.timer is not None:
+            if self.timer.when == due:
+                return
+            self.timer.cancel()
+            self.timer = None
+        if due is not None:
+            self.timer = self.port.reactor.call_at(due, self._fired)
+
+    def _fired(self):
+        self.timer = None
+        self._perform(self.core.expire(self.port.reactor.now()))
+
+
+# ---------------------------------------------------------------------
 # The port: device life cycle, delivery and back-pressure
 # ---------------------------------------------------------------------
 
@@ -4475,8 +4946,9 @@ class Port:
     DEVICE_STATE_ON), delivers device data to the clients send_to picks
     (packing, `buffer`), and keeps back-pressure to the one rule of
     device_should_pause().  Its helpers: `admission` (who connects, how
-    connections end), `dialer` (the client role) and `rfc2217` (the
-    RFC 2217 role), each None where the configuration has no use for it."""
+    connections end), `dialer` (the client role), `rfc2217` (the
+    RFC 2217 role) and `modbus` (the Modbus gateway role), each None where
+    the configuration has no use for it."""
 
     def __init__(self, config, reactor, log, peer_log=None):
         self.config = config
@@ -4505,6 +4977,7 @@ class Port:
         self.drop_log_timer = None      # ends the second in which one line was logged
         self.trace = Trace(config.trace, config.trace_format, log, self.name) if config.trace else None
         self.rfc2217 = make_com_port_role(self) if config.protocol == "rfc2217" else None
+        self.modbus = ModbusRole(self) if config.protocol == "modbus" else None
         self.dialer = Dialer(self) if config.connect is not None else None
         # the client role must keep at least the event bytes that make it dial
         self.held = ByteBuffer(self.held_limit(), config.buffer_drop)
@@ -4536,6 +5009,8 @@ class Port:
             self.dialer.stop()
         if self.rfc2217:
             self.rfc2217.stop()
+        if self.modbus:
+            self.modbus.stop()
         for conn in list(self.clients):
             self.end_connection(conn, reason)
         self.close_device("shutdown" if reason == "shutdown" else "port stopped: %s" % reason)
@@ -4679,7 +5154,9 @@ class Port:
 
     def on_device_data(self, data):
         self.counters["bytes_from_device"] += len(data)
-        if self.packer.enabled:
+        if self.modbus is not None:
+            self.modbus.device_data(data)   # RTU frames, answered to whoever asked
+        elif self.packer.enabled:
             now = self.reactor.now()
             for packet in self.packer.feed(data, now):
                 self.deliver(packet)
@@ -4799,6 +5276,9 @@ class Port:
         if self.active_client is not conn:
             self.active_client = conn
             self.recipients = None
+        if self.modbus is not None:
+            self.modbus.received(conn, data)    # MBAP in; RTU frames go to the device one at a time
+            return
         if self.config.receive_from != "all" and \
                 not client_selected(self.config.receive_from, conn, self.clients):
             self.count_dropped(len(data), "receive_from = %s ignores %s" % (self.config.receive_from,
@@ -4952,6 +5432,8 @@ class Admission:
         port.recipients = None
         if port.rfc2217:
             port.rfc2217.detach(conn)
+        if port.modbus:
+            port.modbus.detach(conn)
         if out_pending:
             port.counters["bytes_dropped"] += out_pending
         duration = port.reactor.now() - conn.since_mono
@@ -5210,6 +5692,8 @@ def port_status(port):
         "clients": clients,
     }
     status.update(port.counters)
+    if port.modbus:
+        status["modbus"] = port.modbus.status()
     status["bytes_held"] = len(port.held)
     status["updated"] = round(wall, 3)
     return status
@@ -5268,9 +5752,42 @@ def format_metrics(server):
            "Connections a listener refused before choosing a port (address, password block, unknown identity, "
            "silence).", [('{listen="%s"}' % label(show_hostport(gate.listener.address)), gate.rejected)
                          for gate in server.gates])
+    lines.extend(format_modbus_metrics([p for p in server.ports if p.modbus], label))
     family(counter_metric("internal_errors"), "counter",
            "Bugs met and contained: the connection, device or request closed.", [("", server.reactor.errors)])
     return "\n".join(lines) + "\n"
+
+
+MODBUS_COUNTER_HELP = {
+    "requests": "Modbus TCP requests queued for the RTU bus.",
+    "replies": "RTU replies returned to the client that asked.",
+    "timeouts": "RTU requests the device did not answer in modbus_timeout_ms.",
+    "crc_errors": "RTU frames from the device with a bad CRC (no reply).",
+    "bad_replies": "RTU replies from another unit or for another function (no reply).",
+    "broadcasts": "Requests to unit 0, sent without waiting for a reply.",
+    "exceptions_sent": "Exceptions 0x0B (no response from the device) sent to clients.",
+}
+
+
+def format_modbus_metrics(ports, label):
+    """The metric lines of protocol = modbus ports (none without one)."""
+    if not ports:
+        return []
+    lines = []
+
+    def family(metric, kind, help_text, samples):
+        lines.extend(("# HELP %s %s" % (metric, help_text), "# TYPE %s %s" % (metric, kind)))
+        lines.extend("%s{port=\"%s\"} %s" % (metric, label(p.name), show_number(v)) for p, v in samples if v is not None)
+    for counter, help_text in MODBUS_COUNTER_HELP.items():
+        family(counter_metric("modbus_" + counter), "counter", help_text,
+               [(p, p.modbus.core.bus.counters[counter]) for p in ports])
+    family("sertcp_modbus_queue_depth", "gauge", "Modbus requests waiting or on the bus now.",
+           [(p, p.modbus.core.bus.depth()) for p in ports])
+    for fraction, name in ((0.5, "p50"), (0.99, "p99")):
+        family("sertcp_modbus_round_trip_%s_seconds" % name, "gauge",
+               "Bus round trip (request written to reply read), %s of the last %d." % (name, MODBUS_ROUND_TRIPS),
+               [(p, p.modbus.core.bus.percentile(fraction)) for p in ports])
+    return lines
 
 
 class HttpProblem(Exception):
