@@ -353,3 +353,284 @@ def test_any_interleaving_of_clients_gets_each_reply_to_its_client_and_transacti
             else:
                 assert reply[7:] == b"\x03\x02" + register_value(unit, address).to_bytes(2, "big")
     assert exceptions == expected_exceptions == gw.bus.counters["exceptions_sent"]
+
+
+# =====================================================================
+# The real sertcp.py: pymodbus masters and slaves, an emulator, mbpoll
+# =====================================================================
+
+import json  # noqa: E402
+import re  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+from conftest import Client, free_port, http_get, need_programs, wait_for  # noqa: E402
+
+SLAVE = ROOT / "tests" / "modbus_slave.py"
+
+
+def slave_value(unit, register):
+    """What tests/modbus_slave.py holds in a holding register."""
+    return unit * 100 + register
+
+
+def modbus_status(status_port):
+    return json.loads(http_get(status_port, "/status")[1])["ports"][0]["modbus"]
+
+
+@pytest.fixture
+def gateway_to_slave(sertcp, tmp_path):
+    """gateway_to_slave(*flags) -> (sertcp process, tcp port, status port,
+    slave process): sertcp with protocol = modbus on a virtual port whose
+    other end a pymodbus RTU slave (units 1 and 2) has open."""
+    slaves = []
+
+    def start(*flags, units="1,2"):
+        port = free_port()
+        status = free_port()
+        while status == port:
+            status = free_port()
+        path = tmp_path / "meter"
+        s = sertcp("--listen", "127.0.0.1:%d" % port, "--status", "127.0.0.1:%d" % status, "--protocol", "modbus",
+                   "--max-clients", "8", *flags, "--virtual", path)
+        s.wait_log(r"device \S+ opened")
+        log = tmp_path / "slave.log"
+        with open(log, "w") as errors:
+            slave = subprocess.Popen([sys.executable, str(SLAVE), str(path), "9600", units],
+                                     stdout=subprocess.PIPE, stderr=errors, text=True)
+        slaves.append(slave)
+        assert slave.stdout.readline() == "ready\n", log.read_text()
+        s.wait_log("opened by a local program")
+        s.wait_listening(port)
+        return s, port, status, slave
+    yield start
+    for slave in slaves:
+        slave.send_signal(signal.SIGCONT)
+        slave.kill()
+        slave.wait()
+
+
+def master(port, timeout=5.0):
+    from pymodbus.client import ModbusTcpClient
+    client = ModbusTcpClient("127.0.0.1", port=port, timeout=timeout, retries=0)
+    assert client.connect()
+    return client
+
+
+def test_four_pymodbus_masters_polling_at_once_get_their_own_answers(gateway_to_slave):
+    s, port, status, _ = gateway_to_slave()
+    problems, counts = [], [0] * 4
+
+    def poll(i):
+        # master i reads unit 1 + i % 2, registers 10 i .. 10 i + 2, for 10 s
+        unit, first = 1 + i % 2, 10 * i
+        client = master(port)
+        try:
+            end = time.monotonic() + 10.0
+            while time.monotonic() < end and counts[i] < 20000:
+                address = first + counts[i] % 3
+                reply = client.read_holding_registers(address, count=3, device_id=unit)
+                want = [slave_value(unit, address + k) for k in range(3)]
+                if reply.isError() or reply.registers != want or reply.dev_id != unit:
+                    problems.append((i, address, reply))
+                    return
+                counts[i] += 1
+        finally:
+            client.close()
+    threads = [threading.Thread(target=poll, args=(i,)) for i in range(4)]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    elapsed = time.monotonic() - started
+    assert not problems, problems
+    assert min(counts) >= 20, counts           # every master got a fair share of the bus
+    stats = modbus_status(status)
+    assert stats["requests"] == stats["replies"] == sum(counts)
+    assert stats["timeouts"] == stats["crc_errors"] == stats["exceptions_sent"] == 0
+    assert stats["round_trip_p50_ms"] is not None and stats["round_trip_p99_ms"] >= stats["round_trip_p50_ms"]
+    print("4 masters: %d requests in %.1fs, %.0f/s; bus p50 %.2f ms, p99 %.2f ms"
+          % (sum(counts), elapsed, sum(counts) / elapsed, stats["round_trip_p50_ms"], stats["round_trip_p99_ms"]))
+
+
+def test_a_slave_that_stops_answering_gives_0x0b_within_the_timeout(gateway_to_slave):
+    s, port, status, slave = gateway_to_slave("--modbus-timeout-ms", "300")
+    client = master(port)
+    assert client.read_holding_registers(4, count=1, device_id=1).registers == [slave_value(1, 4)]
+    slave.send_signal(signal.SIGSTOP)
+    started = time.monotonic()
+    reply = client.read_holding_registers(4, count=1, device_id=1)
+    took = time.monotonic() - started
+    assert reply.isError() and reply.exception_code == 0x0B
+    assert 0.29 <= took < 0.3 + 2.0, took
+    assert modbus_status(status)["timeouts"] == 1
+    metrics = http_get(status, "/metrics")[1]
+    assert re.search(r'^sertcp_modbus_timeouts_total\{port="cli"\} 1$', metrics, re.M)
+    assert re.search(r'^sertcp_modbus_exceptions_sent_total\{port="cli"\} 1$', metrics, re.M)
+    client.close()
+
+
+def test_broadcast_writes_reach_every_unit_and_get_no_answer(gateway_to_slave):
+    s, port, status, _ = gateway_to_slave()
+    client = master(port)
+    assert client.write_register(7, 4321, device_id=0, no_response_expected=True) is None
+    for unit in (1, 2):
+        assert wait_for(lambda: client.read_holding_registers(7, count=1, device_id=unit).registers == [4321],
+                        message="unit %d to hold the broadcast value" % unit)
+    stats = modbus_status(status)
+    assert stats["broadcasts"] == 1 and stats["timeouts"] == 0 and stats["bus_state"] == "idle"
+    client.close()
+
+
+def test_a_client_sending_malformed_mbap_is_closed_while_the_others_go_on(gateway_to_slave):
+    s, port, status, _ = gateway_to_slave()
+    running, problems, done = threading.Event(), [], [0]
+    running.set()
+
+    def poll():
+        client = master(port)
+        try:
+            while running.is_set() and done[0] < 100000:
+                reply = client.read_holding_registers(1, count=2, device_id=2)
+                if reply.isError() or reply.registers != [slave_value(2, 1), slave_value(2, 2)]:
+                    problems.append(reply)
+                    return
+                done[0] += 1
+        finally:
+            client.close()
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        wait_for(lambda: done[0] >= 5, message="the good master polling")
+        for bad in (bytes.fromhex("0001 0003 0006 01") + READ_2,      # protocol id 3
+                    bytes.fromhex("0002 0000 0400 01") + READ_2):      # length 1024
+            evil = Client(port)
+            evil.send(bad)
+            assert evil.closed_by_peer()
+        s.wait_log(r"malformed Modbus TCP frame: protocol id 3")
+        s.wait_log(r"malformed Modbus TCP frame: length 1024 out of range 2-254")
+        before = done[0]
+        wait_for(lambda: done[0] >= before + 5, message="the good master to go on")
+    finally:
+        running.clear()
+        poller.join(30)
+    assert not problems, problems
+
+
+def test_a_client_flooding_requests_is_cut_off_and_the_others_are_served(gateway_to_slave):
+    s, port, status, _ = gateway_to_slave()
+    flood = Client(port)
+    flood.send(b"".join(mbap_frame(i, 1, READ_2) for i in range(2 * core.MODBUS_CLIENT_QUEUE)))
+    assert flood.closed_by_peer()
+    s.wait_log("flooding: more than %d Modbus requests waiting" % core.MODBUS_CLIENT_QUEUE)
+    client = master(port)
+    assert client.read_holding_registers(0, count=1, device_id=1).registers == [slave_value(1, 0)]
+    client.close()
+
+
+def test_mbpoll_as_a_master(gateway_to_slave):
+    need_programs("mbpoll")
+    s, port, status, slave = gateway_to_slave("--modbus-timeout-ms", "300")
+    out = subprocess.run(["mbpoll", "-m", "tcp", "-a", "2", "-t", "4", "-0", "-r", "3", "-c", "4", "-1",
+                          "-o", "5", "-p", str(port), "127.0.0.1"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    values = dict(re.findall(r"^\[(\d+)\]:\s+(-?\d+)$", out.stdout, re.M))
+    assert values == {str(r): str(slave_value(2, r)) for r in range(3, 7)}, out.stdout
+    # a slave that stopped answering: mbpoll reports the gateway's exception
+    slave.send_signal(signal.SIGSTOP)
+    out = subprocess.run(["mbpoll", "-m", "tcp", "-a", "2", "-t", "4", "-r", "1", "-1", "-o", "5",
+                          "-p", str(port), "127.0.0.1"], capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "failed to respond" in out.stderr, out.stdout + out.stderr
+
+
+# --- a device emulator of the test's own: what a pymodbus slave will not do --------
+
+@pytest.fixture
+def gateway_to_emulator(sertcp, pty):
+    def start(*flags):
+        port, status = free_port(), free_port()
+        while status == port:
+            status = free_port()
+        s = sertcp("--listen", "127.0.0.1:%d" % port, "--status", "127.0.0.1:%d" % status, "--protocol", "modbus",
+                   "--max-clients", "4", *flags, pty.path)
+        s.wait_log(r"device \S+ opened")
+        s.wait_listening(port)
+        return s, port, status
+    return start
+
+
+def recv_exactly(client, n):
+    data = client.recv(n)
+    assert len(data) == n, data
+    return data
+
+
+def test_a_corrupted_crc_gives_a_retry_then_0x0b(gateway_to_emulator, pty):
+    s, port, status = gateway_to_emulator("--modbus-retries", "1", "--modbus-timeout-ms", "2000")
+    c = Client(port)
+    c.send(mbap_frame(0xBEEF, 1, READ_2))
+    corrupt = rtu_frame(1, ANSWER_2)[:-2] + b"\x00\x00"
+    started = time.monotonic()
+    for _ in range(2):
+        assert pty.read(8) == rtu_frame(1, READ_2)
+        pty.write(corrupt)
+    assert recv_exactly(c, 9) == mbap_frame(0xBEEF, 1, b"\x83\x0b")
+    assert time.monotonic() - started < 2.0     # a bad reply is no reply at once, not a wait for the timeout
+    stats = modbus_status(status)
+    assert stats["crc_errors"] == 2 and stats["exceptions_sent"] == 1 and stats["replies"] == 0
+
+
+def test_a_good_reply_after_a_bad_one_is_passed_on(gateway_to_emulator, pty):
+    s, port, status = gateway_to_emulator("--modbus-retries", "2")
+    c = Client(port)
+    c.send(mbap_frame(17, 1, READ_2))
+    assert pty.read(8) == rtu_frame(1, READ_2)
+    pty.write(rtu_frame(3, ANSWER_2))           # another unit: no reply
+    assert pty.read(8) == rtu_frame(1, READ_2)
+    pty.write(rtu_frame(1, ANSWER_2))
+    assert recv_exactly(c, 13) == mbap_frame(17, 1, ANSWER_2)
+    stats = modbus_status(status)
+    assert stats["bad_replies"] == 1 and stats["replies"] == 1
+
+
+def test_a_reply_in_pieces_within_the_gap_is_one_frame(gateway_to_emulator, pty):
+    s, port, status = gateway_to_emulator("--modbus-frame-gap-ms", "200")
+    c = Client(port)
+    c.send(mbap_frame(1, 1, b"\x2b\x0e\x01\x00"))   # read device id: only silence ends its reply
+    assert pty.read(7) == rtu_frame(1, b"\x2b\x0e\x01\x00")
+    reply = rtu_frame(1, b"\x2b\x0e\x01\x01\x00\x00\x01\x00\x03abc")
+    pty.write(reply[:5])
+    time.sleep(0.05)                # a pause shorter than the gap (the thing under test)
+    pty.write(reply[5:])
+    assert recv_exactly(c, 6 + len(reply) - 2) == mbap_frame(1, 1, reply[1:-2])
+
+
+def test_device_bytes_nobody_asked_for_are_dropped_and_counted(gateway_to_emulator, pty):
+    s, port, status = gateway_to_emulator()
+    c = Client(port)
+    pty.write(rtu_frame(1, ANSWER_2))
+    wait_for(lambda: json.loads(http_get(status, "/status")[1])["ports"][0]["bytes_dropped"] == 9,
+             message="9 stray bytes counted")
+    assert c.recv_available() == b""
+
+
+def test_modbus_keys_need_protocol_modbus_and_exclude_packing():
+    from conftest import run_sertcp
+    out = run_sertcp(["--check", "--listen", "7000", "--modbus-retries", "2", "/dev/ttyUSB0"])
+    assert out.returncode == 2 and "modbus_* keys need protocol = modbus" in out.stderr
+    out = run_sertcp(["--check", "--listen", "7000", "--protocol", "modbus", "--pack-idle-ms", "5", "/dev/ttyUSB0"])
+    assert out.returncode == 2 and "remove the pack_* keys" in out.stderr
+    out = run_sertcp(["--check", "--listen", "7000", "--protocol", "modbus", "--modbus-frame-gap-ms", "1.75",
+                      "/dev/ttyUSB0"])
+    assert out.returncode == 0, out.stderr
+
+
+def test_a_modbus_port_imports_nothing_heavy(pty, tmp_path):
+    from test_ops import HEAVY, imported_modules
+    port = free_port()
+    names = imported_modules([pty.path, "--listen", "127.0.0.1:%d" % port, "--protocol", "modbus"], tmp_path, port)
+    assert not (names & HEAVY), sorted(names & HEAVY)
