@@ -673,6 +673,8 @@ PORT_RULES = (
     (lambda v: v["protocol"] == "modbus" and (v["pack_size"] or v["pack_idle_ms"] or v["pack_max_ms"]
                                               or v["pack_delimiter"] is not None),
      "protocol", "modbus frames device data itself; remove the pack_* keys"),
+    (lambda v: v["protocol"] == "modbus" and v["banner"] is not None,
+     "banner", "would break the Modbus TCP stream of protocol = modbus"),
     (lambda v: v["protocol"] != "modbus" and (v["modbus_retries"] or v["modbus_frame_gap_ms"]
                                               or v["modbus_timeout_ms"] != 1000),
      "protocol", "modbus_* keys need protocol = modbus (it is {protocol})"),

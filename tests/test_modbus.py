@@ -624,6 +624,8 @@ def test_modbus_keys_need_protocol_modbus_and_exclude_packing():
     assert out.returncode == 2 and "modbus_* keys need protocol = modbus" in out.stderr
     out = run_sertcp(["--check", "--listen", "7000", "--protocol", "modbus", "--pack-idle-ms", "5", "/dev/ttyUSB0"])
     assert out.returncode == 2 and "remove the pack_* keys" in out.stderr
+    out = run_sertcp(["--check", "--listen", "7000", "--protocol", "modbus", "--banner", "hello", "/dev/ttyUSB0"])
+    assert out.returncode == 2 and "would break the Modbus TCP stream" in out.stderr
     out = run_sertcp(["--check", "--listen", "7000", "--protocol", "modbus", "--modbus-frame-gap-ms", "1.75",
                       "/dev/ttyUSB0"])
     assert out.returncode == 0, out.stderr
