@@ -636,3 +636,22 @@ def test_a_modbus_port_imports_nothing_heavy(pty, tmp_path):
     port = free_port()
     names = imported_modules([pty.path, "--listen", "127.0.0.1:%d" % port, "--protocol", "modbus"], tmp_path, port)
     assert not (names & HEAVY), sorted(names & HEAVY)
+
+
+def test_modbus_metrics_pass_promtool_check(gateway_to_emulator, pty):
+    import shutil
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: apt-get install prometheus"
+    s, port, status = gateway_to_emulator()
+    c = Client(port)
+    c.send(mbap_frame(1, 1, READ_2))
+    assert pty.read(8) == rtu_frame(1, READ_2)
+    pty.write(rtu_frame(1, ANSWER_2))
+    assert recv_exactly(c, 13) == mbap_frame(1, 1, ANSWER_2)
+    text = http_get(status, "/metrics")[1]
+    check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+    assert (check.returncode, check.stdout + check.stderr) == (0, ""), text
+    assert 'sertcp_modbus_requests_total{port="cli"} 1' in text
+    assert 'sertcp_modbus_replies_total{port="cli"} 1' in text
+    assert 'sertcp_modbus_queue_depth{port="cli"} 0' in text
+    assert re.search(r'^sertcp_modbus_round_trip_p99_seconds\{port="cli"\} 0\.\d+$', text, re.M), text
