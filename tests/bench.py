@@ -46,7 +46,9 @@ Protocol: modbus  four Modbus TCP masters polling through one RTU bus
 (the bench plays the device, answering at once): requests/s, and sertcp's
 cost per request -- the time per request (the bus never idles while
 four masters wait) minus the bus round trip.
-pymodbus 3.x has no TCP-to-serial forwarder of its own to run beside it.
+Nothing runs beside it: pymodbus 3.16 ships no TCP-to-serial forwarder
+(no RemoteDeviceContext for its old serial_forwarder example), and mbusd
+is not packaged by Debian.
 
 Footprint and scale (sertcp only -- socat and ser2net have no
 shared listeners, identity routing or packing timers; "--only scale" runs
