@@ -5428,12 +5428,12 @@ class Trace:
 
     def _fail(self, exc):
         self.log.error("[%s] trace %s disabled: %s", self.name, self.path, describe_error(exc))
-        if self.file is not None:
+        file, self.file = self.file, None
+        if file is not None:
             try:
-                self.file.close()
+                file.close()
             except OSError:
                 pass
-        self.file = None
 
     def record(self, direction, peer, data):
         if self.file is None:
