@@ -4532,6 +4532,43 @@ def describe_settings(settings):
 # The port: device life cycle, delivery and back-pressure
 # ---------------------------------------------------------------------
 
+class DropLog:
+    """A port's discarded bytes: counted at once in bytes_dropped, and
+    said in the log at most once a second -- the bytes of the seconds in
+    between in a line when the second ends, the last ones at stop()."""
+
+    def __init__(self, port):
+        self.port = port
+        self.pending = 0                # dropped bytes not yet in a log line
+        self.why = ""
+        self.timer = None               # ends the second in which a line was logged
+
+    def count(self, n, why):
+        self.port.counters["bytes_dropped"] += n
+        self.pending += n
+        self.why = why
+        if self.timer is None:
+            self._second_over()
+
+    def _second_over(self):
+        self.timer = None
+        if self._say():
+            self.timer = self.port.reactor.call_later(1.0, self._second_over)
+
+    def _say(self):
+        if not self.pending:
+            return False
+        self.port.log.warning("[%s] dropped %d bytes: %s", self.port.name, self.pending, self.why)
+        self.pending = 0
+        return True
+
+    def stop(self):
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self._say()
+
+
 class Port:
     """One configured port: a device, its clients and the rules between
     them.  The port owns the device's life (one `device_state`, moved by
@@ -4564,8 +4601,8 @@ class Port:
         self.counters = dict(bytes_from_device=0, bytes_to_device=0, bytes_dropped=0,
                              connections_total=0, connections_rejected=0, dials_failed=0,
                              device_errors=0)
-        self.drop_log_pending = 0       # dropped bytes not yet in a log line
-        self.drop_log_timer = None      # ends the second in which one line was logged
+        self.drop_log = DropLog(self)
+        self.count_dropped = self.drop_log.count
         self.trace = Trace(config.trace, config.trace_format, log, self.name) if config.trace else None
         self.rfc2217 = make_com_port_role(self) if config.protocol == "rfc2217" else None
         self.dialer = Dialer(self) if config.connect is not None else None
@@ -4602,9 +4639,7 @@ class Port:
         for conn in list(self.clients):
             self.end_connection(conn, reason)
         self.close_device("shutdown" if reason == "shutdown" else "port stopped: %s" % reason)
-        if self.drop_log_timer is not None:
-            self.drop_log_timer.cancel()
-        self._say_dropped()             # the last second's dropped bytes are said too
+        self.drop_log.stop()
         if self.trace:
             self.trace.close()
 
@@ -4827,27 +4862,6 @@ class Port:
         if paused != self.device_paused:
             self.device_paused = paused
             self.device.pause_reading(paused)
-
-    def count_dropped(self, n, why):
-        """Count discarded bytes; at most one log line a second says how
-        many, and the bytes of a quiet second come in a line at its end."""
-        self.counters["bytes_dropped"] += n
-        self.drop_log_pending += n
-        self.drop_why = why
-        if self.drop_log_timer is None:
-            self._log_dropped()
-
-    def _log_dropped(self):
-        self.drop_log_timer = None
-        if self._say_dropped():
-            self.drop_log_timer = self.reactor.call_later(1.0, self._log_dropped)
-
-    def _say_dropped(self):
-        if not self.drop_log_pending:
-            return False
-        self.log.warning("[%s] dropped %d bytes: %s", self.name, self.drop_log_pending, self.drop_why)
-        self.drop_log_pending = 0
-        return True
 
     # -- network to device --
 
