@@ -971,6 +971,8 @@ class Packer:
             cut = self._find_cut()
             if cut is None:
                 break
+            if cut[0] > self.limit:     # a delimiter straddling the limit: the limit wins
+                cut = (self.limit, self.limit, 0)
             packets.append(self._take(cut))
         while len(self.pending) >= self.limit:
             packets.append(self._take((self.limit, self.limit, 0)))
@@ -2114,7 +2116,8 @@ def device_should_pause(backlogs, paused, pause_at):
     (read again below half of it).  With no recipient the device is read:
     its data goes to `buffer` or is counted as dropped, never left in the
     UART for good.  Evaluated whenever a client comes, goes, drains or is
-    suspended (RFC 2217), and after each delivery."""
+    suspended (RFC 2217), when send_to picks another client, and after
+    each delivery."""
     if not backlogs:
         return False
     return min(backlogs) >= (pause_at // 2 if paused else pause_at)
@@ -2137,21 +2140,24 @@ class DialPlan:
     `state` along TABLE and returns the actions for the port to perform.
 
     States: gathering (no reason to dial yet: event_bytes not reached, an
-    incoming client holds the place, a virtual port closed), resolving (peer `peer`
-    of connect), connecting (one address of it, then TLS), connected,
-    waiting (backing off; the port sets a timer and sends "timer"), off.
+    incoming client holds the place, a virtual port closed), resolving
+    (peer `peer` of connect), connecting (one address of it, then TLS),
+    connected, waiting (a timer runs; the port sends "timer"), off.
 
     Events the port sends: wanted, resolved, peer_failed (name or every
-    address failed), up, place_taken (an incoming client came first),
-    we_hung_up (timeout, listen_on_open, kicked, slow), peer_hung_up (with
-    held=True if the connection lasted or carried data), timer, stop.
+    address failed), up, place_taken (an incoming client came first, or
+    the virtual port closed meanwhile), we_hung_up (timeout,
+    listen_on_open, kicked, slow), peer_hung_up (with held=True if the
+    connection lasted or carried data), timer, stop.
 
     Actions returned: ("resolve", peer), ("connect",), ("admit",),
-    ("wait", seconds), ("failed_round", failures), ("dial_if_wanted",)."""
+    ("back_off", seconds, failed rounds) after a failed round,
+    ("wait", seconds) before redialing a peer that hung up,
+    ("dial_if_wanted",)."""
 
     TABLE = {
-        # (state, event):                      (new state, steps)
-        ("gathering", "wanted"):                     ("resolving", ("first_peer", "resolve")),
+        # (state, event):                       (new state, steps)
+        ("gathering", "wanted"):                ("resolving", ("first_peer", "resolve")),
         ("resolving", "resolved"):              ("connecting", ("connect",)),
         ("resolving", "peer_failed"):           ("resolving", ("next_peer", "resolve")),
         ("resolving", "round_failed"):          ("waiting", ("failed_round", "back_off")),
@@ -2176,19 +2182,26 @@ class DialPlan:
         self.peer = 0
         self.failures = 0               # failed rounds since a connection last held
 
+    def refine(self, event, held=True):
+        """The TABLE's event for what the port saw: the last peer failing
+        ends a round; a peer's hang-up depends on the session it ended
+        (with event_bytes only device data dials, so no redial loop)."""
+        if event == "peer_failed" and self.peer + 1 >= self.peers:
+            return "round_failed"
+        if event == "peer_hung_up":
+            if self.on_data:
+                return "peer_hung_up_on_data"
+            if not held:
+                return "peer_hung_up_silent"
+        return event
+
     def handle(self, event, held=True, entropy=0.0):
         """Apply one event; returns the list of actions.  `held` refines
         peer_hung_up, `entropy` (0..1) jitters a back-off."""
         if event == "stop":
             self.state = "off"
             return []
-        if event == "peer_failed" and self.peer + 1 >= self.peers:
-            event = "round_failed"
-        elif event == "peer_hung_up":
-            if not held and not self.on_data:
-                event = "peer_hung_up_silent"   # (with event_bytes only device data dials: no loop)
-            elif self.on_data:
-                event = "peer_hung_up_on_data"
+        event = self.refine(event, held)
         try:
             self.state, steps = self.TABLE[self.state, event]
         except KeyError:
@@ -2203,10 +2216,9 @@ class DialPlan:
                 self.failures = 0
             elif step == "failed_round":
                 self.failures += 1
-                actions.append(("failed_round", self.failures))
             elif step == "back_off":
-                actions.append(("wait", next_backoff(self.failures, self.reconnect_min,
-                                                     self.reconnect_max, entropy)))
+                actions.append(("back_off", next_backoff(self.failures, self.reconnect_min,
+                                                         self.reconnect_max, entropy), self.failures))
             elif step == "wait_min":
                 actions.append(("wait", self.reconnect_min))
             elif step == "resolve":
@@ -2467,8 +2479,9 @@ class Reactor:
         """A handler, timer or thread's callback raised: a bug in sertcp.
         It is reported (on_error logs the traceback) and contained to what
         raised: a handler's fail() ends that connection, device or request
-        and the rest goes on.  A handler with no fail() is not contained:
-        the exception ends run(), and the process, instead of spinning."""
+        and the rest goes on.  Every Handler has fail(); something watched
+        without one is not contained: the exception ends run(), and the
+        process, instead of spinning."""
         fail = getattr(handler, "fail", None)
         if handler is not None and fail is None:
             raise exc
@@ -2589,7 +2602,8 @@ def unwritten(chunk, n):
 class Device(Handler):
     """The serial side of a port.  The port calls open(), write(), close()
     and call(); the device calls port.on_device_data(data),
-    port.on_device_lost(reason), port.on_device_drained(), and
+    port.on_device_lost(reason), port.on_device_drained(),
+    port.on_virtual_peer(is_open) (a virtual port's local program), and
     port.device_open_done(error) when open() left it opening in the
     background (is_open still False).
 
@@ -2631,7 +2645,8 @@ class Device(Handler):
                 self._lost("write failed: %s" % describe_error(e))
                 return
             if n:
-                self.port.counters["bytes_to_device"] += n
+                if self.counts_writes:
+                    self.port.counters["bytes_to_device"] += n
                 if n == len(data):
                     return
                 data = unwritten(data, n)
@@ -2662,7 +2677,8 @@ class Device(Handler):
                 self._want_write(True)
                 return
             self.tx_bytes -= n
-            self.port.counters["bytes_to_device"] += n
+            if self.counts_writes:
+                self.port.counters["bytes_to_device"] += n
             if n < len(chunk):
                 self.tx[0] = unwritten(chunk, n)
                 self._want_write(True)
@@ -2747,6 +2763,7 @@ class Device(Handler):
 
     want_write = False
     peer_open = True                    # a local program has it open (see VirtualDevice)
+    counts_writes = True                # what _write_some took is written (not so for URL devices)
 
     def _update_interest(self):
         """Watch the descriptor for what is wanted now."""
@@ -2803,10 +2820,11 @@ class Device(Handler):
         return 0
 
     def purge(self, receive, transmit):
-        """Drop what waits for the device (sertcp's queue at once) and,
-        through call(), what the OS holds."""
-        if transmit:
-            self.discard_tx()
+        """Drop what waits for the device (sertcp's queue at once, counted)
+        and, through call(), what the OS holds."""
+        dropped = self.discard_tx() if transmit else 0
+        if dropped:
+            self.port.count_dropped(dropped, "purged by an RFC 2217 client")
         self.call(lambda: self.purge_buffers(receive, transmit))
 
 
@@ -2986,14 +3004,22 @@ class UrlDevice(PyserialDevice):
     and reports through port.device_open_done().  So do line and setting
     changes (pyserial's rfc2217:// waits at least 50 ms, and up to 3 s,
     for the far end to acknowledge each): call() hands them to the writer
-    thread, in turn with the data queued before them, and done() comes
-    back on the loop when the far end has answered."""
+    thread, in turn with the data handed to it before them, and done()
+    comes back on the loop when the far end has answered.  Closing is
+    the writer's last task too (pyserial's close joins its own thread).
+
+    Bytes count as written to the device once the writer has written
+    them; those it still held when the device was lost or closed count
+    as dropped.  Back-pressure holds the reader thread between reads."""
+
+    counts_writes = False               # _thread_wrote counts them
 
     def __init__(self, port, reactor):
         super().__init__(port, reactor)
         self.generation = 0
         self.outbox = None
         self.in_flight = 0
+        self.read_allowed = None        # a threading.Event: clear while paused
 
     def open(self):
         import serial
@@ -3028,7 +3054,9 @@ class UrlDevice(PyserialDevice):
         self.serial = ser
         self.outbox = queue.Queue()
         self.in_flight = 0
+        self.read_allowed = threading.Event()
         self.is_open = True
+        self._update_interest()
         threading.Thread(target=self._reader, args=(ser, generation), daemon=True,
                          name="sertcp-read-%s" % self.port.name).start()
         threading.Thread(target=self._writer, args=(ser, self.outbox, generation), daemon=True,
@@ -3041,20 +3069,31 @@ class UrlDevice(PyserialDevice):
         if self.serial is None:
             return
         self.is_open = False
-        self.outbox.put(None)
-        ser, self.serial = self.serial, None
-        try:
-            ser.close()
-        except Exception:
-            pass
+        self.serial = None
+        self.read_allowed.set()         # a paused reader wakes, sees it is stale, ends
+        self.outbox.put(None)           # the writer closes it, after what it holds
+
+    def discard_tx(self):
+        dropped = Device.discard_tx(self) + self.in_flight
+        self.in_flight = 0
+        return dropped
 
     def _update_interest(self):
-        pass                            # no descriptor: the threads read and write
+        # no descriptor: the reader thread waits while reading is paused
+        if self.read_allowed is not None:
+            if self.reading_paused:
+                self.read_allowed.clear()
+            else:
+                self.read_allowed.set()
 
     # The threads: blocking calls only, results posted to the loop.
 
     def _reader(self, ser, generation):
+        allowed = self.read_allowed
         while True:
+            allowed.wait()
+            if self.generation != generation:
+                return
             try:
                 data = ser.read(max(1, min(READ_CHUNK, ser.in_waiting)))
             except Exception as e:
@@ -3067,19 +3106,25 @@ class UrlDevice(PyserialDevice):
                 self.reactor.call_soon_threadsafe(lambda d=data: self._thread_data(generation, d))
 
     def _writer(self, ser, outbox, generation):
+        failed = False
         while True:
-            data = outbox.get()
-            if data is None:
+            item = outbox.get()
+            if item is None:
+                try:
+                    ser.close()
+                except Exception:
+                    pass
                 return
-            if callable(data):                  # a call(), in turn with the data
-                data()
-                continue
-            try:
-                ser.write(data)
-            except Exception as e:
-                self.reactor.call_soon_threadsafe(lambda e=e: self._thread_failed(generation, e))
-                return
-            self.reactor.call_soon_threadsafe(lambda n=len(data): self._thread_wrote(generation, n))
+            if callable(item):                  # a call(): answered even after a failed write
+                item()
+            elif not failed:                    # after one, data is only counted (in_flight)
+                try:
+                    ser.write(item)
+                except Exception as e:
+                    failed = True
+                    self.reactor.call_soon_threadsafe(lambda e=e: self._thread_failed(generation, e))
+                    continue
+                self.reactor.call_soon_threadsafe(lambda n=len(item): self._thread_wrote(generation, n))
 
     # Back on the loop.
 
@@ -3094,6 +3139,7 @@ class UrlDevice(PyserialDevice):
     def _thread_wrote(self, generation, n):
         if generation == self.generation:
             self.in_flight -= n
+            self.port.counters["bytes_to_device"] += n
             if self.in_flight < DEVICE_HIGH_WATER:
                 self._flush()
 
@@ -3597,6 +3643,7 @@ class Connection(Handler):
         except BlockingIOError:
             n = 0
         except OSError as e:
+            self.port.count_dropped(len(data), "a client is gone")
             self.port.end_connection(self, "send failed: %s" % describe_error(e), by_peer=True)
             return False
         self.bytes_out += n
@@ -3616,6 +3663,7 @@ class Connection(Handler):
             self.port.count_dropped(len(data), "client %s is not reading (client_buffer %d full)"
                                     % (format_peer(self.peer), self.limit))
             return True
+        self.port.count_dropped(len(data), "a slow client was cut off (client_buffer %d full)" % self.limit)
         self.port.end_connection(self, "slow client: client_buffer of %d bytes full" % self.limit)
         return False
 
@@ -3878,7 +3926,11 @@ class ListenSocket(Handler):
                     return
                 continue
             conn.setblocking(False)
-            self.listener.on_accept(conn, peer)
+            try:
+                self.listener.on_accept(conn, peer)
+            except Exception:
+                conn.close()            # that connection only; fail() says the rest
+                raise
 
     def fail(self, reason):
         pass    # that one connection is lost (the logged traceback says how); accepting goes on
@@ -4123,10 +4175,10 @@ class Handshake(Handler):
         if not self.finished:
             self._arm(self.deadline)
 
-    def _arm(self, when):
+    def _arm(self, when, callback=None):
         if self.timer:
             self.timer.cancel()
-        self.timer = self.reactor.call_at(when, self._expired)
+        self.timer = self.reactor.call_at(when, callback or self._expired)
 
     def _expired(self):
         self.timer = None
@@ -4207,8 +4259,7 @@ class Handshake(Handler):
         # close after a pause: guessing costs the guesser time, not us memory
         self.stage = "closing"
         self.reactor.forget(self)
-        self._arm(self.reactor.now() + WRONG_PASSWORD_DELAY)
-        self.timer.callback = lambda: self._refuse(reason)
+        self._arm(self.reactor.now() + WRONG_PASSWORD_DELAY, lambda: self._refuse(reason))
 
     # identity
 
@@ -4401,6 +4452,8 @@ class ComPortServerRole(ComPortRole):
         self.modem_reading = False      # a modem read is under way (URL devices answer later)
         self.poll_timer = None
         self.break_timer = None
+        self.session = 0                # counts restore()s: a change answered after one is stale
+        self.changing = {}              # setting -> changes handed to the device, not yet answered
 
     def attach(self, conn):
         super().attach(conn)
@@ -4509,14 +4562,20 @@ class ComPortServerRole(ComPortRole):
         device = self.port.device
         if name in self.SETTINGS:
             old = self.in_force[name]
+            session = self.session
 
             def done(_, error):
+                self.changing[name] -= 1
+                if session != self.session:
+                    then()              # the last client left meanwhile: restore() undid it
+                    return
                 if error is not None:
                     self._info(conn, "cannot set %s %s: %s; keeping %s", name, wanted, describe_setting_error(error), old)
                 else:
                     self.in_force[name] = wanted
                     self._info(conn, "set %s %s", name, wanted)
                 then()
+            self.changing[name] = self.changing.get(name, 0) + 1
             if device.is_open:
                 device.call(lambda: self._try_setting(name, wanted, old), done)
             else:
@@ -4589,8 +4648,11 @@ class ComPortServerRole(ComPortRole):
         """The last client left: the configured settings and lines return
         (through call(): nothing here waits for the device)."""
         device = self.port.device
+        self.session += 1
         for name, value in self.configured.items():
-            if self.in_force[name] != value:
+            # a change still on its way to the device is undone after it
+            # (call()s run in order), though in_force does not show it yet
+            if self.in_force[name] != value or self.changing.get(name):
                 self.in_force[name] = value
                 if device.is_open:
                     device.call(lambda name=name, value=value: device.apply_setting(name, value),
@@ -4617,6 +4679,7 @@ class ComPortServerRole(ComPortRole):
         """The device (re)opened with the configured settings: re-apply
         what clients changed, and look at its modem lines afresh."""
         self.modem_supported = True
+        self.modem_reading = False      # a read the old device never answered
         self.modem_state = self.line_state = None
         device = self.port.device
         for name, value in self.in_force.items():
@@ -4942,6 +5005,43 @@ class ModbusRole:
 # The port: device life cycle, delivery and back-pressure
 # ---------------------------------------------------------------------
 
+class DropLog:
+    """A port's discarded bytes: counted at once in bytes_dropped, and
+    said in the log at most once a second -- the bytes of the seconds in
+    between in a line when the second ends, the last ones at stop()."""
+
+    def __init__(self, port):
+        self.port = port
+        self.pending = 0                # dropped bytes not yet in a log line
+        self.why = ""
+        self.timer = None               # ends the second in which a line was logged
+
+    def count(self, n, why):
+        self.port.counters["bytes_dropped"] += n
+        self.pending += n
+        self.why = why
+        if self.timer is None:
+            self._second_over()
+
+    def _second_over(self):
+        self.timer = None
+        if self._say():
+            self.timer = self.port.reactor.call_later(1.0, self._second_over)
+
+    def _say(self):
+        if not self.pending:
+            return False
+        self.port.log.warning("[%s] dropped %d bytes: %s", self.port.name, self.pending, self.why)
+        self.pending = 0
+        return True
+
+    def stop(self):
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self._say()
+
+
 class Port:
     """One configured port: a device, its clients and the rules between
     them.  The port owns the device's life (one `device_state`, moved by
@@ -4975,8 +5075,8 @@ class Port:
         self.counters = dict(bytes_from_device=0, bytes_to_device=0, bytes_dropped=0,
                              connections_total=0, connections_rejected=0, dials_failed=0,
                              device_errors=0)
-        self.drop_log_pending = 0       # dropped bytes not yet in a log line
-        self.drop_log_timer = None      # ends the second in which one line was logged
+        self.drop_log = DropLog(self)
+        self.count_dropped = self.drop_log.count
         self.trace = Trace(config.trace, config.trace_format, log, self.name) if config.trace else None
         self.rfc2217 = make_com_port_role(self) if config.protocol == "rfc2217" else None
         self.modbus = ModbusRole(self) if config.protocol == "modbus" else None
@@ -5004,7 +5104,7 @@ class Port:
 
     def stop(self, reason="shutdown"):
         self.stopping = True
-        for timer in (self.reopen_timer, self.pack_timer, self.drop_log_timer):
+        for timer in (self.reopen_timer, self.pack_timer):
             if timer:
                 timer.cancel()
         if self.dialer:
@@ -5016,6 +5116,7 @@ class Port:
         for conn in list(self.clients):
             self.end_connection(conn, reason)
         self.close_device("shutdown" if reason == "shutdown" else "port stopped: %s" % reason)
+        self.drop_log.stop()
         if self.trace:
             self.trace.close()
 
@@ -5037,7 +5138,7 @@ class Port:
         except Exception as e:  # OSError; or a bad URL, settings the device refuses
             self._device_open_failed(e)
             return
-        if self.device.is_open:
+        if self.device.is_open and self.device_state == "opening":
             self._device_opened()
         # else a URL or socket device: device_open_done() follows
 
@@ -5082,9 +5183,15 @@ class Port:
             self.log.info("[%s] device %s closed (%s)", self.name, self.device.label(), why)
         self.device.close()             # an open under way is dropped when it ends
         self._device_event("close")
+        dropped = self.device.discard_tx()  # not for the next client (open_on_demand)
+        if dropped:
+            self.count_dropped(dropped, "device closed with data still queued for it")
         self.on_device_drained()
 
     def on_device_lost(self, reason):
+        if self.device_state == "opening":  # lost while opening: a failed open
+            self._device_open_failed(OSError(errno.EIO, reason))
+            return
         if self.device_state != "open":
             return                      # closed already (a bug met while closing it)
         self.counters["device_errors"] += 1
@@ -5235,22 +5342,6 @@ class Port:
             self.device_paused = paused
             self.device.pause_reading(paused)
 
-    def count_dropped(self, n, why):
-        """Count discarded bytes; at most one log line a second says how
-        many, and the bytes of a quiet second come in a line at its end."""
-        self.counters["bytes_dropped"] += n
-        self.drop_log_pending += n
-        self.drop_why = why
-        if self.drop_log_timer is None:
-            self._log_dropped()
-
-    def _log_dropped(self):
-        self.drop_log_timer = None
-        if self.drop_log_pending:
-            self.log.warning("[%s] dropped %d bytes: %s", self.name, self.drop_log_pending, self.drop_why)
-            self.drop_log_pending = 0
-            self.drop_log_timer = self.reactor.call_later(1.0, self._log_dropped)
-
     # -- network to device --
 
     def held_limit(self):
@@ -5278,6 +5369,8 @@ class Port:
         if self.active_client is not conn:
             self.active_client = conn
             self.recipients = None
+            if self.device_paused:      # send_to = last_active: the new recipient may not be behind
+                self.backlog_changed()
         if self.modbus is not None:
             self.modbus.received(conn, data)    # MBAP in; RTU frames go to the device one at a time
             return
@@ -5373,51 +5466,45 @@ class Admission:
             conn.send_data(c.banner)
         if port.rfc2217:
             port.rfc2217.start(conn)
+        if conn.closed:                 # the peer was gone already: end() has said so
+            return conn
         if len(port.held):
             data = port.held.take()
             port.log.info("[%s] delivering %d buffered bytes to %s", port.name, len(data), format_peer(peer))
             conn.send_data(data, bounded=False)
-        if c.timeout:
+        if c.timeout and not conn.closed:
             conn.idle_timer = port.reactor.call_at(now + c.timeout, lambda: self._idle_check(conn))
         if port.clients_paused:
             conn.pause_reading(True)
         port.backlog_changed()
-        if first:
+        if first and not conn.closed:
             if port.device_state == "closed" and c.open_on_demand:
                 port.open_device()
             else:
                 port.apply_lines()
         return conn
 
-    def _idle_limit(self, conn):
-        timeout = self.port.config.timeout
-        if conn.half_closed:
-            return min(timeout, HALF_CLOSE_GRACE) if timeout else HALF_CLOSE_GRACE
-        return timeout
-
     def _idle_check(self, conn):
         conn.idle_timer = None
         if conn.closed:
             return
-        limit = self._idle_limit(conn)
+        limit = self.port.config.timeout
         due = conn.last_io + limit
         if self.port.reactor.now() < due:
             conn.idle_timer = self.port.reactor.call_at(due, lambda: self._idle_check(conn))
-        elif conn.half_closed:
-            self.end(conn, "closed by peer", by_peer=True)
         else:
             self.end(conn, "idle timeout (%gs without data)" % limit)
 
     def peer_finished(self, conn):
         """The peer shut down its sending side.  It may still be reading
-        (`nc -N`, `printf cmd | socat`): device data goes on to it until
-        it has been quiet for HALF_CLOSE_GRACE (or `timeout`, if shorter),
-        as socat does; meanwhile a new client may take its place."""
+        (`nc -N`, `printf cmd | socat`): device data goes on to it for
+        HALF_CLOSE_GRACE after its FIN (or `timeout`, if shorter), as
+        socat's -t does; meanwhile a new client may take its place."""
         if conn.idle_timer is not None:
             conn.idle_timer.cancel()
-        conn.last_io = self.port.reactor.now()
-        conn.idle_timer = self.port.reactor.call_at(conn.last_io + self._idle_limit(conn),
-                                                    lambda: self._idle_check(conn))
+        timeout = self.port.config.timeout
+        grace = min(timeout, HALF_CLOSE_GRACE) if timeout else HALF_CLOSE_GRACE
+        conn.idle_timer = self.port.reactor.call_later(grace, lambda: self.end(conn, "closed by peer", by_peer=True))
 
     def end(self, conn, reason, by_peer=False):
         """Close one connection: what it had not been sent is counted; the
@@ -5437,7 +5524,7 @@ class Admission:
         if port.modbus:
             port.modbus.detach(conn)
         if out_pending:
-            port.counters["bytes_dropped"] += out_pending
+            port.count_dropped(out_pending, "a client left with data not yet sent to it")
         duration = port.reactor.now() - conn.since_mono
         port.peer_log(conn.peer[0], INFO, "[%s] %s %s disconnected: %s; %d bytes in, %d bytes out%s, %.1fs",
                       port.name, "peer" if conn.dialed else "client", format_peer(conn.peer), reason, conn.bytes_in,
@@ -5479,7 +5566,6 @@ class Dialer:
         self.last_error = "no address"
         self.connected = None           # (sock, sockaddr) between "up" and "admit"
         self.tls_context = None
-        self.round_failed = False
 
     def start(self):
         if self.port.config.event_bytes:
@@ -5514,16 +5600,17 @@ class Dialer:
     def connection_ended(self, conn, by_peer, duration):
         """A dialed connection ended: who hung up decides what follows."""
         held = duration >= DIAL_SETTLE or bool(conn.bytes_in)
+        event = "peer_hung_up" if by_peer else "we_hung_up"
         if self.plan.on_data:
             self.log.info("[%s] gathering: dialing again once %d bytes from the device wait",
                           self.port.name, self.port.config.event_bytes)
-        elif by_peer and not held:
+        elif self.plan.refine(event, held) == "peer_hung_up_silent":
             # accepted and closed without a word (a full server, a gateway
             # with nothing behind it): a failed round, so that redialing
             # backs off instead of hammering the peer
             self.log.warning("[%s] peer %s closed the connection after %.1fs without sending anything",
                              self.port.name, format_peer(conn.peer), duration)
-        self._event("peer_hung_up" if by_peer else "we_hung_up", held=held)
+        self._event(event, held=held)
 
     def _event(self, event, held=True):
         entropy = int.from_bytes(os.urandom(2), "big") / 65535.0
@@ -5576,15 +5663,21 @@ class Dialer:
             self.last_error = "%s: %s" % (format_peer(sockaddr), error)
             self._do_connect()
             return
-        if len(self.port.clients) >= self.port.config.max_clients:
-            # an incoming client took the only place meanwhile (mixed role)
-            self.log.info("[%s] dial to %s succeeded but a client is already connected; closing it",
-                          self.port.name, format_peer(sockaddr))
-            sock.close()
-            self._event("place_taken")
-            return
         if self.port.config.tls:
             self._start_tls(generation, sockaddr, sock)
+            return
+        self._up(sock, sockaddr)
+
+    def _up(self, sock, sockaddr):
+        """Connected (and through TLS): still wanted?  An incoming client
+        may have taken the only place meanwhile (mixed role), or the local
+        program closed the virtual port (listen_on_open)."""
+        port = self.port
+        if len(port.clients) >= port.config.max_clients or not port.network_enabled():
+            why = "a client is already connected" if port.network_enabled() else "the virtual port closed meanwhile"
+            self.log.info("[%s] dial to %s succeeded but %s; closing it", port.name, format_peer(sockaddr), why)
+            sock.close()
+            self._event("place_taken")
             return
         self.connected = (sock, sockaddr)
         self._event("up")
@@ -5614,8 +5707,7 @@ class Dialer:
                 self.last_error = "%s: TLS handshake failed: %s" % (format_peer(sockaddr), error)
                 self._do_connect()
                 return
-            self.connected = (TlsStream(ssl_sock), sockaddr)
-            self._event("up")
+            self._up(TlsStream(ssl_sock), sockaddr)
         self.dial = TlsStart(self.port.reactor, ssl_sock, done, timeout=DIAL_TIMEOUT)
         self.dial.step()
 
@@ -5632,18 +5724,17 @@ class Dialer:
         self.log.warning("[%s] dial to %s failed: %s", self.port.name, host_port, error)
         self._event("peer_failed")
 
-    def _do_failed_round(self, failures):
+    def _do_back_off(self, delay, failures):
         self.port.counters["dials_failed"] += 1
-        self.round_failed = True
+        self.log.warning("[%s] every peer failed (%d round%s in a row); next dial in %.2fs",
+                         self.port.name, failures, "" if failures == 1 else "s", delay)
+        self._arm(delay)
 
     def _do_wait(self, delay):
-        if self.round_failed:
-            failures = self.plan.failures
-            self.log.warning("[%s] every peer failed (%d round%s in a row); next dial in %.2fs",
-                             self.port.name, failures, "" if failures == 1 else "s", delay)
-            self.round_failed = False
-        else:
-            self.log.info("[%s] redialing in %gs", self.port.name, delay)
+        self.log.info("[%s] redialing in %gs", self.port.name, delay)
+        self._arm(delay)
+
+    def _arm(self, delay):
         if self.timer:
             self.timer.cancel()
         self.timer = self.port.reactor.call_later(delay, self._timer_fired)
@@ -5947,12 +6038,12 @@ class Trace:
 
     def _fail(self, exc):
         self.log.error("[%s] trace %s disabled: %s", self.name, self.path, describe_error(exc))
-        if self.file is not None:
+        file, self.file = self.file, None
+        if file is not None:
             try:
-                self.file.close()
+                file.close()
             except OSError:
                 pass
-        self.file = None
 
     def record(self, direction, peer, data):
         if self.file is None:
