@@ -5048,9 +5048,8 @@ class Port:
     DEVICE_STATE_ON), delivers device data to the clients send_to picks
     (packing, `buffer`), and keeps back-pressure to the one rule of
     device_should_pause().  Its helpers: `admission` (who connects, how
-    connections end), `dialer` (the client role), `rfc2217` (the
-    RFC 2217 role) and `modbus` (the Modbus gateway role), each None where
-    the configuration has no use for it."""
+    connections end), `dialer` (the client role), `rfc2217` and `modbus`
+    (protocol roles), each None where the configuration has no use for it."""
 
     def __init__(self, config, reactor, log, peer_log=None):
         self.config = config
