@@ -30,6 +30,7 @@ SPEC_PORT_KEYS = """
     pack_idle_ms pack_max_ms banner connect_id identity identity_timeout allow
     password password_file tls_cert tls_key tls_ca tls tls_server_name trace
     trace_format""".split()
+SPEC_PORT_KEYS += "modbus_timeout_ms modbus_retries modbus_frame_gap_ms".split()
 SPEC_PORT_KEYS += "udp_listen udp_send_to udp_reply udp_multicast_ttl".split()
 SPEC_GLOBAL_KEYS = "log_level log pidfile status user".split()
 
@@ -656,8 +657,9 @@ def test_every_numeric_key_has_a_range_and_both_ends_are_checked(tmp_path):
     assert {k.name for k in keys} == set("""
         baudrate bytesize reopen_interval tx_pause_ms event_bytes timeout reconnect_min
         reconnect_max max_clients backlog client_buffer buffer keepalive pack_size
-        pack_trailing pack_idle_ms pack_max_ms identity_timeout
-        udp_multicast_ttl""".split())
+        pack_trailing pack_idle_ms pack_max_ms identity_timeout""".split()
+                                          + "modbus_timeout_ms modbus_retries modbus_frame_gap_ms".split()
+                                          + ["udp_multicast_ttl"])
     for key in keys:
         assert key.allowed, "%s has no documented range" % key.name
         if key.name == "keepalive":

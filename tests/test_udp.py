@@ -158,6 +158,8 @@ def test_udp_cross_key_rules(tmp_path):
     assert "6 configuration errors" in err
     # TCP and UDP on the same number are two different ports: no error about [c]'s listen
     assert ":15: listen" not in err
+    modbus = run_sertcp(["--check", "/dev/ttyUSB0", "--listen", "502", "--protocol", "modbus", "--udp-listen", "502"])
+    assert modbus.returncode == 2 and "UDP carries raw device bytes: remove udp_listen and udp_send_to" in modbus.stderr
     neither = run_sertcp(["--check", "/dev/ttyUSB0"])
     assert neither.returncode == 2 and "needs listen or connect (or both), or udp_listen or udp_send_to" in neither.stderr
 
