@@ -4723,7 +4723,15 @@ class UdpSide:
                 self.reply_peer = UdpPeer(format_peer(key), source)
                 port.peer_log(key[0], INFO, "[%s] udp_reply: answering %s", port.name, format_peer(key))
             self.reply_heard = now
-        port.udp_payload(key, data)
+        if port.trace:
+            port.trace.record(">", "udp " + format_peer(key), data)
+        if port.device.is_open and port.device.tx_bytes >= DEVICE_HIGH_WATER:
+            # no back-pressure in UDP: dropped (counted) rather than queued without bound
+            counters["udp_datagrams_refused"] += 1
+            port.count_dropped(len(data), "device queue full (%d bytes): datagram from %s dropped"
+                               % (port.device.tx_bytes, format_peer(key)))
+            return
+        port.to_device(data)            # one datagram, one write
 
     def note_source(self, key, size):
         """Keep the latest few sources for /status (bounded, whoever sends)."""
@@ -5832,19 +5840,6 @@ class Port:
                 not client_selected(self.config.receive_from, conn, self.clients):
             self.count_dropped(len(data), "receive_from = %s ignores %s" % (self.config.receive_from,
                                                                            format_peer(conn.peer)))
-            return
-        self.to_device(data)
-
-    def udp_payload(self, source, data):
-        """A datagram UdpSide accepted: one write to the device.  UDP has
-        no back-pressure, so past DEVICE_HIGH_WATER it is dropped (counted)
-        rather than queued without bound."""
-        if self.trace:
-            self.trace.record(">", "udp " + format_peer(source), data)
-        if self.device.is_open and self.device.tx_bytes >= DEVICE_HIGH_WATER:
-            self.counters["udp_datagrams_refused"] += 1
-            self.count_dropped(len(data), "device queue full (%d bytes): datagram from %s dropped"
-                               % (self.device.tx_bytes, format_peer(source)))
             return
         self.to_device(data)
 

@@ -578,3 +578,29 @@ def test_a_reload_keeps_an_unchanged_udp_port_and_rebinds_a_changed_one(sertcp, 
     # the old address is free again
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.bind(("127.0.0.1", listen))
+
+
+def test_datagrams_past_a_full_device_queue_are_dropped_and_counted_never_queued_without_bound(sertcp, pty, receivers):
+    """Nobody reads the device: once the pty and 64 KiB of sertcp's queue
+    are full, datagrams are dropped whole and counted; what the device
+    gets afterwards is whole datagrams in order, and with the dropped ones
+    it adds up to everything sent."""
+    listen = udp_port()
+    status = free_port()
+    start_udp(sertcp, pty, "--udp-listen", "127.0.0.1:%d" % listen, "--status", "127.0.0.1:%d" % status)
+    sender = receivers()
+    datagrams = [bytes([65 + i % 26]) * 4000 for i in range(100)]
+    for i, d in enumerate(datagrams, 1):
+        sender.sendto(d, listen)
+        if i % 10 == 0:     # let sertcp read them: a socket buffer overflow would be the kernel's loss, not ours
+            wait_for(lambda: port_status(status)["udp_datagrams_in"] == i, message="%d datagrams read" % i)
+    st = port_status(status)
+    assert st["udp_datagrams_refused"] > 0, st
+    assert st["bytes_dropped"] == 4000 * st["udp_datagrams_refused"]
+    got = pty.read(4000 * (100 - st["udp_datagrams_refused"]), timeout=20)
+    assert pty.read_available(0.3) == b""
+    pieces = [got[i:i + 4000] for i in range(0, len(got), 4000)]
+    assert all(p == p[:1] * 4000 for p in pieces)                   # whole datagrams only
+    letters = [p[0] for p in pieces]
+    assert letters[:10] == [65 + i for i in range(10)]              # the first ones, in order
+    assert len(pieces) + st["udp_datagrams_refused"] == 100
