@@ -12,19 +12,24 @@ The file reads top to bottom; each section uses only the ones above it:
                       validation, --check output, the example file
     3. cores        - sans-I/O: packer, client-selection policies, identity
                       matcher, Telnet codec (RFC 854/855/1143), RFC 2217
-                      encoders and per-connection state, and the port's
-                      state machines: device life (DEVICE_STATE_ON), the
-                      back-pressure rule, admission, the dial plan
+                      encoders and per-connection state, the device
+                      side (the RS-485 struct, the USB identity matcher,
+                      modem lines), and the port's state machines:
+                      device life (DEVICE_STATE_ON), the back-pressure
+                      rule, admission, the dial plan
                       (bytes, times and settings in; bytes, events and
                       actions out; no sockets, no clocks)
     4. reactor      - the Handler contract; one selector loop with a
                       timer heap
     5. endpoints    - names and dialing; serial devices (tty, URL through
-                      helper threads, socket, virtual pty); termios tables;
+                      helper threads, socket, byte stream, virtual pty);
+                      RS-485 mode, USB adapters found in sysfs; termios tables;
                       connections and TLS; listeners; the gate of a
                       listener (allow, password, identity)
     6. port         - the RFC 2217 roles (server, client); the port (device
-                      life, delivery, back-pressure); its admission shell;
+                      life, delivery, back-pressure, modem lines that drive
+                      connections, notices to the device); its admission
+                      shell (break on connect, heartbeat);
                       its dialer (the client role)
     7. status       - /status and /metrics, traces, reload (SIGHUP)
     8. main         - command line, logging, service files, signals
