@@ -709,6 +709,8 @@ PORT_RULES = (
                                              or v["disconnect_on_line"] != "none" or v["break_on_connect"]),
      "virtual", "a virtual port has no RS-485 mode, modem lines or break; rs485, connect_on_line, "
      "disconnect_on_line and break_on_connect need a device"),
+    (lambda v: v["rs485"] and v["device"] is not None and "://" in v["device"],
+     "rs485", "needs a tty (a device path or usb: spec), not the URL {device}"),
     (lambda v: not v["rs485"] and any(v[k] != PORT_SCHEMA[k].default for k in RS485_DETAIL_KEYS),
      "rs485", "is off, but an rs485_* key is set: add rs485 = yes"),
     (lambda v: v["connect_on_line"] != "none" and v["open_on_demand"],
@@ -5664,7 +5666,7 @@ def device_side_status(port, status):
     if is_usb_spec(c.device):
         status["device_path"] = device.path
     if c.rs485:
-        status["rs485"] = device.rs485 if device.is_open else None
+        status["rs485"] = getattr(device, "rs485", None) if device.is_open else None
     if c.connect_on_line != "none" or c.disconnect_on_line != "none":
         status["modem_lines"] = {k.lower(): bool(v) for k, v in sorted(port.modem_lines.items())}
     if isinstance(device, StreamDevice):

@@ -62,6 +62,8 @@ def test_rs485_keys_need_rs485_and_a_device(tmp_path):
     assert r.returncode == 2 and "rs485: is off, but an rs485_* key is set" in r.stderr
     r = run_sertcp(["--check", "--listen", "7000", "--rs485", "yes", "--virtual", str(tmp_path / "v")])
     assert r.returncode == 2 and "a virtual port has no RS-485 mode" in r.stderr
+    r = run_sertcp(["--check", "--listen", "7000", "--rs485", "yes", "rfc2217://127.0.0.1:4000"])
+    assert r.returncode == 2 and "--rs485: needs a tty (a device path or usb: spec), not the URL rfc2217://" in r.stderr
     r = run_sertcp(["--check", "--listen", "7000", "--rs485", "yes", "--rs485-delay-before-ms", "1001", "/dev/ttyS0"])
     assert r.returncode == 2 and "allowed range is 0-1000" in r.stderr
 
