@@ -286,11 +286,15 @@ def test_usb_spec_matching_two_adapters_is_logged_naming_both(sertcp, tmp_path):
 
 def test_tx_char_delay_spaces_every_byte(serve, pty, clients):
     """20 ms after every byte: ten bytes sent in one write reach the pty
-    one at a time, at least 20 ms apart (less a little for timer grain)."""
+    one at a time, about 20 ms apart.  (The reader here may wake late and
+    see two bytes close together, so the bounds are on the median gap,
+    the whole span and the number of separate arrivals; without pacing
+    the ten bytes come in one read.)"""
     s, port = serve(pty, "--tx-char-delay-ms", "20")
     c = clients(port)
     c.send(b"0123456789")
     arrivals = []
+    reads = 0
     got = bytearray()
     deadline = time.monotonic() + 10
     while len(got) < 10 and time.monotonic() < deadline:
@@ -298,14 +302,15 @@ def test_tx_char_delay_spaces_every_byte(serve, pty, clients):
         if r:
             chunk = os.read(pty.master, 100)
             now = time.monotonic()
+            reads += 1
             for b in chunk:
                 arrivals.append(now)
             got += chunk
     assert bytes(got) == b"0123456789"
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
-    assert min(gaps) >= 0.015, gaps
-    assert arrivals[-1] - arrivals[0] >= 9 * 0.019
-    assert arrivals[-1] - arrivals[0] < 5.0
+    gaps = sorted(b - a for a, b in zip(arrivals, arrivals[1:]))
+    assert gaps[len(gaps) // 2] >= 0.015, gaps
+    assert 0.15 <= arrivals[-1] - arrivals[0] < 5.0, arrivals
+    assert reads >= 6, reads
 
 
 def test_tx_char_delay_takes_fractions_of_a_millisecond(serve, pty, clients):
