@@ -12,11 +12,12 @@ The file reads top to bottom; each section uses only the ones above it:
                       validation, --check output, the example file
     3. cores        - sans-I/O: packer, client-selection policies, identity
                       matcher, Telnet codec (RFC 854/855/1143), RFC 2217
-                      encoders and per-connection state, the device
-                      side (the RS-485 struct, the USB identity matcher,
-                      modem lines), and the port's state machines:
-                      device life (DEVICE_STATE_ON), the back-pressure
-                      rule, admission, the dial plan
+                      encoders and per-connection state, Modbus (MBAP,
+                      RTU framing, the bus scheduler), the device side
+                      (the RS-485 struct, the USB identity matcher, modem
+                      lines), and the port's state machines: device life
+                      (DEVICE_STATE_ON), the back-pressure rule,
+                      admission, the dial plan
                       (bytes, times and settings in; bytes, events and
                       actions out; no sockets, no clocks)
     4. reactor      - the Handler contract; one selector loop with a
@@ -26,10 +27,11 @@ The file reads top to bottom; each section uses only the ones above it:
                       RS-485 mode, USB adapters found in sysfs; termios tables;
                       connections and TLS; listeners; the gate of a
                       listener (allow, password, identity)
-    6. port         - the RFC 2217 roles (server, client); the port (device
-                      life, delivery, back-pressure, modem lines that drive
-                      connections, notices to the device); its admission
-                      shell (break on connect, heartbeat);
+    6. port         - the RFC 2217 roles (server, client); the Modbus
+                      gateway role; the port (device life, delivery,
+                      back-pressure, modem lines that drive connections,
+                      notices to the device); its admission shell (break
+                      on connect, heartbeat);
                       its dialer (the client role)
     7. status       - /status and /metrics, traces, reload (SIGHUP)
     8. main         - command line, logging, service files, signals
@@ -522,10 +524,13 @@ PORT_KEYS = [
     Key("heartbeat_data", parse_bytes, None, "client role: the heartbeat's bytes", show_bytes),
     Key("reconnect_min", number_parser(float, 0.01, TIME_LIMIT), 1.0, "client role: shortest pause between failed dials", _show_float),
     Key("reconnect_max", number_parser(float, 0.01, TIME_LIMIT), 60.0, "client role: longest pause between failed dials", _show_float),
-    Key("protocol", choice_parser("raw", "rfc2217"), "raw", "raw, or rfc2217 (Telnet COM-PORT-OPTION)"),
+    Key("protocol", choice_parser("raw", "rfc2217", "modbus"), "raw", "raw, rfc2217 (Telnet COM-PORT-OPTION), or modbus (Modbus TCP clients, RTU device)"),
     Key("rfc2217_role", choice_parser("auto", "server", "client"), "auto", "server, client, or auto (a virtual port is the client)"),
     Key("remote_control", parse_remote_control, REMOTE_CONTROL_ITEMS, "rfc2217 server: what clients may change: yes, no, or a list of settings, dtr, rts, break, purge",
         lambda v: "yes" if tuple(v) == REMOTE_CONTROL_ITEMS else (", ".join(v) if v else "no")),
+    Key("modbus_timeout_ms", number_parser(int, 1, 600000), 1000, "modbus: milliseconds the device has to answer; then exception 0x0B"),
+    Key("modbus_retries", number_parser(int, 0, 100), 0, "modbus: extra tries before that exception"),
+    Key("modbus_frame_gap_ms", number_parser(float, 0, 10000), 0.0, "modbus: silence that ends an RTU frame (0 = 3.5 characters at baudrate, 1.75 above 19200)", _show_float),
     Key("max_clients", number_parser(int, 1, 100000), 1, "server role: clients accepted at once"),
     Key("backlog", number_parser(int, 1, 65535), 1024, "server role: pending connections the kernel queues (at most net.core.somaxconn)"),
     Key("when_full", choice_parser("reject", "kick_oldest"), "reject", "when max_clients are connected: reject the newest, or kick_oldest"),
@@ -741,6 +746,14 @@ PORT_RULES = (
      "connect_id", "needs connect"),
     (lambda v: v["identity"] is not None and v["listen"] is None,
      "identity", "needs listen"),
+    (lambda v: v["protocol"] == "modbus" and (v["pack_size"] or v["pack_idle_ms"] or v["pack_max_ms"]
+                                              or v["pack_delimiter"] is not None),
+     "protocol", "modbus frames device data itself; remove the pack_* keys"),
+    (lambda v: v["protocol"] == "modbus" and v["banner"] is not None,
+     "banner", "would break the Modbus TCP stream of protocol = modbus"),
+    (lambda v: v["protocol"] != "modbus" and (v["modbus_retries"] or v["modbus_frame_gap_ms"]
+                                              or v["modbus_timeout_ms"] != 1000),
+     "protocol", "modbus_* keys need protocol = modbus (it is {protocol})"),
     (lambda v: v["identity"] == b"",
      "identity", "must not be empty"),
     (lambda v: v["identity"] is not None and (b"\n" in v["identity"] or b"\r" in v["identity"]),
@@ -1034,6 +1047,8 @@ class Packer:
             cut = self._find_cut()
             if cut is None:
                 break
+            if cut[0] > self.limit:     # a delimiter straddling the limit: the limit wins
+                cut = (self.limit, self.limit, 0)
             packets.append(self._take(cut))
         while len(self.pending) >= self.limit:
             packets.append(self._take((self.limit, self.limit, 0)))
@@ -1768,6 +1783,380 @@ class ByteBuffer:
 
 
 # ---------------------------------------------------------------------
+# Modbus: MBAP to RTU and back (protocol = modbus)
+# ---------------------------------------------------------------------
+# Modbus TCP masters on the network, one Modbus RTU bus on the device.
+# MbapDecoder cuts a client's stream into requests; RtuAssembler cuts the
+# device's bytes into frames (by the length the function code announces,
+# else by silence); ModbusBus is the one-request-at-a-time scheduler.
+# ModbusGateway joins them for the port: bytes and times in, actions out.
+
+MBAP_HEADER = 7                 # transaction id, protocol id, length, unit id
+MBAP_LENGTH_RANGE = (2, 254)    # unit id + function code .. unit id + 253-byte PDU
+MODBUS_CLIENT_QUEUE = 16        # requests one client may have waiting; more is a flood
+MODBUS_ROUND_TRIPS = 1024       # bus round trips kept for p50/p99
+MODBUS_GATEWAY_NO_RESPONSE = 0x0B   # exception: gateway target device failed to respond
+
+
+def modbus_crc(data):
+    """CRC-16/MODBUS (reflected polynomial 0xA001, initial 0xFFFF) as
+    the two bytes that end an RTU frame, low byte first."""
+    crc = 0xFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
+    return bytes((crc & 0xFF, crc >> 8))
+
+
+def rtu_frame(unit, pdu):
+    """An RTU frame: unit id, PDU, CRC."""
+    body = bytes((unit,)) + pdu
+    return body + modbus_crc(body)
+
+
+def mbap_frame(transaction, unit, pdu):
+    """A Modbus TCP frame: the MBAP header (protocol id 0), then the PDU."""
+    return (transaction.to_bytes(2, "big") + b"\0\0" + (len(pdu) + 1).to_bytes(2, "big")
+            + bytes((unit,)) + pdu)
+
+
+def modbus_exception_pdu(function, code):
+    return bytes((function | 0x80, code))
+
+
+def rtu_char_time(baudrate, bytesize=8, parity="none", stopbits="1"):
+    """Seconds one character takes on the line: start bit, data, parity, stop."""
+    bits = 1 + bytesize + (0 if parity == "none" else 1) + float(stopbits)
+    return bits / baudrate
+
+
+def rtu_frame_gap(baudrate, bytesize=8, parity="none", stopbits="1", gap_ms=0):
+    """The silence that ends an RTU frame: gap_ms if set, else 3.5
+    character times, fixed at 1.75 ms above 19,200 baud (Modbus over
+    serial line, 2.5.1.1)."""
+    if gap_ms:
+        return gap_ms / 1000.0
+    if baudrate > 19200:
+        return 0.00175
+    return 3.5 * rtu_char_time(baudrate, bytesize, parity, stopbits)
+
+
+# Length of a reply by function code, where the code tells it: a fixed
+# size, or ("count", i, extra): byte i holds a count of the bytes that
+# follow it, and `extra` bytes (the CRC) end the frame.
+RTU_REPLY_LENGTH = {
+    0x01: ("count", 2, 2), 0x02: ("count", 2, 2), 0x03: ("count", 2, 2), 0x04: ("count", 2, 2),
+    0x05: 8, 0x06: 8, 0x07: 5, 0x08: 8, 0x0B: 8, 0x0C: ("count", 2, 2),
+    0x0F: 8, 0x10: 8, 0x11: ("count", 2, 2), 0x14: ("count", 2, 2), 0x15: ("count", 2, 2),
+    0x16: 10, 0x17: ("count", 2, 2),
+}
+
+
+def rtu_reply_length(frame):
+    """The full length of the reply that starts with `frame`, or None
+    while unknown (too few bytes yet, or a code whose reply ends only by
+    silence)."""
+    if len(frame) < 2:
+        return None
+    function = frame[1]
+    if function & 0x80:
+        return 5                        # unit, function | 0x80, exception code, CRC
+    rule = RTU_REPLY_LENGTH.get(function)
+    if rule is None or isinstance(rule, int):
+        return rule
+    _, at, extra = rule
+    if len(frame) <= at:
+        return None
+    return at + 1 + frame[at] + extra
+
+
+class MbapDecoder:
+    """One client's Modbus TCP stream, fed as it comes: feed() returns
+    ("request", transaction, unit, pdu) events, or ("malformed", why)
+    after which the stream is not read further (the client is closed)."""
+
+    def __init__(self):
+        self.data = bytearray()
+        self.broken = False
+
+    def feed(self, data):
+        if self.broken:
+            return []
+        self.data += data
+        events = []
+        while len(self.data) >= MBAP_HEADER:
+            header = self.data
+            protocol = int.from_bytes(header[2:4], "big")
+            length = int.from_bytes(header[4:6], "big")
+            if protocol != 0:
+                return self._malformed(events, "protocol id %d (Modbus is 0)" % protocol)
+            if not MBAP_LENGTH_RANGE[0] <= length <= MBAP_LENGTH_RANGE[1]:
+                return self._malformed(events, "length %d out of range %d-%d" % ((length,) + MBAP_LENGTH_RANGE))
+            end = 6 + length
+            if len(self.data) < end:
+                break
+            transaction = int.from_bytes(header[0:2], "big")
+            events.append(("request", transaction, header[6], bytes(header[7:end])))
+            del self.data[:end]
+        return events
+
+    def pending(self):
+        """Bytes of an unfinished frame (a truncated one, at the end)."""
+        return len(self.data)
+
+    def _malformed(self, events, why):
+        self.broken = True
+        self.data.clear()
+        events.append(("malformed", why))
+        return events
+
+
+class RtuAssembler:
+    """The device's bytes cut into RTU frames: a frame ends when it holds
+    the length its function code announces, or after `gap` seconds of
+    silence.  feed(data, now) / deadline() / expire(now) like Packer."""
+
+    def __init__(self, gap):
+        self.gap = gap
+        self.frame = bytearray()
+        self.last = None                # when the last byte came
+
+    def feed(self, data, now):
+        frames = []
+        if self.frame and now - self.last >= self.gap:
+            frames.append(bytes(self.frame))    # the silence passed before this read
+            self.frame.clear()
+        self.last = now
+        self.frame += data
+        while True:
+            length = rtu_reply_length(self.frame)
+            if length is None or len(self.frame) < length:
+                break
+            frames.append(bytes(self.frame[:length]))
+            del self.frame[:length]
+        return frames
+
+    def deadline(self):
+        return self.last + self.gap if self.frame else None
+
+    def expire(self, now):
+        if self.frame and now >= self.last + self.gap:
+            frame = bytes(self.frame)
+            self.frame.clear()
+            return [frame]
+        return []
+
+
+class ModbusRequest:
+    __slots__ = ("client", "transaction", "unit", "pdu", "tries", "queued_at")
+
+    def __init__(self, client, transaction, unit, pdu, queued_at):
+        self.client, self.transaction, self.unit, self.pdu = client, transaction, unit, pdu
+        self.tries = 0
+        self.queued_at = queued_at
+
+
+# The bus: (state, event) -> next state.  One request is on the bus at a
+# time; "waiting" ends with its reply, a bad reply or the timeout (then a
+# retry or exception 0x0B); a broadcast is not answered, so the bus is
+# held ("turnaround") until the device has had time to act on it.
+MODBUS_BUS_ON = {
+    ("idle", "send"): "waiting",
+    ("idle", "send_broadcast"): "turnaround",
+    ("waiting", "reply"): "idle",
+    ("waiting", "bad_reply"): "idle",
+    ("waiting", "timeout"): "idle",
+    ("turnaround", "timeout"): "idle",
+}
+
+
+class ModbusBus:
+    """The RTU bus shared by every client: requests wait in arrival
+    order, one goes out at a time, its answer goes back to the client
+    that asked.  A reply with a bad CRC, from another unit or for another
+    function counts as no reply: the request is tried again (retries) or
+    answered with exception 0x0B.  Returns actions:
+    ("write", rtu bytes), ("reply", client, mbap bytes),
+    ("flood", client) (a client with too many requests waiting), and
+    ("stray", n bytes, why) for device bytes nobody asked for."""
+
+    def __init__(self, timeout, retries, turnaround, char_time=0.0, queue_limit=MODBUS_CLIENT_QUEUE):
+        self.timeout, self.retries, self.turnaround = timeout, retries, turnaround
+        self.char_time = char_time      # a frame's own time on the wire is added to the waits
+        self.queue_limit = queue_limit
+        self.state = "idle"
+        self.queue = deque()
+        self.waiting = {}               # client -> its requests in the queue
+        self.current = None
+        self.due = None
+        self.sent_at = None
+        self.counters = dict(requests=0, replies=0, timeouts=0, crc_errors=0, bad_replies=0,
+                             broadcasts=0, exceptions_sent=0)
+        self.round_trips = deque(maxlen=MODBUS_ROUND_TRIPS)
+
+    def _move(self, event):
+        self.state = MODBUS_BUS_ON[self.state, event]
+
+    def depth(self):
+        return len(self.queue) + (self.current is not None)
+
+    def request(self, client, transaction, unit, pdu, now):
+        if self.waiting.get(client, 0) >= self.queue_limit:
+            return [("flood", client)]
+        self.counters["requests"] += 1
+        self.queue.append(ModbusRequest(client, transaction, unit, pdu, now))
+        self.waiting[client] = self.waiting.get(client, 0) + 1
+        return self._next(now)
+
+    def forget(self, client):
+        """A client left: its waiting requests go; a reply to the one on
+        the bus is thrown away when it comes."""
+        if self.waiting.pop(client, None):
+            self.queue = deque(r for r in self.queue if r.client is not client)
+        if self.current is not None and self.current.client is client:
+            self.current.client = None
+
+    def frame(self, frame, now):
+        """A whole RTU frame from the device."""
+        request = self.current
+        if self.state != "waiting":
+            return [("stray", len(frame), "device sent %d bytes with no request on the bus" % len(frame))]
+        if len(frame) < 4 or modbus_crc(frame[:-2]) != frame[-2:]:
+            self.counters["crc_errors"] += 1
+            return self._no_reply(now, "bad_reply")
+        if frame[0] != request.unit or frame[1] & 0x7F != request.pdu[0]:
+            self.counters["bad_replies"] += 1
+            return self._no_reply(now, "bad_reply")
+        self._move("reply")
+        self.counters["replies"] += 1
+        self.round_trips.append(now - self.sent_at)
+        self.current = self.due = None
+        actions = []
+        if request.client is not None:
+            actions.append(("reply", request.client, mbap_frame(request.transaction, request.unit, frame[1:-2])))
+        return actions + self._next(now)
+
+    def deadline(self):
+        return self.due
+
+    def expire(self, now):
+        if self.due is None or now < self.due:
+            return []
+        if self.state == "turnaround":
+            self._move("timeout")
+            self.due = None
+            return self._next(now)
+        self.counters["timeouts"] += 1
+        return self._no_reply(now, "timeout")
+
+    def _no_reply(self, now, event):
+        self._move(event)
+        request, self.current, self.due = self.current, None, None
+        if request.tries <= self.retries:
+            self.queue.appendleft(request)      # tried again before anything else
+            if request.client is not None:
+                self.waiting[request.client] = self.waiting.get(request.client, 0) + 1
+            return self._next(now)
+        actions = []
+        if request.client is not None:
+            self.counters["exceptions_sent"] += 1
+            pdu = modbus_exception_pdu(request.pdu[0], MODBUS_GATEWAY_NO_RESPONSE)
+            actions.append(("reply", request.client, mbap_frame(request.transaction, request.unit, pdu)))
+        return actions + self._next(now)
+
+    def _next(self, now):
+        if self.state != "idle" or not self.queue:
+            return []
+        request = self.current = self.queue.popleft()
+        if request.client is not None:
+            left = self.waiting[request.client] - 1
+            if left:
+                self.waiting[request.client] = left
+            else:
+                del self.waiting[request.client]
+        request.tries += 1
+        frame = rtu_frame(request.unit, request.pdu)
+        on_wire = len(frame) * self.char_time
+        self.sent_at = now
+        if request.unit == 0:
+            self.counters["broadcasts"] += 1
+            self._move("send_broadcast")
+            self.current = None
+            self.due = now + on_wire + self.turnaround
+        else:
+            self._move("send")
+            self.due = now + on_wire + self.timeout
+        return [("write", frame)]
+
+    def percentile(self, fraction):
+        """The bus round trip (request written to reply complete) below
+        which `fraction` of the recent ones fall, in seconds; None before any."""
+        if not self.round_trips:
+            return None
+        ordered = sorted(self.round_trips)
+        return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+class ModbusGateway:
+    """Everything of protocol = modbus that needs no I/O: each client's
+    MBAP stream, the device's RTU frames, the bus.  The port calls
+    from_client(), from_device(), client_gone(), expire() at deadline(),
+    and performs the actions (ModbusBus's, and ("close", client, why) for
+    a client whose MBAP is malformed)."""
+
+    def __init__(self, timeout, retries, gap, char_time=0.0, queue_limit=MODBUS_CLIENT_QUEUE):
+        self.assembler = RtuAssembler(gap)
+        self.bus = ModbusBus(timeout, retries, gap, char_time, queue_limit)
+        self.decoders = {}
+
+    @classmethod
+    def from_config(cls, c):
+        gap = rtu_frame_gap(c.baudrate, c.bytesize, c.parity, c.stopbits, c.modbus_frame_gap_ms)
+        return cls(c.modbus_timeout_ms / 1000.0, c.modbus_retries, gap,
+                   rtu_char_time(c.baudrate, c.bytesize, c.parity, c.stopbits))
+
+    def from_client(self, client, data, now):
+        decoder = self.decoders.get(client)
+        if decoder is None:
+            decoder = self.decoders[client] = MbapDecoder()
+        actions = []
+        for event in decoder.feed(data):
+            if event[0] == "malformed":
+                self.client_gone(client)
+                return actions + [("close", client, "malformed Modbus TCP frame: %s" % event[1])]
+            _, transaction, unit, pdu = event
+            done = self.bus.request(client, transaction, unit, pdu, now)
+            actions += done
+            if done and done[0][0] == "flood":
+                self.client_gone(client)
+                break
+        return actions
+
+    def client_gone(self, client):
+        """Forget a client; the bytes of a frame it left unfinished."""
+        decoder = self.decoders.pop(client, None)
+        self.bus.forget(client)
+        return decoder.pending() if decoder is not None else 0
+
+    def from_device(self, data, now):
+        actions = []
+        for frame in self.assembler.feed(data, now):
+            actions += self.bus.frame(frame, now)
+        return actions
+
+    def deadline(self):
+        due = [d for d in (self.assembler.deadline(), self.bus.deadline()) if d is not None]
+        return min(due) if due else None
+
+    def expire(self, now):
+        actions = []
+        for frame in self.assembler.expire(now):
+            actions += self.bus.frame(frame, now)
+        return actions + self.bus.expire(now)
+
+
+# ---------------------------------------------------------------------
 # Device side: the RS-485 struct, USB identity, modem lines
 # ---------------------------------------------------------------------
 
@@ -1887,7 +2276,8 @@ def device_should_pause(backlogs, paused, pause_at):
     (read again below half of it).  With no recipient the device is read:
     its data goes to `buffer` or is counted as dropped, never left in the
     UART for good.  Evaluated whenever a client comes, goes, drains or is
-    suspended (RFC 2217), and after each delivery."""
+    suspended (RFC 2217), when send_to picks another client, and after
+    each delivery."""
     if not backlogs:
         return False
     return min(backlogs) >= (pause_at // 2 if paused else pause_at)
@@ -1912,21 +2302,24 @@ class DialPlan:
     `state` along TABLE and returns the actions for the port to perform.
 
     States: gathering (no reason to dial yet: event_bytes not reached, an
-    incoming client holds the place, a virtual port closed), resolving (peer `peer`
-    of connect), connecting (one address of it, then TLS), connected,
-    waiting (backing off; the port sets a timer and sends "timer"), off.
+    incoming client holds the place, a virtual port closed), resolving
+    (peer `peer` of connect), connecting (one address of it, then TLS),
+    connected, waiting (a timer runs; the port sends "timer"), off.
 
     Events the port sends: wanted, resolved, peer_failed (name or every
-    address failed), up, place_taken (an incoming client came first),
-    we_hung_up (timeout, listen_on_open, kicked, slow), peer_hung_up (with
-    held=True if the connection lasted or carried data), timer, stop.
+    address failed), up, place_taken (an incoming client came first, or
+    the virtual port closed meanwhile), we_hung_up (timeout,
+    listen_on_open, kicked, slow), peer_hung_up (with held=True if the
+    connection lasted or carried data), timer, stop.
 
     Actions returned: ("resolve", peer), ("connect",), ("admit",),
-    ("wait", seconds), ("failed_round", failures), ("dial_if_wanted",)."""
+    ("back_off", seconds, failed rounds) after a failed round,
+    ("wait", seconds) before redialing a peer that hung up,
+    ("dial_if_wanted",)."""
 
     TABLE = {
-        # (state, event):                      (new state, steps)
-        ("gathering", "wanted"):                     ("resolving", ("first_peer", "resolve")),
+        # (state, event):                       (new state, steps)
+        ("gathering", "wanted"):                ("resolving", ("first_peer", "resolve")),
         ("resolving", "resolved"):              ("connecting", ("connect",)),
         ("resolving", "peer_failed"):           ("resolving", ("next_peer", "resolve")),
         ("resolving", "round_failed"):          ("waiting", ("failed_round", "back_off")),
@@ -1951,19 +2344,26 @@ class DialPlan:
         self.peer = 0
         self.failures = 0               # failed rounds since a connection last held
 
+    def refine(self, event, held=True):
+        """The TABLE's event for what the port saw: the last peer failing
+        ends a round; a peer's hang-up depends on the session it ended
+        (with event_bytes only device data dials, so no redial loop)."""
+        if event == "peer_failed" and self.peer + 1 >= self.peers:
+            return "round_failed"
+        if event == "peer_hung_up":
+            if self.on_data:
+                return "peer_hung_up_on_data"
+            if not held:
+                return "peer_hung_up_silent"
+        return event
+
     def handle(self, event, held=True, entropy=0.0):
         """Apply one event; returns the list of actions.  `held` refines
         peer_hung_up, `entropy` (0..1) jitters a back-off."""
         if event == "stop":
             self.state = "off"
             return []
-        if event == "peer_failed" and self.peer + 1 >= self.peers:
-            event = "round_failed"
-        elif event == "peer_hung_up":
-            if not held and not self.on_data:
-                event = "peer_hung_up_silent"   # (with event_bytes only device data dials: no loop)
-            elif self.on_data:
-                event = "peer_hung_up_on_data"
+        event = self.refine(event, held)
         try:
             self.state, steps = self.TABLE[self.state, event]
         except KeyError:
@@ -1978,10 +2378,9 @@ class DialPlan:
                 self.failures = 0
             elif step == "failed_round":
                 self.failures += 1
-                actions.append(("failed_round", self.failures))
             elif step == "back_off":
-                actions.append(("wait", next_backoff(self.failures, self.reconnect_min,
-                                                     self.reconnect_max, entropy)))
+                actions.append(("back_off", next_backoff(self.failures, self.reconnect_min,
+                                                         self.reconnect_max, entropy), self.failures))
             elif step == "wait_min":
                 actions.append(("wait", self.reconnect_min))
             elif step == "resolve":
@@ -2242,8 +2641,9 @@ class Reactor:
         """A handler, timer or thread's callback raised: a bug in sertcp.
         It is reported (on_error logs the traceback) and contained to what
         raised: a handler's fail() ends that connection, device or request
-        and the rest goes on.  A handler with no fail() is not contained:
-        the exception ends run(), and the process, instead of spinning."""
+        and the rest goes on.  Every Handler has fail(); something watched
+        without one is not contained: the exception ends run(), and the
+        process, instead of spinning."""
         fail = getattr(handler, "fail", None)
         if handler is not None and fail is None:
             raise exc
@@ -2364,7 +2764,8 @@ def unwritten(chunk, n):
 class Device(Handler):
     """The serial side of a port.  The port calls open(), write(), close()
     and call(); the device calls port.on_device_data(data),
-    port.on_device_lost(reason), port.on_device_drained(), and
+    port.on_device_lost(reason), port.on_device_drained(),
+    port.on_virtual_peer(is_open) (a virtual port's local program), and
     port.device_open_done(error) when open() left it opening in the
     background (is_open still False).
 
@@ -2409,7 +2810,8 @@ class Device(Handler):
                 self._lost("write failed: %s" % describe_error(e))
                 return
             if n:
-                self.port.counters["bytes_to_device"] += n
+                if self.counts_writes:
+                    self.port.counters["bytes_to_device"] += n
                 if n == len(data):
                     return
                 data = unwritten(data, n)
@@ -2440,7 +2842,8 @@ class Device(Handler):
                 self._want_write(True)
                 return
             self.tx_bytes -= n
-            self.port.counters["bytes_to_device"] += n
+            if self.counts_writes:
+                self.port.counters["bytes_to_device"] += n
             if self.tx_char_delay:
                 self.tx_held_until = self.reactor.now() + self.tx_char_delay
             if n < len(chunk):
@@ -2529,6 +2932,7 @@ class Device(Handler):
 
     want_write = False
     peer_open = True                    # a local program has it open (see VirtualDevice)
+    counts_writes = True                # what _write_some took is written (not so for URL devices)
 
     def _update_interest(self):
         """Watch the descriptor for what is wanted now."""
@@ -2585,10 +2989,11 @@ class Device(Handler):
         return 0
 
     def purge(self, receive, transmit):
-        """Drop what waits for the device (sertcp's queue at once) and,
-        through call(), what the OS holds."""
-        if transmit:
-            self.discard_tx()
+        """Drop what waits for the device (sertcp's queue at once, counted)
+        and, through call(), what the OS holds."""
+        dropped = self.discard_tx() if transmit else 0
+        if dropped:
+            self.port.count_dropped(dropped, "purged by an RFC 2217 client")
         self.call(lambda: self.purge_buffers(receive, transmit))
 
 
@@ -2785,14 +3190,22 @@ class UrlDevice(PyserialDevice):
     and reports through port.device_open_done().  So do line and setting
     changes (pyserial's rfc2217:// waits at least 50 ms, and up to 3 s,
     for the far end to acknowledge each): call() hands them to the writer
-    thread, in turn with the data queued before them, and done() comes
-    back on the loop when the far end has answered."""
+    thread, in turn with the data handed to it before them, and done()
+    comes back on the loop when the far end has answered.  Closing is
+    the writer's last task too (pyserial's close joins its own thread).
+
+    Bytes count as written to the device once the writer has written
+    them; those it still held when the device was lost or closed count
+    as dropped.  Back-pressure holds the reader thread between reads."""
+
+    counts_writes = False               # _thread_wrote counts them
 
     def __init__(self, port, reactor):
         super().__init__(port, reactor)
         self.generation = 0
         self.outbox = None
         self.in_flight = 0
+        self.read_allowed = None        # a threading.Event: clear while paused
 
     def open(self):
         import serial
@@ -2827,7 +3240,9 @@ class UrlDevice(PyserialDevice):
         self.serial = ser
         self.outbox = queue.Queue()
         self.in_flight = 0
+        self.read_allowed = threading.Event()
         self.is_open = True
+        self._update_interest()
         threading.Thread(target=self._reader, args=(ser, generation), daemon=True,
                          name="sertcp-read-%s" % self.port.name).start()
         threading.Thread(target=self._writer, args=(ser, self.outbox, generation), daemon=True,
@@ -2840,20 +3255,31 @@ class UrlDevice(PyserialDevice):
         if self.serial is None:
             return
         self.is_open = False
-        self.outbox.put(None)
-        ser, self.serial = self.serial, None
-        try:
-            ser.close()
-        except Exception:
-            pass
+        self.serial = None
+        self.read_allowed.set()         # a paused reader wakes, sees it is stale, ends
+        self.outbox.put(None)           # the writer closes it, after what it holds
+
+    def discard_tx(self):
+        dropped = Device.discard_tx(self) + self.in_flight
+        self.in_flight = 0
+        return dropped
 
     def _update_interest(self):
-        pass                            # no descriptor: the threads read and write
+        # no descriptor: the reader thread waits while reading is paused
+        if self.read_allowed is not None:
+            if self.reading_paused:
+                self.read_allowed.clear()
+            else:
+                self.read_allowed.set()
 
     # The threads: blocking calls only, results posted to the loop.
 
     def _reader(self, ser, generation):
+        allowed = self.read_allowed
         while True:
+            allowed.wait()
+            if self.generation != generation:
+                return
             try:
                 data = ser.read(max(1, min(READ_CHUNK, ser.in_waiting)))
             except Exception as e:
@@ -2866,19 +3292,25 @@ class UrlDevice(PyserialDevice):
                 self.reactor.call_soon_threadsafe(lambda d=data: self._thread_data(generation, d))
 
     def _writer(self, ser, outbox, generation):
+        failed = False
         while True:
-            data = outbox.get()
-            if data is None:
+            item = outbox.get()
+            if item is None:
+                try:
+                    ser.close()
+                except Exception:
+                    pass
                 return
-            if callable(data):                  # a call(), in turn with the data
-                data()
-                continue
-            try:
-                ser.write(data)
-            except Exception as e:
-                self.reactor.call_soon_threadsafe(lambda e=e: self._thread_failed(generation, e))
-                return
-            self.reactor.call_soon_threadsafe(lambda n=len(data): self._thread_wrote(generation, n))
+            if callable(item):                  # a call(): answered even after a failed write
+                item()
+            elif not failed:                    # after one, data is only counted (in_flight)
+                try:
+                    ser.write(item)
+                except Exception as e:
+                    failed = True
+                    self.reactor.call_soon_threadsafe(lambda e=e: self._thread_failed(generation, e))
+                    continue
+                self.reactor.call_soon_threadsafe(lambda n=len(item): self._thread_wrote(generation, n))
 
     # Back on the loop.
 
@@ -2893,6 +3325,7 @@ class UrlDevice(PyserialDevice):
     def _thread_wrote(self, generation, n):
         if generation == self.generation:
             self.in_flight -= n
+            self.port.counters["bytes_to_device"] += n
             if self.in_flight < DEVICE_HIGH_WATER:
                 self._flush()
 
@@ -3536,6 +3969,7 @@ class Connection(Handler):
         except BlockingIOError:
             n = 0
         except OSError as e:
+            self.port.count_dropped(len(data), "a client is gone")
             self.port.end_connection(self, "send failed: %s" % describe_error(e), by_peer=True)
             return False
         self.bytes_out += n
@@ -3555,6 +3989,7 @@ class Connection(Handler):
             self.port.count_dropped(len(data), "client %s is not reading (client_buffer %d full)"
                                     % (format_peer(self.peer), self.limit))
             return True
+        self.port.count_dropped(len(data), "a slow client was cut off (client_buffer %d full)" % self.limit)
         self.port.end_connection(self, "slow client: client_buffer of %d bytes full" % self.limit)
         return False
 
@@ -3817,7 +4252,11 @@ class ListenSocket(Handler):
                     return
                 continue
             conn.setblocking(False)
-            self.listener.on_accept(conn, peer)
+            try:
+                self.listener.on_accept(conn, peer)
+            except Exception:
+                conn.close()            # that connection only; fail() says the rest
+                raise
 
     def fail(self, reason):
         pass    # that one connection is lost (the logged traceback says how); accepting goes on
@@ -4062,10 +4501,10 @@ class Handshake(Handler):
         if not self.finished:
             self._arm(self.deadline)
 
-    def _arm(self, when):
+    def _arm(self, when, callback=None):
         if self.timer:
             self.timer.cancel()
-        self.timer = self.reactor.call_at(when, self._expired)
+        self.timer = self.reactor.call_at(when, callback or self._expired)
 
     def _expired(self):
         self.timer = None
@@ -4146,8 +4585,7 @@ class Handshake(Handler):
         # close after a pause: guessing costs the guesser time, not us memory
         self.stage = "closing"
         self.reactor.forget(self)
-        self._arm(self.reactor.now() + WRONG_PASSWORD_DELAY)
-        self.timer.callback = lambda: self._refuse(reason)
+        self._arm(self.reactor.now() + WRONG_PASSWORD_DELAY, lambda: self._refuse(reason))
 
     # identity
 
@@ -4340,6 +4778,8 @@ class ComPortServerRole(ComPortRole):
         self.modem_reading = False      # a modem read is under way (URL devices answer later)
         self.poll_timer = None
         self.break_timer = None
+        self.session = 0                # counts restore()s: a change answered after one is stale
+        self.changing = {}              # setting -> changes handed to the device, not yet answered
 
     def attach(self, conn):
         super().attach(conn)
@@ -4448,14 +4888,20 @@ class ComPortServerRole(ComPortRole):
         device = self.port.device
         if name in self.SETTINGS:
             old = self.in_force[name]
+            session = self.session
 
             def done(_, error):
+                self.changing[name] -= 1
+                if session != self.session:
+                    then()              # the last client left meanwhile: restore() undid it
+                    return
                 if error is not None:
                     self._info(conn, "cannot set %s %s: %s; keeping %s", name, wanted, describe_setting_error(error), old)
                 else:
                     self.in_force[name] = wanted
                     self._info(conn, "set %s %s", name, wanted)
                 then()
+            self.changing[name] = self.changing.get(name, 0) + 1
             if device.is_open:
                 device.call(lambda: self._try_setting(name, wanted, old), done)
             else:
@@ -4528,8 +4974,11 @@ class ComPortServerRole(ComPortRole):
         """The last client left: the configured settings and lines return
         (through call(): nothing here waits for the device)."""
         device = self.port.device
+        self.session += 1
         for name, value in self.configured.items():
-            if self.in_force[name] != value:
+            # a change still on its way to the device is undone after it
+            # (call()s run in order), though in_force does not show it yet
+            if self.in_force[name] != value or self.changing.get(name):
                 self.in_force[name] = value
                 if device.is_open:
                     device.call(lambda name=name, value=value: device.apply_setting(name, value),
@@ -4556,6 +5005,7 @@ class ComPortServerRole(ComPortRole):
         """The device (re)opened with the configured settings: re-apply
         what clients changed, and look at its modem lines afresh."""
         self.modem_supported = True
+        self.modem_reading = False      # a read the old device never answered
         self.modem_state = self.line_state = None
         device = self.port.device
         for name, value in self.in_force.items():
@@ -4792,8 +5242,131 @@ def describe_settings(settings):
 
 
 # ---------------------------------------------------------------------
+# Modbus gateway role: Modbus TCP clients, an RTU device
+# ---------------------------------------------------------------------
+
+class ModbusRole:
+    """A port with protocol = modbus: the shell around ModbusGateway.
+    Bytes from every client and from the device go to the core; the role
+    writes the RTU frames it returns, sends each answer to the client that
+    asked, closes a client whose MBAP is malformed or that floods
+    requests (like a slow client), and keeps one timer at the core's
+    deadline (frame gap, reply timeout, broadcast turnaround)."""
+
+    def __init__(self, port):
+        self.port = port
+        self.core = ModbusGateway.from_config(port.config)
+        self.timer = None
+
+    def received(self, conn, data):
+        """MBAP bytes from a client."""
+        self._perform(self.core.from_client(conn, data, self.port.reactor.now()))
+
+    def device_data(self, data):
+        """RTU bytes from the device."""
+        if self.port.trace:
+            self.port.trace.record("<", "(modbus)", data)
+        self._perform(self.core.from_device(data, self.port.reactor.now()))
+
+    def detach(self, conn):
+        """A client left: its waiting requests are dropped."""
+        unfinished = self.core.client_gone(conn)
+        if unfinished:
+            self.port.log.info("[%s] client %s left %d bytes of a truncated Modbus TCP frame",
+                               self.port.name, format_peer(conn.peer), unfinished)
+            self.port.count_dropped(unfinished, "truncated Modbus TCP frame")
+
+    def stop(self):
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def status(self):
+        bus = self.core.bus
+        p50, p99 = bus.percentile(0.5), bus.percentile(0.99)
+        status = dict(bus.counters)
+        status.update(bus_state=bus.state, queue_depth=bus.depth(),
+                      round_trip_p50_ms=None if p50 is None else round(p50 * 1000, 3),
+                      round_trip_p99_ms=None if p99 is None else round(p99 * 1000, 3))
+        return status
+
+    def _perform(self, actions):
+        port = self.port
+        for action in actions:
+            kind = action[0]
+            if kind == "write":
+                if port.device_state in ("open", "opening"):
+                    port.device.write(action[1])    # else: no reply, so exception 0x0B in time
+                else:
+                    port.count_dropped(len(action[1]), "device %s is not open" % port.device.label())
+            elif kind == "reply":
+                action[1].send(action[2])           # a full client_buffer ends it like any slow client
+            elif kind == "stray":
+                port.count_dropped(action[1], action[2])
+            elif kind == "flood":
+                port.end_connection(action[1], "flooding: more than %d Modbus requests waiting"
+                                    % MODBUS_CLIENT_QUEUE)
+            elif kind == "close":
+                port.peer_log(action[1].peer[0], WARNING, "[%s] client %s: %s", port.name,
+                              format_peer(action[1].peer), action[2])
+                port.end_connection(action[1], action[2])
+        self._arm()
+
+    def _arm(self):
+        due = self.core.deadline()
+        if self.timer is not None:
+            if self.timer.when == due:
+                return
+            self.timer.cancel()
+            self.timer = None
+        if due is not None:
+            self.timer = self.port.reactor.call_at(due, self._fired)
+
+    def _fired(self):
+        self.timer = None
+        self._perform(self.core.expire(self.port.reactor.now()))
+
+
+# ---------------------------------------------------------------------
 # The port: device life cycle, delivery and back-pressure
 # ---------------------------------------------------------------------
+
+class DropLog:
+    """A port's discarded bytes: counted at once in bytes_dropped, and
+    said in the log at most once a second -- the bytes of the seconds in
+    between in a line when the second ends, the last ones at stop()."""
+
+    def __init__(self, port):
+        self.port = port
+        self.pending = 0                # dropped bytes not yet in a log line
+        self.why = ""
+        self.timer = None               # ends the second in which a line was logged
+
+    def count(self, n, why):
+        self.port.counters["bytes_dropped"] += n
+        self.pending += n
+        self.why = why
+        if self.timer is None:
+            self._second_over()
+
+    def _second_over(self):
+        self.timer = None
+        if self._say():
+            self.timer = self.port.reactor.call_later(1.0, self._second_over)
+
+    def _say(self):
+        if not self.pending:
+            return False
+        self.port.log.warning("[%s] dropped %d bytes: %s", self.port.name, self.pending, self.why)
+        self.pending = 0
+        return True
+
+    def stop(self):
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self._say()
+
 
 class Port:
     """One configured port: a device, its clients and the rules between
@@ -4801,8 +5374,8 @@ class Port:
     DEVICE_STATE_ON), delivers device data to the clients send_to picks
     (packing, `buffer`), and keeps back-pressure to the one rule of
     device_should_pause().  Its helpers: `admission` (who connects, how
-    connections end), `dialer` (the client role) and `rfc2217` (the
-    RFC 2217 role), each None where the configuration has no use for it."""
+    connections end), `dialer` (the client role), `rfc2217` and `modbus`
+    (protocol roles), each None where the configuration has no use for it."""
 
     def __init__(self, config, reactor, log, peer_log=None):
         self.config = config
@@ -4827,12 +5400,13 @@ class Port:
         self.counters = dict(bytes_from_device=0, bytes_to_device=0, bytes_dropped=0,
                              connections_total=0, connections_rejected=0, dials_failed=0,
                              device_errors=0)
-        self.drop_log_pending = 0       # dropped bytes not yet in a log line
-        self.drop_log_timer = None      # ends the second in which one line was logged
+        self.drop_log = DropLog(self)
+        self.count_dropped = self.drop_log.count
         self.trace = Trace(config.trace, config.trace_format, log, self.name) if config.trace else None
         self.modem_lines = {}           # connect_on_line/disconnect_on_line: as last polled
         self.line_polling = False       # a poll of the modem lines is due or under way
         self.rfc2217 = make_com_port_role(self) if config.protocol == "rfc2217" else None
+        self.modbus = ModbusRole(self) if config.protocol == "modbus" else None
         self.dialer = Dialer(self) if config.connect is not None else None
         # the client role must keep at least the event bytes that make it dial
         self.held = ByteBuffer(self.held_limit(), config.buffer_drop)
@@ -4857,16 +5431,19 @@ class Port:
 
     def stop(self, reason="shutdown"):
         self.stopping = True
-        for timer in (self.reopen_timer, self.pack_timer, self.drop_log_timer):
+        for timer in (self.reopen_timer, self.pack_timer):
             if timer:
                 timer.cancel()
         if self.dialer:
             self.dialer.stop()
         if self.rfc2217:
             self.rfc2217.stop()
+        if self.modbus:
+            self.modbus.stop()
         for conn in list(self.clients):
             self.end_connection(conn, reason)
         self.close_device("shutdown" if reason == "shutdown" else "port stopped: %s" % reason)
+        self.drop_log.stop()
         if self.trace:
             self.trace.close()
 
@@ -4888,7 +5465,7 @@ class Port:
         except Exception as e:  # OSError; or a bad URL, settings the device refuses
             self._device_open_failed(e)
             return
-        if self.device.is_open:
+        if self.device.is_open and self.device_state == "opening":
             self._device_opened()
         # else a URL or socket device: device_open_done() follows
 
@@ -4942,9 +5519,15 @@ class Port:
             self.log.info("[%s] device %s closed (%s)", self.name, self.device.label(), why)
         self.device.close()             # an open under way is dropped when it ends
         self._device_event("close")
+        dropped = self.device.discard_tx()  # not for the next client (open_on_demand)
+        if dropped:
+            self.count_dropped(dropped, "device closed with data still queued for it")
         self.on_device_drained()
 
     def on_device_lost(self, reason):
+        if self.device_state == "opening":  # lost while opening: a failed open
+            self._device_open_failed(OSError(errno.EIO, reason))
+            return
         if self.device_state != "open":
             return                      # closed already (a bug met while closing it)
         self.counters["device_errors"] += 1
@@ -5093,7 +5676,9 @@ class Port:
 
     def on_device_data(self, data):
         self.counters["bytes_from_device"] += len(data)
-        if self.packer.enabled:
+        if self.modbus is not None:
+            self.modbus.device_data(data)   # RTU frames, answered to whoever asked
+        elif self.packer.enabled:
             now = self.reactor.now()
             for packet in self.packer.feed(data, now):
                 self.deliver(packet)
@@ -5170,22 +5755,6 @@ class Port:
             self.device_paused = paused
             self.device.pause_reading(paused)
 
-    def count_dropped(self, n, why):
-        """Count discarded bytes; at most one log line a second says how
-        many, and the bytes of a quiet second come in a line at its end."""
-        self.counters["bytes_dropped"] += n
-        self.drop_log_pending += n
-        self.drop_why = why
-        if self.drop_log_timer is None:
-            self._log_dropped()
-
-    def _log_dropped(self):
-        self.drop_log_timer = None
-        if self.drop_log_pending:
-            self.log.warning("[%s] dropped %d bytes: %s", self.name, self.drop_log_pending, self.drop_why)
-            self.drop_log_pending = 0
-            self.drop_log_timer = self.reactor.call_later(1.0, self._log_dropped)
-
     # -- network to device --
 
     def held_limit(self):
@@ -5213,6 +5782,11 @@ class Port:
         if self.active_client is not conn:
             self.active_client = conn
             self.recipients = None
+            if self.device_paused:      # send_to = last_active: the new recipient may not be behind
+                self.backlog_changed()
+        if self.modbus is not None:
+            self.modbus.received(conn, data)    # MBAP in; RTU frames go to the device one at a time
+            return
         if self.config.receive_from != "all" and \
                 not client_selected(self.config.receive_from, conn, self.clients):
             self.count_dropped(len(data), "receive_from = %s ignores %s" % (self.config.receive_from,
@@ -5307,16 +5881,18 @@ class Admission:
             conn.send_data(c.banner)
         if port.rfc2217:
             port.rfc2217.start(conn)
+        if conn.closed:                 # the peer was gone already: end() has said so
+            return conn
         if len(port.held):
             data = port.held.take()
             port.log.info("[%s] delivering %d buffered bytes to %s", port.name, len(data), format_peer(peer))
             conn.send_data(data, bounded=False)
-        if c.timeout:
+        if c.timeout and not conn.closed:
             conn.idle_timer = port.reactor.call_at(now + c.timeout, lambda: self._idle_check(conn))
         if port.clients_paused:
             conn.pause_reading(True)
         port.backlog_changed()
-        if first:
+        if first and not conn.closed:
             if port.device_state == "closed" and c.open_on_demand:
                 port.open_device()
             else:
@@ -5341,35 +5917,27 @@ class Admission:
             due = reactor.now() + c.heartbeat_interval
         conn.heartbeat_timer = reactor.call_at(due, lambda: self._heartbeat(conn))
 
-    def _idle_limit(self, conn):
-        timeout = self.port.config.timeout
-        if conn.half_closed:
-            return min(timeout, HALF_CLOSE_GRACE) if timeout else HALF_CLOSE_GRACE
-        return timeout
-
     def _idle_check(self, conn):
         conn.idle_timer = None
         if conn.closed:
             return
-        limit = self._idle_limit(conn)
+        limit = self.port.config.timeout
         due = conn.last_io + limit
         if self.port.reactor.now() < due:
             conn.idle_timer = self.port.reactor.call_at(due, lambda: self._idle_check(conn))
-        elif conn.half_closed:
-            self.end(conn, "closed by peer", by_peer=True)
         else:
             self.end(conn, "idle timeout (%gs without data)" % limit)
 
     def peer_finished(self, conn):
         """The peer shut down its sending side.  It may still be reading
-        (`nc -N`, `printf cmd | socat`): device data goes on to it until
-        it has been quiet for HALF_CLOSE_GRACE (or `timeout`, if shorter),
-        as socat does; meanwhile a new client may take its place."""
+        (`nc -N`, `printf cmd | socat`): device data goes on to it for
+        HALF_CLOSE_GRACE after its FIN (or `timeout`, if shorter), as
+        socat's -t does; meanwhile a new client may take its place."""
         if conn.idle_timer is not None:
             conn.idle_timer.cancel()
-        conn.last_io = self.port.reactor.now()
-        conn.idle_timer = self.port.reactor.call_at(conn.last_io + self._idle_limit(conn),
-                                                    lambda: self._idle_check(conn))
+        timeout = self.port.config.timeout
+        grace = min(timeout, HALF_CLOSE_GRACE) if timeout else HALF_CLOSE_GRACE
+        conn.idle_timer = self.port.reactor.call_later(grace, lambda: self.end(conn, "closed by peer", by_peer=True))
 
     def end(self, conn, reason, by_peer=False):
         """Close one connection: what it had not been sent is counted; the
@@ -5386,8 +5954,10 @@ class Admission:
         port.recipients = None
         if port.rfc2217:
             port.rfc2217.detach(conn)
+        if port.modbus:
+            port.modbus.detach(conn)
         if out_pending:
-            port.counters["bytes_dropped"] += out_pending
+            port.count_dropped(out_pending, "a client left with data not yet sent to it")
         duration = port.reactor.now() - conn.since_mono
         port.peer_log(conn.peer[0], INFO, "[%s] %s %s disconnected: %s; %d bytes in, %d bytes out%s, %.1fs",
                       port.name, "peer" if conn.dialed else "client", format_peer(conn.peer), reason, conn.bytes_in,
@@ -5433,7 +6003,6 @@ class Dialer:
         self.last_error = "no address"
         self.connected = None           # (sock, sockaddr) between "up" and "admit"
         self.tls_context = None
-        self.round_failed = False
 
     def start(self):
         if self.port.config.event_bytes:
@@ -5470,16 +6039,17 @@ class Dialer:
     def connection_ended(self, conn, by_peer, duration):
         """A dialed connection ended: who hung up decides what follows."""
         held = duration >= DIAL_SETTLE or bool(conn.bytes_in)
+        event = "peer_hung_up" if by_peer else "we_hung_up"
         if self.plan.on_data:
             self.log.info("[%s] gathering: dialing again once %d bytes from the device wait",
                           self.port.name, self.port.config.event_bytes)
-        elif by_peer and not held:
+        elif self.plan.refine(event, held) == "peer_hung_up_silent":
             # accepted and closed without a word (a full server, a gateway
             # with nothing behind it): a failed round, so that redialing
             # backs off instead of hammering the peer
             self.log.warning("[%s] peer %s closed the connection after %.1fs without sending anything",
                              self.port.name, format_peer(conn.peer), duration)
-        self._event("peer_hung_up" if by_peer else "we_hung_up", held=held)
+        self._event(event, held=held)
 
     def _event(self, event, held=True):
         entropy = int.from_bytes(os.urandom(2), "big") / 65535.0
@@ -5532,15 +6102,21 @@ class Dialer:
             self.last_error = "%s: %s" % (format_peer(sockaddr), error)
             self._do_connect()
             return
-        if len(self.port.clients) >= self.port.config.max_clients:
-            # an incoming client took the only place meanwhile (mixed role)
-            self.log.info("[%s] dial to %s succeeded but a client is already connected; closing it",
-                          self.port.name, format_peer(sockaddr))
-            sock.close()
-            self._event("place_taken")
-            return
         if self.port.config.tls:
             self._start_tls(generation, sockaddr, sock)
+            return
+        self._up(sock, sockaddr)
+
+    def _up(self, sock, sockaddr):
+        """Connected (and through TLS): still wanted?  An incoming client
+        may have taken the only place meanwhile (mixed role), or the local
+        program closed the virtual port (listen_on_open)."""
+        port = self.port
+        if len(port.clients) >= port.config.max_clients or not port.network_enabled():
+            why = "a client is already connected" if port.network_enabled() else "the virtual port closed meanwhile"
+            self.log.info("[%s] dial to %s succeeded but %s; closing it", port.name, format_peer(sockaddr), why)
+            sock.close()
+            self._event("place_taken")
             return
         self.connected = (sock, sockaddr)
         self._event("up")
@@ -5570,8 +6146,7 @@ class Dialer:
                 self.last_error = "%s: TLS handshake failed: %s" % (format_peer(sockaddr), error)
                 self._do_connect()
                 return
-            self.connected = (TlsStream(ssl_sock), sockaddr)
-            self._event("up")
+            self._up(TlsStream(ssl_sock), sockaddr)
         self.dial = TlsStart(self.port.reactor, ssl_sock, done, timeout=DIAL_TIMEOUT)
         self.dial.step()
 
@@ -5588,19 +6163,18 @@ class Dialer:
         self.log.warning("[%s] dial to %s failed: %s", self.port.name, host_port, error)
         self._event("peer_failed")
 
-    def _do_failed_round(self, failures):
+    def _do_back_off(self, delay, failures):
         self.port.counters["dials_failed"] += 1
-        self.round_failed = True
+        self.log.warning("[%s] every peer failed (%d round%s in a row); next dial in %.2fs",
+                         self.port.name, failures, "" if failures == 1 else "s", delay)
+        self._arm(delay)
         self.port.notify_device(self.port.config.device_unreachable_msg)
 
     def _do_wait(self, delay):
-        if self.round_failed:
-            failures = self.plan.failures
-            self.log.warning("[%s] every peer failed (%d round%s in a row); next dial in %.2fs",
-                             self.port.name, failures, "" if failures == 1 else "s", delay)
-            self.round_failed = False
-        else:
-            self.log.info("[%s] redialing in %gs", self.port.name, delay)
+        self.log.info("[%s] redialing in %gs", self.port.name, delay)
+        self._arm(delay)
+
+    def _arm(self, delay):
         if self.timer:
             self.timer.cancel()
         self.timer = self.port.reactor.call_later(delay, self._timer_fired)
@@ -5652,6 +6226,8 @@ def port_status(port):
     }
     device_side_status(port, status)
     status.update(port.counters)
+    if port.modbus:
+        status["modbus"] = port.modbus.status()
     status["bytes_held"] = len(port.held)
     status["updated"] = round(wall, 3)
     return status
@@ -5726,9 +6302,42 @@ def format_metrics(server):
            "Connections a listener refused before choosing a port (address, password block, unknown identity, "
            "silence).", [('{listen="%s"}' % label(show_hostport(gate.listener.address)), gate.rejected)
                          for gate in server.gates])
+    lines.extend(format_modbus_metrics([p for p in server.ports if p.modbus], label))
     family(counter_metric("internal_errors"), "counter",
            "Bugs met and contained: the connection, device or request closed.", [("", server.reactor.errors)])
     return "\n".join(lines) + "\n"
+
+
+MODBUS_COUNTER_HELP = {
+    "requests": "Modbus TCP requests queued for the RTU bus.",
+    "replies": "RTU replies returned to the client that asked.",
+    "timeouts": "RTU requests the device did not answer in modbus_timeout_ms.",
+    "crc_errors": "RTU frames from the device with a bad CRC (no reply).",
+    "bad_replies": "RTU replies from another unit or for another function (no reply).",
+    "broadcasts": "Requests to unit 0, sent without waiting for a reply.",
+    "exceptions_sent": "Exceptions 0x0B (no response from the device) sent to clients.",
+}
+
+
+def format_modbus_metrics(ports, label):
+    """The metric lines of protocol = modbus ports (none without one)."""
+    if not ports:
+        return []
+    lines = []
+
+    def family(metric, kind, help_text, samples):
+        lines.extend(("# HELP %s %s" % (metric, help_text), "# TYPE %s %s" % (metric, kind)))
+        lines.extend("%s{port=\"%s\"} %s" % (metric, label(p.name), show_number(v)) for p, v in samples if v is not None)
+    for counter, help_text in MODBUS_COUNTER_HELP.items():
+        family(counter_metric("modbus_" + counter), "counter", help_text,
+               [(p, p.modbus.core.bus.counters[counter]) for p in ports])
+    family("sertcp_modbus_queue_depth", "gauge", "Modbus requests waiting or on the bus now.",
+           [(p, p.modbus.core.bus.depth()) for p in ports])
+    for fraction, name in ((0.5, "p50"), (0.99, "p99")):
+        family("sertcp_modbus_round_trip_%s_seconds" % name, "gauge",
+               "Bus round trip (request written to reply read), %s of the last %d." % (name, MODBUS_ROUND_TRIPS),
+               [(p, p.modbus.core.bus.percentile(fraction)) for p in ports])
+    return lines
 
 
 class HttpProblem(Exception):
@@ -5886,12 +6495,12 @@ class Trace:
 
     def _fail(self, exc):
         self.log.error("[%s] trace %s disabled: %s", self.name, self.path, describe_error(exc))
-        if self.file is not None:
+        file, self.file = self.file, None
+        if file is not None:
             try:
-                self.file.close()
+                file.close()
             except OSError:
                 pass
-        self.file = None
 
     def record(self, direction, peer, data):
         if self.file is None:

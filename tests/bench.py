@@ -42,6 +42,14 @@ Ports side by side ("--only ports" runs just these):
 Protocol: rfc2217  dev2net and net2dev in raw and in rfc2217 mode, with
 payloads where 1 byte in 2, 4 and 64 is 0xFF.
 
+Protocol: modbus  four Modbus TCP masters polling through one RTU bus
+(the bench plays the device, answering at once): requests/s, and sertcp's
+cost per request -- the time per request (the bus never idles while
+four masters wait) minus the bus round trip.
+Nothing runs beside it: pymodbus 3.16 ships no TCP-to-serial forwarder
+(no RemoteDeviceContext for its old serial_forwarder example), and mbusd
+is not packaged by Debian.
+
 Footprint and scale (sertcp only -- socat and ser2net have no
 shared listeners, identity routing or packing timers; "--only scale" runs
 just these):
@@ -175,6 +183,7 @@ class Settings:
         self.load_seconds = 10.0           # per round
         self.load_rounds = 2               # per server, sertcp and ser2net in turn
         self.load_tick = 0.005             # seconds between paced writes
+        self.modbus_seconds = 5.0          # protocol = modbus: seconds of polling by 4 masters
 
     @classmethod
     def full(cls):
@@ -207,6 +216,7 @@ class Settings:
         s.isolation_count = 30
         s.load_seconds = 0.5
         s.load_rounds = 1
+        s.modbus_seconds = 0.5
         return s
 
     def as_dict(self):
@@ -2544,6 +2554,122 @@ def _own_rfc2217(settings, workdir, report):
     return rfc2217_throughput(settings)
 
 
+def _modbus_crc(body):
+    """CRC-16/MODBUS, the bench's own (the device it plays checks sertcp's)."""
+    crc = 0xFFFF
+    for byte in body:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
+    return bytes((crc & 0xFF, crc >> 8))
+
+
+def _modbus_status(port):
+    """The modbus part of sertcp's /status (a raw HTTP/1.0 GET)."""
+    with socket.create_connection((HOST, port), timeout=5) as s:
+        s.sendall(b"GET /status HTTP/1.0\r\n\r\n")
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return json.loads(data.split(b"\r\n\r\n", 1)[1])["ports"][0]["modbus"]
+
+
+def own_modbus(settings, workdir, report):
+    """protocol = modbus: four Modbus TCP masters, each with one request
+    out at a time (read 2 holding registers of its own), against an RTU
+    device the bench plays on the pty master, answering at once.  Requests
+    per second; each master's round trip (which includes its wait behind
+    the other three); the bus round trip sertcp reports; and sertcp's own
+    cost per request: the time per request less that bus round trip."""
+    pty = Pty()
+    server, masters = None, []
+    status = free_port()
+    try:
+        server = Server("sertcp", pty.path, free_port(), 4, workdir,
+                        extra=["--protocol", "modbus", "--status", "%s:%d" % (HOST, status)]).start()
+        deadline = time.monotonic() + settings.ready_timeout
+        masters = [connect(server, deadline) for _ in range(4)]
+        poller = select.poll()
+        poller.register(pty.master, select.POLLIN)
+        by_fd = {}
+        for i, m in enumerate(masters):
+            poller.register(m.fd, select.POLLIN)
+            by_fd[m.fd] = i
+        tids, sent_at, got = [0] * 4, [0.0] * 4, [b""] * 4
+        rtts, crossed, device_in = [], 0, b""
+
+        def ask(i):
+            tids[i] = (tids[i] + 1) & 0xFFFF
+            pdu = bytes((3, 0, 10 * i, 0, 2))
+            sent_at[i] = time.perf_counter()
+            masters[i].sock.send(tids[i].to_bytes(2, "big") + b"\0\0\0\x06\x01" + pdu)
+        for i in range(4):
+            ask(i)
+        end = time.monotonic() + settings.modbus_seconds
+        while time.monotonic() < end:
+            server.check_alive()
+            for fd, _ in poller.poll(1000):
+                if fd == pty.master:
+                    device_in += os.read(pty.master, 4096)
+                    while len(device_in) >= 8:      # every request is 8 bytes: read 2 registers
+                        request, device_in = device_in[:8], device_in[8:]
+                        if _modbus_crc(request[:6]) != request[6:]:
+                            raise BenchError("bad CRC from sertcp: %s" % request.hex())
+                        start = request[3]
+                        body = bytes((1, 3, 4, 0, start, 0, start + 1))
+                        os.write(pty.master, body + _modbus_crc(body))
+                    continue
+                i = by_fd[fd]
+                got[i] += masters[i].sock.recv(4096)
+                if len(got[i]) < 13:
+                    continue
+                reply, got[i] = got[i][:13], got[i][13:]
+                rtts.append((time.perf_counter() - sent_at[i]) * 1e6)
+                want = tids[i].to_bytes(2, "big") + b"\0\0\0\x07\x01\x03\x04" + bytes((0, 10 * i, 0, 10 * i + 1))
+                crossed += reply != want
+                ask(i)
+        took = settings.modbus_seconds
+        bus = _modbus_status(status)
+        rtts.sort()
+        p50 = statistics.median(rtts) if rtts else None
+        bus_p50_us = bus["round_trip_p50_ms"] * 1000 if bus["round_trip_p50_ms"] is not None else None
+        return {"requests": len(rtts), "per_second": len(rtts) / took, "crossed": crossed,
+                "p50_us": p50, "p99_us": percentile(rtts, 0.99),
+                "bus_p50_us": bus_p50_us, "bus_p99_us": (bus["round_trip_p99_ms"] or 0) * 1000,
+                # the bus is never idle while four masters wait, so a request's
+                # share of the time beyond its bus round trip is sertcp's cost
+                "cycle_us": 1e6 * took / len(rtts) if rtts else None,
+                "added_us": (1e6 * took / len(rtts) - bus_p50_us) if rtts and bus_p50_us is not None else None,
+                "timeouts": bus["timeouts"], "crc_errors": bus["crc_errors"]}
+    finally:
+        for m in masters:
+            m.close()
+        if server is not None:
+            server.stop()
+        pty.close()
+
+
+def _modbus_rate(m):
+    return m["per_second"], "%.0f requests/s (%d in %.1f s); master p50 %.0f us, p99 %.0f us" % (
+        m["per_second"], m["requests"], m["requests"] / m["per_second"] if m["per_second"] else 0,
+        m["p50_us"] or 0, m["p99_us"] or 0)
+
+
+def _modbus_added(m):
+    if m["added_us"] is None:
+        return None
+    return m["added_us"], "%.0f us (%.0f us per request - bus round trip p50 %.0f us; p99 %.0f us)" % (
+        m["added_us"], m["cycle_us"], m["bus_p50_us"], m["bus_p99_us"])
+
+
+def _modbus_crossed(m):
+    return m["crossed"], "%d of %d (timeouts %d, CRC errors %d)" % (
+        m["crossed"], m["requests"], m["timeouts"], m["crc_errors"])
+
+
 REGISTRY = [
     Bench("dev2net", "bytes written into the pty master, received by one TCP client (best round)", [
         Target("device->network MB/s", beside_peers("dev2net.mbps", "%.1f MB/s"),
@@ -2607,6 +2733,12 @@ REGISTRY = [
     Bench("soaktimers", "the same churn with an id sent first, timeout = 3600 and one client staying", [
         Target("soak, id + timeout + 1 staying", own_figure("soaktimers", _soak_figure), "flat (RSS within 1 MiB, fds back)",
                lambda _v, r: own(r, "soaktimers")["flat"])], own=scale_soaktimers, group="scale"),
+    Bench("modbus", "protocol = modbus: 4 Modbus TCP masters, one request out each, an RTU device answering at once", [
+        Target("4 masters through one RTU bus", own_figure("modbus", _modbus_rate), ">= 1000 requests/s",
+               lambda v, _r: v >= 1000),
+        Target("  sertcp's cost per request (p50)", own_figure("modbus", _modbus_added)),
+        Target("replies to the wrong master or id", own_figure("modbus", _modbus_crossed), "0",
+               lambda v, _r: v == 0)], own=own_modbus),
 ]
 BENCH = {b.name: b for b in REGISTRY}
 MEASUREMENTS = tuple(BENCH)

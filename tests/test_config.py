@@ -30,6 +30,7 @@ SPEC_PORT_KEYS = """
     pack_idle_ms pack_max_ms banner connect_id identity identity_timeout allow
     password password_file tls_cert tls_key tls_ca tls tls_server_name trace
     trace_format""".split()
+SPEC_PORT_KEYS += "modbus_timeout_ms modbus_retries modbus_frame_gap_ms".split()
 # SPEC "Additions (second round)": device side of real installations
 SPEC_PORT_KEYS += """
     rs485 rs485_rts rs485_delay_before_ms rs485_delay_after_ms rs485_rx_during_tx
@@ -663,7 +664,8 @@ def test_every_numeric_key_has_a_range_and_both_ends_are_checked(tmp_path):
         reconnect_max max_clients backlog client_buffer buffer keepalive pack_size
         pack_trailing pack_idle_ms pack_max_ms identity_timeout
         tx_char_delay_ms break_on_connect rs485_delay_before_ms rs485_delay_after_ms
-        heartbeat_interval""".split())
+        heartbeat_interval""".split()
+                                          + "modbus_timeout_ms modbus_retries modbus_frame_gap_ms".split())
     for key in keys:
         assert key.allowed, "%s has no documented range" % key.name
         if key.name == "keepalive":

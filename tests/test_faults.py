@@ -1053,3 +1053,56 @@ def test_a_command_piped_through_a_tool_gets_the_reply(sertcp, pty, tool):
     device.join(10)
     assert tool.returncode == 0, tool.stderr
     assert tool.stdout == b"reply\r\n"
+
+
+# --- found in review: the recipient changing under a pause; a talkative device and a half-close
+
+def test_the_device_is_read_again_when_send_to_last_active_moves_on(sertcp, pty, clients, lazy_clients):
+    """send_to = last_active: the stalled client A pauses the device; once
+    B sends, B is the one device data goes to, and B is not behind, so the
+    device is read again and B gets what follows."""
+    port = free_port()
+    s = sertcp("--listen", "127.0.0.1:%d" % port, "--client-buffer", "64k", "--slow-client", "drop",
+               "--send-to", "last_active", "--max-clients", "2", pty.path, wait_port=port)
+    s.wait_log(OPENED)
+    stalled = lazy_clients(port)
+    s.wait_log(CONNECTED)
+    stalled.sock.sendall(b"A")
+    assert pty.read(1) == b"A"
+    writer = SteadyWriter(pty)
+    try:
+        wait_for(writer.stalled, 20, interval=0, message="the device to be paused")
+        b = join(s, clients, port)
+        b.send(b"B")
+        assert pty.read(1) == b"B"
+        got = Background(read_until, b.sock, b"<MARKER>", 10)
+        writer.stop()
+        pty.write(b"<MARKER>")
+        got.join(15)
+    finally:
+        writer.stop()
+
+
+def test_a_half_closed_client_is_closed_though_the_device_keeps_talking(sertcp, pty, clients):
+    """The grace runs from the FIN, as socat's -t does: a device that talks
+    every 0.1 s does not keep a half-closed client (and `nc -N`) for ever."""
+    port = free_port()
+    s = sertcp("--listen", "127.0.0.1:%d" % port, pty.path, wait_port=port)
+    s.wait_log(OPENED)
+    c = join(s, clients, port)
+    c.sock.shutdown(socket.SHUT_WR)
+    stop = threading.Event()
+
+    def talk():
+        while not stop.is_set():
+            pty.write(b"tick\r\n")
+            stop.wait(0.1)
+    talker = Background(talk)
+    try:
+        started = time.monotonic()
+        assert c.closed_by_peer(timeout=5.0)
+        assert time.monotonic() - started < 3.0
+    finally:
+        stop.set()
+        talker.join(5)
+    s.wait_log(r"disconnected: closed by peer")

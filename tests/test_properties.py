@@ -398,3 +398,8 @@ def test_com_port_requests_and_replies_round_trip(setting):
     code, got_what, wanted, problem = sertcp.decode_com_port_request(sertcp.com_port_request(what, value))
     assert (got_what, wanted, problem) == (what, value, None)
     assert sertcp.decode_com_port_reply(sertcp.com_port_reply(what, value)) == (what, value)
+
+
+def test_a_delimiter_straddling_the_limit_is_cut_at_the_limit():
+    # found by the property above: the limit holds even against a delimiter
+    assert sertcp.Packer(delimiter=b"aa", limit=1).feed(b"aa", 0.0) == [b"a", b"a"]

@@ -108,7 +108,7 @@ def test_a_failed_peer_moves_to_the_next(state):
 def test_the_last_peer_failing_ends_the_round_with_back_off(state):
     p = at(state)
     p.peer = 1
-    assert p.handle("peer_failed", entropy=0.0) == [("failed_round", 1), ("wait", 1.0)]
+    assert p.handle("peer_failed", entropy=0.0) == [("back_off", 1.0, 1)]
     assert p.state == "waiting" and p.failures == 1
 
 
@@ -117,7 +117,7 @@ def test_back_off_doubles_up_to_the_maximum():
     waits = []
     for _ in range(6):
         p.state = "resolving"
-        waits.append(p.handle("peer_failed", entropy=0.0)[1][1])
+        waits.append(p.handle("peer_failed", entropy=0.0)[0][1])
     assert waits == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
 
 
@@ -147,13 +147,31 @@ def test_peer_hang_up_after_a_real_session_redials_after_reconnect_min():
 
 def test_peer_hang_up_without_a_word_is_a_failed_round():
     p = at("connected")
-    assert p.handle("peer_hung_up", held=False, entropy=0.0) == [("failed_round", 1), ("wait", 1.0)]
+    assert p.handle("peer_hung_up", held=False, entropy=0.0) == [("back_off", 1.0, 1)]
     assert p.state == "waiting"
 
 
 def test_peer_hang_up_on_an_event_bytes_port_waits_for_device_data():
     p = at("connected", on_data=True)
     assert p.handle("peer_hung_up", held=False) == [("dial_if_wanted",)] and p.state == "gathering"
+
+
+def test_jitter_takes_up_to_a_fifth_off_the_back_off():
+    p = plan(peers=1)
+    for _ in range(3):
+        p.state = "resolving"
+        action = p.handle("peer_failed", entropy=1.0)
+    assert action == [("back_off", 4.0 * 0.8, 3)]
+
+
+@pytest.mark.parametrize("event, held, on_data, refined", [
+    ("peer_hung_up", True, False, "peer_hung_up"),
+    ("peer_hung_up", False, False, "peer_hung_up_silent"),
+    ("peer_hung_up", False, True, "peer_hung_up_on_data"),
+    ("we_hung_up", False, False, "we_hung_up"),
+])
+def test_refine_tells_the_hang_ups_apart(event, held, on_data, refined):
+    assert plan(on_data=on_data).refine(event, held) == refined
 
 
 def test_timer_ends_the_wait():
