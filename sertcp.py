@@ -357,6 +357,7 @@ def parse_text(text):
 # modem_status() reports them
 MODEM_LINE_KEYS = ("none", "dsr", "dcd", "cts")
 MODEM_LINE_NAMES = {"dsr": "DSR", "dcd": "CD", "cts": "CTS"}
+NOTICE_KEYS = ("device_connect_msg", "device_disconnect_msg", "device_unreachable_msg")
 RS485_DETAIL_KEYS = ("rs485_rts", "rs485_delay_before_ms", "rs485_delay_after_ms", "rs485_rx_during_tx",
                      "rs485_terminate")
 
@@ -720,6 +721,9 @@ PORT_RULES = (
      "rs485", "is off, but an rs485_* key is set: add rs485 = yes"),
     (lambda v: v["connect_on_line"] != "none" and v["open_on_demand"],
      "connect_on_line", "cannot go with open_on_demand: the line is read only while the device is open"),
+    (lambda v: v["protocol"] == "modbus" and any(v[k] is not None for k in NOTICE_KEYS),
+     "protocol", "modbus cannot go with device_connect_msg, device_disconnect_msg or device_unreachable_msg: "
+     "a notice would corrupt the RTU bus"),
     (lambda v: v["heartbeat_interval"] and v["heartbeat_data"] is None,
      "heartbeat_data", "heartbeat_interval is set; heartbeat_data says what to send"),
     (lambda v: v["heartbeat_interval"] and v["connect"] is None,

@@ -402,6 +402,8 @@ def test_notices_around_dialing_failing_and_succeeding(sertcp, pty):
 def test_notice_keys_are_checked():
     r = run_sertcp(["--check", "--listen", "7000", "--device-unreachable-msg", "X", "/dev/ttyS0"])
     assert r.returncode == 2 and "--device-unreachable-msg: needs connect" in r.stderr
+    r = run_sertcp(["--check", "--listen", "7000", "--protocol", "modbus", "--device-connect-msg", "X", "/dev/ttyS0"])
+    assert r.returncode == 2 and "a notice would corrupt the RTU bus" in r.stderr
 
 
 # --- heartbeat ---------------------------------------------------------------
