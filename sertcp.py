@@ -13,20 +13,25 @@ The file reads top to bottom; each section uses only the ones above it:
     3. cores        - sans-I/O: packer, client-selection policies, identity
                       matcher, Telnet codec (RFC 854/855/1143), RFC 2217
                       encoders and per-connection state, Modbus (MBAP,
-                      RTU framing, the bus scheduler), and the port's
-                      state machines: device life (DEVICE_STATE_ON), the
-                      back-pressure rule, admission, the dial plan
+                      RTU framing, the bus scheduler), the device side
+                      (the RS-485 struct, the USB identity matcher, modem
+                      lines), and the port's state machines: device life
+                      (DEVICE_STATE_ON), the back-pressure rule,
+                      admission, the dial plan
                       (bytes, times and settings in; bytes, events and
                       actions out; no sockets, no clocks)
     4. reactor      - the Handler contract; one selector loop with a
                       timer heap
     5. endpoints    - names and dialing; serial devices (tty, URL through
-                      helper threads, socket, virtual pty); termios tables;
+                      helper threads, socket, byte stream, virtual pty);
+                      RS-485 mode, USB adapters found in sysfs; termios tables;
                       connections and TLS; listeners; the gate of a
                       listener (allow, password, identity)
     6. port         - the RFC 2217 roles (server, client); the Modbus
-                      gateway role; the port (device
-                      life, delivery, back-pressure); its admission shell;
+                      gateway role; the port (device life, delivery,
+                      back-pressure, modem lines that drive connections,
+                      notices to the device); its admission shell (break
+                      on connect, heartbeat);
                       its dialer (the client role)
     7. status       - /status and /metrics, traces, reload (SIGHUP)
     8. main         - command line, logging, service files, signals
@@ -348,6 +353,46 @@ def parse_text(text):
     return text
 
 
+# The modem lines connect_on_line and disconnect_on_line name, as
+# modem_status() reports them
+MODEM_LINE_KEYS = ("none", "dsr", "dcd", "cts")
+MODEM_LINE_NAMES = {"dsr": "DSR", "dcd": "CD", "cts": "CTS"}
+NOTICE_KEYS = ("device_connect_msg", "device_disconnect_msg", "device_unreachable_msg")
+RS485_DETAIL_KEYS = ("rs485_rts", "rs485_delay_before_ms", "rs485_delay_after_ms", "rs485_rx_during_tx",
+                     "rs485_terminate")
+
+
+def parse_device(text):
+    """A device path or URL; usb:VID:PID[:SERIAL] and usb@LOCATION are
+    checked here, so that a typo is a config error, not a missing device."""
+    value = parse_path(text)
+    if value.startswith("usb:") or value.startswith("usb@"):
+        parse_usb_spec(value)
+    return value
+
+
+def parse_usb_spec(text):
+    """usb:VID:PID[:SERIAL] -> ("id", vid, pid, serial); usb@LOCATION ->
+    ("location", location).  Ids are 4 hex digits or *; '*' for SERIAL
+    (or none) takes any serial number."""
+    if text.startswith("usb@"):
+        location = text[4:]
+        if not location or not all(c.isalnum() or c in "-." for c in location):
+            raise ValueProblem("usb@LOCATION needs the USB port as sysfs names it, such as usb@1-1.4")
+        return ("location", location)
+    parts = text[4:].split(":")
+    if len(parts) not in (2, 3):
+        raise ValueProblem("expected usb:VID:PID or usb:VID:PID:SERIAL (hex ids, * for any)")
+    ids = []
+    for part in parts[:2]:
+        part = part.strip().lower()
+        if part != "*" and not (len(part) == 4 and all(c in "0123456789abcdef" for c in part)):
+            raise ValueProblem("%r is not a USB id: expected 4 hex digits or * (as in usb:0403:6001)" % part)
+        ids.append(part)
+    serial = parts[2].strip() if len(parts) == 3 else "*"
+    return ("id", ids[0], ids[1], serial or "*")
+
+
 def parse_path(text):
     value = text.strip()
     if not value:
@@ -438,7 +483,8 @@ def _show_list(v):
 
 PORT_KEYS = [
     # serial side
-    Key("device", parse_path, None, "path (/dev/ttyUSB0) or pyserial URL (loop://, socket://, rfc2217://) of the serial device"),
+    Key("device", parse_device, None, "path (/dev/ttyUSB0), pyserial URL (loop://, socket://, rfc2217://), "
+        "usb:VID:PID[:SERIAL] or usb@LOCATION (a USB adapter found in sysfs at every open)"),
     Key("virtual", parse_path, None, "create a pseudo-terminal with a symlink at this path: a virtual serial port for local programs"),
     Key("baudrate", number_parser(int, 50, 12000000), 9600, "bits per second; any rate the OS accepts"),
     Key("bytesize", number_parser(int, 5, 8), 8, "data bits"),
@@ -455,6 +501,19 @@ PORT_KEYS = [
     Key("reopen_interval", number_parser(float, 0.05, TIME_LIMIT), 2.0, "seconds between attempts to open a missing or failed device", _show_float),
     Key("exclusive", parse_bool, True, "lock the device against other programs (TIOCEXCL and flock)", _show_bool),
     Key("tx_pause_ms", number_parser(int, 0, 60000), 0, "milliseconds to pause between successive writes to the device"),
+    Key("tx_char_delay_ms", number_parser(float, 0, 60000), 0.0, "milliseconds to pause after every byte written to the device (fractions allowed)", _show_float),
+    Key("break_on_connect", number_parser(float, 0, 60), 0.0, "seconds of serial break sent when a connection comes up (0 = none)", _show_float),
+    Key("rs485", parse_bool, False, "put the UART in the kernel's RS-485 mode (TIOCSRS485) at every open", _show_bool),
+    Key("rs485_rts", choice_parser("on_send", "after_send"), "on_send", "RS-485: RTS level while sending: on_send or after_send"),
+    Key("rs485_delay_before_ms", number_parser(int, 0, 1000), 0, "RS-485: milliseconds of RTS before a transmission"),
+    Key("rs485_delay_after_ms", number_parser(int, 0, 1000), 0, "RS-485: milliseconds of RTS after a transmission"),
+    Key("rs485_rx_during_tx", parse_bool, False, "RS-485: keep receiving while sending (hear your own echo)", _show_bool),
+    Key("rs485_terminate", parse_bool, False, "RS-485: switch on the bus termination where the driver has one", _show_bool),
+    Key("connect_on_line", choice_parser(*MODEM_LINE_KEYS), "none", "none, dsr, dcd, cts: dial, or accept clients, only while this modem line is on"),
+    Key("disconnect_on_line", choice_parser(*MODEM_LINE_KEYS), "none", "none, dsr, dcd, cts: close the port's connections when this modem line goes off"),
+    Key("device_connect_msg", parse_bytes, None, "bytes written to the device when a connection comes up", show_bytes),
+    Key("device_disconnect_msg", parse_bytes, None, "bytes written to the device when a connection ends", show_bytes),
+    Key("device_unreachable_msg", parse_bytes, None, "client role: bytes written to the device when every peer failed", show_bytes),
     Key("strict_baud", parse_bool, False, "virtual ports: pace data at the port's baud rate, like a real line", _show_bool),
     Key("listen_on_open", parse_bool, False, "virtual ports: accept or dial only while a local program has the port open", _show_bool),
     # network side
@@ -462,6 +521,8 @@ PORT_KEYS = [
     Key("connect", parse_connect, None, "HOST:PORT[, HOST:PORT ...] to dial, tried in order", lambda v: ", ".join(show_hostport(p) for p in v)),
     Key("event_bytes", number_parser(int, 0, 1 << 20), 0, "client role: 0 = dial at start and stay up; N = dial once N device bytes wait"),
     Key("timeout", number_parser(float, 0, TIME_LIMIT), 0.0, "close a connection idle this many seconds in both directions (0 = never)", _show_float),
+    Key("heartbeat_interval", number_parser(float, 0, TIME_LIMIT), 0.0, "client role: send heartbeat_data after this many idle seconds on a dialed connection (0 = never)", _show_float),
+    Key("heartbeat_data", parse_bytes, None, "client role: the heartbeat's bytes", show_bytes),
     Key("reconnect_min", number_parser(float, 0.01, TIME_LIMIT), 1.0, "client role: shortest pause between failed dials", _show_float),
     Key("reconnect_max", number_parser(float, 0.01, TIME_LIMIT), 60.0, "client role: longest pause between failed dials", _show_float),
     Key("protocol", choice_parser("raw", "rfc2217", "modbus"), "raw", "raw, rfc2217 (Telnet COM-PORT-OPTION), or modbus (Modbus TCP clients, RTU device)"),
@@ -657,6 +718,25 @@ PORT_RULES = (
      "reconnect_min", "is larger than reconnect_max ({reconnect_min} > {reconnect_max})"),
     (lambda v: v["virtual"] is None and v["strict_baud"],
      "strict_baud", "applies only to virtual ports"),
+    (lambda v: v["virtual"] is not None and (v["rs485"] or v["connect_on_line"] != "none"
+                                             or v["disconnect_on_line"] != "none" or v["break_on_connect"]),
+     "virtual", "a virtual port has no RS-485 mode, modem lines or break; rs485, connect_on_line, "
+     "disconnect_on_line and break_on_connect need a device"),
+    (lambda v: v["rs485"] and v["device"] is not None and "://" in v["device"],
+     "rs485", "needs a tty (a device path or usb: spec), not the URL {device}"),
+    (lambda v: not v["rs485"] and any(v[k] != PORT_SCHEMA[k].default for k in RS485_DETAIL_KEYS),
+     "rs485", "is off, but an rs485_* key is set: add rs485 = yes"),
+    (lambda v: v["connect_on_line"] != "none" and v["open_on_demand"],
+     "connect_on_line", "cannot go with open_on_demand: the line is read only while the device is open"),
+    (lambda v: v["protocol"] == "modbus" and any(v[k] is not None for k in NOTICE_KEYS),
+     "protocol", "modbus cannot go with device_connect_msg, device_disconnect_msg or device_unreachable_msg: "
+     "a notice would corrupt the RTU bus"),
+    (lambda v: v["heartbeat_interval"] and v["heartbeat_data"] is None,
+     "heartbeat_data", "heartbeat_interval is set; heartbeat_data says what to send"),
+    (lambda v: v["heartbeat_interval"] and v["connect"] is None,
+     "heartbeat_interval", "needs connect (the heartbeat is for dialed connections)"),
+    (lambda v: v["device_unreachable_msg"] is not None and v["connect"] is None,
+     "device_unreachable_msg", "needs connect"),
     (lambda v: v["virtual"] is None and v["listen_on_open"],
      "listen_on_open", "applies only to virtual ports"),
     (lambda v: v["password"] is not None and v["password_file"] is not None,
@@ -2120,6 +2200,90 @@ class ModbusGateway:
 
 
 # ---------------------------------------------------------------------
+# Device side: the RS-485 struct, USB identity, modem lines
+# ---------------------------------------------------------------------
+
+# struct serial_rs485 (include/uapi/linux/serial.h): __u32 flags,
+# __u32 delay_rts_before_send, __u32 delay_rts_after_send, then 20 bytes
+# (__u32 padding[5] in older kernels; addr_recv, addr_dest and padding in
+# newer ones, all zero here): 32 bytes in the machine's byte order.
+RS485_STRUCT = "=III20x"
+RS485_SIZE = 32
+SER_RS485_ENABLED = 1 << 0
+SER_RS485_RTS_ON_SEND = 1 << 1
+SER_RS485_RTS_AFTER_SEND = 1 << 2
+SER_RS485_RX_DURING_TX = 1 << 4
+SER_RS485_TERMINATE_BUS = 1 << 5
+RS485_FLAG_NAMES = ((SER_RS485_ENABLED, "enabled"), (SER_RS485_RTS_ON_SEND, "rts_on_send"),
+                    (SER_RS485_RTS_AFTER_SEND, "rts_after_send"), (SER_RS485_RX_DURING_TX, "rx_during_tx"),
+                    (SER_RS485_TERMINATE_BUS, "terminate_bus"))
+
+
+def rs485_pack(rts="on_send", delay_before_ms=0, delay_after_ms=0, rx_during_tx=False, terminate=False):
+    """The bytes of a struct serial_rs485 that switches RS-485 mode on."""
+    import struct
+    flags = SER_RS485_ENABLED
+    flags |= SER_RS485_RTS_ON_SEND if rts == "on_send" else SER_RS485_RTS_AFTER_SEND
+    if rx_during_tx:
+        flags |= SER_RS485_RX_DURING_TX
+    if terminate:
+        flags |= SER_RS485_TERMINATE_BUS
+    return struct.pack(RS485_STRUCT, flags, delay_before_ms, delay_after_ms)
+
+
+def rs485_pack_config(c):
+    return rs485_pack(c.rs485_rts, c.rs485_delay_before_ms, c.rs485_delay_after_ms,
+                      c.rs485_rx_during_tx, c.rs485_terminate)
+
+
+def rs485_unpack(data):
+    """What TIOCGRS485 reported, as /status shows it."""
+    import struct
+    flags, before, after = struct.unpack(RS485_STRUCT, bytes(data[:RS485_SIZE]))
+    shown = {name: bool(flags & bit) for bit, name in RS485_FLAG_NAMES}
+    shown["delay_before_ms"], shown["delay_after_ms"] = before, after
+    return shown
+
+
+def rs485_ioctls(machine):
+    """(TIOCGRS485, TIOCSRS485) for os.uname().machine.  Most
+    architectures use asm-generic's 0x542E/0x542F (x86, ARM, RISC-V,
+    PowerPC, PA-RISC); MIPS, Alpha and SPARC define them with _IOR/_IOWR,
+    whose direction bits there are read=2, write=4 at bit 29, with the
+    32-byte size at bit 16, and SPARC numbers them 0x41/0x42."""
+    size = RS485_SIZE << 16
+    if machine.startswith(("mips", "alpha")):
+        return (2 << 29) | size | 0x542E, (6 << 29) | size | 0x542F
+    if machine.startswith("sparc"):
+        return (2 << 29) | size | 0x5441, (6 << 29) | size | 0x5442
+    return 0x542E, 0x542F
+
+
+def match_usb(spec, adapters):
+    """The adapters (dicts with name, vendor, product, serial, location) a
+    usb: or usb@ spec (parse_usb_spec's tuple) picks, in name order."""
+    if spec[0] == "location":
+        picked = [a for a in adapters if a["location"] == spec[1]]
+    else:
+        _, vendor, product, serial = spec
+        picked = [a for a in adapters
+                  if vendor in ("*", a["vendor"]) and product in ("*", a["product"])
+                  and serial in ("*", a["serial"])]
+    return sorted(picked, key=lambda a: a["name"])
+
+
+def describe_usb(adapter):
+    return "%s (usb:%s:%s:%s at usb@%s)" % (adapter["name"], adapter["vendor"], adapter["product"],
+                                              adapter["serial"] or "-", adapter["location"])
+
+
+def line_is_on(modem, key):
+    """Whether the modem line a connect_on_line/disconnect_on_line value
+    names is on in a modem_status() answer ({} = no lines: off)."""
+    return bool(modem.get(MODEM_LINE_NAMES[key]))
+
+
+# ---------------------------------------------------------------------
 # Port state machines: device life cycle, back-pressure, admission, dialing
 # ---------------------------------------------------------------------
 # The port (section 6) feeds these events and performs what they return;
@@ -2162,11 +2326,13 @@ def device_should_pause(backlogs, paused, pause_at):
     return min(backlogs) >= (pause_at // 2 if paused else pause_at)
 
 
-def admission(connected, max_clients, when_full, network_enabled):
+def admission(connected, max_clients, when_full, network_enabled, line_on=True):
     """What to do with a client the listener accepted: "accept",
     "kick_oldest", or a reason to refuse it."""
     if not network_enabled:
         return "refuse: not open (listen_on_open)"
+    if not line_on:
+        return "refuse: line off (connect_on_line)"
     if connected < max_clients:
         return "accept"
     if when_full == "kick_oldest":
@@ -2647,7 +2813,9 @@ class Device(Handler):
     background (is_open still False).
 
     Writes are queued in `tx` and written as the device accepts them;
-    `tx_pause` spaces successive writes (ezTCP's TX interval).
+    `tx_pause` spaces successive writes (ezTCP's TX interval), and
+    `tx_char_delay` writes one byte at a time with a pause after each
+    (for bootloaders and consoles without a FIFO).
 
     Line and setting changes (set_lines, set_break, apply_setting,
     purge_buffers, modem_status) are plain blocking calls on the device;
@@ -2662,6 +2830,7 @@ class Device(Handler):
         self.tx = deque()
         self.tx_bytes = 0
         self.tx_pause = self.config.tx_pause_ms / 1000.0
+        self.tx_char_delay = self.config.tx_char_delay_ms / 1000.0
         self.tx_held_until = 0.0
         self.tx_timer = None
         self.is_open = False
@@ -2673,7 +2842,7 @@ class Device(Handler):
     # -- the write queue, shared by every kind --
 
     def write(self, data):
-        tried = not self.tx and not self.tx_pause and self.is_open
+        tried = not self.tx and not self.tx_pause and not self.tx_char_delay and self.is_open
         if tried:
             # the common case: nothing queued, so try the device at once
             try:
@@ -2700,7 +2869,7 @@ class Device(Handler):
 
     def _flush(self):
         while self.tx and self.is_open:
-            if self.tx_pause:
+            if self.tx_pause or self.tx_char_delay:
                 now = self.reactor.now()
                 if now < self.tx_held_until:
                     if self.tx_timer is None:
@@ -2708,7 +2877,7 @@ class Device(Handler):
                     return
             chunk = self.tx[0]
             try:
-                n = self._write_some(chunk)
+                n = self._write_some(chunk[:1] if self.tx_char_delay else chunk)
             except OSError as e:
                 self._lost("write failed: %s" % describe_error(e))
                 return
@@ -2718,13 +2887,17 @@ class Device(Handler):
             self.tx_bytes -= n
             if self.counts_writes:
                 self.port.counters["bytes_to_device"] += n
+            if self.tx_char_delay:
+                self.tx_held_until = self.reactor.now() + self.tx_char_delay
             if n < len(chunk):
                 self.tx[0] = unwritten(chunk, n)
+                if self.tx_char_delay:
+                    continue            # the next byte after the pause
                 self._want_write(True)
                 return
             self.tx.popleft()
             if self.tx_pause:
-                self.tx_held_until = self.reactor.now() + self.tx_pause
+                self.tx_held_until = max(self.tx_held_until, self.reactor.now() + self.tx_pause)
         self._want_write(False)
         self.port.on_device_drained()
 
@@ -2968,20 +3141,35 @@ def pyserial_setting(ser, name, value):
 
 class FdDevice(PyserialDevice):
     """A tty path opened with pyserial, then read and written through its
-    file descriptor by the selector loop (no thread, no polling)."""
+    file descriptor by the selector loop (no thread, no polling).
+
+    A usb: or usb@ device is looked up in sysfs at every open, so that
+    `path` follows an adapter that came back as another /dev/ttyUSBn.
+    With rs485 set, RS-485 mode is switched on at every open; `rs485`
+    holds what the driver reported back, or "refused: why"."""
 
     def __init__(self, port, reactor):
         super().__init__(port, reactor)
         self.fd = None
+        self.path = None if is_usb_spec(self.config.device) else self.config.device
+        self.rs485 = None
 
     def fileno(self):
         return self.fd
 
+    def label(self):
+        if self.path is None or self.path == self.config.device:
+            return self.config.device
+        return "%s (%s)" % (self.config.device, self.path)
+
     def open(self):
         import serial  # pyserial: imported where first needed, so --check stays fast
         c = self.config
+        if is_usb_spec(c.device):
+            self.path = None
+            self.path = resolve_usb_device(c.device)[0]    # OSError: missing, retried
         ser = serial.Serial()
-        ser.port = c.device
+        ser.port = self.path
         ser.exclusive = c.exclusive
         ser.timeout = 0
         self._configure(ser)
@@ -2994,6 +3182,8 @@ class FdDevice(PyserialDevice):
                 fcntl.ioctl(ser.fd, termios.TIOCEXCL)
             except (OSError, AttributeError):
                 pass  # not a tty that supports it; flock still holds
+        if c.rs485:
+            self.rs485 = rs485_apply(ser.fd, rs485_pack_config(c))
         self.fd = ser.fd
         self.is_open = True
         self._update_interest()
@@ -3294,6 +3484,143 @@ def parse_socket_url(rest):
     return host.strip("[]"), int(port)
 
 
+def rs485_apply(fd, packed):
+    """Switch the tty to RS-485 mode (TIOCSRS485) and read back what the
+    driver made of it (TIOCGRS485, which may clamp the delays): a dict
+    as rs485_unpack() gives it, or "refused: why" where the driver (or a
+    pty: ENOTTY) does not take it."""
+    import fcntl
+    get, put = rs485_ioctls(os.uname().machine)
+    reported = bytearray(RS485_SIZE)
+    try:
+        fcntl.ioctl(fd, put, bytearray(packed))
+        fcntl.ioctl(fd, get, reported)
+    except OSError as e:
+        return "refused: %s" % describe_error(e)
+    shown = rs485_unpack(reported)
+    if not shown["enabled"]:
+        return "refused: the driver left RS-485 mode off"
+    return shown
+
+
+# ---------------------------------------------------------------------
+# USB adapters found by identity in sysfs
+# ---------------------------------------------------------------------
+# Where to look: the real /sys and /dev, unless the environment names
+# others (SERTCP_SYSFS, SERTCP_DEVROOT): the test suite builds a fake
+# sysfs tree and a directory of links to pseudo-terminals.
+
+def is_usb_spec(device):
+    return device is not None and (device.startswith("usb:") or device.startswith("usb@"))
+
+
+def read_sysfs_value(folder, name):
+    try:
+        with open(os.path.join(folder, name), "rb") as f:
+            return f.read(256).decode("ascii", "replace").strip()
+    except OSError:
+        return ""
+
+
+def usb_serial_adapters(sysfs):
+    """The USB serial ttys sysfs lists now: ttyUSBn of the usb-serial
+    drivers (FTDI, CH340, CP210x, PL2303) and ttyACMn (CDC ACM), each with
+    the vendor, product and serial number of the USB device it belongs
+    to and its location (the directory's name: bus 1, hub port 1, port 4
+    is 1-1.4), found by walking up from the tty to the directory that
+    has idVendor."""
+    top = os.path.realpath(sysfs)
+    found = {}
+    for folder, prefix in (("bus/usb-serial/devices", "ttyUSB"), ("class/tty", "ttyACM")):
+        try:
+            names = sorted(os.listdir(os.path.join(sysfs, folder)))
+        except OSError:
+            continue
+        for name in names:
+            if not name.startswith(prefix) or name in found:
+                continue
+            here = os.path.realpath(os.path.join(sysfs, folder, name))
+            while here.startswith(top + os.sep) and not os.path.exists(os.path.join(here, "idVendor")):
+                here = os.path.dirname(here)
+            if not here.startswith(top + os.sep):
+                continue                # not on USB (a platform UART)
+            found[name] = {"name": name, "vendor": read_sysfs_value(here, "idVendor").lower(),
+                           "product": read_sysfs_value(here, "idProduct").lower(),
+                           "serial": read_sysfs_value(here, "serial"), "location": os.path.basename(here)}
+    return list(found.values())
+
+
+def resolve_usb_device(spec):
+    """(path, adapter) of the one adapter the usb: or usb@ spec matches
+    now; OSError when none does (missing: retried) or several do (the
+    message names each)."""
+    sysfs = os.environ.get("SERTCP_SYSFS", "/sys")
+    devroot = os.environ.get("SERTCP_DEVROOT", "/dev")
+    found = match_usb(parse_usb_spec(spec), usb_serial_adapters(sysfs))
+    if not found:
+        raise OSError(errno.ENOENT, "no USB serial adapter matches %s" % spec)
+    if len(found) > 1:
+        raise OSError(errno.ENOTUNIQ, "%s matches %d adapters: %s; add the serial number or use usb@LOCATION"
+                      % (spec, len(found), ", ".join(describe_usb(a) for a in found)))
+    return os.path.join(devroot, found[0]["name"]), found[0]
+
+
+def is_stream_device(path):
+    """True for a device path that is no tty: a FIFO, or a character
+    device that sysfs does not list as a tty (/dev/usb/lp0).  Anything
+    unknown (missing now, a pty, a URL) is taken for a tty, as before;
+    nothing is opened to find out (opening a tty would raise DTR)."""
+    import stat
+    if path is None or "://" in path or is_usb_spec(path):
+        return False
+    try:
+        mode = os.stat(path)
+    except OSError:
+        return False
+    if stat.S_ISFIFO(mode.st_mode):
+        return True
+    if not stat.S_ISCHR(mode.st_mode):
+        return False
+    node = "/sys/dev/char/%d:%d" % (os.major(mode.st_rdev), os.minor(mode.st_rdev))
+    if not os.path.exists(node):
+        return False
+    return "/tty/" not in os.path.realpath(node) + "/"
+
+
+class StreamDevice(Device):
+    """A device path that is not a tty (a USB printer's /dev/usb/lp0, a
+    FIFO): its bytes as they come, with no settings, lines or break.
+
+    A FIFO is opened for reading and writing, so that it never ends when
+    a writer leaves, and is only read: what clients send is counted as
+    dropped, since writing it would hand it straight back to sertcp."""
+
+    fd = None
+    is_fifo = False
+    # read and written through the descriptor as a tty is
+    fileno, _read_some, _write_some = FdDevice.fileno, FdDevice._read_some, FdDevice._write_some
+
+    def open(self):
+        import stat
+        self.fd = os.open(self.config.device, os.O_RDWR | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
+        self.is_fifo = stat.S_ISFIFO(os.fstat(self.fd).st_mode)
+        self.is_open = True
+        self._update_interest()
+        self._flush()
+
+    def close(self):
+        if self.fd is not None:
+            self._stop_watching()
+            os.close(self.fd)
+            self.fd = None
+
+    def write(self, data):
+        if self.is_fifo:
+            self.port.count_dropped(len(data), "device %s is a FIFO, which sertcp only reads" % self.label())
+            return
+        super().write(data)
+
+
 # ---------------------------------------------------------------------
 # termios: the one set of tables between configuration terms and flags
 # ---------------------------------------------------------------------
@@ -3590,6 +3917,8 @@ def make_device(port, reactor):
         return SocketDevice(port, reactor)
     if "://" in c.device:
         return UrlDevice(port, reactor)
+    if is_stream_device(c.device):
+        return StreamDevice(port, reactor)
     return FdDevice(port, reactor)
 
 
@@ -3631,6 +3960,7 @@ class Connection(Handler):
         self.half_closed = False      # the peer sent FIN: nothing more to read
         self.closed = False
         self.idle_timer = None
+        self.heartbeat_timer = None   # heartbeat_interval: a dialed connection's next look at its silence
         self.dialed = False           # True for the connection the client role made
         self.limit = port.config.client_buffer
         self.drop_when_full = port.config.slow_client == "drop"
@@ -5529,6 +5859,8 @@ class Port:
         self.drop_log = DropLog(self)
         self.count_dropped = self.drop_log.count
         self.trace = Trace(config.trace, config.trace_format, log, self.name) if config.trace else None
+        self.modem_lines = {}           # connect_on_line/disconnect_on_line: as last polled
+        self.line_polling = False       # a poll of the modem lines is due or under way
         self.rfc2217 = make_com_port_role(self) if config.protocol == "rfc2217" else None
         self.modbus = ModbusRole(self) if config.protocol == "modbus" else None
         self.dialer = Dialer(self) if config.connect is not None else None
@@ -5626,10 +5958,19 @@ class Port:
         self.device_was_missing = False
         extra = " (pty %s)" % self.device.slave_name if isinstance(self.device, VirtualDevice) else ""
         self.log.info("[%s] device %s opened%s", self.name, self.device.label(), extra)
+        rs485 = getattr(self.device, "rs485", None)
+        if isinstance(rs485, str):
+            # the port still serves data; /status shows "rs485": "refused: ..."
+            self.log.warning("[%s] RS-485 mode %s by %s; serving the port without it", self.name,
+                             rs485, self.device.label())
+        elif rs485:
+            self.log.info("[%s] RS-485 mode on: %s", self.name,
+                          ", ".join("%s=%s" % (k, v) for k, v in sorted(rs485.items())))
         if self.rfc2217:
             self.rfc2217.device_opened()
         self.apply_lines()
         self.device.pause_reading(self.device_paused)
+        self.watch_lines()
 
     def close_device(self, why):
         if self.reopen_timer is not None:
@@ -5678,6 +6019,83 @@ class Port:
         else:
             for conn in list(self.clients):
                 self.end_connection(conn, "virtual port closed by the local program (listen_on_open)")
+
+    # -- modem lines that drive connections: connect_on_line, disconnect_on_line --
+
+    def watch_lines(self):
+        """Poll the modem lines every MODEM_POLL while the device is open
+        and a key needs them (a UART does not announce a change)."""
+        c = self.config
+        if (c.connect_on_line != "none" or c.disconnect_on_line != "none") and not self.line_polling:
+            self.line_polling = True
+            self._poll_lines()
+
+    def _poll_lines(self):
+        device = self.device
+        if self.stopping or not device.is_open:
+            self.line_polling = False
+            self._lines_seen({})        # no device, no lines: off
+            return
+        device.call(device.modem_status, self._lines_polled)
+
+    def _lines_polled(self, modem, error):
+        self._lines_seen(modem if error is None and modem else {})
+        self.reactor.call_later(MODEM_POLL, self._poll_lines)
+
+    def line_allows(self):
+        """connect_on_line: dial and accept only while its line is on."""
+        key = self.config.connect_on_line
+        return key == "none" or line_is_on(self.modem_lines, key)
+
+    def _lines_seen(self, modem):
+        c = self.config
+        before, self.modem_lines = self.modem_lines, modem
+        key = c.connect_on_line
+        if key != "none" and line_is_on(before, key) != line_is_on(modem, key):
+            self.log.info("[%s] %s %s (connect_on_line): %s", self.name, MODEM_LINE_NAMES[key],
+                          "on" if line_is_on(modem, key) else "off",
+                          "connections allowed" if line_is_on(modem, key) else "no new connections")
+            if line_is_on(modem, key) and self.dialer:
+                self.dialer.poke()
+        key = c.disconnect_on_line
+        if key != "none" and line_is_on(before, key) and not line_is_on(modem, key):
+            why = "%s went off (disconnect_on_line)" % MODEM_LINE_NAMES[key]
+            if self.clients:
+                self.log.info("[%s] %s: closing %d connection%s", self.name, why, len(self.clients),
+                              "" if len(self.clients) == 1 else "s")
+            for conn in list(self.clients):
+                self.end_connection(conn, why)
+
+    # -- what a connection's coming and going does to the device --
+
+    def notify_device(self, data):
+        """device_connect_msg and its kin: written to the device like
+        client data, if it is open (a notice to a missing device is lost)."""
+        if data is None or self.device_state not in ("open", "opening"):
+            return
+        if self.trace:
+            self.trace.record(">", "(notice)", data)
+        self.device.write(data)
+
+    def break_on_connect(self):
+        """A break of break_on_connect seconds (boards that reset on break)."""
+        device, seconds = self.device, self.config.break_on_connect
+        if not device.is_open:
+            return
+
+        def started(problem, error):
+            problem = problem or (describe_error(error) if error else "")
+            if problem:
+                self.log.warning("[%s] break_on_connect: %s refused the break: %s", self.name,
+                                 device.label(), problem)
+                return
+            self.log.info("[%s] break for %gs (break_on_connect)", self.name, seconds)
+            self.reactor.call_later(seconds, end)
+
+        def end():
+            if device.is_open:
+                device.call(lambda: device.set_break(False))
+        device.call(lambda: device.set_break(True), started)
 
     def wanted_lines(self):
         """(DTR, RTS) as the configuration wants them now; None = keep."""
@@ -5883,11 +6301,13 @@ class Admission:
             return
         # a half-closed client yields its place (see peer_finished)
         connected = [conn for conn in port.clients if not conn.half_closed]
-        decision = admission(len(connected), c.max_clients, c.when_full, port.network_enabled())
+        decision = admission(len(connected), c.max_clients, c.when_full, port.network_enabled(), port.line_allows())
         if decision.startswith("refuse"):
             port.counters["connections_rejected"] += 1
             if decision.startswith("refuse: not open"):
                 why = "virtual port %s is not open (listen_on_open)" % c.virtual
+            elif decision.startswith("refuse: line off"):
+                why = "%s is off (connect_on_line)" % MODEM_LINE_NAMES[c.connect_on_line]
             else:
                 why = "%d of %d clients connected (when_full = reject)" % (len(connected), c.max_clients)
             port.peer_log(peer[0], INFO, "[%s] client %s rejected: %s", port.name, format_peer(peer), why)
@@ -5949,7 +6369,25 @@ class Admission:
                 port.open_device()
             else:
                 port.apply_lines()
+        if c.break_on_connect:
+            port.break_on_connect()
+        port.notify_device(c.device_connect_msg)
+        if dialed and c.heartbeat_interval:
+            conn.heartbeat_timer = port.reactor.call_at(now + c.heartbeat_interval, lambda: self._heartbeat(conn))
         return conn
+
+    def _heartbeat(self, conn):
+        """heartbeat_interval: a dialed connection idle that long both ways
+        gets heartbeat_data (cellular NATs forget silent connections)."""
+        conn.heartbeat_timer = None
+        if conn.closed:
+            return
+        c, reactor = self.port.config, self.port.reactor
+        due = conn.last_io + c.heartbeat_interval
+        if reactor.now() >= due:
+            conn.send_data(c.heartbeat_data)
+            due = reactor.now() + c.heartbeat_interval
+        conn.heartbeat_timer = reactor.call_at(due, lambda: self._heartbeat(conn))
 
     def _idle_check(self, conn):
         conn.idle_timer = None
@@ -5996,6 +6434,10 @@ class Admission:
         port.peer_log(conn.peer[0], INFO, "[%s] %s %s disconnected: %s; %d bytes in, %d bytes out%s, %.1fs",
                       port.name, "peer" if conn.dialed else "client", format_peer(conn.peer), reason, conn.bytes_in,
                       conn.bytes_out, (", %d unsent" % out_pending) if out_pending else "", duration)
+        if conn.heartbeat_timer is not None:
+            conn.heartbeat_timer.cancel()
+            conn.heartbeat_timer = None
+        port.notify_device(port.config.device_disconnect_msg)
         if port.stopping:
             return
         port.backlog_changed()
@@ -6059,6 +6501,8 @@ class Dialer:
         port, c = self.port, self.port.config
         if port.stopping or not port.network_enabled() or any(conn.dialed for conn in port.clients):
             return False
+        if not port.line_allows():
+            return False                # connect_on_line: polled lines poke when it comes on
         if c.event_bytes == 0:
             return True
         # mixed role: one connection at a time, incoming or outgoing (ezTCP)
@@ -6196,6 +6640,7 @@ class Dialer:
         self.log.warning("[%s] every peer failed (%d round%s in a row); next dial in %.2fs",
                          self.port.name, failures, "" if failures == 1 else "s", delay)
         self._arm(delay)
+        self.port.notify_device(self.port.config.device_unreachable_msg)
 
     def _do_wait(self, delay):
         self.log.info("[%s] redialing in %gs", self.port.name, delay)
@@ -6251,6 +6696,7 @@ def port_status(port):
         "dial_state": port.dial_state,
         "clients": clients,
     }
+    device_side_status(port, status)
     status.update(port.counters)
     if port.modbus:
         status["modbus"] = port.modbus.status()
@@ -6258,6 +6704,22 @@ def port_status(port):
     status["bytes_held"] = len(port.held)
     status["updated"] = round(wall, 3)
     return status
+
+
+def device_side_status(port, status):
+    """What the device side adds to a port's /status: the tty a usb: spec
+    resolved to, the RS-485 mode as the driver reported it (or "refused:
+    why"), the modem lines that drive connections, and "not applicable"
+    settings for a device that is not a tty."""
+    c, device = port.config, port.device
+    if is_usb_spec(c.device):
+        status["device_path"] = device.path
+    if c.rs485:
+        status["rs485"] = getattr(device, "rs485", None) if device.is_open else None
+    if c.connect_on_line != "none" or c.disconnect_on_line != "none":
+        status["modem_lines"] = {k.lower(): bool(v) for k, v in sorted(port.modem_lines.items())}
+    if isinstance(device, StreamDevice):
+        status["settings"] = "not applicable (not a tty)"
 
 
 def server_status(server):
@@ -7039,6 +7501,25 @@ class Server:
         self.log.info("stopped")
 
 
+def device_notes(config):
+    """--check's word on each port's device as it is now: what a usb:
+    spec resolves to, and a path that is no tty (its serial settings do
+    not apply)."""
+    lines = []
+    for port in config.ports:
+        device = port.values["device"]
+        if is_usb_spec(device):
+            try:
+                path, adapter = resolve_usb_device(device)
+                lines.append("# [%s] %s resolves now to %s: %s" % (port.name, device, path, describe_usb(adapter)))
+            except OSError as e:
+                lines.append("# [%s] %s resolves to nothing now: %s" % (port.name, device, describe_error(e)))
+        elif is_stream_device(device):
+            lines.append("# [%s] %s is not a tty: served as a byte stream; baudrate, bytesize, parity, "
+                         "stopbits, flow and rs485 do not apply" % (port.name, device))
+    return "\n".join(lines) + "\n" if lines else ""
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -7071,6 +7552,7 @@ def main(argv=None):
         return EXIT_USAGE
     if opts["check"]:
         sys.stdout.write(format_config(config))
+        sys.stdout.write(device_notes(config))
         return EXIT_OK
     if opts["print_service"] is not None:
         sys.stdout.write(service_text(opts["print_service"], argv))

@@ -319,11 +319,12 @@ def pty(pty_factory):
 def sertcp(tmp_path):
     """sertcp(args..., config=INI) starts the real process; all are stopped
     (SIGTERM) after the test, and a crash or non-zero exit fails it.
-    preexec_fn runs in the child before sertcp (resource limits)."""
+    preexec_fn runs in the child before sertcp (resource limits); env
+    replaces its environment."""
     started = []
 
-    def start(*args, config=None, wait_port=None, host="127.0.0.1", preexec_fn=None):
-        s = Sertcp(args, tmp_path, config=config, preexec_fn=preexec_fn)
+    def start(*args, config=None, wait_port=None, host="127.0.0.1", preexec_fn=None, env=None):
+        s = Sertcp(args, tmp_path, config=config, preexec_fn=preexec_fn, env=env)
         started.append(s)
         if wait_port is not None:
             s.wait_listening(wait_port, host)

@@ -32,6 +32,12 @@ SPEC_PORT_KEYS = """
     trace_format""".split()
 SPEC_PORT_KEYS += "modbus_timeout_ms modbus_retries modbus_frame_gap_ms".split()
 SPEC_PORT_KEYS += "udp_listen udp_send_to udp_reply udp_multicast_ttl".split()
+# SPEC "Additions (second round)": device side of real installations
+SPEC_PORT_KEYS += """
+    rs485 rs485_rts rs485_delay_before_ms rs485_delay_after_ms rs485_rx_during_tx
+    rs485_terminate tx_char_delay_ms break_on_connect connect_on_line
+    disconnect_on_line device_connect_msg device_disconnect_msg
+    device_unreachable_msg heartbeat_interval heartbeat_data""".split()
 SPEC_GLOBAL_KEYS = "log_level log pidfile status user".split()
 
 
@@ -657,7 +663,9 @@ def test_every_numeric_key_has_a_range_and_both_ends_are_checked(tmp_path):
     assert {k.name for k in keys} == set("""
         baudrate bytesize reopen_interval tx_pause_ms event_bytes timeout reconnect_min
         reconnect_max max_clients backlog client_buffer buffer keepalive pack_size
-        pack_trailing pack_idle_ms pack_max_ms identity_timeout""".split()
+        pack_trailing pack_idle_ms pack_max_ms identity_timeout
+        tx_char_delay_ms break_on_connect rs485_delay_before_ms rs485_delay_after_ms
+        heartbeat_interval""".split()
                                           + "modbus_timeout_ms modbus_retries modbus_frame_gap_ms".split()
                                           + ["udp_multicast_ttl"])
     for key in keys:

@@ -1,0 +1,1 @@
+"""pyserial URL handlers of the test suite (see ../sitecustomize.py)."""
