@@ -70,7 +70,7 @@ PASSWORD_LINE_LIMIT = 256      # bytes: a longer first line is not a password
 WRONG_PASSWORD_DELAY = 1.0     # seconds before a wrong password is answered by closing
 PASSWORD_FAILURES, PASSWORD_WINDOW, PASSWORD_BLOCK = 5, 60.0, 60  # then refuse that address
 PEER_LOG_BURST, PEER_LOG_WINDOW = 10, 10.0  # per-peer log lines per window
-DEBUG, INFO, WARNING = 10, 20, 30  # logging's levels, without importing logging here
+DEBUG, INFO, WARNING, ERROR = 10, 20, 30, 40  # logging's levels (sertcp has its own logger)
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE = 0, 1, 2
 
@@ -503,6 +503,7 @@ PORT_KEYS = [
 GLOBAL_KEYS = [
     Key("log_level", choice_parser("debug", "info", "warning", "error"), "info", "debug, info, warning, error"),
     Key("log", parse_path, "stderr", "stderr, syslog, or a file path"),
+    Key("log_max_size", size_parser(0, 1024 ** 3), 0, "a log file this large becomes FILE.1 and a new one starts (0 = never)", show_size),
     Key("pidfile", parse_path, None, "written at start, removed at exit"),
     Key("status", parse_listen, None, "[HOST:]PORT of the HTTP status endpoint (/status JSON, /metrics)", show_hostport),
     Key("user", parse_text, None, "after opening devices and binding, drop to this user"),
@@ -672,14 +673,74 @@ PORT_RULES = (
 )
 
 
+# ---------------------------------------------------------------------
+# Modules a feature needs: OpenWrt splits the standard library in packages
+# ---------------------------------------------------------------------
+
+def is_url(device):
+    return device is not None and "://" in device
+
+
+def non_ascii(*names):
+    """True if a host name needs the idna codec (see resolver_host)."""
+    return any(name and not name.isascii() for name in names)
+
+
+# One row per feature beyond OpenWrt's python3-light: (does this port use
+# it, the key to blame, the modules it imports, the package that has
+# them).  A missing module is a configuration error naming the package, so
+# --check, the start and a reload refuse the feature instead of a
+# traceback at the first use.
+PORT_NEEDS = (
+    (lambda v: v["tls"], "tls", ("ssl",), "python3-openssl"),
+    (lambda v: v["tls_cert"] is not None, "tls_cert", ("ssl",), "python3-openssl"),
+    (lambda v: is_url(v["device"]), "device", ("urllib.parse",), "python3-urllib"),
+    (lambda v: is_url(v["device"]), "device", ("logging",), "python3-logging"),
+    # pyserial's socket:// and rfc2217:// resolve str hosts: the idna codec
+    (lambda v: is_url(v["device"]) and v["device"].split("://")[0] in ("socket", "rfc2217"),
+     "device", ("encodings.idna",), "python3-codecs"),
+    (lambda v: v["connect"] is not None and non_ascii(*(host for host, _ in v["connect"])),
+     "connect", ("encodings.idna",), "python3-codecs"),
+    (lambda v: v["listen"] is not None and non_ascii(v["listen"][0]), "listen", ("encodings.idna",), "python3-codecs"),
+    (lambda v: non_ascii(v["tls_server_name"]), "tls_server_name", ("encodings.idna",), "python3-codecs"),
+)
+GLOBAL_NEEDS = (
+    (lambda v: v["status"] is not None and non_ascii(v["status"][0]), "status", ("encodings.idna",), "python3-codecs"),
+)
+_importable = {}
+
+
+def missing_module(names):
+    """The first of the modules that cannot be imported, or None."""
+    for name in names:
+        if name not in _importable:
+            try:
+                __import__(name)
+                _importable[name] = True
+            except ImportError:
+                _importable[name] = False
+        if not _importable[name]:
+            return name
+    return None
+
+
+def check_needs(rows, values, where_of, errors):
+    for uses, key, modules, package in rows:
+        missing = uses(values) and missing_module(modules)
+        if missing:
+            errors.append(ConfigError(where_of(key), key, "needs the Python module %s, which this Python lacks "
+                                      "(OpenWrt: opkg install %s)" % (missing, package)))
+
+
 def _validate_port(port, where_of, errors):
     """Combinations that each key alone cannot check: PORT_RULES, then
-    the files the port names."""
+    the modules and files the port needs."""
     v = port.values
     for broken, key, message in PORT_RULES:
         if broken(v):
             shown = {k: PORT_SCHEMA[k].format(value) for k, value in v.items()}
             errors.append(ConfigError(where_of(key), key, message.format(name=port.name, **shown)))
+    check_needs(PORT_NEEDS, v, where_of, errors)
     _check_port_files(port, where_of, errors)
 
 
@@ -803,6 +864,7 @@ def build_config(config_path, port_flags, global_flags, device):
         errors.append(ConfigError(config_path, None, "section [%s] clashes with the port given on the command line" % CLI_PORT))
     global_settings.update(global_flags)
     global_values = _parse_settings(GLOBAL_SCHEMA, global_settings, "[global]", errors)
+    check_needs(GLOBAL_NEEDS, global_values, lambda key: global_settings[key].where, errors)
 
     port_sections = list(sections.items())
     if device is not None or port_flags:
@@ -2117,9 +2179,21 @@ def is_ip_literal(host):
     return False
 
 
+def resolver_host(host):
+    """The host as getaddrinfo should get it.  A str goes through Python's
+    idna codec, which needs unicodedata (OpenWrt's python3-codecs) and
+    raises UnicodeError for a malformed name such as a..b; an ASCII name
+    as bytes goes to the resolver as it is."""
+    try:
+        return host.encode("ascii")
+    except UnicodeError:
+        return host
+
+
 def resolve_in_thread(reactor, host, port, callback):
     """getaddrinfo without blocking the loop: literals at once, names in a
-    helper thread whose answer comes back through the loop."""
+    helper thread whose answer comes back through the loop.  Every failure
+    (an OSError, a codec error, anything) reaches callback([], error)."""
     if is_ip_literal(host):
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         callback([(family, (host, port))], None)
@@ -2128,10 +2202,10 @@ def resolve_in_thread(reactor, host, port, callback):
 
     def work():
         try:
-            infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+            infos = socket.getaddrinfo(resolver_host(host), port, 0, socket.SOCK_STREAM)
             result = [(info[0], info[4]) for info in infos]
             reactor.call_soon_threadsafe(lambda: callback(result, None))
-        except OSError as e:
+        except Exception as e:  # the thread must answer, or the port waits for ever
             reactor.call_soon_threadsafe(lambda e=e: callback([], e))
     threading.Thread(target=work, daemon=True, name="sertcp-resolve").start()
 
@@ -3407,7 +3481,10 @@ def resolve_listen(address):
         return [(socket.AF_INET, ("0.0.0.0", port), False)]
     if is_ip_literal(host):  # no resolver (and no idna codec import) for addresses
         return [(socket.AF_INET6 if ":" in host else socket.AF_INET, (host, port), False)]
-    infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    try:
+        infos = socket.getaddrinfo(resolver_host(host), port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    except (UnicodeError, LookupError) as e:  # a malformed name, or no idna codec for a non-ASCII one
+        raise OSError(errno.EINVAL, "cannot resolve %s: %s" % (host, e))
     seen, out = set(), []
     for family, _, _, _, sockaddr in infos:
         if sockaddr in seen:
@@ -5113,8 +5190,11 @@ class Dialer:
         try:
             if self.tls_context is None:
                 self.tls_context = make_client_tls(c)
-            ssl_sock = self.tls_context.wrap_socket(sock, server_hostname=name, do_handshake_on_connect=False)
-        except (OSError, ValueError) as e:
+            # an ASCII name as bytes: no idna codec (python3-codecs) needed
+            ssl_sock = self.tls_context.wrap_socket(sock, server_hostname=resolver_host(name),
+                                                    do_handshake_on_connect=False)
+        except Exception as e:  # no ssl module, a bad CA file...: a failed dial, retried
+
             sock.close()
             self.last_error = "%s: TLS set-up failed: %s" % (format_peer(sockaddr), describe_error(e))
             self._do_connect()
@@ -5508,56 +5588,177 @@ def log_warning(message):
         _log.warning(message)
 
 
+# ---------------------------------------------------------------------
+# The log: a small logger of our own.  The logging package is a package
+# of its own on OpenWrt (python3-logging) and costs 16 ms and 1.8 MiB at
+# start; this writes the same lines ("2024-01-02 03:04:05,678 INFO ...").
+# ---------------------------------------------------------------------
+
+LEVEL_NAMES = {DEBUG: "DEBUG", INFO: "INFO", WARNING: "WARNING", ERROR: "ERROR"}
+SYSLOG_SEVERITY = {DEBUG: 7, INFO: 6, WARNING: 4, ERROR: 3}   # RFC 5424; facility user (1)
+
+
+class StreamSink:
+    """Log lines to stderr."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def emit(self, level, message):
+        self.stream.write(timestamped(level, message))
+        self.stream.flush()
+
+    def reopen(self):
+        pass
+
+    def close(self):
+        pass
+
+
+class FileSink:
+    """Log lines appended to a file; at max_size (0 = never) the file
+    becomes FILE.1 (replacing the one before) and a new one starts, so a
+    router's RAM-backed /tmp holds at most twice max_size."""
+
+    def __init__(self, path, max_size=0):
+        self.path, self.max_size = path, max_size
+        self.file = open(path, "a")
+
+    def emit(self, level, message):
+        self.file.write(timestamped(level, message))
+        self.file.flush()
+        if self.max_size and self.file.tell() >= self.max_size:
+            try:
+                os.replace(self.path, self.path + ".1")
+                self.reopen()
+            except OSError:
+                pass  # keep writing where we are: losing the log is worse than a big one
+
+    def reopen(self):
+        """After logrotate moved the file (SIGHUP), or at a rollover."""
+        new = open(self.path, "a")
+        self.file.close()
+        self.file = new
+
+    def close(self):
+        self.file.close()
+
+
+class SyslogSink:
+    """Log lines as datagrams to the local syslog daemon (/dev/log, or UDP
+    port 514 of localhost where there is none, as logging's SysLogHandler)."""
+
+    def __init__(self):
+        if os.path.exists("/dev/log"):
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self.address = "/dev/log"
+        else:
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.address = ("127.0.0.1", 514)
+        try:
+            self.sock.connect(self.address)
+        except OSError:
+            self.sock.close()
+            raise
+
+    def emit(self, level, message):
+        line = "<%d>%s[%d]: %s %s\x00" % (8 + SYSLOG_SEVERITY[level], PROGRAM, os.getpid(),
+                                         LEVEL_NAMES[level], message)
+        try:
+            self.sock.send(line.encode("utf-8", "replace"))
+        except OSError:
+            try:
+                self.sock.connect(self.address)  # syslogd restarted
+                self.sock.send(line.encode("utf-8", "replace"))
+            except OSError:
+                pass
+
+    def reopen(self):
+        pass
+
+    def close(self):
+        self.sock.close()
+
+
+def timestamped(level, message):
+    now = time.time()
+    return "%s,%03d %s %s\n" % (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)),
+                                 int(now * 1000) % 1000, LEVEL_NAMES[level], message)
+
+
+class Log:
+    """What sertcp calls a logger: debug/info/warning/error/log(level, ...)
+    with %-style arguments, like logging.Logger; one sink at a time."""
+
+    def __init__(self, sink, level=INFO):
+        self.sink, self.level = sink, level
+
+    def setLevel(self, name):
+        self.level = name if isinstance(name, int) else LEVEL_BY_NAME[name.upper()]
+
+    def isEnabledFor(self, level):
+        return level >= self.level
+
+    def log(self, level, message, *args):
+        if level < self.level:
+            return
+        if args:
+            try:
+                message = message % args
+            except (TypeError, ValueError, KeyError):
+                message = "%s %r" % (message, args)
+        try:
+            self.sink.emit(level, message)
+        except (OSError, ValueError):
+            pass  # a full disk must not stop the bridge
+
+    def debug(self, message, *args):
+        self.log(DEBUG, message, *args)
+
+    def info(self, message, *args):
+        self.log(INFO, message, *args)
+
+    def warning(self, message, *args):
+        self.log(WARNING, message, *args)
+
+    def error(self, message, *args):
+        self.log(ERROR, message, *args)
+
+
+LEVEL_BY_NAME = {name: level for level, name in LEVEL_NAMES.items()}
+
+
 def open_log_handler(global_values):
-    """A logging handler for `log`: stderr, syslog or a file (raises
-    OSError when the file cannot be opened)."""
-    import logging
+    """A sink for `log`: stderr, syslog or a file (raises OSError when the
+    file cannot be opened)."""
     target = global_values["log"]
     if target == "stderr":
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    elif target == "syslog":
-        import logging.handlers
-        address = "/dev/log" if os.path.exists("/dev/log") else ("localhost", 514)
-        handler = logging.handlers.SysLogHandler(address=address)
-        handler.setFormatter(logging.Formatter(PROGRAM + "[%(process)d]: %(levelname)s %(message)s"))
-    else:
-        handler = logging.FileHandler(target)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    return handler
+        return StreamSink(sys.stderr)
+    if target == "syslog":
+        return SyslogSink()
+    return FileSink(target, global_values["log_max_size"])
 
 
 def use_log_handler(logger, handler):
-    """Make `handler` the logger's only one, closing those it replaces."""
-    for old in logger.handlers[:]:
-        logger.removeHandler(old)
-        old.close()
-    logger.addHandler(handler)
+    """Make `handler` the logger's sink, closing the one it replaces."""
+    old, logger.sink = logger.sink, handler
+    old.close()
 
 
 def setup_logging(global_values):
-    import logging
-    logger = logging.getLogger(PROGRAM)
-    use_log_handler(logger, open_log_handler(global_values))
-    logger.setLevel(global_values["log_level"].upper())
-    logger.propagate = False
+    logger = Log(open_log_handler(global_values))
+    logger.setLevel(global_values["log_level"])
     global _log
     _log = logger
     return logger
 
 
 def reopen_log_file(logger):
-    """After logrotate moved the file: SIGHUP makes a FileHandler start anew."""
-    for handler in logger.handlers:
-        stream = getattr(handler, "stream", None)
-        opener = getattr(handler, "_open", None)
-        if opener is not None and stream is not None and stream not in (sys.stderr, sys.stdout):
-            handler.acquire()
-            try:
-                stream.close()
-                handler.stream = opener()
-            finally:
-                handler.release()
+    """After logrotate moved the file: SIGHUP makes a file sink start anew."""
+    try:
+        logger.sink.reopen()
+    except OSError as e:
+        logger.error("log: cannot reopen: %s", describe_error(e))
 
 
 def module_command(args):
@@ -5779,7 +5980,7 @@ class Server:
             return ("user: cannot change from %s to %s while running (privileges are dropped once, at start); "
                     "restart sertcp" % (old["user"] or "(none)", new["user"] or "(none)"))
         handler = None
-        if new["log"] != old["log"]:
+        if new["log"] != old["log"] or new["log_max_size"] != old["log_max_size"]:
             try:
                 handler = open_log_handler(new)
             except OSError as e:

@@ -31,6 +31,7 @@ SPEC_PORT_KEYS = """
     password password_file tls_cert tls_key tls_ca tls tls_server_name trace
     trace_format""".split()
 SPEC_GLOBAL_KEYS = "log_level log pidfile status user".split()
+SPEC_GLOBAL_KEYS += ["log_max_size"]  # bounds the log on a router's RAM-backed /tmp
 
 
 def write_ini(tmp_path, text, name="sertcp.ini"):
@@ -655,7 +656,8 @@ def test_every_numeric_key_has_a_range_and_both_ends_are_checked(tmp_path):
     assert {k.name for k in keys} == set("""
         baudrate bytesize reopen_interval tx_pause_ms event_bytes timeout reconnect_min
         reconnect_max max_clients backlog client_buffer buffer keepalive pack_size
-        pack_trailing pack_idle_ms pack_max_ms identity_timeout""".split())
+        pack_trailing pack_idle_ms pack_max_ms identity_timeout
+        log_max_size""".split())
     for key in keys:
         assert key.allowed, "%s has no documented range" % key.name
         if key.name == "keepalive":

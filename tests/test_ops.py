@@ -454,7 +454,8 @@ def imported_modules(args, tmp_path, port, extra_wait=None):
     return {name.split(".")[0] for name in out.read_text().split()}
 
 
-HEAVY = {"ssl", "http", "email", "urllib", "asyncio", "multiprocessing", "xml", "ctypes", "json"}
+HEAVY = {"ssl", "http", "email", "urllib", "asyncio", "multiprocessing", "xml", "ctypes", "json",
+         "logging"}  # python3-logging is a package of its own on OpenWrt
 
 
 def test_nothing_heavy_is_imported_with_optional_features_off(pty, tmp_path):
