@@ -2932,7 +2932,26 @@ def termios_tables():
     return _termios_tables
 
 
-TCGETS2 = 0x802C542A    # Linux (asm-generic): termios2 with the rate in numbers
+# The ioctl that reads a rate without a B constant (BOTHER) in numbers, as
+# each architecture's <asm/ioctls.h> and <asm/termbits.h> define it:
+# (request, size of the struct, offset of c_ospeed).  TCGETS2 reads a
+# termios2; MIPS (most OpenWrt routers) and SPARC lay out both differently
+# from asm-generic (x86, ARM, RISC-V); PowerPC has no termios2, its own
+# TCGETS carries the rates.
+TCGETS2_BY_ARCH = {
+    "generic": (0x802C542A, 44, 40),
+    "mips": (0x4030542A, 48, 44),
+    "sparc": (0x402C540C, 44, 40),
+    "powerpc": (0x402C7413, 44, 40),
+}
+
+
+def tcgets2_for(machine):
+    """TCGETS2_BY_ARCH's row for a machine as os.uname() names it."""
+    for prefix, arch in (("mips", "mips"), ("sparc", "sparc"), ("ppc", "powerpc"), ("powerpc", "powerpc")):
+        if machine.startswith(prefix):
+            return TCGETS2_BY_ARCH[arch]
+    return TCGETS2_BY_ARCH["generic"]
 
 
 def termios_settings(fd):
@@ -2946,8 +2965,9 @@ def termios_settings(fd):
     if baud is None:  # BOTHER: a rate without a B constant, set through termios2
         try:
             import fcntl
-            raw = fcntl.ioctl(fd, TCGETS2, bytes(44))
-            baud = int.from_bytes(raw[40:44], sys.byteorder)
+            request, size, ospeed_at = tcgets2_for(os.uname().machine)
+            raw = fcntl.ioctl(fd, request, bytes(size))
+            baud = int.from_bytes(raw[ospeed_at:ospeed_at + 4], sys.byteorder)
         except (OSError, ImportError):
             baud = 0
     flow = "rtscts" if cflag & t.crtscts else "xonxoff" if iflag & termios.IXON else "none"

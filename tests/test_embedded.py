@@ -5,16 +5,21 @@ sertcp runs with a Python that cannot import those (env_without), and each
 feature either works or is refused by --check naming the package to
 install, never with a traceback."""
 import json
+import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
 from certs import TlsServer, certs  # noqa: F401 (fixture)
 from conftest import OPENWRT_LIGHT_LACKS, Client, env_without, free_port, http_get, run_sertcp, wait_for
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import sertcp as sertcp_module  # noqa: E402  (the module under test, not the fixture)
 
 CODECS = ("unicodedata", "encodings.idna")
 
@@ -190,3 +195,76 @@ def test_the_log_file_rolls_over_at_log_max_size(sertcp, pty, tmp_path):
     assert rolled.exists()
     assert 0 < log.stat().st_size <= 2048 + 200 and 2048 <= rolled.stat().st_size <= 2048 + 200
     assert "stopped" in log.read_text().splitlines()[-1]
+
+
+# ---------------------------------------------------------------------
+# The termios2 ioctl per architecture, against Debian's kernel headers
+# (linux-libc-dev and its cross packages, installed by .ci/run)
+# ---------------------------------------------------------------------
+
+def header_value(text, name, default=None):
+    found = re.search(r"^#\s*define\s+%s\s+(\d+)U?\b" % name, text, re.M)
+    return int(found.group(1)) if found else default
+
+
+def struct_layout(text, struct, nccs):
+    """(size, offset of c_ospeed) of `struct` in a termbits.h, laid out as
+    the C compiler would: tcflag_t and speed_t are 4 bytes, cc_t 1."""
+    body = re.search(r"struct %s \{(.*?)\};" % struct, text, re.S).group(1)
+    offset, ospeed = 0, None
+    for ctype, field, count in re.findall(r"(\w+)\s+(\w+)(?:\[([^\]]+)\])?;", body):
+        size = {"tcflag_t": 4, "speed_t": 4, "cc_t": 1}[ctype]
+        offset = (offset + size - 1) // size * size
+        if field == "c_ospeed":
+            ospeed = offset
+        offset += size * (eval(count.replace("NCCS", str(nccs))) if count else 1)
+    return (offset + 3) // 4 * 4, ospeed
+
+
+def header(include, name):
+    """The text of <name> with the asm-generic headers it includes after
+    it (the cross packages ship their own asm-generic; the host's is in
+    /usr/include)."""
+    for base in (include, Path("/usr/include")):
+        if (base / name).exists():
+            text = (base / name).read_text()
+            break
+    else:
+        raise AssertionError("no %s for %s" % (name, include))
+    for included in re.findall(r"#include <(asm-generic/[\w-]+\.h)>", text):
+        text += "\n" + header(include, included)
+    return text
+
+
+def tcgets2_from_headers(include):
+    """(request, size, c_ospeed offset) as an architecture's headers give
+    TCGETS2 (or, on PowerPC, which has no termios2, TCGETS)."""
+    ioctls, termbits = header(include, "asm/ioctls.h"), header(include, "asm/termbits.h")
+    ioctl = header(include, "asm/ioctl.h")
+    found = re.search(r"#define\s+TCGETS2\s+_IOR\('(.)',\s*(\w+),\s*struct (\w+)\)", ioctls) or \
+        re.search(r"#define\s+TCGETS\s+_IOR\('(.)',\s*(\w+),\s*struct (\w+)\)", ioctls)
+    kind, number, struct = found.group(1), int(found.group(2), 0), found.group(3)
+    size, ospeed = struct_layout(termbits, struct, header_value(termbits, "NCCS"))
+    # the first definition wins, as in the preprocessor: the architecture's own
+    size_bits, read = header_value(ioctl, "_IOC_SIZEBITS"), header_value(ioctl, "_IOC_READ")
+    request = (read << (16 + size_bits)) | (size << 16) | (ord(kind) << 8) | number
+    return request, size, ospeed
+
+
+@pytest.mark.parametrize("machine, include", [
+    ("mips", "/usr/mipsel-linux-gnu/include"),
+    ("sparc64", "/usr/sparc64-linux-gnu/include"),
+    ("ppc", "/usr/powerpc-linux-gnu/include"),
+    ("armv7l", "/usr/arm-linux-gnueabihf/include"),
+    ("x86_64", "/usr/include/x86_64-linux-gnu"),
+])
+def test_the_termios2_ioctl_matches_the_kernel_headers_of_each_architecture(machine, include):
+    include = Path(include)
+    assert include.is_dir(), "%s missing (.ci/run installs linux-libc-dev and the -cross header packages)" % include
+    assert sertcp_module.tcgets2_for(machine) == tcgets2_from_headers(include)
+
+
+def test_mips_reads_a_48_byte_termios2_with_0x4030542a():
+    assert sertcp_module.tcgets2_for("mips") == (0x4030542A, 48, 44)
+    assert sertcp_module.tcgets2_for("mips64") == (0x4030542A, 48, 44)
+    assert sertcp_module.tcgets2_for("aarch64") == (0x802C542A, 44, 40)
