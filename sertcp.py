@@ -5888,6 +5888,50 @@ def drop_privileges(user, log):
              ",".join(str(g) for g in os.getgroups()))
 
 
+# Run by /bin/sh, which stays root while sertcp drops to `user`: it waits
+# for the end of the pipe it reads (sertcp's exit, however it ends), then
+# removes the pidfile if it still holds sertcp's pid and each virtual
+# port's symlink if it still points to sertcp's pty: in a root-owned
+# directory (/run, /dev) sertcp itself may no longer remove them.
+CLEANUP_SCRIPT = """trap '' HUP INT TERM
+read -r _
+pid=$1 pidfile=$2
+shift 2
+[ -n "$pidfile" ] && [ "$(cat "$pidfile" 2>/dev/null)" = "$pid" ] && rm -f "$pidfile"
+while [ $# -ge 2 ]; do
+    [ "$(readlink "$1")" = "$2" ] && rm -f "$1"
+    shift 2
+done
+"""
+
+
+def start_cleanup_after_exit(server):
+    """Before dropping privileges: start CLEANUP_SCRIPT for the pidfile and
+    the virtual ports' symlinks.  Returns its pid, or None if it could not
+    start (logged: the files then stay behind, as they would have)."""
+    links = []
+    for port in server.ports:
+        device = port.device
+        if isinstance(device, VirtualDevice) and device.slave_name:
+            links += [os.path.abspath(port.config.virtual), device.slave_name]
+    if not server.pidfile and not links:
+        return None
+    read_end, write_end = os.pipe()      # the write end stays open, unused, until we exit
+    try:
+        pid = os.posix_spawn("/bin/sh", ["sh", "-c", CLEANUP_SCRIPT, "sertcp-cleanup", str(os.getpid()),
+                                         os.path.abspath(server.pidfile) if server.pidfile else ""] + links,
+                             os.environ, file_actions=[(os.POSIX_SPAWN_DUP2, read_end, 0)])
+    except OSError as e:
+        os.close(write_end)
+        server.log.warning("user: cannot start /bin/sh to remove the pidfile and symlinks at exit: %s",
+                           describe_error(e))
+        return None
+    finally:
+        os.close(read_end)
+    server.cleanup_pipe = write_end
+    return pid
+
+
 def raise_fd_limit(log):
     """Thousands of clients need descriptors: soft limit up to the hard one."""
     try:
@@ -5918,6 +5962,7 @@ class Server:
         self.reload_config = reload_config
         self.started = time.monotonic()
         self.pidfile = None         # the path written, removed at exit
+        self.cleanup_pipe = None    # with user: held until exit by start_cleanup_after_exit
 
     def internal_error(self, where, exc):
         """A bug met while serving `where` (contained by the reactor): the
@@ -5985,7 +6030,9 @@ class Server:
             try:
                 os.unlink(self.pidfile)
             except OSError as e:
-                if e.errno != errno.ENOENT:
+                if e.errno in (errno.EACCES, errno.EPERM) and self.cleanup_pipe is not None:
+                    self.log.debug("pidfile %s is removed by root's helper at exit", self.pidfile)
+                elif e.errno != errno.ENOENT:
                     self.log.warning("pidfile %s not removed: %s", self.pidfile, describe_error(e))
             self.pidfile = None
 
@@ -6225,6 +6272,8 @@ def main(argv=None):
         if config.globals["pidfile"]:
             server.write_pidfile(config.globals["pidfile"])
         if config.globals["user"]:
+            if os.geteuid() == 0:
+                start_cleanup_after_exit(server)
             drop_privileges(config.globals["user"], log)
     except RuntimeError as e:
         log.error("%s", e)

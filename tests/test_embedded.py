@@ -5,6 +5,7 @@ sertcp runs with a Python that cannot import those (env_without), and each
 feature either works or is refused by --check naming the package to
 install, never with a traceback."""
 import json
+import os
 import re
 import signal
 import socket
@@ -268,3 +269,29 @@ def test_mips_reads_a_48_byte_termios2_with_0x4030542a():
     assert sertcp_module.tcgets2_for("mips") == (0x4030542A, 48, 44)
     assert sertcp_module.tcgets2_for("mips64") == (0x4030542A, 48, 44)
     assert sertcp_module.tcgets2_for("aarch64") == (0x802C542A, 44, 40)
+
+
+# ---------------------------------------------------------------------
+# user = ...: what root made in a root-owned directory goes at exit
+# ---------------------------------------------------------------------
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+def test_pidfile_and_virtual_symlink_are_removed_after_dropping_to_nobody(sertcp, tmp_path, how):
+    run = tmp_path / "run"           # like /run: root's, others may only read it
+    run.mkdir()
+    os.chmod(run, 0o755)
+    pidfile, link, port = run / "sertcp.pid", run / "ttyV0", free_port()
+    s = sertcp("--virtual", link, "--listen", "127.0.0.1:%d" % port, "--pidfile", pidfile, "--user", "nobody",
+               wait_port=port)
+    s.wait_log("running as user nobody")
+    assert pidfile.read_text().strip() == str(s.proc.pid) and os.path.islink(link)
+    if how == "sigkill":
+        s.proc.kill()
+        s.proc.wait(10)
+    else:
+        assert s.stop() == 0
+    wait_for(lambda: not os.path.lexists(pidfile) and not os.path.lexists(link), message="both removed")
+    assert "not removed" not in s.log()
+    if how == "sigkill":
+        s.proc.returncode = 0   # killed on purpose: the fixture's exit check does not apply
