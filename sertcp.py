@@ -5796,9 +5796,13 @@ def module_command(args):
     return home, [os.path.abspath(sys.executable), "-m", module] + list(args)
 
 
-def service_text(kind, argv):
+CRON_LOG, CRON_LOG_MAX_SIZE = "/tmp/sertcp.log", "256k"   # a router's /tmp is RAM
+
+
+def service_text(kind, argv, global_values=None):
     """A unit, init script or crontab line starting this same command line
-    with absolute paths (and without --print-service)."""
+    with absolute paths (and without --print-service).  `global_values`
+    (the configuration's) tells whether the cron line must name a log."""
     args = []
     skip = False
     for i, arg in enumerate(argv):
@@ -5834,11 +5838,11 @@ def service_text(kind, argv):
     if kind == "openwrt":
         params = "\n".join("\tprocd_append_param command %s" % shlex.quote(a) for a in command[1:])
         return ("#!/bin/sh /etc/rc.common\n# sertcp serial device server (procd)\n"
-                "USE_PROCD=1\nSTART=95\nSTOP=10\n\nstart_service() {\n"
+                "USE_PROCD=1\nSTART=95\nSTOP=10\n\nstart_service() {\n%s"
                 "\tprocd_open_instance\n\tprocd_set_param command %s\n%s\n%s"
                 "\tprocd_set_param respawn\n\tprocd_set_param stderr 1\n\tprocd_close_instance\n}\n\n"
                 "reload_service() {\n\tprocd_send_signal sertcp\n}\n"
-                % (shlex.quote(command[0]), params,
+                % (bytecode_step(command[0]) if home else "", shlex.quote(command[0]), params,
                    "\tprocd_set_param env %s\n" % shlex.quote(env) if home else ""))
     if kind == "sysv":
         return ("#!/bin/sh\n### BEGIN INIT INFO\n# Provides:          sertcp\n"
@@ -5860,12 +5864,33 @@ def service_text(kind, argv):
                 "  *)\n    echo \"usage: $0 {start|stop|reload|restart|status}\"; exit 2\n    ;;\n"
                 "esac\n" % (prefix, line))
     if kind == "cron":
-        # every minute: start it unless it runs (flock holds while it lives)
-        return "* * * * * %sflock -n /tmp/sertcp.cron.lock %s >>/tmp/sertcp.log 2>&1\n" % (prefix, line)
+        # every minute: start it unless it runs (flock holds while it lives).
+        # The log is a file of bounded size, and what the start itself says
+        # (a configuration error, a crash) is in sertcp.out, which only a
+        # new start truncates.
+        if global_values is None or global_values["log"] == "stderr":
+            line += " --log %s --log-max-size %s" % (CRON_LOG, CRON_LOG_MAX_SIZE)
+        run = shlex.quote('exec "$0" "$@" >%s 2>&1' % (os.path.splitext(CRON_LOG)[0] + ".out"))
+        return "* * * * * %sflock -n /tmp/sertcp.cron.lock sh -c %s %s\n" % (prefix, run, line)
     raise ValueError(kind)
 
 
 SERVICE_KINDS = ("systemd", "openwrt", "sysv", "cron")
+
+
+def bytecode_step(python):
+    """Shell lines that compile this file to the bytecode `python -m`
+    loads, unless it is newer than the file: OpenWrt's python3 never writes
+    __pycache__ itself (its patch 004), so without this every start
+    compiles the whole file.  py_compile needs nothing beyond python3-light
+    (compileall needs python3-urllib on 3.9-3.12)."""
+    import importlib.util
+    import shlex
+    source = os.path.abspath(__file__)
+    cached = importlib.util.cache_from_source(source)
+    return ("\t# bytecode for python3 -m (OpenWrt's python3 does not write it): once, and after an update\n"
+            "\t[ %s -nt %s ] || %s -m py_compile %s\n"
+            % tuple(shlex.quote(x) for x in (cached, source, python, source)))
 
 
 def drop_privileges(user, log):
@@ -6256,7 +6281,7 @@ def main(argv=None):
         sys.stdout.write(format_config(config))
         return EXIT_OK
     if opts["print_service"] is not None:
-        sys.stdout.write(service_text(opts["print_service"], argv))
+        sys.stdout.write(service_text(opts["print_service"], argv, config.globals))
         return EXIT_OK
     try:
         log = setup_logging(config.globals)

@@ -7,6 +7,7 @@ install, never with a traceback."""
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -295,3 +296,38 @@ def test_pidfile_and_virtual_symlink_are_removed_after_dropping_to_nobody(sertcp
     assert "not removed" not in s.log()
     if how == "sigkill":
         s.proc.returncode = 0   # killed on purpose: the fixture's exit check does not apply
+
+
+# ---------------------------------------------------------------------
+# Bytecode: OpenWrt's python3 never writes __pycache__ (its patch 004)
+# ---------------------------------------------------------------------
+
+def test_openwrt_script_compiles_the_bytecode_without_urllib(tmp_path):
+    home = tmp_path / "opt"
+    home.mkdir()
+    shutil.copy(str(Path(sertcp_module.__file__)), str(home / "sertcp.py"))
+    env = env_without(tmp_path, ("urllib",))
+    env["PYTHONDONTWRITEBYTECODE"] = "1"     # what patch 004 makes the default
+    script = subprocess.run([sys.executable, str(home / "sertcp.py"), "--virtual", "/tmp/v", "--listen", "7000",
+                             "--print-service", "openwrt"], capture_output=True, text=True, env=env, timeout=30)
+    assert script.returncode == 0, script.stderr
+    step = [line.strip() for line in script.stdout.splitlines() if "py_compile" in line]
+    assert len(step) == 1 and "compileall" not in script.stdout
+    cached = list((home / "__pycache__").glob("sertcp.*.pyc")) if (home / "__pycache__").exists() else []
+    assert not cached
+
+    def run_step():
+        r = subprocess.run(["sh", "-c", step[0]], capture_output=True, text=True, env=env, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return list((home / "__pycache__").glob("sertcp.*.pyc"))
+    cached = run_step()
+    assert len(cached) == 1
+    compiled_at = cached[0].stat().st_mtime_ns
+    assert run_step()[0].stat().st_mtime_ns == compiled_at            # not again while it is current
+    # the service's python3 -m sertcp loads it, without writing anything
+    r = subprocess.run([sys.executable, "-v", "-m", "sertcp", "--version"], capture_output=True, text=True,
+                       env=dict(env, PYTHONPATH=str(home) + os.pathsep + env["PYTHONPATH"]), cwd=str(tmp_path),
+                       timeout=30)
+    assert r.returncode == 0 and "code object from %r" % str(cached[0]) in r.stderr
+    os.utime(str(home / "sertcp.py"), ns=(compiled_at + 10 ** 9, compiled_at + 10 ** 9))   # an update
+    assert run_step()[0].stat().st_mtime_ns > compiled_at

@@ -378,9 +378,8 @@ def test_service_command_starts_from_cached_bytecode(tmp_path):
     port = free_port()
     virtual = tmp_path / "ttyV0"
     r = run_sertcp(["--virtual", virtual, "--listen", "127.0.0.1:%d" % port, "--print-service", "cron"])
-    line = r.stdout.strip()
-    command = line.split(None, 5)[5]
-    command = re.sub(r"flock -n \S+ ", "", command).replace(" >>/tmp/sertcp.log 2>&1", "")
+    line = r.stdout.strip().replace("/tmp/sertcp.", str(tmp_path / "sertcp."))
+    command = re.sub(r"flock -n \S+ ", "", line.split(None, 5)[5])
     env = dict(os.environ, PYTHONPYCACHEPREFIX=str(tmp_path / "cache"))
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     env.pop("PYTHONPATH", None)
@@ -395,6 +394,7 @@ def test_service_command_starts_from_cached_bytecode(tmp_path):
             proc.terminate()
             _, err = proc.communicate(timeout=10)
         assert proc.returncode == 0, err
+        assert "listening on" in (tmp_path / "sertcp.log").read_text()   # the cron line's bounded log
         cached = list((tmp_path / "cache").rglob("sertcp.*.pyc"))
         assert len(cached) == 1, "no bytecode cached after start %d" % (start + 1)
 
@@ -415,6 +415,9 @@ def test_print_service_cron_line():
     assert fields[:5] == ["*"] * 5
     assert line.startswith("* * * * * PYTHONPATH=%s flock -n " % SERTCP.parent)
     assert "%s -m sertcp --virtual /tmp/sertcp-v --listen 7000 " % sys.executable in line
+    # /tmp is RAM on a router: a log of bounded size, not an appended stderr
+    assert line.endswith(" --log /tmp/sertcp.log --log-max-size 256k") and ">>" not in line
+    assert "exec \"$0\" \"$@\" >/tmp/sertcp.out 2>&1" in line
     bad = run_sertcp(["--virtual", "/tmp/v", "--listen", "7000", "--print-service", "launchd"])
     assert bad.returncode == 2 and "systemd, openwrt, sysv, cron" in bad.stderr
 
