@@ -331,3 +331,27 @@ def test_openwrt_script_compiles_the_bytecode_without_urllib(tmp_path):
     assert r.returncode == 0 and "code object from %r" % str(cached[0]) in r.stderr
     os.utime(str(home / "sertcp.py"), ns=(compiled_at + 10 ** 9, compiled_at + 10 ** 9))   # an update
     assert run_step()[0].stat().st_mtime_ns > compiled_at
+
+
+@pytest.mark.skipif(os.path.exists("/dev/log"), reason="a syslog daemon holds /dev/log here; this reads UDP 514")
+def test_syslog_lines_without_the_logging_package(sertcp, pty, tmp_path):
+    """log = syslog writes RFC 3164 datagrams itself (to /dev/log, or to
+    UDP 514 on localhost where there is none, as logging did)."""
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        receiver.bind(("127.0.0.1", 514))
+    except PermissionError:
+        pytest.skip("binding UDP port 514 needs root")
+    receiver.settimeout(10)
+    port = free_port()
+    try:
+        s = sertcp(pty.path, "--listen", "127.0.0.1:%d" % port, "--log", "syslog", env=env_without(tmp_path))
+        lines = []
+        while not any(b"listening on" in line for line in lines):
+            lines.append(receiver.recv(4096))
+        assert b"<14>sertcp[%d]: INFO [cli] listening on 127.0.0.1:%d\x00" % (s.proc.pid, port) in lines
+        Client(port).close()
+        while not any(b"disconnected" in line for line in lines):
+            lines.append(receiver.recv(4096))
+    finally:
+        receiver.close()
