@@ -5825,10 +5825,16 @@ def reopen_log_file(logger):
         logger.error("log: cannot reopen: %s", describe_error(e))
 
 
+# How a service starts sertcp: imported, so that Python loads the bytecode
+# cached in __pycache__.  Not `python3 -m sertcp`, whose runpy imports
+# importlib.util, contextlib and collections: 0.25 MiB more.
+SERVICE_LAUNCH = "import sys, %s; sys.exit(%s.main())"
+
+
 def module_command(args):
-    """How a service should start sertcp: `python3 -m sertcp` with the
-    file's directory on PYTHONPATH, so that Python loads the bytecode it
-    cached in __pycache__ instead of compiling this whole file at every
+    """How a service should start sertcp: `python3 -c SERVICE_LAUNCH` with
+    the file's directory on PYTHONPATH, so that Python loads the bytecode
+    it cached in __pycache__ instead of compiling this whole file at every
     start (the script form costs about 60 ms and 13 MiB more).  Returns
     (that directory, argv); (None, script argv) if the file's name cannot
     be imported as a module."""
@@ -5837,7 +5843,7 @@ def module_command(args):
     module, ext = os.path.splitext(name)
     if ext != ".py" or not module.isidentifier():
         return None, [os.path.abspath(sys.executable), path] + list(args)
-    return home, [os.path.abspath(sys.executable), "-m", module] + list(args)
+    return home, [os.path.abspath(sys.executable), "-c", SERVICE_LAUNCH % (module, module)] + list(args)
 
 
 CRON_LOG, CRON_LOG_MAX_SIZE = "/tmp/sertcp.log", "256k"   # a router's /tmp is RAM

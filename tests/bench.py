@@ -47,7 +47,8 @@ shared listeners, identity routing or packing timers; "--only scale" runs
 just these):
 
   memory      peak RSS of one port with one idle client above a bare python3
-              (python3 -m sertcp, and python3 sertcp.py for reference); RSS
+              (sertcp imported as the service files start it, and python3
+              sertcp.py for reference); RSS
               and descriptors at 1, 100 and 1,000 clients that all receive a
               broadcast, and the KiB each further client costs
   accept      1,000 connections at once until sertcp has answered each one
@@ -64,7 +65,8 @@ just these):
               first (identity), timeout = 3600, and one client that stays
               connected all along (120 s, --quick 20 s)
 
-sertcp runs as it is deployed: `python3 -m sertcp` with PYTHONPATH at the
+sertcp runs as it is deployed: `python3 -c 'import sys, sertcp;
+sys.exit(sertcp.main())'` (what --print-service writes) with PYTHONPATH at the
 repository and its bytecode compiled once per run into a cache of the
 bench's own (PYTHONPYCACHEPREFIX); the bench raises its descriptor limit to
 the hard limit.
@@ -382,7 +384,7 @@ _BYTECODE = {"prefix": None, "stamp": None}
 
 
 def sertcp_argv(script=False):
-    return [PYTHON["path"]] + ([str(SERTCP)] if script else ["-m", "sertcp"])
+    return [PYTHON["path"]] + ([str(SERTCP)] if script else ["-c", "import sys, sertcp; sys.exit(sertcp.main())"])
 
 
 def _pycache_prefix():
@@ -1221,7 +1223,7 @@ class Stalled(Measurement):
 
 class Startup(Measurement):
     """Spawn to the first accepted connection; one spawn per step.  sertcp
-    starts as `python3 -m sertcp` (cached bytecode, as deployed); a start as
+    starts as the service files start it (cached bytecode); a start as
     `python3 sertcp.py` (compiled each time) is timed beside it."""
     name = "startup"
 
@@ -2953,7 +2955,7 @@ def format_table(report):
         lines.append("MB/s: best round (servers' rounds interleaved; medians in --json);"
                      " MB = 10^6 bytes; CPU in %d Hz clock ticks" % os.sysconf("SC_CLK_TCK"))
         lines.append("ratios are sertcp/peer: throughput higher is better; time, CPU, RSS lower is better")
-        lines.append("sertcp runs as `python3 -m sertcp` from cached bytecode")
+        lines.append("sertcp runs imported, as --print-service starts it, from cached bytecode")
     if report.get("meta", {}).get("interpreter"):
         lines.append(report["meta"]["interpreter"])
     return "\n".join(lines)

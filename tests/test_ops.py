@@ -337,6 +337,10 @@ def test_pidfile_lifecycle(tmp_path, pty):
     assert not pidfile.exists()
 
 
+# what the service files run: sertcp imported (bytecode cached), without runpy
+LAUNCH = "'import sys, sertcp; sys.exit(sertcp.main())'"
+
+
 def test_print_service_systemd_unit_verifies(tmp_path):
     need_programs("systemd-analyze")
     ini = tmp_path / "a.ini"
@@ -344,7 +348,7 @@ def test_print_service_systemd_unit_verifies(tmp_path):
     r = run_sertcp(["-c", ini, "--print-service", "systemd"])
     assert r.returncode == 0, r.stderr
     # the module form, so that Python loads cached bytecode at each start
-    assert "ExecStart=%s -m sertcp -c %s" % (sys.executable, ini) in r.stdout
+    assert "ExecStart=%s -c %s -c %s" % (sys.executable, LAUNCH, ini) in r.stdout
     assert "Environment=PYTHONPATH=%s\n" % SERTCP.parent in r.stdout
     unit = tmp_path / "sertcp.service"
     unit.write_text(r.stdout)
@@ -360,7 +364,7 @@ def test_print_service_scripts_parse(kind, tmp_path):
     script.write_text(r.stdout)
     assert subprocess.run(["sh", "-n", str(script)]).returncode == 0
     assert "PYTHONPATH=%s" % SERTCP.parent in r.stdout
-    assert sys.executable in r.stdout and "-m sertcp" in r.stdout.replace("command -m\n\tprocd_append_param command ", "-m ")
+    assert sys.executable in r.stdout and "-c %s" % LAUNCH in r.stdout.replace("command -c\n\tprocd_append_param command ", "-c ")
     assert "--print-service" not in r.stdout
     if kind == "openwrt":
         assert r.stdout.startswith("#!/bin/sh /etc/rc.common") and "USE_PROCD=1" in r.stdout
@@ -414,7 +418,7 @@ def test_print_service_cron_line():
     fields = line.split()
     assert fields[:5] == ["*"] * 5
     assert line.startswith("* * * * * PYTHONPATH=%s flock -n " % SERTCP.parent)
-    assert "%s -m sertcp --virtual /tmp/sertcp-v --listen 7000 " % sys.executable in line
+    assert "%s -c %s --virtual /tmp/sertcp-v --listen 7000 " % (sys.executable, LAUNCH) in line
     # /tmp is RAM on a router: a log of bounded size, not an appended stderr
     assert line.endswith(" --log /tmp/sertcp.log --log-max-size 256k") and ">>" not in line
     assert "exec \"$0\" \"$@\" >/tmp/sertcp.out 2>&1" in line
