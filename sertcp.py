@@ -42,13 +42,57 @@ import heapq
 import math
 import os
 import select
-import signal
-import socket
 import sys
 import time
 from collections import deque
 
+import _signal
+import _socket
+
 monotonic = time.monotonic
+
+
+# socket.py and signal.py wrap their C modules to turn every constant into
+# an enum member at import, which with enum itself costs about 1.5 MiB of
+# RSS (a router has 64-128 MiB) and is of no use here: sertcp takes the C
+# modules' names through these, and pays for the Python module only where
+# something needs a name the C module lacks (TLS, pyserial URLs do).
+
+class LightSocket(_socket.socket):
+    """socket.socket as sertcp uses it: the C socket, with accept()
+    returning a LightSocket, and `with`."""
+    __slots__ = ()
+
+    def accept(self):
+        fd, peer = self._accept()
+        return LightSocket(self.family, self.type, self.proto, fileno=fd), peer
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+class CModule:
+    """A C module's names (_socket's, _signal's) under the Python module's
+    name; a name only the Python module has imports it then."""
+
+    def __init__(self, python_module, c_module, **replaced):
+        self.__dict__.update(_python_module=python_module, _c_module=c_module)
+        self.__dict__.update(replaced)
+
+    def __getattr__(self, name):
+        try:
+            value = getattr(self._c_module, name)
+        except AttributeError:
+            value = getattr(__import__(self._python_module), name)
+        self.__dict__[name] = value
+        return value
+
+
+socket = CModule("socket", _socket, socket=LightSocket)
+signal = CModule("signal", _signal)
 
 __version__ = "0.1.0"
 
@@ -77,7 +121,7 @@ PASSWORD_LINE_LIMIT = 256      # bytes: a longer first line is not a password
 WRONG_PASSWORD_DELAY = 1.0     # seconds before a wrong password is answered by closing
 PASSWORD_FAILURES, PASSWORD_WINDOW, PASSWORD_BLOCK = 5, 60.0, 60  # then refuse that address
 PEER_LOG_BURST, PEER_LOG_WINDOW = 10, 10.0  # per-peer log lines per window
-DEBUG, INFO, WARNING = 10, 20, 30  # logging's levels, without importing logging here
+DEBUG, INFO, WARNING, ERROR = 10, 20, 30, 40  # logging's levels (sertcp has its own logger)
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE = 0, 1, 2
 
@@ -576,6 +620,7 @@ PORT_KEYS = [
 GLOBAL_KEYS = [
     Key("log_level", choice_parser("debug", "info", "warning", "error"), "info", "debug, info, warning, error"),
     Key("log", parse_path, "stderr", "stderr, syslog, or a file path"),
+    Key("log_max_size", size_parser(0, 1024 ** 3), 0, "a log file this large becomes FILE.1 and a new one starts (0 = never)", show_size),
     Key("pidfile", parse_path, None, "written at start, removed at exit"),
     Key("status", parse_listen, None, "[HOST:]PORT of the HTTP status endpoint (/status JSON, /metrics)", show_hostport),
     Key("user", parse_text, None, "after opening devices and binding, drop to this user"),
@@ -781,14 +826,74 @@ PORT_RULES = (
 )
 
 
+# ---------------------------------------------------------------------
+# Modules a feature needs: OpenWrt splits the standard library in packages
+# ---------------------------------------------------------------------
+
+def is_url(device):
+    return device is not None and "://" in device
+
+
+def non_ascii(*names):
+    """True if a host name needs the idna codec (see resolver_host)."""
+    return any(name and not name.isascii() for name in names)
+
+
+# One row per feature beyond OpenWrt's python3-light: (does this port use
+# it, the key to blame, the modules it imports, the package that has
+# them).  A missing module is a configuration error naming the package, so
+# --check, the start and a reload refuse the feature instead of a
+# traceback at the first use.
+PORT_NEEDS = (
+    (lambda v: v["tls"], "tls", ("ssl",), "python3-openssl"),
+    (lambda v: v["tls_cert"] is not None, "tls_cert", ("ssl",), "python3-openssl"),
+    (lambda v: is_url(v["device"]), "device", ("urllib.parse",), "python3-urllib"),
+    (lambda v: is_url(v["device"]), "device", ("logging",), "python3-logging"),
+    # pyserial's socket:// and rfc2217:// resolve str hosts: the idna codec
+    (lambda v: is_url(v["device"]) and v["device"].split("://")[0] in ("socket", "rfc2217"),
+     "device", ("encodings.idna",), "python3-codecs"),
+    (lambda v: v["connect"] is not None and non_ascii(*(host for host, _ in v["connect"])),
+     "connect", ("encodings.idna",), "python3-codecs"),
+    (lambda v: v["listen"] is not None and non_ascii(v["listen"][0]), "listen", ("encodings.idna",), "python3-codecs"),
+    (lambda v: non_ascii(v["tls_server_name"]), "tls_server_name", ("encodings.idna",), "python3-codecs"),
+)
+GLOBAL_NEEDS = (
+    (lambda v: v["status"] is not None and non_ascii(v["status"][0]), "status", ("encodings.idna",), "python3-codecs"),
+)
+_importable = {}
+
+
+def missing_module(names):
+    """The first of the modules that cannot be imported, or None."""
+    for name in names:
+        if name not in _importable:
+            try:
+                __import__(name)
+                _importable[name] = True
+            except ImportError:
+                _importable[name] = False
+        if not _importable[name]:
+            return name
+    return None
+
+
+def check_needs(rows, values, where_of, errors):
+    for uses, key, modules, package in rows:
+        missing = uses(values) and missing_module(modules)
+        if missing:
+            errors.append(ConfigError(where_of(key), key, "needs the Python module %s, which this Python lacks "
+                                      "(OpenWrt: opkg install %s)" % (missing, package)))
+
+
 def _validate_port(port, where_of, errors):
     """Combinations that each key alone cannot check: PORT_RULES, then
-    the files the port names."""
+    the modules and files the port needs."""
     v = port.values
     for broken, key, message in PORT_RULES:
         if broken(v):
             shown = {k: PORT_SCHEMA[k].format(value) for k, value in v.items()}
             errors.append(ConfigError(where_of(key), key, message.format(name=port.name, **shown)))
+    check_needs(PORT_NEEDS, v, where_of, errors)
     _check_port_files(port, where_of, errors)
 
 
@@ -920,6 +1025,7 @@ def build_config(config_path, port_flags, global_flags, device):
         errors.append(ConfigError(config_path, None, "section [%s] clashes with the port given on the command line" % CLI_PORT))
     global_settings.update(global_flags)
     global_values = _parse_settings(GLOBAL_SCHEMA, global_settings, "[global]", errors)
+    check_needs(GLOBAL_NEEDS, global_values, lambda key: global_settings[key].where, errors)
 
     port_sections = list(sections.items())
     if device is not None or port_flags:
@@ -2722,9 +2828,21 @@ def is_ip_literal(host):
     return False
 
 
+def resolver_host(host):
+    """The host as getaddrinfo should get it.  A str goes through Python's
+    idna codec, which needs unicodedata (OpenWrt's python3-codecs) and
+    raises UnicodeError for a malformed name such as a..b; an ASCII name
+    as bytes goes to the resolver as it is."""
+    try:
+        return host.encode("ascii")
+    except UnicodeError:
+        return host
+
+
 def resolve_in_thread(reactor, host, port, callback):
     """getaddrinfo without blocking the loop: literals at once, names in a
-    helper thread whose answer comes back through the loop."""
+    helper thread whose answer comes back through the loop.  Every failure
+    (an OSError, a codec error, anything) reaches callback([], error)."""
     if is_ip_literal(host):
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         callback([(family, (host, port))], None)
@@ -2733,10 +2851,10 @@ def resolve_in_thread(reactor, host, port, callback):
 
     def work():
         try:
-            infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+            infos = socket.getaddrinfo(resolver_host(host), port, 0, socket.SOCK_STREAM)
             result = [(info[0], info[4]) for info in infos]
             reactor.call_soon_threadsafe(lambda: callback(result, None))
-        except OSError as e:
+        except Exception as e:  # the thread must answer, or the port waits for ever
             reactor.call_soon_threadsafe(lambda e=e: callback([], e))
     threading.Thread(target=work, daemon=True, name="sertcp-resolve").start()
 
@@ -3657,7 +3775,26 @@ def termios_tables():
     return _termios_tables
 
 
-TCGETS2 = 0x802C542A    # Linux (asm-generic): termios2 with the rate in numbers
+# The ioctl that reads a rate without a B constant (BOTHER) in numbers, as
+# each architecture's <asm/ioctls.h> and <asm/termbits.h> define it:
+# (request, size of the struct, offset of c_ospeed).  TCGETS2 reads a
+# termios2; MIPS (most OpenWrt routers) and SPARC lay out both differently
+# from asm-generic (x86, ARM, RISC-V); PowerPC has no termios2, its own
+# TCGETS carries the rates.
+TCGETS2_BY_ARCH = {
+    "generic": (0x802C542A, 44, 40),
+    "mips": (0x4030542A, 48, 44),
+    "sparc": (0x402C540C, 44, 40),
+    "powerpc": (0x402C7413, 44, 40),
+}
+
+
+def tcgets2_for(machine):
+    """TCGETS2_BY_ARCH's row for a machine as os.uname() names it."""
+    for prefix, arch in (("mips", "mips"), ("sparc", "sparc"), ("ppc", "powerpc"), ("powerpc", "powerpc")):
+        if machine.startswith(prefix):
+            return TCGETS2_BY_ARCH[arch]
+    return TCGETS2_BY_ARCH["generic"]
 
 
 def termios_settings(fd):
@@ -3671,8 +3808,9 @@ def termios_settings(fd):
     if baud is None:  # BOTHER: a rate without a B constant, set through termios2
         try:
             import fcntl
-            raw = fcntl.ioctl(fd, TCGETS2, bytes(44))
-            baud = int.from_bytes(raw[40:44], sys.byteorder)
+            request, size, ospeed_at = tcgets2_for(os.uname().machine)
+            raw = fcntl.ioctl(fd, request, bytes(size))
+            baud = int.from_bytes(raw[ospeed_at:ospeed_at + 4], sys.byteorder)
         except (OSError, ImportError):
             baud = 0
     flow = "rtscts" if cflag & t.crtscts else "xonxoff" if iflag & termios.IXON else "none"
@@ -4211,7 +4349,10 @@ def resolve_listen(address):
         return [(socket.AF_INET, ("0.0.0.0", port), False)]
     if is_ip_literal(host):  # no resolver (and no idna codec import) for addresses
         return [(socket.AF_INET6 if ":" in host else socket.AF_INET, (host, port), False)]
-    infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    try:
+        infos = socket.getaddrinfo(resolver_host(host), port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    except (UnicodeError, LookupError) as e:  # a malformed name, or no idna codec for a non-ASCII one
+        raise OSError(errno.EINVAL, "cannot resolve %s: %s" % (host, e))
     seen, out = set(), []
     for family, _, _, _, sockaddr in infos:
         if sockaddr in seen:
@@ -6601,8 +6742,11 @@ class Dialer:
         try:
             if self.tls_context is None:
                 self.tls_context = make_client_tls(c)
-            ssl_sock = self.tls_context.wrap_socket(sock, server_hostname=name, do_handshake_on_connect=False)
-        except (OSError, ValueError) as e:
+            # an ASCII name as bytes: no idna codec (python3-codecs) needed
+            ssl_sock = self.tls_context.wrap_socket(sock, server_hostname=resolver_host(name),
+                                                    do_handshake_on_connect=False)
+        except Exception as e:  # no ssl module, a bad CA file...: a failed dial, retried
+
             sock.close()
             self.last_error = "%s: TLS set-up failed: %s" % (format_peer(sockaddr), describe_error(e))
             self._do_connect()
@@ -7055,62 +7199,189 @@ def log_warning(message):
         _log.warning(message)
 
 
+# ---------------------------------------------------------------------
+# The log: a small logger of our own.  The logging package is a package
+# of its own on OpenWrt (python3-logging) and costs 16 ms and 1.8 MiB at
+# start; this writes the same lines ("2024-01-02 03:04:05,678 INFO ...").
+# ---------------------------------------------------------------------
+
+LEVEL_NAMES = {DEBUG: "DEBUG", INFO: "INFO", WARNING: "WARNING", ERROR: "ERROR"}
+SYSLOG_SEVERITY = {DEBUG: 7, INFO: 6, WARNING: 4, ERROR: 3}   # RFC 5424; facility user (1)
+
+
+class StreamSink:
+    """Log lines to stderr."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def emit(self, level, message):
+        self.stream.write(timestamped(level, message))
+        self.stream.flush()
+
+    def reopen(self):
+        pass
+
+    def close(self):
+        pass
+
+
+class FileSink:
+    """Log lines appended to a file; at max_size (0 = never) the file
+    becomes FILE.1 (replacing the one before) and a new one starts, so a
+    router's RAM-backed /tmp holds at most twice max_size."""
+
+    def __init__(self, path, max_size=0):
+        self.path, self.max_size = path, max_size
+        self.file = open(path, "a")
+
+    def emit(self, level, message):
+        self.file.write(timestamped(level, message))
+        self.file.flush()
+        if self.max_size and self.file.tell() >= self.max_size:
+            try:
+                os.replace(self.path, self.path + ".1")
+                self.reopen()
+            except OSError:
+                pass  # keep writing where we are: losing the log is worse than a big one
+
+    def reopen(self):
+        """After logrotate moved the file (SIGHUP), or at a rollover."""
+        new = open(self.path, "a")
+        self.file.close()
+        self.file = new
+
+    def close(self):
+        self.file.close()
+
+
+class SyslogSink:
+    """Log lines as datagrams to the local syslog daemon (/dev/log, or UDP
+    port 514 of localhost where there is none, as logging's SysLogHandler)."""
+
+    def __init__(self):
+        if os.path.exists("/dev/log"):
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self.address = "/dev/log"
+        else:
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.address = ("127.0.0.1", 514)
+        try:
+            self.sock.connect(self.address)
+        except OSError:
+            self.sock.close()
+            raise
+
+    def emit(self, level, message):
+        line = "<%d>%s[%d]: %s %s\x00" % (8 + SYSLOG_SEVERITY[level], PROGRAM, os.getpid(),
+                                         LEVEL_NAMES[level], message)
+        try:
+            self.sock.send(line.encode("utf-8", "replace"))
+        except OSError:
+            try:
+                self.sock.connect(self.address)  # syslogd restarted
+                self.sock.send(line.encode("utf-8", "replace"))
+            except OSError:
+                pass
+
+    def reopen(self):
+        pass
+
+    def close(self):
+        self.sock.close()
+
+
+def timestamped(level, message):
+    now = time.time()
+    return "%s,%03d %s %s\n" % (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)),
+                                 int(now * 1000) % 1000, LEVEL_NAMES[level], message)
+
+
+class Log:
+    """What sertcp calls a logger: debug/info/warning/error/log(level, ...)
+    with %-style arguments, like logging.Logger; one sink at a time."""
+
+    def __init__(self, sink, level=INFO):
+        self.sink, self.level = sink, level
+
+    def setLevel(self, name):
+        self.level = name if isinstance(name, int) else LEVEL_BY_NAME[name.upper()]
+
+    def isEnabledFor(self, level):
+        return level >= self.level
+
+    def log(self, level, message, *args):
+        if level < self.level:
+            return
+        if args:
+            try:
+                message = message % args
+            except (TypeError, ValueError, KeyError):
+                message = "%s %r" % (message, args)
+        try:
+            self.sink.emit(level, message)
+        except (OSError, ValueError):
+            pass  # a full disk must not stop the bridge
+
+    def debug(self, message, *args):
+        self.log(DEBUG, message, *args)
+
+    def info(self, message, *args):
+        self.log(INFO, message, *args)
+
+    def warning(self, message, *args):
+        self.log(WARNING, message, *args)
+
+    def error(self, message, *args):
+        self.log(ERROR, message, *args)
+
+
+LEVEL_BY_NAME = {name: level for level, name in LEVEL_NAMES.items()}
+
+
 def open_log_handler(global_values):
-    """A logging handler for `log`: stderr, syslog or a file (raises
-    OSError when the file cannot be opened)."""
-    import logging
+    """A sink for `log`: stderr, syslog or a file (raises OSError when the
+    file cannot be opened)."""
     target = global_values["log"]
     if target == "stderr":
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    elif target == "syslog":
-        import logging.handlers
-        address = "/dev/log" if os.path.exists("/dev/log") else ("localhost", 514)
-        handler = logging.handlers.SysLogHandler(address=address)
-        handler.setFormatter(logging.Formatter(PROGRAM + "[%(process)d]: %(levelname)s %(message)s"))
-    else:
-        handler = logging.FileHandler(target)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    return handler
+        return StreamSink(sys.stderr)
+    if target == "syslog":
+        return SyslogSink()
+    return FileSink(target, global_values["log_max_size"])
 
 
 def use_log_handler(logger, handler):
-    """Make `handler` the logger's only one, closing those it replaces."""
-    for old in logger.handlers[:]:
-        logger.removeHandler(old)
-        old.close()
-    logger.addHandler(handler)
+    """Make `handler` the logger's sink, closing the one it replaces."""
+    old, logger.sink = logger.sink, handler
+    old.close()
 
 
 def setup_logging(global_values):
-    import logging
-    logger = logging.getLogger(PROGRAM)
-    use_log_handler(logger, open_log_handler(global_values))
-    logger.setLevel(global_values["log_level"].upper())
-    logger.propagate = False
+    logger = Log(open_log_handler(global_values))
+    logger.setLevel(global_values["log_level"])
     global _log
     _log = logger
     return logger
 
 
 def reopen_log_file(logger):
-    """After logrotate moved the file: SIGHUP makes a FileHandler start anew."""
-    for handler in logger.handlers:
-        stream = getattr(handler, "stream", None)
-        opener = getattr(handler, "_open", None)
-        if opener is not None and stream is not None and stream not in (sys.stderr, sys.stdout):
-            handler.acquire()
-            try:
-                stream.close()
-                handler.stream = opener()
-            finally:
-                handler.release()
+    """After logrotate moved the file: SIGHUP makes a file sink start anew."""
+    try:
+        logger.sink.reopen()
+    except OSError as e:
+        logger.error("log: cannot reopen: %s", describe_error(e))
+
+
+# How a service starts sertcp: imported, so that Python loads the bytecode
+# cached in __pycache__.  Not `python3 -m sertcp`, whose runpy imports
+# importlib.util, contextlib and collections: 0.25 MiB more.
+SERVICE_LAUNCH = "import sys, %s; sys.exit(%s.main())"
 
 
 def module_command(args):
-    """How a service should start sertcp: `python3 -m sertcp` with the
-    file's directory on PYTHONPATH, so that Python loads the bytecode it
-    cached in __pycache__ instead of compiling this whole file at every
+    """How a service should start sertcp: `python3 -c SERVICE_LAUNCH` with
+    the file's directory on PYTHONPATH, so that Python loads the bytecode
+    it cached in __pycache__ instead of compiling this whole file at every
     start (the script form costs about 60 ms and 13 MiB more).  Returns
     (that directory, argv); (None, script argv) if the file's name cannot
     be imported as a module."""
@@ -7119,12 +7390,16 @@ def module_command(args):
     module, ext = os.path.splitext(name)
     if ext != ".py" or not module.isidentifier():
         return None, [os.path.abspath(sys.executable), path] + list(args)
-    return home, [os.path.abspath(sys.executable), "-m", module] + list(args)
+    return home, [os.path.abspath(sys.executable), "-c", SERVICE_LAUNCH % (module, module)] + list(args)
 
 
-def service_text(kind, argv):
+CRON_LOG, CRON_LOG_MAX_SIZE = "/tmp/sertcp.log", "256k"   # a router's /tmp is RAM
+
+
+def service_text(kind, argv, global_values=None):
     """A unit, init script or crontab line starting this same command line
-    with absolute paths (and without --print-service)."""
+    with absolute paths (and without --print-service).  `global_values`
+    (the configuration's) tells whether the cron line must name a log."""
     args = []
     skip = False
     for i, arg in enumerate(argv):
@@ -7160,11 +7435,11 @@ def service_text(kind, argv):
     if kind == "openwrt":
         params = "\n".join("\tprocd_append_param command %s" % shlex.quote(a) for a in command[1:])
         return ("#!/bin/sh /etc/rc.common\n# sertcp serial device server (procd)\n"
-                "USE_PROCD=1\nSTART=95\nSTOP=10\n\nstart_service() {\n"
+                "USE_PROCD=1\nSTART=95\nSTOP=10\n\nstart_service() {\n%s"
                 "\tprocd_open_instance\n\tprocd_set_param command %s\n%s\n%s"
                 "\tprocd_set_param respawn\n\tprocd_set_param stderr 1\n\tprocd_close_instance\n}\n\n"
                 "reload_service() {\n\tprocd_send_signal sertcp\n}\n"
-                % (shlex.quote(command[0]), params,
+                % (bytecode_step(command[0]) if home else "", shlex.quote(command[0]), params,
                    "\tprocd_set_param env %s\n" % shlex.quote(env) if home else ""))
     if kind == "sysv":
         return ("#!/bin/sh\n### BEGIN INIT INFO\n# Provides:          sertcp\n"
@@ -7186,12 +7461,33 @@ def service_text(kind, argv):
                 "  *)\n    echo \"usage: $0 {start|stop|reload|restart|status}\"; exit 2\n    ;;\n"
                 "esac\n" % (prefix, line))
     if kind == "cron":
-        # every minute: start it unless it runs (flock holds while it lives)
-        return "* * * * * %sflock -n /tmp/sertcp.cron.lock %s >>/tmp/sertcp.log 2>&1\n" % (prefix, line)
+        # every minute: start it unless it runs (flock holds while it lives).
+        # The log is a file of bounded size, and what the start itself says
+        # (a configuration error, a crash) is in sertcp.out, which only a
+        # new start truncates.
+        if global_values is None or global_values["log"] == "stderr":
+            line += " --log %s --log-max-size %s" % (CRON_LOG, CRON_LOG_MAX_SIZE)
+        run = shlex.quote('exec "$0" "$@" >%s 2>&1' % (os.path.splitext(CRON_LOG)[0] + ".out"))
+        return "* * * * * %sflock -n /tmp/sertcp.cron.lock sh -c %s %s\n" % (prefix, run, line)
     raise ValueError(kind)
 
 
 SERVICE_KINDS = ("systemd", "openwrt", "sysv", "cron")
+
+
+def bytecode_step(python):
+    """Shell lines that compile this file to the bytecode `python -m`
+    loads, unless it is newer than the file: OpenWrt's python3 never writes
+    __pycache__ itself (its patch 004), so without this every start
+    compiles the whole file.  py_compile needs nothing beyond python3-light
+    (compileall needs python3-urllib on 3.9-3.12)."""
+    import importlib.util
+    import shlex
+    source = os.path.abspath(__file__)
+    cached = importlib.util.cache_from_source(source)
+    return ("\t# bytecode for python3 -m (OpenWrt's python3 does not write it): once, and after an update\n"
+            "\t[ %s -nt %s ] || %s -m py_compile %s\n"
+            % tuple(shlex.quote(x) for x in (cached, source, python, source)))
 
 
 def drop_privileges(user, log):
@@ -7212,6 +7508,50 @@ def drop_privileges(user, log):
         raise RuntimeError("user: cannot become %s: %s" % (user, describe_error(e)))
     log.info("running as user %s (uid %d, groups %s)", user, entry.pw_uid,
              ",".join(str(g) for g in os.getgroups()))
+
+
+# Run by /bin/sh, which stays root while sertcp drops to `user`: it waits
+# for the end of the pipe it reads (sertcp's exit, however it ends), then
+# removes the pidfile if it still holds sertcp's pid and each virtual
+# port's symlink if it still points to sertcp's pty: in a root-owned
+# directory (/run, /dev) sertcp itself may no longer remove them.
+CLEANUP_SCRIPT = """trap '' HUP INT TERM
+read -r _
+pid=$1 pidfile=$2
+shift 2
+[ -n "$pidfile" ] && [ "$(cat "$pidfile" 2>/dev/null)" = "$pid" ] && rm -f "$pidfile"
+while [ $# -ge 2 ]; do
+    [ "$(readlink "$1")" = "$2" ] && rm -f "$1"
+    shift 2
+done
+"""
+
+
+def start_cleanup_after_exit(server):
+    """Before dropping privileges: start CLEANUP_SCRIPT for the pidfile and
+    the virtual ports' symlinks.  Returns its pid, or None if it could not
+    start (logged: the files then stay behind, as they would have)."""
+    links = []
+    for port in server.ports:
+        device = port.device
+        if isinstance(device, VirtualDevice) and device.slave_name:
+            links += [os.path.abspath(port.config.virtual), device.slave_name]
+    if not server.pidfile and not links:
+        return None
+    read_end, write_end = os.pipe()      # the write end stays open, unused, until we exit
+    try:
+        pid = os.posix_spawn("/bin/sh", ["sh", "-c", CLEANUP_SCRIPT, "sertcp-cleanup", str(os.getpid()),
+                                         os.path.abspath(server.pidfile) if server.pidfile else ""] + links,
+                             os.environ, file_actions=[(os.POSIX_SPAWN_DUP2, read_end, 0)])
+    except OSError as e:
+        os.close(write_end)
+        server.log.warning("user: cannot start /bin/sh to remove the pidfile and symlinks at exit: %s",
+                           describe_error(e))
+        return None
+    finally:
+        os.close(read_end)
+    server.cleanup_pipe = write_end
+    return pid
 
 
 def raise_fd_limit(log):
@@ -7244,6 +7584,7 @@ class Server:
         self.reload_config = reload_config
         self.started = time.monotonic()
         self.pidfile = None         # the path written, removed at exit
+        self.cleanup_pipe = None    # with user: held until exit by start_cleanup_after_exit
 
     def internal_error(self, where, exc):
         """A bug met while serving `where` (contained by the reactor): the
@@ -7311,7 +7652,9 @@ class Server:
             try:
                 os.unlink(self.pidfile)
             except OSError as e:
-                if e.errno != errno.ENOENT:
+                if e.errno in (errno.EACCES, errno.EPERM) and self.cleanup_pipe is not None:
+                    self.log.debug("pidfile %s is removed by root's helper at exit", self.pidfile)
+                elif e.errno != errno.ENOENT:
                     self.log.warning("pidfile %s not removed: %s", self.pidfile, describe_error(e))
             self.pidfile = None
 
@@ -7326,7 +7669,7 @@ class Server:
             return ("user: cannot change from %s to %s while running (privileges are dropped once, at start); "
                     "restart sertcp" % (old["user"] or "(none)", new["user"] or "(none)"))
         handler = None
-        if new["log"] != old["log"]:
+        if new["log"] != old["log"] or new["log_max_size"] != old["log_max_size"]:
             try:
                 handler = open_log_handler(new)
             except OSError as e:
@@ -7480,7 +7823,7 @@ class Server:
                       *(", ".join(names) or "none" for names in (kept, restarted, started, stopped)))
 
     def shutdown(self):
-        name = signal.Signals(self.stop_requested).name
+        name = "SIGTERM" if self.stop_requested == signal.SIGTERM else "SIGINT"
         self.log.info("%s received: stopping", name)
         for gate in self.gates:
             gate.close()
@@ -7555,7 +7898,7 @@ def main(argv=None):
         sys.stdout.write(device_notes(config))
         return EXIT_OK
     if opts["print_service"] is not None:
-        sys.stdout.write(service_text(opts["print_service"], argv))
+        sys.stdout.write(service_text(opts["print_service"], argv, config.globals))
         return EXIT_OK
     try:
         log = setup_logging(config.globals)
@@ -7571,6 +7914,8 @@ def main(argv=None):
         if config.globals["pidfile"]:
             server.write_pidfile(config.globals["pidfile"])
         if config.globals["user"]:
+            if os.geteuid() == 0:
+                start_cleanup_after_exit(server)
             drop_privileges(config.globals["user"], log)
     except RuntimeError as e:
         log.error("%s", e)

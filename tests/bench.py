@@ -60,7 +60,8 @@ shared listeners, identity routing or packing timers; "--only scale" runs
 just these):
 
   memory      peak RSS of one port with one idle client above a bare python3
-              (python3 -m sertcp, and python3 sertcp.py for reference); RSS
+              (sertcp imported as the service files start it, and python3
+              sertcp.py for reference); RSS
               and descriptors at 1, 100 and 1,000 clients that all receive a
               broadcast, and the KiB each further client costs
   accept      1,000 connections at once until sertcp has answered each one
@@ -77,7 +78,8 @@ just these):
               first (identity), timeout = 3600, and one client that stays
               connected all along (120 s, --quick 20 s)
 
-sertcp runs as it is deployed: `python3 -m sertcp` with PYTHONPATH at the
+sertcp runs as it is deployed: `python3 -c 'import sys, sertcp;
+sys.exit(sertcp.main())'` (what --print-service writes) with PYTHONPATH at the
 repository and its bytecode compiled once per run into a cache of the
 bench's own (PYTHONPYCACHEPREFIX); the bench raises its descriptor limit to
 the hard limit.
@@ -328,7 +330,7 @@ def free_port():
 def tool_version(kind):
     try:
         if kind == "sertcp":
-            argv = [sys.executable, str(SERTCP), "--version"]
+            argv = [PYTHON["path"], str(SERTCP), "--version"]
         elif kind == "socat":
             argv = ["socat", "-V"]
         else:
@@ -349,6 +351,47 @@ def available(kind):
     return shutil.which(kind) is not None
 
 
+# Every interpreter the bench starts (sertcp and the bare python3 it is
+# measured against) is PYTHON["path"]: by default a fresh venv of this
+# Python with only pyserial, as a box runs it: the interpreter running the
+# bench may load .pth extras of its site-packages at every start, which
+# hides part of sertcp's cost in the bare figure.  --python PATH picks one.
+PYTHON = {"path": sys.executable, "what": "the bench's own interpreter"}
+
+
+def clean_venv(directory):
+    """A venv of this Python without pip, setuptools or any .pth, holding
+    only a link to the pyserial the bench's interpreter has (no network);
+    returns its python3."""
+    import serial
+    import venv
+    venv.EnvBuilder(with_pip=False, symlinks=True).create(directory)
+    python = os.path.join(directory, "bin", "python3")
+    site = subprocess.run([python, "-c", "import site; print(site.getsitepackages()[0])"],
+                          stdout=subprocess.PIPE, check=True, timeout=60).stdout.decode().strip()
+    os.symlink(os.path.dirname(serial.__file__), os.path.join(site, "serial"))
+    return python
+
+
+def choose_python(path):
+    """Set PYTHON: `path`, or a clean venv made for this run."""
+    if path:
+        PYTHON.update(path=path, what="given with --python")
+        return
+    directory = tempfile.mkdtemp(prefix="sertcp-bench-venv-")
+    atexit.register(shutil.rmtree, directory, True)
+    try:
+        PYTHON.update(path=clean_venv(directory), what="a fresh venv of %s with only pyserial" % sys.executable)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise BenchError("cannot make a clean venv in %s: %s (or give --python)" % (directory, e))
+
+
+def describe_python():
+    version = subprocess.run([PYTHON["path"], "-c", "import sys; print(sys.version.split()[0])"],
+                             stdout=subprocess.PIPE, timeout=30).stdout.decode().strip()
+    return "interpreter: %s (Python %s; %s)" % (PYTHON["path"], version, PYTHON["what"])
+
+
 # sertcp runs as deployed: `python3 -m sertcp` from cached bytecode.  Run as
 # a script (`python3 sertcp.py`) the whole file is compiled at every start,
 # which costs megabytes of peak RSS and tens of milliseconds.
@@ -356,7 +399,7 @@ _BYTECODE = {"prefix": None, "stamp": None}
 
 
 def sertcp_argv(script=False):
-    return [sys.executable] + ([str(SERTCP)] if script else ["-m", "sertcp"])
+    return [PYTHON["path"]] + ([str(SERTCP)] if script else ["-c", "import sys, sertcp; sys.exit(sertcp.main())"])
 
 
 def _pycache_prefix():
@@ -406,7 +449,7 @@ def ensure_bytecode():
     stamp = (st.st_mtime_ns, st.st_size)
     if stamp == _BYTECODE["stamp"]:
         return
-    r = subprocess.run([sys.executable, "-c", _WARM_CACHE], env=sertcp_env(), cwd=str(ROOT),
+    r = subprocess.run([PYTHON["path"], "-c", _WARM_CACHE], env=sertcp_env(), cwd=str(ROOT),
                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
     if r.returncode:
         raise BenchError("`import sertcp` failed:\n%s" % r.stdout.decode(errors="replace")[-2000:])
@@ -1195,7 +1238,7 @@ class Stalled(Measurement):
 
 class Startup(Measurement):
     """Spawn to the first accepted connection; one spawn per step.  sertcp
-    starts as `python3 -m sertcp` (cached bytecode, as deployed); a start as
+    starts as the service files start it (cached bytecode); a start as
     `python3 sertcp.py` (compiled each time) is timed beside it."""
     name = "startup"
 
@@ -1207,7 +1250,7 @@ class Startup(Measurement):
     def run_step(self, deadline):
         if self.kind == "sertcp":
             t0 = time.monotonic()
-            subprocess.run([sys.executable, "-c", "pass"], timeout=30)
+            subprocess.run([PYTHON["path"], "-c", "pass"], timeout=30)
             self.bare.append(time.monotonic() - t0)
             self.script.append(self.spawn(script=True))
         self.times.append(self.spawn())
@@ -1289,9 +1332,9 @@ def bare_python(settings):
     walls = []
     for _ in range(max(1, settings.startup_runs)):
         t0 = time.monotonic()
-        subprocess.run([sys.executable, "-c", "pass"], timeout=30)
+        subprocess.run([PYTHON["path"], "-c", "pass"], timeout=30)
         walls.append(time.monotonic() - t0)
-    proc = subprocess.Popen([sys.executable, "-c",
+    proc = subprocess.Popen([PYTHON["path"], "-c",
                              "import sys, time; sys.stdout.write('ready\\n'); "
                              "sys.stdout.flush(); time.sleep(30)"],
                             stdout=subprocess.PIPE)
@@ -2995,6 +3038,7 @@ def run(settings, servers=SERVERS, measurements=MEASUREMENTS, progress=None, smo
         "errors": {},
     }
     report["meta"]["nofile"] = raise_nofile()
+    report["meta"]["interpreter"] = describe_python()
     kinds = []
     for kind in servers:
         if available(kind):
@@ -3187,13 +3231,17 @@ def format_table(report):
         lines.append("MB/s: best round (servers' rounds interleaved; medians in --json);"
                      " MB = 10^6 bytes; CPU in %d Hz clock ticks" % os.sysconf("SC_CLK_TCK"))
         lines.append("ratios are sertcp/peer: throughput higher is better; time, CPU, RSS lower is better")
-        lines.append("sertcp runs as `python3 -m sertcp` from cached bytecode")
+        lines.append("sertcp runs imported, as --print-service starts it, from cached bytecode")
+    if report.get("meta", {}).get("interpreter"):
+        lines.append(report["meta"]["interpreter"])
     return "\n".join(lines)
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description="Benchmark sertcp against socat and ser2net on ptys over loopback.")
     p.add_argument("--json", metavar="OUT.json", help="write every number to this file")
+    p.add_argument("--python", metavar="PATH",
+                   help="the python3 that runs sertcp and the bare reference (default: a fresh venv with only pyserial)")
     p.add_argument("--quick", action="store_true", help="small sizes, fewer rounds, a 20 s soak (about 2 minutes)")
     p.add_argument("--smoke", action="store_true",
                    help="every measurement with tiny sizes (well under 30 s): that each runs and reports;"
@@ -3256,6 +3304,8 @@ def main(argv=None):
     if argv is None:
         signal.signal(signal.SIGTERM, on_term)
     try:
+        choose_python(args.python)
+        progress(describe_python())
         report = run(settings, args.servers, args.measurements, progress, smoke=args.smoke)
     finally:
         if argv is None:

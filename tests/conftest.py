@@ -278,7 +278,46 @@ class Sertcp:
         return self.proc.returncode
 
 
-def run_sertcp(args, timeout=20.0, config=None, tmpdir=None):
+# sitecustomize for a Python whose standard library lacks some modules, as
+# OpenWrt's package split leaves python3-light: a meta-path finder refuses
+# them (and their submodules), so every import of them fails as it would
+# there; the idna codec goes with encodings.idna.
+HIDE_MODULES = """
+import os, sys
+HIDDEN = tuple(n for n in os.environ.get("SERTCP_TEST_HIDE", "").split(",") if n)
+
+
+class RefuseHidden:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if any(name == h or name.startswith(h + ".") for h in HIDDEN):
+            raise ModuleNotFoundError("No module named %r" % name, name=name)
+        return None
+
+
+for loaded in list(sys.modules):
+    if any(loaded == h or loaded.startswith(h + ".") for h in HIDDEN):
+        del sys.modules[loaded]
+sys.meta_path.insert(0, RefuseHidden)
+"""
+
+# What OpenWrt's python3-light lacks that sertcp could want: python3-codecs
+# (unicodedata, the idna codec), python3-openssl, python3-logging, python3-urllib
+OPENWRT_LIGHT_LACKS = ("unicodedata", "encodings.idna", "ssl", "_ssl", "logging", "urllib")
+
+
+def env_without(tmp_path, modules=OPENWRT_LIGHT_LACKS):
+    """An environment in which python3 cannot import `modules`."""
+    directory = Path(tmp_path) / "hide-modules"
+    directory.mkdir(exist_ok=True)
+    (directory / "sitecustomize.py").write_text(HIDE_MODULES)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(directory), env.get("PYTHONPATH")) if p)
+    env["SERTCP_TEST_HIDE"] = ",".join(modules)
+    return env
+
+
+def run_sertcp(args, timeout=20.0, config=None, tmpdir=None, env=None):
     """Run sertcp.py to completion (for --check, --version, errors)."""
     argv = [sys.executable, str(SERTCP)]
     if config is not None:
@@ -288,7 +327,7 @@ def run_sertcp(args, timeout=20.0, config=None, tmpdir=None):
         argv += ["-c", path]
     argv += [str(a) for a in args]
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+                          stdin=subprocess.DEVNULL, env=env)
 
 
 def closing_factory(make):
@@ -320,7 +359,7 @@ def sertcp(tmp_path):
     """sertcp(args..., config=INI) starts the real process; all are stopped
     (SIGTERM) after the test, and a crash or non-zero exit fails it.
     preexec_fn runs in the child before sertcp (resource limits); env
-    replaces its environment."""
+    replaces its environment (env_without)."""
     started = []
 
     def start(*args, config=None, wait_port=None, host="127.0.0.1", preexec_fn=None, env=None):

@@ -39,6 +39,7 @@ SPEC_PORT_KEYS += """
     disconnect_on_line device_connect_msg device_disconnect_msg
     device_unreachable_msg heartbeat_interval heartbeat_data""".split()
 SPEC_GLOBAL_KEYS = "log_level log pidfile status user".split()
+SPEC_GLOBAL_KEYS += ["log_max_size"]  # bounds the log on a router's RAM-backed /tmp
 
 
 def write_ini(tmp_path, text, name="sertcp.ini"):
@@ -665,7 +666,7 @@ def test_every_numeric_key_has_a_range_and_both_ends_are_checked(tmp_path):
         reconnect_max max_clients backlog client_buffer buffer keepalive pack_size
         pack_trailing pack_idle_ms pack_max_ms identity_timeout
         tx_char_delay_ms break_on_connect rs485_delay_before_ms rs485_delay_after_ms
-        heartbeat_interval""".split()
+        heartbeat_interval log_max_size""".split()
                                           + "modbus_timeout_ms modbus_retries modbus_frame_gap_ms".split()
                                           + ["udp_multicast_ttl"])
     for key in keys:
