@@ -113,6 +113,7 @@ INTERNAL_ERROR_TRACEBACKS = 20  # tracebacks logged for contained bugs; one line
 HALF_CLOSE_GRACE = 0.5         # seconds a half-closed client still gets device data (socat's -t)
 DIAL_SETTLE = 5.0              # a dialed connection closed sooner, silent: a failed round
 DIAL_TIMEOUT = 10.0            # seconds a dial may take before the next peer is tried
+MODEM_COUNTERS = ("modem_calls_in", "modem_calls_out", "modem_rings")  # modem = yes: /status, /metrics
 MODEM_POLL = 0.1               # rfc2217: seconds between looks at modem lines (only while asked for)
 RFC2217_AGREE_TIMEOUT = 5.0    # rfc2217 client: seconds the server has to accept COM-PORT-OPTION
 BREAK_DURATION = 0.25          # seconds of break for a Telnet IAC BRK
@@ -615,6 +616,13 @@ PORT_KEYS = [
     Key("udp_reply", parse_bool, False, "also send device data to the source of the latest datagram, until timeout passes "
         "without one", _show_bool),
     Key("udp_multicast_ttl", number_parser(int, 0, 255), 1, "hop limit of multicast datagrams"),
+    # modem emulation
+    Key("modem", parse_bool, False, "the device speaks Hayes AT commands: ATD HOST:PORT dials, connections on listen "
+        "RING, ATA answers, +++ and ATH hang up", _show_bool),
+    Key("modem_phonebook", lambda text: parse_modem_phonebook(text), None,
+        "NUMBER=HOST:PORT[, NUMBER=HOST:PORT ...]: what ATD NUMBER dials", lambda v: show_modem_phonebook(v)),
+    Key("modem_init", lambda text: parse_modem_init(text), None, "AT commands applied at start and after ATZ "
+        "(such as ATE0 S0=1)", " ".join),
 ]
 
 GLOBAL_KEYS = [
@@ -743,6 +751,24 @@ def _parse_settings(schema, settings, section_label, errors):
     return values
 
 
+# Keys that make no sense on a modem port, and why (a PORT_RULES row each)
+MODEM_CONFLICTS = (
+    ("connect", "the device dials with ATD (modem_phonebook names the peers)"),
+    ("protocol", "the device's bytes are AT commands and raw online data"),
+    ("max_clients", "a modem has one call at a time; a second one is refused (busy)"),
+    ("when_full", "a modem has one call at a time; a second one is refused (busy)"),
+    ("open_on_demand", "the device must be open to give AT commands"),
+    ("listen_on_open", "the device must be open to give AT commands"),
+    ("buffer", "device data without a call are AT commands"),
+    ("connect_on_line", "AT&D decides what the device's DTR does"),
+    ("disconnect_on_line", "AT&D decides what the device's DTR does"),
+    ("device_connect_msg", "the modem says CONNECT"),
+    ("device_disconnect_msg", "the modem says NO CARRIER"),
+    ("udp_listen", "a modem carries one call, over TCP"),
+    ("udp_send_to", "a modem carries one call, over TCP"),
+)
+
+
 # Rules across the keys of one port, one row each: (when the values break
 # it, the key to blame, the message).  A message may name the port as
 # {name} and any key's value as {key}, shown as --check shows it.
@@ -751,8 +777,9 @@ PORT_RULES = (
      "device", "port [{name}] needs device or virtual"),
     (lambda v: v["device"] is not None and v["virtual"] is not None,
      "virtual", "port [{name}] has both device and virtual; choose one"),
-    (lambda v: v["listen"] is None and v["connect"] is None and v["udp_listen"] is None and v["udp_send_to"] is None,
-     "listen", "port [{name}] needs listen or connect (or both), or udp_listen or udp_send_to"),
+    (lambda v: v["listen"] is None and v["connect"] is None and v["udp_listen"] is None and v["udp_send_to"] is None
+     and not v["modem"],
+     "listen", "port [{name}] needs listen or connect (or both), or udp_listen or udp_send_to, or modem"),
     (lambda v: v["pack_delimiter"] is not None and not 1 <= len(v["pack_delimiter"]) <= 2,
      "pack_delimiter", "must be 1 or 2 bytes"),
     (lambda v: v["pack_delimiter"] is None and v["pack_trailing"],
@@ -821,6 +848,13 @@ PORT_RULES = (
      "udp_reply", "answers datagrams received on udp_listen, which is not set"),
     (lambda v: v["udp_multicast_ttl"] != 1 and v["udp_send_to"] is None,
      "udp_multicast_ttl", "applies to udp_send_to, which is not set"),
+    (lambda v: not v["modem"] and (v["modem_phonebook"] is not None or v["modem_init"] is not None),
+     "modem", "is off, but modem_phonebook or modem_init is set: add modem = yes"),
+) + tuple(
+    # modem = yes makes its own calls, one at a time, and its device speaks AT commands
+    (lambda v, key=key: v["modem"] and v[key] != PORT_SCHEMA[key].default, key, "cannot go with modem = yes: " + why)
+    for key, why in MODEM_CONFLICTS
+) + (
     (lambda v: v["open_on_demand"] and v["listen"] is None and v["connect"] is None,
      "open_on_demand", "opens the device while a TCP client is connected; set listen or connect (UDP has no connections)"),
 )
@@ -2539,6 +2573,444 @@ class DialPlan:
         return actions
 
 
+# ---------------------------------------------------------------------
+# Hayes AT commands: the modem emulation's command and online modes
+# ---------------------------------------------------------------------
+# The device talks to sertcp as to a dial-up modem (Moxa's "Ethernet
+# Modem" mode, tcpser): AT commands in command mode, data in online mode,
+# "+++" with guard time between them.  The core below is fed the device's
+# bytes and the network's events with `now`; it returns what to write to
+# the device and what the port must do, and a deadline (guard time, the
+# next RING, S7).  Result codes as ITU-T V.250 numbers them.
+
+MODEM_RESULT_CODES = {"OK": 0, "CONNECT": 1, "RING": 2, "NO CARRIER": 3, "ERROR": 4, "BUSY": 7, "NO ANSWER": 8}
+# S-registers a command may read and set (S0..S99), with the defaults of
+# AT&F: S0 rings before auto-answer (0 = never), S1 rings so far, S2 the
+# escape character (above 127: no escape), S3 end of line, S4 line feed,
+# S5 backspace, S7 seconds to wait for carrier, S12 guard time in 50ths
+MODEM_REGISTERS = 100
+MODEM_REGISTER_DEFAULTS = {0: 0, 1: 0, 2: 43, 3: 13, 4: 10, 5: 8, 6: 2, 7: 50, 8: 2, 9: 6, 10: 14, 11: 95, 12: 50}
+MODEM_RING_INTERVAL = 2.0       # seconds between RINGs of an incoming call
+MODEM_LINE_LIMIT = 255          # characters of one command line; a longer one is an ERROR
+MODEM_IGNORED = "BLMNPTWXY"     # commands taken and ignored (speaker, dial mode, result set...)
+MODEM_IGNORED_AMPERSAND = "CKSWYQM"  # &C (DCD follows carrier anyway), &K flow, &W (nothing is stored)...
+
+
+def modem_number(text):
+    """A phonebook number as written or dialed, without the spaces and
+    punctuation people put in phone numbers: "555-12 34" -> "5551234"."""
+    return "".join(c for c in text if c not in " -()/")
+
+
+def parse_modem_phonebook(text):
+    """NUMBER=HOST:PORT[, NUMBER=HOST:PORT ...] -> {number: (host, port)}."""
+    book = {}
+    for entry in (e.strip() for e in text.replace("\n", ",").split(",")):
+        if not entry:
+            continue
+        number, sep, target = entry.partition("=")
+        number = modem_number(number)
+        if not sep or not number:
+            raise ValueProblem("expected NUMBER=HOST:PORT[, NUMBER=HOST:PORT ...], got %r" % entry)
+        if number in book:
+            raise ValueProblem("number %s appears twice" % number)
+        book[number] = parse_hostport(target, need_host=True)
+    if not book:
+        raise ValueProblem("expected NUMBER=HOST:PORT[, NUMBER=HOST:PORT ...]")
+    return book
+
+
+def show_modem_phonebook(book):
+    return ", ".join("%s=%s" % (number, show_hostport(target)) for number, target in book.items())
+
+
+def parse_modem_init(text):
+    """AT commands applied at start and after ATZ: "ATE0 S0=1", or several
+    lines ("ATE0 ATS0=1"; a word starting with AT starts a line).  Only
+    settings: no dialing, answering or hanging up."""
+    lines = []
+    for word in text.split():
+        if word[:2].upper() == "AT" or not lines:
+            lines.append(word)
+        else:
+            lines[-1] += " " + word
+    if not lines:
+        raise ValueProblem("expected AT commands such as ATE0 S0=1")
+    scratch = ModemCore()
+    for line in lines:
+        if line[:2].upper() != "AT":
+            raise ValueProblem("%r does not start with AT" % line)
+        problem = scratch.settings_problem(line[2:])
+        if problem:
+            raise ValueProblem("%s: %s" % (line, problem))
+    return tuple(lines)
+
+
+class ModemCore:
+    """A Hayes modem as the device sees it, sans-I/O: feed(data, now) takes
+    the device's bytes, event(name, now) what the network did, expire(now)
+    runs what deadline() said was due.  Each returns a list of actions:
+
+      ("send", bytes)        write to the device (echo, results, RING)
+      ("data", bytes)        online data for the remote end
+      ("dial", [(host, port), ...])  call these in order (ATD)
+      ("cancel_dial",)       give up the call being made (S7, a key, DTR)
+      ("take_call",)         answer the caller (ATA, auto-answer)
+      ("refuse_call",)       hang up on the caller (ATH while ringing)
+      ("hang_up",)           end the call that is up (ATH, ATZ, DTR)
+      ("hold",) / ("resume",)  online command mode: the remote's data waits
+      ("ring",)              a RING went out (counted)
+      ("dropped", n)         held escape characters lost with the call
+
+    `mode` is one of command, dialing, ringing, online, online_command
+    (escaped with +++, the call still up); TABLE moves it.  Events from the
+    port: up, refused, failed (the dial), incoming, caller_gone,
+    carrier_lost, dtr_off (refined by AT&D).  An event the table lacks is
+    an ERROR for a command and ignored for the network."""
+
+    TABLE = {
+        # (mode, event):                       (new mode, steps)
+        ("command", "dial"):                   ("dialing", ("dial",)),
+        ("command", "incoming"):               ("ringing", ("ring",)),
+        ("command", "hang_up"):                ("command", ()),
+        ("command", "answer"):                 ("command", ("NO CARRIER",)),   # nobody is calling
+        ("command", "go_online"):              ("command", ("NO CARRIER",)),   # no call to go back to
+        ("dialing", "up"):                     ("online", ("CONNECT", "online")),
+        ("dialing", "refused"):                ("command", ("BUSY",)),
+        ("dialing", "failed"):                 ("command", ("NO CARRIER",)),
+        ("dialing", "timeout"):                ("command", ("cancel_dial", "NO ANSWER")),
+        ("dialing", "key"):                    ("command", ("cancel_dial", "NO CARRIER")),
+        ("dialing", "dtr_hang_up"):            ("command", ("cancel_dial", "NO CARRIER")),
+        ("ringing", "ring_timer"):             ("ringing", ("ring",)),
+        ("ringing", "answer"):                 ("online", ("CONNECT", "take_call", "online")),
+        ("ringing", "caller_gone"):            ("command", ()),
+        ("ringing", "hang_up"):                ("command", ("refuse_call",)),
+        ("online", "escape"):                  ("online_command", ("hold", "OK")),
+        ("online", "carrier_lost"):            ("command", ("NO CARRIER",)),
+        ("online", "dtr_hang_up"):             ("command", ("hang_up", "NO CARRIER")),
+        ("online", "dtr_command"):             ("online_command", ("hold", "OK")),
+        ("online_command", "go_online"):       ("online", ("CONNECT", "resume", "online")),
+        ("online_command", "hang_up"):         ("command", ("hang_up",)),
+        ("online_command", "carrier_lost"):    ("command", ("NO CARRIER",)),
+        ("online_command", "dtr_hang_up"):     ("command", ("hang_up", "NO CARRIER")),
+    }
+    COMMAND_EVENTS = ("dial", "answer", "go_online", "hang_up")
+
+    def __init__(self, init=(), phonebook=None):
+        self.init = tuple(init)             # modem_init lines, applied by ATZ
+        self.phonebook = dict(phonebook or {})
+        self.mode = "command"
+        self.line = bytearray()             # the command line being typed
+        self.last_line = b""                # for A/
+        self.held = 0                       # online: escape characters held back (0-3)
+        self.plus_at = 0.0                  # when the last of them came
+        self.data_at = 0.0                  # when the last online byte went through
+        self.next_ring_at = None
+        self.dial_deadline = None
+        self.init_only = False
+        self.line_failed = False            # the last line ended in ERROR
+        self.reset()
+
+    @classmethod
+    def from_config(cls, c):
+        return cls(c.modem_init or (), c.modem_phonebook)
+
+    def reset(self):
+        """ATZ: factory settings, then modem_init."""
+        self.factory()
+        for line in self.init:
+            self._command_line(line.encode("ascii", "replace"), 0.0)
+
+    def factory(self):
+        """AT&F: echo on, verbose results, AT&D2, the registers' defaults."""
+        self.echo, self.verbose, self.quiet, self.dtr_mode = True, True, False, 2
+        self.registers = dict(MODEM_REGISTER_DEFAULTS)
+        self.register = 0                   # the one ATSn selected
+
+    def settings_problem(self, commands):
+        """Why an init line is not plain settings (None if it is)."""
+        self.init_only = True
+        try:
+            self._command_line(("AT" + commands).encode("ascii", "replace"), 0.0)
+        finally:
+            self.init_only = False
+        return "not understood (only settings such as E0, V0, Q1, S0=1, &D1 may go here)" \
+            if self.line_failed else None
+
+    # -- formatting --
+
+    def _eol(self):
+        return bytes((self.registers[3], self.registers[4]))
+
+    def _result(self, name):
+        if self.quiet:
+            return b""
+        if self.verbose:
+            return self._eol() + name.encode("ascii") + self._eol()
+        return str(MODEM_RESULT_CODES[name]).encode("ascii") + bytes((self.registers[3],))
+
+    def _info(self, text):
+        """Information text (ATI, ATSn?): framed like a verbose result, or
+        followed by CR LF in numeric mode (V.250 6.2.6)."""
+        body = text.encode("ascii") + self._eol()
+        return self._eol() + body if self.verbose else body
+
+    # -- deadlines --
+
+    def deadline(self):
+        due = [t for t in (self.next_ring_at, self.dial_deadline) if t is not None]
+        if self.mode == "online" and self.held:
+            due.append(self.plus_at + self.guard())
+        return min(due) if due else None
+
+    def guard(self):
+        return self.registers[12] / 50.0
+
+    def expire(self, now):
+        out = []
+        if self.mode == "online" and self.held and now >= self.plus_at + self.guard():
+            if self.held == 3:
+                self.held = 0
+                out += self._event("escape", now)   # silence after the third: command mode
+            else:
+                out.append(("data", bytes((self.registers[2],)) * self.held))
+                self.held, self.data_at = 0, self.plus_at
+        if self.mode == "dialing" and self.dial_deadline is not None and now >= self.dial_deadline:
+            out += self._event("timeout", now)
+        if self.mode == "ringing" and self.next_ring_at is not None and now >= self.next_ring_at:
+            out += self._event("ring_timer", now)
+        return out
+
+    # -- events --
+
+    def event(self, name, now):
+        """What the network (or a modem line) did; unknown here: ignored."""
+        if name == "dtr_off":
+            name = {0: None, 1: "dtr_command"}.get(self.dtr_mode, "dtr_hang_up")
+            if name is None:
+                return []
+        if (self.mode, name) not in self.TABLE:
+            return []
+        return self._event(name, now)
+
+    def _event(self, name, now, targets=None):
+        leaving = self.mode
+        self.mode, steps = self.TABLE[leaving, name]
+        out = []
+        if leaving == "online" and self.mode != "online" and self.held and name != "escape":
+            out.append(("dropped", self.held))
+            self.held = 0
+        if leaving == "dialing":
+            self.dial_deadline = None
+        if leaving == "ringing" and self.mode != "ringing":
+            self.next_ring_at = None
+            self.registers[1] = 0
+        for step in steps:
+            if step in MODEM_RESULT_CODES:
+                out.append(("send", self._result(step)))
+            elif step == "dial":
+                self.dial_deadline = now + max(1, self.registers[7])
+                out.append(("dial", targets))
+            elif step == "ring":
+                out += [("send", self._result("RING")), ("ring",)]
+                self.registers[1] = min(255, self.registers[1] + 1)
+                self.next_ring_at = now + MODEM_RING_INTERVAL
+                if self.registers[0] and self.registers[1] >= self.registers[0]:
+                    out += self._event("answer", now)       # S0: auto-answer
+            elif step == "online":
+                self.data_at, self.held = now, 0
+            else:
+                out.append((step,))
+        return out
+
+    # -- bytes from the device --
+
+    def feed(self, data, now):
+        out = self.expire(now)
+        i = 0
+        while i < len(data):
+            if self.mode == "online":
+                out += self._online(data[i:], now)
+                break
+            if self.mode == "dialing":
+                if data[i] != self.registers[4]:    # a key (not the LF of CR LF) aborts the dial
+                    out += self._event("key", now)
+                i += 1
+                continue
+            i = self._command_bytes(data, i, now, out)
+        return out
+
+    def _online(self, data, now):
+        """Online data, with +++ (S2) held back while it may be an escape:
+        guard time of silence before, the three within guard time of each
+        other, guard time of silence after.  Anything else goes on as it
+        came, in order."""
+        escape = self.registers[2]
+        guard = self.guard()
+        if not self.held and (escape > 127 or escape not in data):
+            self.data_at = now
+            return [("data", bytes(data))]
+        out = bytearray()
+        for b in data:
+            if self.held:
+                if b == escape and self.held < 3 and now - self.plus_at <= guard:
+                    self.held += 1
+                    self.plus_at = now
+                    continue
+                out += bytes((escape,)) * self.held     # not an escape after all
+                self.held, self.data_at = 0, self.plus_at
+            if b == escape and escape <= 127 and now - self.data_at >= guard:
+                self.held, self.plus_at = 1, now
+            else:
+                out.append(b)
+                self.data_at = now
+        return [("data", bytes(out))] if out else []
+
+    def _command_bytes(self, data, i, now, out):
+        """Command mode: echo (ATE), edit the line, run it at CR (S3).
+        Returns where the next mode's bytes start."""
+        echo = bytearray()
+        cr, lf, bs = self.registers[3], self.registers[4], self.registers[5]
+        while i < len(data) and self.mode not in ("online", "dialing"):
+            b = data[i]
+            i += 1
+            if self.echo:
+                echo.append(b)
+            if b == cr:
+                line, self.line = bytes(self.line), bytearray()
+                self._flush_echo(echo, out)
+                out += self._command_line(line, now)
+            elif b == bs or b == 127:
+                del self.line[-1:]
+            elif b == lf or (b in (32,) and not self.line):
+                continue
+            elif len(self.line) <= MODEM_LINE_LIMIT:
+                self.line.append(b)
+                if self.line[-2:].upper() == b"A/" and len(self.line) == 2:
+                    self.line = bytearray()
+                    self._flush_echo(echo, out)
+                    out += self._command_line(self.last_line, now)     # A/: the last line again
+        self._flush_echo(echo, out)
+        return i
+
+    @staticmethod
+    def _flush_echo(echo, out):
+        if echo:
+            out.append(("send", bytes(echo)))
+            del echo[:]
+
+    def _command_line(self, line, now):
+        """One line ended by CR: nothing unless it starts with AT; then
+        its commands in order, OK at the end, ERROR at the first one not
+        understood (the rest of the line is not run)."""
+        if line[:2].upper() != b"AT":
+            return []
+        self.line_failed = False
+        if len(line) > MODEM_LINE_LIMIT:
+            return self._failed([])
+        self.last_line = line
+        text = line[2:].decode("ascii", "replace")
+        out = []
+        i = 0
+        while i < len(text):
+            c = text[i].upper()
+            i += 1
+            if c == " ":
+                continue
+            if c == "D" and not self.init_only:
+                targets = self._dial_targets(text[i:])
+                return self._command_event("dial", now, targets, out) if targets else self._failed(out)
+            if c == "&" and i < len(text):
+                c += text[i].upper()
+                i += 1
+            if c == "S":
+                number, i = self._number(text, i)
+                if not number or int(number) >= MODEM_REGISTERS:
+                    return self._failed(out)
+                self.register = int(number)
+                continue
+            if c == "=":
+                number, i = self._number(text, i)
+                if not number or int(number) > 255 or self.register == 1:
+                    return self._failed(out)
+                self.registers[self.register] = int(number)
+                continue
+            if c == "?":
+                out.append(("send", self._info("%03d" % self.registers.get(self.register, 0))))
+                continue
+            number, i = self._number(text, i)
+            if not self._simple_command(c, number, now, out):
+                return self._failed(out)
+            if out and out[-1] == ("stop",):
+                out.pop()
+                return out
+        return out + [("send", self._result("OK"))]
+
+    def _simple_command(self, c, number, now, out):
+        """One command but D and S: False if it is not understood.  A
+        command that gives its own result (A, O, Z) appends ("stop",)."""
+        if len(number) > 1:
+            return False
+        if c in "AOHZ" and self.init_only:
+            return False
+        if c in ("A", "O") and number in ("", "0"):
+            out += self._command_event("answer" if c == "A" else "go_online", now) + [("stop",)]
+        elif c == "H" and number in ("", "0", "1"):
+            if number != "1" and (self.mode, "hang_up") in self.TABLE:
+                out += self._event("hang_up", now)
+        elif c == "Z" and number in ("", "0", "1"):
+            if (self.mode, "hang_up") in self.TABLE:
+                out += self._event("hang_up", now)
+            self.reset()
+            out += [("send", self._result("OK")), ("stop",)]    # the rest of a Z line is ignored
+        elif c in ("E", "Q", "V") and number in ("", "0", "1"):
+            setattr(self, {"E": "echo", "Q": "quiet", "V": "verbose"}[c], number == "1")
+        elif c == "I":
+            out.append(("send", self._info("sertcp %s" % __version__ if number in ("", "0")
+                                           else "sertcp modem emulation")))
+        elif c == "&F" and number in ("", "0"):
+            self.factory()
+        elif c == "&D" and number in ("", "0", "1", "2", "3"):
+            self.dtr_mode = int(number or 0)
+        elif not (c in MODEM_IGNORED or c[:1] == "&" and c[1:] in MODEM_IGNORED_AMPERSAND and c != "&"):
+            return False
+        return True
+
+    def _command_event(self, name, now, targets=None, out=None):
+        out = [] if out is None else out
+        if (self.mode, name) not in self.TABLE:
+            return self._failed(out)
+        return out + self._event(name, now, targets)
+
+    def _failed(self, out):
+        self.line_failed = True
+        return out + [("send", self._result("ERROR"))]
+
+    @staticmethod
+    def _number(text, i):
+        start = i
+        while i < len(text) and text[i].isdigit():
+            i += 1
+        return text[start:i], i
+
+    def _dial_targets(self, dial):
+        """What ATD dials: a phonebook number, HOST:PORT or [V6]:PORT, after
+        an optional T or P (tone, pulse) and before an optional ';'.  None
+        if it is neither."""
+        dial = dial.strip().rstrip(";").strip()
+        if dial[:1].upper() in ("T", "P"):
+            dial = dial[1:].strip()
+        dial = dial.replace(" ", "")
+        if not dial:
+            return None
+        for number in (dial, modem_number(dial)):
+            if number in self.phonebook:
+                return [self.phonebook[number]]
+        try:
+            return [parse_hostport(dial, need_host=True)]
+        except ValueProblem:
+            return None
+
 # =====================================================================
 # 4. Reactor: one selector loop with a timer heap
 # =====================================================================
@@ -2863,7 +3335,7 @@ class Dial(Handler):
     """One non-blocking connect() in flight; reports on_done(sock, None)
     or on_done(None, error) once, unless cancelled."""
 
-    def __init__(self, reactor, family, sockaddr, on_done):
+    def __init__(self, reactor, family, sockaddr, on_done, timeout=DIAL_TIMEOUT):
         self.reactor = reactor
         self.on_done = on_done
         self.sock = socket.socket(family, socket.SOCK_STREAM)
@@ -2872,7 +3344,7 @@ class Dial(Handler):
         code = self.sock.connect_ex(sockaddr)
         if code in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
             self.reactor.set_interest(self, False, True)
-            self.timer = reactor.call_later(DIAL_TIMEOUT, lambda: self.finish("no answer within %gs" % DIAL_TIMEOUT))
+            self.timer = reactor.call_later(timeout, lambda: self.finish("no answer within %gs" % timeout))
         else:
             self.timer = reactor.call_later(0, lambda: self.finish(os.strerror(code)))
 
@@ -5924,6 +6396,312 @@ class ModbusRole:
 
 
 # ---------------------------------------------------------------------
+# Modem emulation role: AT commands on the device, calls on the network
+# ---------------------------------------------------------------------
+
+class Caller(Handler):
+    """An incoming call while it rings: the accepted socket, not yet read
+    (what the caller sends waits in the kernel until ATA), watched only
+    for the caller hanging up."""
+
+    def __init__(self, modem, sock, peer, first_data):
+        self.modem, self.sock, self.peer, self.first_data = modem, sock, peer, first_data
+        self.reactor = modem.port.reactor
+        self.reactor.set_interest(self, False, False, hangup=True)
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def on_readable(self):
+        self.finish("caller hung up")
+
+    def take(self):
+        """The socket, for the port to admit: no longer watched here."""
+        self.reactor.forget(self)
+        self.finished = True
+        return self.sock, self.peer, self.first_data
+
+    def ended(self, reason):
+        self.reactor.forget(self)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self.modem.caller_ended(self, reason)
+
+
+class ModemRole:
+    """A port with modem = yes: the shell around ModemCore.  Device bytes
+    go to the core, which hands online data back for the connection; the
+    role dials (names resolved off the loop, one Dial at a time, each
+    address in turn), holds an incoming connection while it rings, admits
+    the call through the port's Admission, hangs up, and keeps one timer
+    at the core's deadline.  One call at a time: a connection that comes
+    while the modem is not idle is refused (busy).  The modem lines: the
+    device's DTR, seen as our DSR, drives AT&D; our DTR follows carrier
+    (Port.wanted_lines)."""
+
+    def __init__(self, port):
+        self.port = port
+        self.core = ModemCore.from_config(port.config)
+        self.timer = None
+        self.call = None                # the Connection of the call that is up
+        self.caller = None              # a Caller while it rings
+        self.targets = []               # dialing: (host, port) still to try
+        self.addresses = []             # and the addresses of the one being tried
+        self.refused_only = True        # every address so far refused the connection: BUSY
+        self.dial = None
+        self.generation = 0             # answers for an older dial are dropped
+        self.waiting = bytearray()      # the remote's data while in online command mode
+
+    # -- what the port hands over --
+
+    def device_data(self, data):
+        self._perform(self.core.feed(data, self.port.reactor.now()))
+
+    def received(self, conn, data):
+        """The remote's data: to the device while online; held (and the
+        connection not read) in online command mode, until ATO."""
+        if self.core.mode == "online" and not self.waiting:
+            self.port.to_device(data)
+            return
+        room = self.port.config.client_buffer - len(self.waiting)
+        if len(data) > room:
+            self.port.count_dropped(len(data) - max(0, room), "modem in command mode: client_buffer full")
+        self.waiting += data[:max(0, room)]
+        conn.pause_reading(True)
+
+    def on_accept(self, sock, peer, first_data=b""):
+        """A connection on listen: it rings, or is refused while the modem
+        is busy (dialing, ringing, a call up)."""
+        port = self.port
+        if self.core.mode != "command" or port.stopping:
+            port.counters["connections_total"] += 1
+            port.counters["connections_rejected"] += 1
+            port.peer_log(peer[0], INFO, "[%s] client %s refused: modem busy (%s)", port.name,
+                          format_peer(peer), self.core.mode)
+            sock.close()
+            return
+        port.log.info("[%s] incoming call from %s: ringing", port.name, format_peer(peer))
+        self.caller = Caller(self, sock, peer, first_data)
+        self._event("incoming")
+
+    def caller_ended(self, caller, reason):
+        if caller is self.caller:
+            self.caller = None
+            self.port.log.info("[%s] incoming call from %s ended before it was answered: %s",
+                               self.port.name, format_peer(caller.peer), reason)
+            self._event("caller_gone")
+
+    def detach(self, conn):
+        """A connection ended (either side): no carrier, if it was the call."""
+        if conn is not self.call:
+            return
+        self.call = None
+        if self.waiting:
+            self.port.count_dropped(len(self.waiting), "call ended in command mode with data not yet read")
+            self.waiting = bytearray()
+        self._event("carrier_lost")
+
+    def lines_seen(self, before, modem):
+        """The device dropped DTR (our DSR went off): AT&D decides."""
+        if line_is_on(before, "dsr") and not line_is_on(modem, "dsr"):
+            self.port.log.info("[%s] DSR went off (the device dropped DTR; AT&D%d)", self.port.name,
+                               self.core.dtr_mode)
+            self._event("dtr_off")
+
+    def virtual_peer(self, is_open):
+        """A virtual port's program closed it: its DTR dropped, as a tty's does."""
+        if not is_open:
+            self._event("dtr_off")
+
+    def stop(self):
+        self.generation += 1
+        for timer in (self.timer,):
+            if timer is not None:
+                timer.cancel()
+        self.timer = None
+        if self.dial is not None:
+            self.dial.cancel()
+            self.dial = None
+        if self.caller is not None:
+            caller, self.caller = self.caller, None
+            caller.finish("port stopped")
+
+    def status(self):
+        registers = self.core.registers
+        return {"state": self.core.mode, "rings": registers[1],
+                "registers": {"S%d" % n: registers[n] for n in (0, 2, 7, 12)}, "dtr_mode": self.core.dtr_mode,
+                "peer": format_peer(self.call.peer) if self.call else
+                format_peer(self.caller.peer) if self.caller else None}
+
+    # -- performing the core's actions --
+
+    def _event(self, name):
+        self._perform(self.core.event(name, self.port.reactor.now()))
+
+    def _perform(self, actions):
+        port = self.port
+        for action in actions:
+            kind = action[0]
+            if kind == "send":
+                if action[1] and port.device_state in ("open", "opening"):
+                    if port.trace:
+                        port.trace.record(">", "(modem)", action[1])
+                    port.device.write(action[1])
+            elif kind == "data":
+                if port.packer.enabled:
+                    port.pack(action[1])
+                else:
+                    port.deliver(action[1])
+            else:
+                getattr(self, "_do_" + kind)(*action[1:])
+        self._arm()
+
+    def _arm(self):
+        due = self.core.deadline()
+        if self.timer is not None:
+            if self.timer.when == due:
+                return
+            self.timer.cancel()
+            self.timer = None
+        if due is not None:
+            self.timer = self.port.reactor.call_at(due, self._fired)
+
+    def _fired(self):
+        self.timer = None
+        self._perform(self.core.expire(self.port.reactor.now()))
+
+    def _do_ring(self):
+        self.port.counters["modem_rings"] += 1
+
+    def _do_dropped(self, n):
+        self.port.count_dropped(n, "escape characters held when the call ended")
+
+    def _do_take_call(self):
+        caller, self.caller = self.caller, None
+        port = self.port
+        if caller is None or caller.finished:
+            self._event("carrier_lost")
+            return
+        sock, peer, first_data = caller.take()
+        port.counters["modem_calls_in"] += 1
+        port.log.info("[%s] answered the call from %s", port.name, format_peer(peer))
+        self._admit(lambda: port.admission.on_accept(sock, peer, first_data))
+
+    def _admit(self, admit):
+        """Make the call one of the port's connections (banner, buffer,
+        lines, timeout as for any); no carrier if it is gone at once."""
+        port = self.port
+        before = set(port.clients)
+        admit()
+        added = [conn for conn in port.clients if conn not in before]
+        if added:
+            self.call = added[0]
+        else:
+            self._event("carrier_lost")
+
+    def _do_refuse_call(self):
+        if self.caller is not None:
+            caller, self.caller = self.caller, None
+            caller.finish("refused (ATH while ringing)")
+
+    def _do_hang_up(self):
+        if self.call is not None:
+            call, self.call = self.call, None
+            self.port.end_connection(call, "hung up by the device (modem)")
+
+    def _do_hold(self):
+        if self.call is not None:
+            self.call.pause_reading(True)
+
+    def _do_resume(self):
+        if self.waiting:
+            data, self.waiting = bytes(self.waiting), bytearray()
+            self.port.to_device(data)
+        if self.call is not None and not self.port.clients_paused:
+            self.call.pause_reading(False)
+
+    # dialing: each target in turn, each of its addresses in turn
+
+    def _do_dial(self, targets):
+        self.port.counters["modem_calls_out"] += 1
+        self.targets = list(targets)
+        self.refused_only = True
+        self._next_target()
+
+    def _next_target(self):
+        if not self.targets:
+            self.port.counters["dials_failed"] += 1
+            self._event("refused" if self.refused_only else "failed")
+            return
+        host, port_number = self.targets.pop(0)
+        self.generation += 1
+        generation = self.generation
+        self.port.log.info("[%s] modem dialing %s", self.port.name, show_hostport((host, port_number)))
+        resolve_in_thread(self.port.reactor, host, port_number,
+                          lambda addresses, error: self._resolved(generation, addresses, error))
+
+    def _resolved(self, generation, addresses, error):
+        if generation != self.generation:
+            return
+        if error is not None or not addresses:
+            self.port.log.warning("[%s] modem dial: cannot resolve: %s", self.port.name,
+                                  describe_error(error) if error else "no address")
+            self.refused_only = False
+            self._next_target()
+            return
+        self.addresses = list(addresses)
+        self._next_address()
+
+    def _next_address(self):
+        if not self.addresses:
+            self._next_target()
+            return
+        family, sockaddr = self.addresses.pop(0)
+        generation = self.generation
+        # the core's S7 ends the wait; Dial's own limit only a little later
+        limit = max(1, self.core.registers[7]) + 1.0
+        try:
+            self.dial = Dial(self.port.reactor, family, sockaddr,
+                             lambda sock, error: self._dialed(generation, sockaddr, sock, error), timeout=limit)
+        except OSError as e:
+            self._dial_failed(sockaddr, describe_error(e))
+
+    def _dialed(self, generation, sockaddr, sock, error):
+        self.dial = None
+        if generation != self.generation:
+            if sock:
+                sock.close()
+            return
+        if error:
+            self._dial_failed(sockaddr, error)
+            return
+        self.targets, self.addresses = [], []
+        port = self.port
+        if self.core.mode != "dialing":
+            sock.close()
+            return
+        self._event("up")                   # CONNECT before the remote's first byte
+        port.counters["connections_total"] += 1
+        self._admit(lambda: port.admission.admit(sock, sockaddr, dialed=True))
+
+    def _dial_failed(self, sockaddr, error):
+        self.port.log.warning("[%s] modem dial to %s failed: %s", self.port.name, format_peer(sockaddr), error)
+        if error != os.strerror(errno.ECONNREFUSED):
+            self.refused_only = False
+        self._next_address()
+
+    def _do_cancel_dial(self):
+        self.generation += 1
+        self.targets, self.addresses = [], []
+        if self.dial is not None:
+            self.dial.cancel()
+            self.dial = None
+        self.port.counters["dials_failed"] += 1
+
+
+# ---------------------------------------------------------------------
 # The port: device life cycle, delivery and back-pressure
 # ---------------------------------------------------------------------
 
@@ -5997,6 +6775,7 @@ class Port:
                              connections_total=0, connections_rejected=0, dials_failed=0,
                              device_errors=0)
         self.counters.update(dict.fromkeys(UDP_COUNTERS, 0))
+        self.counters.update(dict.fromkeys(MODEM_COUNTERS, 0))
         self.drop_log = DropLog(self)
         self.count_dropped = self.drop_log.count
         self.trace = Trace(config.trace, config.trace_format, log, self.name) if config.trace else None
@@ -6004,13 +6783,14 @@ class Port:
         self.line_polling = False       # a poll of the modem lines is due or under way
         self.rfc2217 = make_com_port_role(self) if config.protocol == "rfc2217" else None
         self.modbus = ModbusRole(self) if config.protocol == "modbus" else None
+        self.modem = ModemRole(self) if config.modem else None
         self.dialer = Dialer(self) if config.connect is not None else None
         self.udp = UdpSide(self) if config.udp_listen is not None or config.udp_send_to is not None else None
         # the client role must keep at least the event bytes that make it dial
         self.held = ByteBuffer(self.held_limit(), config.buffer_drop)
         self.admission = Admission(self)
         # what connections and the listener call
-        self.on_accept = self.admission.on_accept
+        self.on_accept = self.modem.on_accept if self.modem else self.admission.on_accept
         self.end_connection = self.admission.end
         self.peer_finished = self.admission.peer_finished
 
@@ -6040,6 +6820,8 @@ class Port:
             self.rfc2217.stop()
         if self.modbus:
             self.modbus.stop()
+        if self.modem:
+            self.modem.stop()
         if self.udp:
             self.udp.close()
         for conn in list(self.clients):
@@ -6152,6 +6934,8 @@ class Port:
     def on_virtual_peer(self, is_open):
         self.log.info("[%s] virtual port %s %s by a local program", self.name, self.config.virtual,
                       "opened" if is_open else "closed")
+        if self.modem:
+            self.modem.virtual_peer(is_open)
         if not self.config.listen_on_open:
             return
         if is_open:
@@ -6167,7 +6951,8 @@ class Port:
         """Poll the modem lines every MODEM_POLL while the device is open
         and a key needs them (a UART does not announce a change)."""
         c = self.config
-        if (c.connect_on_line != "none" or c.disconnect_on_line != "none") and not self.line_polling:
+        if (c.connect_on_line != "none" or c.disconnect_on_line != "none" or self.modem and not c.virtual) \
+                and not self.line_polling:
             self.line_polling = True
             self._poll_lines()
 
@@ -6206,6 +6991,8 @@ class Port:
                               "" if len(self.clients) == 1 else "s")
             for conn in list(self.clients):
                 self.end_connection(conn, why)
+        if self.modem:
+            self.modem.lines_seen(before, modem)
 
     # -- what a connection's coming and going does to the device --
 
@@ -6245,6 +7032,8 @@ class Port:
             dtr, rts = c.dtr_active, c.rts_active
         else:
             dtr, rts = c.dtr_idle, c.rts_idle
+            if self.modem:
+                dtr = "off"             # modem: DTR (the device's DCD) follows carrier, like AT&C1
         state = {"on": True, "off": False, "keep": None}
         return state[dtr], state[rts]
 
@@ -6280,13 +7069,18 @@ class Port:
         self.counters["bytes_from_device"] += len(data)
         if self.modbus is not None:
             self.modbus.device_data(data)   # RTU frames, answered to whoever asked
+        elif self.modem is not None:
+            self.modem.device_data(data)    # AT commands, or online data back through pack/deliver
         elif self.packer.enabled:
-            now = self.reactor.now()
-            for packet in self.packer.feed(data, now):
-                self.deliver(packet)
-            self._arm_pack_timer()
+            self.pack(data)
         else:
             self.deliver(data)
+
+    def pack(self, data):
+        now = self.reactor.now()
+        for packet in self.packer.feed(data, now):
+            self.deliver(packet)
+        self._arm_pack_timer()
 
     def _arm_pack_timer(self):
         due = self.packer.deadline()
@@ -6394,6 +7188,9 @@ class Port:
                 self.backlog_changed()
         if self.modbus is not None:
             self.modbus.received(conn, data)    # MBAP in; RTU frames go to the device one at a time
+            return
+        if self.modem is not None:
+            self.modem.received(conn, data)     # held while the modem is in command mode
             return
         if self.config.receive_from != "all" and \
                 not client_selected(self.config.receive_from, conn, self.clients):
@@ -6569,6 +7366,8 @@ class Admission:
             port.rfc2217.detach(conn)
         if port.modbus:
             port.modbus.detach(conn)
+        if port.modem:
+            port.modem.detach(conn)
         if out_pending:
             port.count_dropped(out_pending, "a client left with data not yet sent to it")
         duration = port.reactor.now() - conn.since_mono
@@ -6844,6 +7643,8 @@ def port_status(port):
     status.update(port.counters)
     if port.modbus:
         status["modbus"] = port.modbus.status()
+    if port.modem:
+        status["modem"] = port.modem.status()
     status["udp"] = port.udp.status() if port.udp else None
     status["bytes_held"] = len(port.held)
     status["updated"] = round(wall, 3)
@@ -6891,6 +7692,9 @@ COUNTER_HELP = {
     "udp_datagrams_refused": "UDP datagrams received and not written to the device (allow, receive_from, device queue full).",
     "udp_send_errors": "UDP datagrams not sent, and ICMP errors from UDP peers (unreachable).",
     "udp_packets_split": "Packets of device data longer than one UDP datagram, sent in several.",
+    "modem_calls_in": "Modem emulation: incoming calls answered (ATA or auto-answer).",
+    "modem_calls_out": "Modem emulation: calls dialed (ATD).",
+    "modem_rings": "Modem emulation: RINGs sent to the device.",
 }
 
 
