@@ -4,8 +4,10 @@ DIR/lines holds the names of the input lines that are on now, separated
 by spaces ("DSR CD CTS RI"); the test rewrites it (write a temporary file
 and rename, so a read never sees half of it).  What sertcp writes to the
 port is appended to DIR/tx; each start and end of a break is a line
-"on TIME" or "off TIME" (time.monotonic()) in DIR/breaks; nothing is ever
-received."""
+"on TIME" or "off TIME" (time.monotonic()) in DIR/breaks.  DIR/dtr holds
+"on" or "off", the DTR sertcp set last.  Bytes the test puts in DIR/rx
+(write a temporary file and rename) are received once, then the file is
+gone; nothing else is ever received."""
 import os
 import time
 
@@ -45,8 +47,16 @@ class Serial(SerialBase):
     def read(self, size=1):
         if not self.is_open:
             raise SerialException("testuart: port not open")
-        time.sleep(self._timeout or 0.05)
-        return b""
+        taken = os.path.join(self.folder, "rx.taken")
+        try:
+            os.replace(os.path.join(self.folder, "rx"), taken)
+        except FileNotFoundError:
+            time.sleep(self._timeout or 0.05)
+            return b""
+        with open(taken, "rb") as f:
+            data = f.read()
+        os.unlink(taken)
+        return data
 
     def write(self, data):
         if not self.is_open:
@@ -69,7 +79,10 @@ class Serial(SerialBase):
         pass
 
     def _update_dtr_state(self):
-        pass
+        tmp = os.path.join(self.folder, "dtr.tmp")
+        with open(tmp, "w") as f:
+            f.write("on" if self._dtr_state else "off")
+        os.replace(tmp, os.path.join(self.folder, "dtr"))
 
     @property
     def cts(self):
