@@ -503,3 +503,387 @@ def test_modem_key_mistakes_are_refused(flags, message):
 def test_a_port_without_a_network_side_still_names_modem():
     r = run_sertcp(["--check", "/dev/ttyS0"])
     assert r.returncode == 2 and "or modem" in r.stderr
+
+
+# --- the real process: a pty as the device, loopback as the telephone network ---
+
+class Terminal:
+    """The device's side of the modem: a pty master, read until a pattern."""
+
+    def __init__(self, pty):
+        self.pty = pty
+        self.seen = bytearray()
+
+    def send(self, data):
+        self.pty.write(data)
+
+    def expect(self, pattern, timeout=10.0):
+        """Wait until `pattern` (bytes, a regex) is in what came since the
+        last expect; returns the match, and keeps what followed it."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            m = rx.search(self.seen)
+            if m:
+                del self.seen[:m.end()]
+                return m
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError("timed out waiting for %r; got %r" % (pattern, bytes(self.seen)))
+            r, _, _ = select.select([self.pty.master], [], [], min(left, 0.2))
+            if r:
+                try:
+                    self.seen += os.read(self.pty.master, 65536)
+                except (BlockingIOError, OSError):
+                    time.sleep(0.01)
+
+    def command(self, line, result=rb"\r\nOK\r\n", timeout=10.0):
+        self.send(line + b"\r")
+        return self.expect(re.escape(line + b"\r") + rb".*?" + result, timeout)
+
+    def quiet_for(self, seconds):
+        """Nothing arrives for `seconds` (the guard time's silence)."""
+        self.expect(rb"", 0)
+        time.sleep(seconds)
+
+
+class EchoServer:
+    """A TCP echo server on loopback; `accepted` lists its connections."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = []
+        self.closed = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted.append(conn)
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    def _echo(self, conn):
+        try:
+            while True:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                conn.sendall(chunk)
+        except OSError:
+            pass
+        self.closed.append(conn)
+
+    def close(self):
+        self.sock.close()
+        for conn in self.accepted:
+            conn.close()
+
+
+@pytest.fixture
+def echo_server():
+    server = EchoServer()
+    yield server
+    server.close()
+
+
+def guard():
+    """Past the default guard time (S12=50: one second) with a margin."""
+    time.sleep(1.3)
+
+
+@pytest.fixture
+def modem(sertcp, pty):
+    """modem(*flags) starts sertcp with modem = yes on a pty; returns
+    (process, Terminal, listen port)."""
+    def start(*flags, listen=True):
+        port = free_port()
+        args = (["--listen", "127.0.0.1:%d" % port] if listen else []) + ["--modem", "yes"] + list(flags)
+        s = sertcp(*args, pty.path)
+        s.wait_log(r"device \S+ opened")
+        if listen:
+            s.wait_log(r"listening on 127.0.0.1:%d" % port)
+        return s, Terminal(pty), port
+    return start
+
+
+def test_dial_exchange_escape_ato_and_ath(modem, echo_server):
+    s, term, _ = modem(listen=False)
+    term.command(b"AT")
+    term.command(b"ATDT127.0.0.1:%d" % echo_server.port, rb"\r\nCONNECT\r\n")
+    wait_for(lambda: echo_server.accepted, message="the echo server's connection")
+    term.send(b"hello, +++ and AT inside data")
+    term.expect(re.escape(b"hello, +++ and AT inside data"))
+    guard()
+    term.send(b"+++")
+    term.expect(rb"^\r\nOK\r\n", timeout=5)             # the +++ did not reach the echo server
+    assert not echo_server.closed
+    term.command(b"ATO", rb"\r\nCONNECT\r\n")
+    term.send(b"back online")
+    term.expect(rb"^back online")
+    guard()
+    term.send(b"+++")
+    term.expect(rb"^\r\nOK\r\n", timeout=5)
+    term.command(b"ATH")
+    wait_for(lambda: echo_server.closed, message="the call hung up at the echo server")
+    s.wait_log(r"hung up by the device \(modem\); 40 bytes in, 40 bytes out")
+
+
+def test_escape_sequence_needs_the_guard_time_after(modem, echo_server):
+    s, term, _ = modem(listen=False)
+    term.command(b"ATD127.0.0.1:%d" % echo_server.port, rb"\r\nCONNECT\r\n")
+    guard()
+    term.send(b"+++")
+    time.sleep(0.3)
+    term.send(b"x")                                  # within guard time: it was data
+    term.expect(rb"^\+\+\+x")
+    guard()
+    term.send(b"ATH\r")                              # still online: data for the echo server
+    term.expect(rb"^ATH\r")
+
+
+def test_remote_close_gives_no_carrier(modem, echo_server):
+    s, term, _ = modem(listen=False)
+    term.command(b"ATD127.0.0.1:%d" % echo_server.port, rb"\r\nCONNECT\r\n")
+    wait_for(lambda: echo_server.accepted, message="the echo server's connection")
+    echo_server.accepted[0].shutdown(socket.SHUT_RDWR)
+    term.expect(rb"\r\nNO CARRIER\r\n")
+    term.command(b"AT")                             # back in command mode
+
+
+def test_refused_port_gives_busy(modem):
+    s, term, _ = modem(listen=False)
+    term.command(b"ATD127.0.0.1:%d" % free_port(), rb"\r\nBUSY\r\n")
+    term.command(b"AT")
+
+
+def test_unknown_number_is_error_and_phonebook_numbers_dial(modem, echo_server):
+    s, term, _ = modem("--modem-phonebook", "555-1234=127.0.0.1:%d, 7=127.0.0.1:1" % echo_server.port, listen=False)
+    term.command(b"ATDT5550000", rb"\r\nERROR\r\n")
+    term.command(b"ATDT7", rb"\r\nBUSY\r\n")
+    term.command(b"ATDT555 1234", rb"\r\nCONNECT\r\n")
+    term.send(b"via the phonebook")
+    term.expect(b"via the phonebook")
+
+
+def test_a_peer_that_never_accepts_gives_no_answer_after_s7(modem):
+    """A listening socket with a backlog of 0 and one connection queued:
+    Linux drops the next SYN, so that connect() waits."""
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    queued = socket.create_connection(full.getsockname(), timeout=5)
+    try:
+        s, term, _ = modem(listen=False)
+        term.command(b"ATS7=1")
+        started = time.monotonic()
+        term.command(b"ATD127.0.0.1:%d" % full.getsockname()[1], rb"\r\nNO ANSWER\r\n", timeout=10)
+        assert 0.8 < time.monotonic() - started < 5
+        term.command(b"AT")
+    finally:
+        queued.close()
+        full.close()
+
+
+def test_incoming_call_rings_every_two_seconds_and_ata_answers(modem, clients):
+    s, term, port = modem()
+    caller = clients(port)
+    term.expect(rb"\r\nRING\r\n")
+    first = time.monotonic()
+    term.expect(rb"\r\nRING\r\n", timeout=6)
+    gap = time.monotonic() - first
+    assert 1.4 < gap < 3.5, gap
+    caller.send(b"sent before the answer")
+    term.command(b"ATA", rb"\r\nCONNECT\r\n")
+    term.expect(rb"^sent before the answer")
+    term.send(b"to the caller")
+    assert caller.recv(13) == b"to the caller"
+    caller.close()
+    term.expect(rb"\r\nNO CARRIER\r\n")
+
+
+def test_s0_answers_after_two_rings(modem, clients):
+    s, term, port = modem()
+    term.command(b"ATS0=2")
+    caller = clients(port)
+    term.expect(rb"^\r\nRING\r\n")
+    term.expect(rb"^\r\nRING\r\n\r\nCONNECT\r\n", timeout=6)
+    caller.send(b"answered")
+    term.expect(rb"^answered")
+
+
+def test_a_second_call_while_busy_is_refused(modem, clients, echo_server):
+    s, term, port = modem("--modem-init", "ATS0=1")
+    first = clients(port)
+    term.expect(rb"\r\nRING\r\n\r\nCONNECT\r\n")
+    second = clients(port)
+    assert second.closed_by_peer(5)
+    s.wait_log(r"client 127.0.0.1:\d+ refused: modem busy \(online\)")
+    first.send(b"still here")
+    term.expect(rb"still here")
+    guard()
+    term.send(b"+++")
+    term.expect(rb"\r\nOK\r\n", timeout=5)
+    third = clients(port)                         # busy in online command mode too
+    assert third.closed_by_peer(5)
+    term.command(b"ATD127.0.0.1:%d" % echo_server.port, rb"\r\nERROR\r\n")
+    term.command(b"ATH")
+    assert first.closed_by_peer(5)
+
+
+def test_a_caller_who_hangs_up_while_ringing_frees_the_modem(modem, clients):
+    s, term, port = modem()
+    caller = clients(port)
+    term.expect(rb"\r\nRING\r\n")
+    caller.close()
+    s.wait_log(r"ended before it was answered: caller hung up")
+    term.command(b"ATA", rb"\r\nNO CARRIER\r\n")
+    again = clients(port)
+    term.expect(rb"\r\nRING\r\n")
+    again.close()
+
+
+def test_the_caller_passes_the_gate_first(modem, clients):
+    """allow, TLS and the password come before the modem rings."""
+    s, term, port = modem("--password", "sesame")
+    wrong = clients(port)
+    wrong.send(b"guess\n")
+    assert wrong.closed_by_peer(5)
+    s.wait_log(r"refused: wrong password")
+    caller = clients(port)
+    caller.send(b"sesame\nfirst words")
+    term.expect(rb"^\r\nRING\r\n")                 # the first RING is the right caller's
+    term.command(b"ATA", rb"\r\nCONNECT\r\n")
+    term.expect(rb"^first words")
+
+
+def test_modem_init_is_applied_at_start_and_after_atz(modem):
+    s, term, _ = modem("--modem-init", "ATE0 V0", listen=False)
+    term.send(b"AT\r")
+    term.expect(rb"^0\r")
+    term.send(b"ATE1V1\r")
+    term.expect(rb"^\r\nOK\r\n")                  # the line was not echoed: E1 came with it
+    term.command(b"ATZ", rb"0\r")
+    term.send(b"ATS0?\r")
+    term.expect(rb"^000\r\n0\r")
+
+
+def test_status_and_metrics_show_the_modem(sertcp, pty, echo_server):
+    port, status = free_port(), free_port()
+    s = sertcp("--listen", "127.0.0.1:%d" % port, "--status", "127.0.0.1:%d" % status, "--modem", "yes",
+               "--modem-init", "ATS0=1", pty.path)
+    s.wait_log(r"device \S+ opened")
+    s.wait_log(r"listening on 127.0.0.1:%d" % port)
+    term = Terminal(pty)
+
+    def modem_status():
+        return json.loads(http_get(status, "/status")[1])["ports"][0]
+    assert modem_status()["modem"]["state"] == "command"
+    caller = Client(port)
+    term.expect(rb"CONNECT\r\n")
+    shown = modem_status()
+    assert shown["modem"]["state"] == "online" and shown["modem_calls_in"] == 1 and shown["modem_rings"] == 1
+    assert shown["modem"]["registers"] == {"S0": 1, "S2": 43, "S7": 50, "S12": 50}
+    caller.close()
+    term.expect(rb"NO CARRIER\r\n")
+    term.command(b"ATD127.0.0.1:%d" % echo_server.port, rb"\r\nCONNECT\r\n")
+    metrics = http_get(status, "/metrics")[1]
+    assert 'sertcp_modem_calls_in_total{port="cli"} 1' in metrics
+    assert 'sertcp_modem_calls_out_total{port="cli"} 1' in metrics
+    assert 'sertcp_modem_rings_total{port="cli"} 1' in metrics
+
+
+# --- a virtual port: a program on this machine dials -----------------------------
+
+def test_a_program_dials_from_a_virtual_port(sertcp, tmp_path, echo_server):
+    path = tmp_path / "ttyModem"
+    s = sertcp("--modem", "yes", "--virtual", str(path))
+    s.wait_log(r"device \S+ opened")
+    fd = os.open(str(path), os.O_RDWR | os.O_NOCTTY)
+    try:
+        tty.setraw(fd)
+
+        class Slave:
+            master = fd
+
+            def write(self, data):
+                os.write(fd, data)
+        term = Terminal(Slave())
+        term.command(b"ATDT127.0.0.1:%d" % echo_server.port, rb"\r\nCONNECT\r\n")
+        term.send(b"over the virtual modem")
+        term.expect(b"over the virtual modem")
+    finally:
+        os.close(fd)                                  # closing the port drops its DTR: hang up
+    wait_for(lambda: echo_server.closed, message="the call ended with the program")
+
+
+# --- the device's DTR on a UART with modem lines ---------------------------------
+
+class UartTerminal:
+    """The simulated UART as the device: bytes in through DIR/rx, what
+    sertcp wrote from DIR/tx, our DTR from DIR/dtr."""
+
+    def __init__(self, uart):
+        self.uart = uart
+
+    def send(self, data):
+        tmp = self.uart.folder / "rx.tmp"
+        tmp.write_bytes(data)
+        wait_for(lambda: not (self.uart.folder / "rx").exists(), message="the UART took the last bytes")
+        os.replace(tmp, self.uart.folder / "rx")
+
+    def dtr(self):
+        try:
+            return (self.uart.folder / "dtr").read_text()
+        except FileNotFoundError:
+            return None
+
+    def wait_sent(self, pattern, timeout=10.0):
+        return wait_for(lambda: re.search(pattern, self.uart.sent()), timeout, message="%r on the UART" % pattern)
+
+
+def test_device_dtr_drop_hangs_up_with_amp_d2_and_our_dtr_follows_carrier(sertcp, tmp_path):
+    uart = SimulatedUart(tmp_path / "uart")
+    uart.set("DSR")
+    port = free_port()
+    s = sertcp("--listen", "127.0.0.1:%d" % port, "--modem", "yes", "--modem-init", "ATS0=1", uart.url, env=uart.env)
+    s.wait_log(r"device testuart://\S+ opened")
+    device = UartTerminal(uart)
+    wait_for(lambda: device.dtr() == "off", message="DTR off without a call")
+    caller = Client(port)
+    try:
+        device.wait_sent(rb"CONNECT\r\n")
+        wait_for(lambda: device.dtr() == "on", message="DTR on while the call is up")
+        uart.set()                                  # the device drops its DTR
+        device.wait_sent(rb"CONNECT\r\n\r\nNO CARRIER\r\n")
+        assert caller.closed_by_peer(5)
+        wait_for(lambda: device.dtr() == "off", message="DTR off after the call")
+    finally:
+        caller.close()
+
+
+def test_device_dtr_drop_with_amp_d1_returns_to_command_mode(sertcp, tmp_path):
+    uart = SimulatedUart(tmp_path / "uart")
+    uart.set("DSR")
+    port = free_port()
+    s = sertcp("--listen", "127.0.0.1:%d" % port, "--modem", "yes", "--modem-init", "ATE0 S0=1 &D1", uart.url,
+               env=uart.env)
+    s.wait_log(r"device testuart://\S+ opened")
+    device = UartTerminal(uart)
+    caller = Client(port)
+    try:
+        device.wait_sent(rb"CONNECT\r\n")
+        uart.set()
+        device.wait_sent(rb"CONNECT\r\n\r\nOK\r\n")
+        uart.set("DSR")
+        device.send(b"ATO\r")
+        device.wait_sent(rb"OK\r\n\r\nCONNECT\r\n")
+        caller.send(b"still up")
+        device.wait_sent(rb"CONNECT\r\nstill up$")
+    finally:
+        caller.close()
