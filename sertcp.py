@@ -6475,11 +6475,12 @@ class ModemRole:
         """A connection on listen: it rings, or is refused while the modem
         is busy (dialing, ringing, a call up)."""
         port = self.port
-        if self.core.mode != "command" or port.stopping:
+        if self.core.mode != "command" or port.stopping or not port.device.peer_open:
             port.counters["connections_total"] += 1
             port.counters["connections_rejected"] += 1
-            port.peer_log(peer[0], INFO, "[%s] client %s refused: modem busy (%s)", port.name,
-                          format_peer(peer), self.core.mode)
+            port.peer_log(peer[0], INFO, "[%s] client %s refused: %s", port.name, format_peer(peer),
+                          "modem busy (%s)" % self.core.mode if port.device.peer_open else
+                          "no program has the virtual port open to answer")
             sock.close()
             return
         port.log.info("[%s] incoming call from %s: ringing", port.name, format_peer(peer))

@@ -802,8 +802,12 @@ def test_status_and_metrics_show_the_modem(sertcp, pty, echo_server):
 
 def test_a_program_dials_from_a_virtual_port(sertcp, tmp_path, echo_server):
     path = tmp_path / "ttyModem"
-    s = sertcp("--modem", "yes", "--virtual", str(path))
+    port = free_port()
+    s = sertcp("--modem", "yes", "--listen", "127.0.0.1:%d" % port, "--virtual", str(path))
     s.wait_log(r"device \S+ opened")
+    s.wait_log(r"listening on")
+    assert Client(port).closed_by_peer(5)            # nobody to answer: refused, not rung
+    s.wait_log(r"refused: no program has the virtual port open to answer")
     fd = os.open(str(path), os.O_RDWR | os.O_NOCTTY)
     try:
         tty.setraw(fd)

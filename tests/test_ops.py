@@ -474,6 +474,15 @@ def test_nothing_heavy_is_imported_with_optional_features_off(pty, tmp_path):
     assert not (names & {"enum", "socket", "selectors", "signal"}), sorted(names & {"enum", "socket", "selectors", "signal"})
 
 
+def test_nothing_heavy_is_imported_by_the_modem_emulation(pty, tmp_path):
+    port = free_port()
+    names = imported_modules([pty.path, "--listen", "127.0.0.1:%d" % port, "--modem", "yes", "--modem-init", "ATS0=1"],
+                             tmp_path, port)
+    assert not (names & HEAVY), sorted(names & HEAVY)
+    assert not (names & {"enum", "socket", "selectors", "signal", "threading"}), \
+        sorted(names & {"enum", "socket", "selectors", "signal", "threading"})
+
+
 def test_status_endpoint_works_without_http_server_modules(pty, tmp_path):
     port, status = free_port(), free_port()
 
