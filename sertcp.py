@@ -17,7 +17,8 @@ The file reads top to bottom; each section uses only the ones above it:
                       (the RS-485 struct, the USB identity matcher, modem
                       lines), and the port's state machines: device life
                       (DEVICE_STATE_ON), the back-pressure rule,
-                      admission, the dial plan
+                      admission, the dial plan; Hayes AT commands
+                      (the modem emulation's command and online modes)
                       (bytes, times and settings in; bytes, events and
                       actions out; no sockets, no clocks)
     4. reactor      - the Handler contract; one selector loop with a
@@ -28,8 +29,9 @@ The file reads top to bottom; each section uses only the ones above it:
                       connections and TLS; listeners; the gate of a
                       listener (allow, password, identity)
     6. port         - the RFC 2217 roles (server, client); the Modbus
-                      gateway role; the port (device life, delivery,
-                      back-pressure, modem lines that drive connections,
+                      gateway role; the modem role (dialing, ringing,
+                      answering for AT commands); the port (device
+                      life, delivery, back-pressure, modem lines that drive connections,
                       notices to the device); its admission shell (break
                       on connect, heartbeat);
                       its dialer (the client role)
@@ -6750,7 +6752,8 @@ class Port:
     (packing, `buffer`), and keeps back-pressure to the one rule of
     device_should_pause().  Its helpers: `admission` (who connects, how
     connections end), `dialer` (the client role), `rfc2217` and `modbus`
-    (protocol roles), each None where the configuration has no use for it."""
+    (protocol roles), `modem` (the device's AT commands), each None where
+    the configuration has no use for it."""
 
     def __init__(self, config, reactor, log, peer_log=None):
         self.config = config
