@@ -31,9 +31,9 @@ The file reads top to bottom; each section uses only the ones above it:
     6. port         - the RFC 2217 roles (server, client); the Modbus
                       gateway role; the modem role (dialing, ringing,
                       answering for AT commands); the port (device
-                      life, delivery, back-pressure, modem lines that drive connections,
-                      notices to the device); its admission shell (break
-                      on connect, heartbeat);
+                      life, delivery, back-pressure, modem lines that
+                      drive connections, notices to the device); its
+                      admission shell (break on connect, heartbeat);
                       its dialer (the client role)
     7. status       - /status and /metrics, traces, reload (SIGHUP)
     8. main         - command line, logging, service files, signals
