@@ -6315,7 +6315,27 @@ def describe_settings(settings):
 # Modbus gateway role: Modbus TCP clients, an RTU device
 # ---------------------------------------------------------------------
 
-class ModbusRole:
+class CoreTimer:
+    """What a role around a timed core shares: one timer at the core's
+    deadline(); what its expire(now) returns goes to the role's _perform."""
+    timer = None
+
+    def _arm(self):
+        due = self.core.deadline()
+        if self.timer is not None:
+            if self.timer.when == due:
+                return
+            self.timer.cancel()
+            self.timer = None
+        if due is not None:
+            self.timer = self.port.reactor.call_at(due, self._fired)
+
+    def _fired(self):
+        self.timer = None
+        self._perform(self.core.expire(self.port.reactor.now()))
+
+
+class ModbusRole(CoreTimer):
     """A port with protocol = modbus: the shell around ModbusGateway.
     Bytes from every client and from the device go to the core; the role
     writes the RTU frames it returns, sends each answer to the client that
@@ -6382,20 +6402,6 @@ class ModbusRole:
                 port.end_connection(action[1], action[2])
         self._arm()
 
-    def _arm(self):
-        due = self.core.deadline()
-        if self.timer is not None:
-            if self.timer.when == due:
-                return
-            self.timer.cancel()
-            self.timer = None
-        if due is not None:
-            self.timer = self.port.reactor.call_at(due, self._fired)
-
-    def _fired(self):
-        self.timer = None
-        self._perform(self.core.expire(self.port.reactor.now()))
-
 
 # ---------------------------------------------------------------------
 # Modem emulation role: AT commands on the device, calls on the network
@@ -6432,7 +6438,7 @@ class Caller(Handler):
         self.modem.caller_ended(self, reason)
 
 
-class ModemRole:
+class ModemRole(CoreTimer):
     """A port with modem = yes: the shell around ModemCore.  Device bytes
     go to the core, which hands online data back for the connection; the
     role dials (names resolved off the loop, one Dial at a time, each
@@ -6459,6 +6465,8 @@ class ModemRole:
     # -- what the port hands over --
 
     def device_data(self, data):
+        if self.port.trace and self.core.mode != "online":
+            self.port.trace.record("<", "(modem)", data)     # AT commands (online data is traced as delivered)
         self._perform(self.core.feed(data, self.port.reactor.now()))
 
     def received(self, conn, data):
@@ -6561,20 +6569,6 @@ class ModemRole:
                 getattr(self, "_do_" + kind)(*action[1:])
         self._arm()
 
-    def _arm(self):
-        due = self.core.deadline()
-        if self.timer is not None:
-            if self.timer.when == due:
-                return
-            self.timer.cancel()
-            self.timer = None
-        if due is not None:
-            self.timer = self.port.reactor.call_at(due, self._fired)
-
-    def _fired(self):
-        self.timer = None
-        self._perform(self.core.expire(self.port.reactor.now()))
-
     def _do_ring(self):
         self.port.counters["modem_rings"] += 1
 
@@ -6639,15 +6633,23 @@ class ModemRole:
             self._event("refused" if self.refused_only else "failed")
             return
         host, port_number = self.targets.pop(0)
+        self.port.log.info("[%s] modem dialing %s", self.port.name, show_hostport((host, port_number)))
+        resolve_in_thread(self.port.reactor, host, port_number, self._current(self._resolved))
+
+    def _current(self, callback):
+        """callback(result, error) for the step under way; an answer that
+        comes after a cancel (S7, a key, DTR) is dropped, a socket closed."""
         self.generation += 1
         generation = self.generation
-        self.port.log.info("[%s] modem dialing %s", self.port.name, show_hostport((host, port_number)))
-        resolve_in_thread(self.port.reactor, host, port_number,
-                          lambda addresses, error: self._resolved(generation, addresses, error))
 
-    def _resolved(self, generation, addresses, error):
-        if generation != self.generation:
-            return
+        def answer(result, error):
+            if generation == self.generation:
+                callback(result, error)
+            elif isinstance(result, LightSocket):
+                result.close()
+        return answer
+
+    def _resolved(self, addresses, error):
         if error is not None or not addresses:
             self.port.log.warning("[%s] modem dial: cannot resolve: %s", self.port.name,
                                   describe_error(error) if error else "no address")
@@ -6662,29 +6664,24 @@ class ModemRole:
             self._next_target()
             return
         family, sockaddr = self.addresses.pop(0)
-        generation = self.generation
         # the core's S7 ends the wait; Dial's own limit only a little later
         limit = max(1, self.core.registers[7]) + 1.0
         try:
             self.dial = Dial(self.port.reactor, family, sockaddr,
-                             lambda sock, error: self._dialed(generation, sockaddr, sock, error), timeout=limit)
+                             self._current(lambda sock, error: self._dialed(sockaddr, sock, error)), timeout=limit)
         except OSError as e:
             self._dial_failed(sockaddr, describe_error(e))
 
-    def _dialed(self, generation, sockaddr, sock, error):
+    def _dialed(self, sockaddr, sock, error):
         self.dial = None
-        if generation != self.generation:
-            if sock:
-                sock.close()
-            return
         if error:
             self._dial_failed(sockaddr, error)
             return
         self.targets, self.addresses = [], []
-        port = self.port
         if self.core.mode != "dialing":
             sock.close()
             return
+        port = self.port
         self._event("up")                   # CONNECT before the remote's first byte
         port.counters["connections_total"] += 1
         self._admit(lambda: port.admission.admit(sock, sockaddr, dialed=True))

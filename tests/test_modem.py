@@ -8,6 +8,7 @@ import os
 import re
 import select
 import socket
+import socketserver
 import threading
 import time
 import tty
@@ -42,6 +43,15 @@ def online(now=0.0, **kw):
     core.feed(b"ATE0D127.0.0.1:23\r", now)
     core.event("up", now)
     assert core.mode == "online"
+    return core
+
+
+def escaped():
+    """A core in online command mode: +++ at 2 s, guard time over at 3 s."""
+    core = online(0)
+    core.feed(b"+++", 2)
+    core.expire(3)
+    assert core.mode == "online_command"
     return core
 
 
@@ -205,22 +215,15 @@ def test_atd_without_a_number_or_host_port_is_an_error(line):
     assert sent(core.feed(line, 0)).endswith(b"\r\nERROR\r\n") and core.mode == "command"
 
 
-def test_dial_connect():
+@pytest.mark.parametrize("event, result, mode", [
+    ("up", b"\r\nCONNECT\r\n", "online"),            # connected
+    ("refused", b"\r\nBUSY\r\n", "command"),         # every address refused the connection
+    ("failed", b"\r\nNO CARRIER\r\n", "command"),    # any other failure (name, network)
+])
+def test_how_a_dial_ends(event, result, mode):
     core = ModemCore()
     core.feed(b"ATD h:1\r", 0)
-    assert sent(core.event("up", 1)) == b"\r\nCONNECT\r\n" and core.mode == "online"
-
-
-def test_dial_busy_on_a_refused_connection():
-    core = ModemCore()
-    core.feed(b"ATD h:1\r", 0)
-    assert sent(core.event("refused", 1)) == b"\r\nBUSY\r\n" and core.mode == "command"
-
-
-def test_dial_no_carrier_on_other_failures():
-    core = ModemCore()
-    core.feed(b"ATD h:1\r", 0)
-    assert sent(core.event("failed", 1)) == b"\r\nNO CARRIER\r\n" and core.mode == "command"
+    assert sent(core.event(event, 1)) == result and core.mode == mode
 
 
 def test_dial_no_answer_after_s7_seconds():
@@ -355,9 +358,7 @@ def test_the_escape_character_is_s2_and_above_127_there_is_none():
 
 
 def test_s12_sets_the_guard_time():
-    core = online(0)
-    core.feed(b"+++", 2)
-    core.expire(3)
+    core = escaped()
     core.feed(b"ATS12=10O\r", 3)           # 0.2 s
     core.feed(b"+++", 3.3)
     assert core.deadline() == pytest.approx(3.5)
@@ -370,35 +371,27 @@ def test_the_guard_time_after_connect_counts_as_silence_before():
 
 
 def test_ato_goes_back_online_and_releases_the_remote_data():
-    core = online(0)
-    core.feed(b"+++", 2)
-    core.expire(3)
+    core = escaped()
     actions = core.feed(b"ATO\r", 4)
     assert sent(actions) == b"\r\nCONNECT\r\n" and kinds(actions) == ["resume"] and core.mode == "online"
     assert data(core.feed(b"more", 4.1)) == b"more"
 
 
 def test_ath_in_online_command_mode_hangs_up():
-    core = online(0)
-    core.feed(b"+++", 2)
-    core.expire(3)
+    core = escaped()
     actions = core.feed(b"ATH\r", 4)
     assert kinds(actions) == ["hang_up"] and sent(actions) == b"\r\nOK\r\n" and core.mode == "command"
 
 
 def test_atz_with_a_call_up_hangs_up():
-    core = online(0)
-    core.feed(b"+++", 2)
-    core.expire(3)
+    core = escaped()
     assert kinds(core.feed(b"ATZ\r", 4)) == ["hang_up"] and core.mode == "command"
 
 
 def test_remote_close_gives_no_carrier_online_and_in_command_mode():
     core = online(0)
     assert sent(core.event("carrier_lost", 1)) == b"\r\nNO CARRIER\r\n" and core.mode == "command"
-    core = online(0)
-    core.feed(b"+++", 2)
-    core.expire(3)
+    core = escaped()
     assert sent(core.event("carrier_lost", 4)) == b"\r\nNO CARRIER\r\n" and core.mode == "command"
     assert core.event("carrier_lost", 5) == []      # after ATH it is no news
 
@@ -413,9 +406,7 @@ def test_dtr_drop_follows_amp_d():
     core = online(0)                                   # &D2: hang up
     actions = core.event("dtr_off", 1)
     assert kinds(actions) == ["hang_up"] and sent(actions) == b"\r\nNO CARRIER\r\n"
-    core = online(0)
-    core.feed(b"+++", 2)
-    core.expire(3)
+    core = escaped()
     core.feed(b"AT&D1O\r", 4)
     actions = core.event("dtr_off", 5)                 # &D1: command mode, call kept
     assert kinds(actions) == ["hold"] and core.mode == "online_command"
@@ -547,42 +538,33 @@ class Terminal:
         time.sleep(seconds)
 
 
-class EchoServer:
-    """A TCP echo server on loopback; `accepted` lists its connections."""
+class EchoServer(socketserver.ThreadingTCPServer):
+    """A TCP echo server on loopback; `accepted` and `closed` list the
+    connections it took and the ones that ended."""
+    daemon_threads = True
 
     def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.port = self.sock.getsockname()[1]
-        self.accepted = []
-        self.closed = []
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted.append(conn)
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
-
-    def _echo(self, conn):
-        try:
-            while True:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    break
-                conn.sendall(chunk)
-        except OSError:
-            pass
-        self.closed.append(conn)
+        self.accepted, self.closed = [], []
+        super().__init__(("127.0.0.1", 0), EchoHandler)
+        self.port = self.server_address[1]
+        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     def close(self):
-        self.sock.close()
+        self.shutdown()
+        self.server_close()
         for conn in self.accepted:
             conn.close()
+
+
+class EchoHandler(socketserver.BaseRequestHandler):
+    def handle(self):
+        self.server.accepted.append(self.request)
+        try:
+            for chunk in iter(lambda: self.request.recv(65536), b""):
+                self.request.sendall(chunk)
+        except OSError:
+            pass
+        self.server.closed.append(self.request)
 
 
 @pytest.fixture
