@@ -20,6 +20,7 @@ import tty
 from conftest import ROOT, SERTCP, Client, free_port, need_programs, wait_for
 
 SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+PASSED_ON = {"http_proxy", "https_proxy", "no_proxy", "ssl_cert_file", "requests_ca_bundle"}
 
 
 def readme_block(name):
@@ -92,10 +93,10 @@ def clean_env(tmp_path, **extra):
     home = tmp_path / "home"
     home.mkdir(exist_ok=True)
     env = {"PATH": SYSTEM_PATH, "HOME": str(home), "LANG": "C.UTF-8"}
-    for name in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_CONFIG_FILE", "http_proxy", "https_proxy",
-                 "HTTP_PROXY", "HTTPS_PROXY", "no_proxy", "NO_PROXY"):
-        if name in os.environ:
-            env[name] = os.environ[name]
+    # how this machine reaches the package registries (index, proxy, CA) stays
+    for name, value in os.environ.items():
+        if name.startswith("PIP_") or name.lower() in PASSED_ON:
+            env[name] = value
     env.update(extra)
     return env
 
