@@ -1981,6 +1981,7 @@ MBAP_LENGTH_RANGE = (2, 254)    # unit id + function code .. unit id + 253-byte 
 MODBUS_CLIENT_QUEUE = 16        # requests one client may have waiting; more is a flood
 MODBUS_ROUND_TRIPS = 1024       # bus round trips kept for p50/p99
 MODBUS_GATEWAY_NO_RESPONSE = 0x0B   # exception: gateway target device failed to respond
+MODBUS_GATEWAY_UNAVAILABLE = 0x0A   # exception: gateway path unavailable (the device is not open)
 
 
 def modbus_crc(data):
@@ -2161,7 +2162,9 @@ class ModbusBus:
     order, one goes out at a time, its answer goes back to the client
     that asked.  A reply with a bad CRC, from another unit or for another
     function counts as no reply: the request is tried again (retries) or
-    answered with exception 0x0B.  Returns actions:
+    answered with exception 0x0B.  While the device is not open
+    (available = False) a request is answered with exception 0x0A at
+    once, and so is the one on the bus when the device goes.  Returns actions:
     ("write", rtu bytes), ("reply", client, mbap bytes),
     ("flood", client) (a client with too many requests waiting), and
     ("stray", n bytes, why) for device bytes nobody asked for."""
@@ -2177,7 +2180,7 @@ class ModbusBus:
         self.due = None
         self.sent_at = None
         self.counters = dict(requests=0, replies=0, timeouts=0, crc_errors=0, bad_replies=0,
-                             broadcasts=0, exceptions_sent=0)
+                             broadcasts=0, exceptions_sent=0, unavailable=0)
         self.round_trips = deque(maxlen=MODBUS_ROUND_TRIPS)
 
     def _move(self, event):
@@ -2186,10 +2189,12 @@ class ModbusBus:
     def depth(self):
         return len(self.queue) + (self.current is not None)
 
-    def request(self, client, transaction, unit, pdu, now):
+    def request(self, client, transaction, unit, pdu, now, available=True):
         if self.waiting.get(client, 0) >= self.queue_limit:
             return [("flood", client)]
         self.counters["requests"] += 1
+        if not available:
+            return self._unavailable(ModbusRequest(client, transaction, unit, pdu, now))
         self.queue.append(ModbusRequest(client, transaction, unit, pdu, now))
         self.waiting[client] = self.waiting.get(client, 0) + 1
         return self._next(now)
@@ -2243,12 +2248,34 @@ class ModbusBus:
             if request.client is not None:
                 self.waiting[request.client] = self.waiting.get(request.client, 0) + 1
             return self._next(now)
+        return self._exception(request, MODBUS_GATEWAY_NO_RESPONSE) + self._next(now)
+
+    def device_gone(self):
+        """The device closed or vanished: neither the request on the bus
+        nor those waiting can be answered; 0x0A for each now rather than
+        0x0B one timeout after another."""
+        gone = list(self.queue)
+        self.queue.clear()
+        self.waiting.clear()
+        if self.state == "waiting":
+            self._move("timeout")
+            gone.insert(0, self.current)
+            self.current = self.due = None
         actions = []
-        if request.client is not None:
-            self.counters["exceptions_sent"] += 1
-            pdu = modbus_exception_pdu(request.pdu[0], MODBUS_GATEWAY_NO_RESPONSE)
-            actions.append(("reply", request.client, mbap_frame(request.transaction, request.unit, pdu)))
-        return actions + self._next(now)
+        for request in gone:
+            actions += self._unavailable(request)
+        return actions
+
+    def _unavailable(self, request):
+        self.counters["unavailable"] += 1
+        return self._exception(request, MODBUS_GATEWAY_UNAVAILABLE)
+
+    def _exception(self, request, code):
+        if request.client is None or request.unit == 0:     # nobody asked, or a broadcast
+            return []
+        self.counters["exceptions_sent"] += 1
+        pdu = modbus_exception_pdu(request.pdu[0], code)
+        return [("reply", request.client, mbap_frame(request.transaction, request.unit, pdu))]
 
     def _next(self, now):
         if self.state != "idle" or not self.queue:
@@ -2301,7 +2328,7 @@ class ModbusGateway:
         return cls(c.modbus_timeout_ms / 1000.0, c.modbus_retries, gap,
                    rtu_char_time(c.baudrate, c.bytesize, c.parity, c.stopbits))
 
-    def from_client(self, client, data, now):
+    def from_client(self, client, data, now, available=True):
         decoder = self.decoders.get(client)
         if decoder is None:
             decoder = self.decoders[client] = MbapDecoder()
@@ -2311,7 +2338,7 @@ class ModbusGateway:
                 self.client_gone(client)
                 return actions + [("close", client, "malformed Modbus TCP frame: %s" % event[1])]
             _, transaction, unit, pdu = event
-            done = self.bus.request(client, transaction, unit, pdu, now)
+            done = self.bus.request(client, transaction, unit, pdu, now, available)
             actions += done
             if done and done[0][0] == "flood":
                 self.client_gone(client)
@@ -6349,8 +6376,10 @@ class ModbusRole(CoreTimer):
         self.timer = None
 
     def received(self, conn, data):
-        """MBAP bytes from a client."""
-        self._perform(self.core.from_client(conn, data, self.port.reactor.now()))
+        """MBAP bytes from a client; while the device is not open each
+        request is answered with exception 0x0A at once."""
+        available = self.port.device_state in ("open", "opening")
+        self._perform(self.core.from_client(conn, data, self.port.reactor.now(), available))
 
     def device_data(self, data):
         """RTU bytes from the device."""
@@ -6365,6 +6394,10 @@ class ModbusRole(CoreTimer):
             self.port.log.info("[%s] client %s left %d bytes of a truncated Modbus TCP frame",
                                self.port.name, format_peer(conn.peer), unfinished)
             self.port.count_dropped(unfinished, "truncated Modbus TCP frame")
+
+    def device_gone(self):
+        """The device is not open any more: what waits is answered 0x0A."""
+        self._perform(self.core.bus.device_gone())
 
     def stop(self):
         if self.timer is not None:
@@ -6386,9 +6419,10 @@ class ModbusRole(CoreTimer):
             kind = action[0]
             if kind == "write":
                 if port.device_state in ("open", "opening"):
-                    port.device.write(action[1])    # else: no reply, so exception 0x0B in time
+                    port.device.write(action[1])
                 else:
                     port.count_dropped(len(action[1]), "device %s is not open" % port.device.label())
+                    self.device_gone()
             elif kind == "reply":
                 action[1].send(action[2])           # a full client_buffer ends it like any slow client
             elif kind == "stray":
@@ -6485,12 +6519,11 @@ class ModemRole(CoreTimer):
         """A connection on listen: it rings, or is refused while the modem
         is busy (dialing, ringing, a call up)."""
         port = self.port
-        if self.core.mode != "command" or port.stopping or not port.device.peer_open:
+        if self.core.mode != "command" or port.stopping:
             port.counters["connections_total"] += 1
             port.counters["connections_rejected"] += 1
-            port.peer_log(peer[0], INFO, "[%s] client %s refused: %s", port.name, format_peer(peer),
-                          "modem busy (%s)" % self.core.mode if port.device.peer_open else
-                          "no program has the virtual port open to answer")
+            port.peer_log(peer[0], INFO, "[%s] client %s refused: modem busy (%s)", port.name,
+                          format_peer(peer), self.core.mode)
             sock.close()
             return
         port.log.info("[%s] incoming call from %s: ringing", port.name, format_peer(peer))
@@ -6839,6 +6872,8 @@ class Port:
 
     def _device_event(self, event):
         self.device_state = device_state_after(self.device_state, event)
+        if self.modbus is not None and self.device_state in ("closed", "missing"):
+            self.modbus.device_gone()
 
     def open_device(self):
         self.reopen_timer = None
@@ -7744,7 +7779,8 @@ MODBUS_COUNTER_HELP = {
     "crc_errors": "RTU frames from the device with a bad CRC (no reply).",
     "bad_replies": "RTU replies from another unit or for another function (no reply).",
     "broadcasts": "Requests to unit 0, sent without waiting for a reply.",
-    "exceptions_sent": "Exceptions 0x0B (no response from the device) sent to clients.",
+    "exceptions_sent": "Exceptions 0x0B (no response) and 0x0A (device not open) sent to clients.",
+    "unavailable": "Requests answered with exception 0x0A because the device was not open.",
 }
 
 

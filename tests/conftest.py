@@ -278,6 +278,52 @@ class Sertcp:
         return self.proc.returncode
 
 
+UART_PATH = Path(__file__).resolve().parent / "uart"
+
+
+class SimulatedUart:
+    """testuart://DIR (tests/uart): a UART whose DSR/DCD/CTS this test sets."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.folder.mkdir()
+        self.url = "testuart://%s" % self.folder
+        self.env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [str(UART_PATH)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+        self.set()
+
+    def set(self, *lines):
+        tmp = self.folder / "lines.tmp"
+        tmp.write_text(" ".join(lines))
+        os.replace(tmp, self.folder / "lines")
+
+    def breaks(self):
+        """[("on"|"off", monotonic time), ...] as the UART saw them."""
+        try:
+            text = (self.folder / "breaks").read_text()
+        except FileNotFoundError:
+            return []
+        return [(kind, float(at)) for kind, at in (line.split() for line in text.splitlines())]
+
+    def sent(self):
+        try:
+            return (self.folder / "tx").read_bytes()
+        except FileNotFoundError:
+            return b""
+
+    def receive(self, data):
+        """Bytes the UART receives from the device, after those before."""
+        with open(self.folder / "rx", "ab") as f:
+            f.write(data)
+
+    def outputs(self):
+        """The output lines that are on now, e.g. {"DTR", "RTS"}."""
+        try:
+            return set((self.folder / "out").read_text().split())
+        except FileNotFoundError:
+            return set()
+
+
 # sitecustomize for a Python whose standard library lacks some modules, as
 # OpenWrt's package split leaves python3-light: a meta-path finder refuses
 # them (and their submodules), so every import of them fails as it would

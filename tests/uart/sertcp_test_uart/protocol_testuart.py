@@ -4,10 +4,9 @@ DIR/lines holds the names of the input lines that are on now, separated
 by spaces ("DSR CD CTS RI"); the test rewrites it (write a temporary file
 and rename, so a read never sees half of it).  What sertcp writes to the
 port is appended to DIR/tx; each start and end of a break is a line
-"on TIME" or "off TIME" (time.monotonic()) in DIR/breaks.  DIR/dtr holds
-"on" or "off", the DTR sertcp set last.  Bytes the test puts in DIR/rx
-(write a temporary file and rename) are received once, then the file is
-gone; nothing else is ever received."""
+"on TIME" or "off TIME" (time.monotonic()) in DIR/breaks.  What the test
+appends to DIR/rx is received, once, in order.  DIR/out holds the output
+lines that are on now ("DTR RTS"), rewritten at each change."""
 import os
 import time
 
@@ -22,8 +21,10 @@ class Serial(SerialBase):
         self.folder = self._port.split("://", 1)[1].rstrip("/")
         if not os.path.isdir(self.folder):
             raise SerialException("testuart: no directory %s" % self.folder)
+        self._rx_offset = 0
         self.is_open = True
         self._reconfigure_port()
+        self._update_dtr_state()
 
     def close(self):
         self.is_open = False
@@ -40,22 +41,26 @@ class Serial(SerialBase):
         except FileNotFoundError:
             return False
 
+    def _pending(self, size):
+        try:
+            with open(os.path.join(self.folder, "rx"), "rb") as f:
+                f.seek(self._rx_offset)
+                return f.read(size)
+        except FileNotFoundError:
+            return b""
+
     @property
     def in_waiting(self):
-        return 0
+        return len(self._pending(4096))
 
     def read(self, size=1):
         if not self.is_open:
             raise SerialException("testuart: port not open")
-        taken = os.path.join(self.folder, "rx.taken")
-        try:
-            os.replace(os.path.join(self.folder, "rx"), taken)
-        except FileNotFoundError:
+        data = self._pending(size)
+        if not data:
             time.sleep(self._timeout or 0.05)
-            return b""
-        with open(taken, "rb") as f:
-            data = f.read()
-        os.unlink(taken)
+            data = self._pending(size)
+        self._rx_offset += len(data)
         return data
 
     def write(self, data):
@@ -76,13 +81,16 @@ class Serial(SerialBase):
             f.write("%s %.6f\n" % ("on" if self._break_state else "off", time.monotonic()))
 
     def _update_rts_state(self):
-        pass
+        self._update_dtr_state()
 
     def _update_dtr_state(self):
-        tmp = os.path.join(self.folder, "dtr.tmp")
+        if not getattr(self, "folder", None):
+            return
+        on = [name for name, state in (("DTR", self._dtr_state), ("RTS", self._rts_state)) if state]
+        tmp = os.path.join(self.folder, "out.tmp")
         with open(tmp, "w") as f:
-            f.write("on" if self._dtr_state else "off")
-        os.replace(tmp, os.path.join(self.folder, "dtr"))
+            f.write(" ".join(on))
+        os.replace(tmp, os.path.join(self.folder, "out"))
 
     @property
     def cts(self):
