@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import sertcp as sertcp_module
+from certs import TlsClient, certs  # noqa: F401 (fixture)
 from conftest import Client, SimulatedUart, free_port, http_get, run_sertcp, wait_for
 
 ModemCore = sertcp_module.ModemCore
@@ -652,6 +653,16 @@ def test_unknown_number_is_error_and_phonebook_numbers_dial(modem, echo_server):
     term.expect(b"via the phonebook")
 
 
+def test_a_host_name_is_resolved_and_each_address_tried(modem, echo_server):
+    """localhost may be ::1 first, where nothing listens: the next address
+    (127.0.0.1) answers, within the one call."""
+    s, term, _ = modem(listen=False)
+    term.command(b"ATD no-such-host.invalid:23", rb"\r\nNO CARRIER\r\n", timeout=20)
+    term.command(b"ATDT localhost:%d" % echo_server.port, rb"\r\nCONNECT\r\n")
+    term.send(b"by name")
+    term.expect(b"by name")
+
+
 def test_a_peer_that_never_accepts_gives_no_answer_after_s7(modem):
     """A listening socket with a backlog of 0 and one connection queued:
     Linux drops the next SYN, so that connect() waits."""
@@ -741,6 +752,20 @@ def test_the_caller_passes_the_gate_first(modem, clients):
     term.expect(rb"^\r\nRING\r\n")                 # the first RING is the right caller's
     term.command(b"ATA", rb"\r\nCONNECT\r\n")
     term.expect(rb"^first words")
+
+
+def test_a_call_over_tls_rings_after_the_handshake(modem, certs):
+    s, term, port = modem(*certs.server_flags())
+    caller = TlsClient(port, certs.client_context())
+    try:
+        term.expect(rb"^\r\nRING\r\n")
+        term.command(b"ATA", rb"\r\nCONNECT\r\n")
+        caller.send(b"encrypted call")
+        term.expect(rb"^encrypted call")
+        term.send(b"answer")
+        assert caller.recv(6) == b"answer"
+    finally:
+        caller.close()
 
 
 def test_modem_init_is_applied_at_start_and_after_atz(modem):
