@@ -2723,8 +2723,6 @@ class ModemCore:
         ("online_command", "carrier_lost"):    ("command", ("NO CARRIER",)),
         ("online_command", "dtr_hang_up"):     ("command", ("hang_up", "NO CARRIER")),
     }
-    COMMAND_EVENTS = ("dial", "answer", "go_online", "hang_up")
-
     def __init__(self, init=(), phonebook=None):
         self.init = tuple(init)             # modem_init lines, applied by ATZ
         self.phonebook = dict(phonebook or {})
@@ -2745,10 +2743,13 @@ class ModemCore:
         return cls(c.modem_init or (), c.modem_phonebook)
 
     def reset(self):
-        """ATZ: factory settings, then modem_init."""
+        """ATZ: factory settings, then modem_init (A/ still repeats the
+        device's own last line)."""
         self.factory()
+        last_line = self.last_line
         for line in self.init:
             self._command_line(line.encode("ascii", "replace"), 0.0)
+        self.last_line = last_line
 
     def factory(self):
         """AT&F: echo on, verbose results, AT&D2, the registers' defaults."""
@@ -2780,7 +2781,7 @@ class ModemCore:
 
     def _info(self, text):
         """Information text (ATI, ATSn?): framed like a verbose result, or
-        followed by CR LF in numeric mode (V.250 6.2.6)."""
+        only followed by CR LF in numeric mode, as V.250 frames it."""
         body = text.encode("ascii") + self._eol()
         return self._eol() + body if self.verbose else body
 
@@ -2796,6 +2797,8 @@ class ModemCore:
         return self.registers[12] / 50.0
 
     def expire(self, now):
+        """What is due at `now`: the escape once guard time has passed
+        after +++ (or the held + as data), NO ANSWER after S7, a RING."""
         out = []
         if self.mode == "online" and self.held and now >= self.plus_at + self.guard():
             if self.held == 3:

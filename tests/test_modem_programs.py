@@ -65,10 +65,10 @@ def echo():
     server.close()
 
 
-def modem_port(sertcp, tmp_path, extra=""):
+def modem_port(sertcp, tmp_path, extra="", init="ATS12=10"):
     """A virtual port with modem emulation; returns (process, tty path)."""
     path = tmp_path / "ttyModem"
-    config = "[modem]\nvirtual = %s\nmodem = yes\nmodem_init = ATS12=10\n%s" % (path, extra)
+    config = "[modem]\nvirtual = %s\nmodem = yes\nmodem_init = %s\n%s" % (path, init, extra)
     s = sertcp(config=config)
     s.wait_log(r"device %s opened" % path)
     return s, path
@@ -136,7 +136,7 @@ def test_chat_answers_a_ring_with_ata(sertcp, tmp_path):
     caller = None
     try:
         caller = Client(listen)
-        code, log = run_chat(fd, "RING", "ATA", "CONNECT", "")
+        code, log = run_chat(fd, "RING", "ATA", "CONNECT")     # no send after it: a '' would send CR to the caller
         assert code == 0, log
         caller.send(b"from the caller\r\n")
         assert read_until(fd, b"from the caller\r\n").endswith(b"from the caller\r\n")
@@ -150,7 +150,7 @@ def test_chat_answers_a_ring_with_ata(sertcp, tmp_path):
 
 def test_s0_2_answers_after_two_rings(sertcp, tmp_path):
     listen = free_port()
-    s, path = modem_port(sertcp, tmp_path, "listen = 127.0.0.1:%d\nmodem_init = ATS12=10 S0=2\n" % listen)
+    s, path = modem_port(sertcp, tmp_path, "listen = 127.0.0.1:%d\n" % listen, init="ATS12=10 S0=2")
     s.wait_listening(listen)
     fd = open_raw(path)
     caller = Client(listen)
