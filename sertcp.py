@@ -2908,13 +2908,15 @@ class ModemCore:
             i += 1
             if self.echo:
                 echo.append(b)
-            if b == cr:
+            # CR (S3) ends a line; so does an LF after something (a program
+            # sending Unix newlines), while the LF of CR LF finds it empty
+            if b == cr or (b == lf and self.line):
                 line, self.line = bytes(self.line), bytearray()
                 self._flush_echo(echo, out)
                 out += self._command_line(line, now)
             elif b == bs or b == 127:
                 del self.line[-1:]
-            elif b == lf or (b in (32,) and not self.line):
+            elif b == lf or (b == 32 and not self.line):
                 continue
             elif len(self.line) <= MODEM_LINE_LIMIT:
                 self.line.append(b)

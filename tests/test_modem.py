@@ -144,6 +144,13 @@ def test_s3_and_s5_change_end_of_line_and_backspace():
     assert sent(core.feed(b"ATG#E1\r", 0)) == b"\r\nOK\r\n"    # '#' erased the G
 
 
+def test_a_line_also_ends_with_lf_and_cr_lf_gives_one_result():
+    core = ModemCore()
+    core.echo = False
+    assert sent(core.feed(b"AT\n", 0)) == b"\r\nOK\r\n"
+    assert sent(core.feed(b"AT\r\n", 0)) == b"\r\nOK\r\n"
+
+
 def test_backspace_edits_the_line_and_is_echoed():
     assert sent(ModemCore().feed(b"ATX\x08E0\r", 0)) == b"ATX\x08E0\r\r\nOK\r\n"
 
