@@ -174,6 +174,23 @@ class Tmux:
         self.base = ["tmux", "-L", "sertcp-%d-%d" % (os.getpid(), id(self)), "-f", "/dev/null"]
         subprocess.run(self.base + ["new-session", "-d", "-x", "120", "-y", "40", "-s", "t"] + command,
                        check=True, env=dict(os.environ, TERM="xterm"), cwd=str(tmp_path))
+        self.wait_raw()
+
+    def wait_raw(self):
+        """Wait until the program has put its terminal in raw mode: keys
+        typed before that are echoed by the tty itself and then flushed
+        when the program sets raw mode, so they never reach the port."""
+        import termios
+        pane = subprocess.run(self.base + ["display-message", "-p", "-t", "t", "#{pane_tty}"],
+                              stdout=subprocess.PIPE, check=True).stdout.decode().strip()
+
+        def raw():
+            fd = os.open(pane, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK)
+            try:
+                return not termios.tcgetattr(fd)[3] & termios.ICANON
+            finally:
+                os.close(fd)
+        wait_for(raw, 15, message="the program's terminal in raw mode")
 
     def screen(self):
         done = subprocess.run(self.base + ["capture-pane", "-p", "-S", "-200", "-t", "t"],
