@@ -37,6 +37,13 @@ def kinds(actions):
     return [a[0] for a in actions if a[0] not in ("send", "data")]
 
 
+def no_echo():
+    """A core in command mode that does not echo (its answers alone)."""
+    core = ModemCore()
+    core.echo = False
+    return core
+
+
 def online(now=0.0, **kw):
     """A core with a call up since `now` (dialed), echo off."""
     core = ModemCore(**kw)
@@ -69,14 +76,12 @@ def test_commands_are_case_insensitive_and_several_go_on_one_line():
 
 def test_a_line_that_does_not_start_with_at_is_ignored():
     assert sent(ModemCore().feed(b"ATE0\rhello\r", 0)).endswith(b"OK\r\n")
-    core = ModemCore()
-    core.echo = False
+    core = no_echo()
     assert sent(core.feed(b"hello\r\r\n", 0)) == b""
 
 
 def test_an_unknown_command_is_error_and_stops_the_line():
-    core = ModemCore()
-    core.echo = False
+    core = no_echo()
     assert sent(core.feed(b"ATE1G7V0\r", 0)) == b"\r\nERROR\r\n"
     assert core.echo and core.verbose          # E1 ran, V0 did not
 
@@ -88,8 +93,7 @@ def test_ate0_stops_the_echo():
 
 
 def test_atv0_gives_numeric_result_codes():
-    core = ModemCore()
-    core.echo = False
+    core = no_echo()
     assert sent(core.feed(b"ATV0\r", 0)) == b"0\r"
     assert sent(core.feed(b"ATX\r", 0)) == b"0\r"          # X is taken and ignored
     assert sent(core.feed(b"ATG\r", 0)) == b"4\r"
@@ -105,23 +109,20 @@ def test_result_codes_in_words_and_digits(name, code):
 
 
 def test_atq1_silences_result_codes_but_not_information():
-    core = ModemCore()
-    core.echo = False
+    core = no_echo()
     assert sent(core.feed(b"ATQ1\r", 0)) == b""
     assert sent(core.feed(b"ATS7?\r", 0)) == b"\r\n050\r\n"
     assert sent(core.feed(b"ATQ0\r", 0)) == b"\r\nOK\r\n"
 
 
 def test_ati_identifies_the_program():
-    core = ModemCore()
-    core.echo = False
+    core = no_echo()
     assert sent(core.feed(b"ATI\r", 0)) == b"\r\nsertcp %s\r\n\r\nOK\r\n" % sertcp_module.__version__.encode()
     assert sent(core.feed(b"ATI3\r", 0)).startswith(b"\r\nsertcp")
 
 
 def test_s_registers_have_the_modem_defaults_and_can_be_set_and_read():
-    core = ModemCore()
-    core.echo = False
+    core = no_echo()
     assert [core.registers[n] for n in (0, 2, 3, 4, 5, 7, 12)] == [0, 43, 13, 10, 8, 50, 50]
     assert sent(core.feed(b"ATS7=5S12=25\r", 0)) == b"\r\nOK\r\n"
     assert sent(core.feed(b"ATS7?S12?\r", 0)) == b"\r\n005\r\n\r\n025\r\n\r\nOK\r\n"
@@ -130,14 +131,12 @@ def test_s_registers_have_the_modem_defaults_and_can_be_set_and_read():
 
 @pytest.mark.parametrize("line", [b"ATS100=1\r", b"ATS0=256\r", b"ATS1=3\r", b"ATS=1\r", b"ATS0=\r"])
 def test_s_register_mistakes_are_errors(line):
-    core = ModemCore()
-    core.echo = False
+    core = no_echo()
     assert sent(core.feed(line, 0)) == b"\r\nERROR\r\n"
 
 
 def test_s3_and_s5_change_end_of_line_and_backspace():
-    core = ModemCore()
-    core.echo = False
+    core = no_echo()
     core.feed(b"ATS3=10\r", 0)
     assert sent(core.feed(b"ATX\n", 0)) == b"\n\nOK\n\n"
     core.feed(b"ATS3=13S5=35\n", 0)
@@ -145,8 +144,7 @@ def test_s3_and_s5_change_end_of_line_and_backspace():
 
 
 def test_a_line_also_ends_with_lf_and_cr_lf_gives_one_result():
-    core = ModemCore()
-    core.echo = False
+    core = no_echo()
     assert sent(core.feed(b"AT\n", 0)) == b"\r\nOK\r\n"
     assert sent(core.feed(b"AT\r\n", 0)) == b"\r\nOK\r\n"
 
@@ -156,15 +154,13 @@ def test_backspace_edits_the_line_and_is_echoed():
 
 
 def test_a_slash_repeats_the_last_line_without_cr():
-    core = ModemCore()
-    core.echo = False
+    core = no_echo()
     core.feed(b"ATS7?\r", 0)
     assert sent(core.feed(b"A/", 0)) == b"\r\n050\r\n\r\nOK\r\n"
 
 
 def test_a_line_too_long_is_an_error():
-    core = ModemCore()
-    core.echo = False
+    core = no_echo()
     assert sent(core.feed(b"AT" + b"X" * 300 + b"\r", 0)) == b"\r\nERROR\r\n"
 
 
@@ -188,8 +184,7 @@ def test_amp_d_sets_what_dtr_does():
 
 
 def test_common_init_string_commands_are_taken():
-    core = ModemCore()
-    core.echo = False
+    core = no_echo()
     assert sent(core.feed(b"AT&FE0V1&C1&D2&K3L0M1X4&W\r", 0)) == b"\r\nOK\r\n"
 
 
@@ -261,8 +256,7 @@ def test_atd_while_a_call_is_up_is_an_error():
 # --- incoming calls -----------------------------------------------------------
 
 def test_incoming_call_rings_every_two_seconds_until_ata():
-    core = ModemCore()
-    core.echo = False
+    core = no_echo()
     actions = core.event("incoming", 100)
     assert sent(actions) == b"\r\nRING\r\n" and kinds(actions) == ["ring"] and core.mode == "ringing"
     assert core.deadline() == 102
@@ -287,18 +281,15 @@ def test_a_caller_who_hangs_up_stops_the_ringing_silently():
 
 
 def test_ath_while_ringing_refuses_the_call():
-    core = ModemCore()
-    core.echo = False
+    core = no_echo()
     core.event("incoming", 0)
     actions = core.feed(b"ATH\r", 1)
     assert kinds(actions) == ["refuse_call"] and sent(actions) == b"\r\nOK\r\n" and core.mode == "command"
 
 
-def test_ata_and_ato_without_a_call_are_no_carrier():
-    core = ModemCore()
-    core.echo = False
-    assert sent(core.feed(b"ATA\r", 0)) == b"\r\nNO CARRIER\r\n"
-    assert sent(core.feed(b"ATO\r", 0)) == b"\r\nNO CARRIER\r\n"
+@pytest.mark.parametrize("line", [b"ATA\r", b"ATO\r"])
+def test_ata_and_ato_without_a_call_are_no_carrier(line):
+    assert sent(no_echo().feed(line, 0)) == b"\r\nNO CARRIER\r\n"
 
 
 def test_a_second_call_is_not_an_event_while_busy():
