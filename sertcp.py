@@ -2883,7 +2883,7 @@ class ModemCore:
             self.data_at = now
             return [("data", bytes(data))]
         out = bytearray()
-        for b in data:
+        for i, b in enumerate(data):
             if self.held:
                 if b == escape and self.held < 3 and now - self.plus_at <= guard:
                     self.held += 1
@@ -2896,6 +2896,9 @@ class ModemCore:
             else:
                 out.append(b)
                 self.data_at = now
+                if guard:
+                    out += data[i + 1:]     # no silence before the rest of this chunk: all data
+                    break
         return [("data", bytes(out))] if out else []
 
     def _command_bytes(self, data, i, now, out):

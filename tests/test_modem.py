@@ -420,12 +420,15 @@ chunks = st.lists(st.tuples(st.binary(max_size=12) | st.sampled_from([b"+", b"++
 
 
 @settings(max_examples=300, deadline=None)
-@given(chunks)
-def test_online_data_is_never_lost_or_altered(pieces):
-    """Whatever the device sends and whenever: the remote end gets every
-    byte, in order, except the three + of an escape the core answered
-    with OK (the test then goes back online with ATO)."""
-    core = online(0)
+@given(chunks, st.sampled_from([50, 10, 0]))
+def test_online_data_is_never_lost_or_altered(pieces, s12):
+    """Whatever the device sends and whenever, at any guard time (S12=0
+    included): the remote end gets every byte, in order, except the three
+    + of an escape the core answered with OK (the test then goes back
+    online with ATO)."""
+    core = no_echo()
+    core.feed(b"ATS12=%dD127.0.0.1:23\r" % s12, 0)
+    core.event("up", 0)
     now, expected, got = 0.0, bytearray(), bytearray()
 
     def run(actions):
