@@ -121,6 +121,7 @@ PASSWORD_LINE_LIMIT = 256      # bytes: a longer first line is not a password
 WRONG_PASSWORD_DELAY = 1.0     # seconds before a wrong password is answered by closing
 PASSWORD_FAILURES, PASSWORD_WINDOW, PASSWORD_BLOCK = 5, 60.0, 60  # then refuse that address
 PEER_LOG_BURST, PEER_LOG_WINDOW = 10, 10.0  # per-peer log lines per window
+CONTROL_BODY_LIMIT = 4096      # bytes: the form body of a control API request
 DEBUG, INFO, WARNING, ERROR = 10, 20, 30, 40  # logging's levels (sertcp has its own logger)
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE = 0, 1, 2
@@ -624,6 +625,10 @@ GLOBAL_KEYS = [
     Key("pidfile", parse_path, None, "written at start, removed at exit"),
     Key("status", parse_listen, None, "[HOST:]PORT of the HTTP status endpoint (/status JSON, /metrics)", show_hostport),
     Key("user", parse_text, None, "after opening devices and binding, drop to this user"),
+    Key("status_allow", parse_allow, None, "comma list of IPs/CIDRs that may use the status endpoint, every path (default: any)", _show_list),
+    Key("control_token", parse_text, None, "enables the control API (POST) on the status endpoint: requests carry "
+        "Authorization: Bearer TOKEN", secret=True),
+    Key("control_token_file", parse_path, None, "file whose first line is the control token (re-read on SIGHUP)"),
 ]
 
 PORT_SCHEMA = {k.name: k for k in PORT_KEYS}
@@ -718,6 +723,8 @@ class PortConfig:
 
 
 class Config:
+    control_token = None    # bytes: the control API is on (control_token or control_token_file)
+
     def __init__(self, global_values, ports, source=None):
         self.globals = global_values
         self.ports = ports          # list of PortConfig, in file order
@@ -1054,23 +1061,8 @@ def build_config(config_path, port_flags, global_flags, device):
             port.secret = values["password"].encode("utf-8")
         elif values["password_file"] is not None:
             # read at every (re)load, so SIGHUP picks up a changed file
-            try:
-                content = read_regular_file(values["password_file"], PASSWORD_FILE_LIMIT)
-            except OSError as e:
-                errors.append(ConfigError(merged["password_file"].where, "password_file",
-                                          "cannot read %s: %s" % (values["password_file"], e.strerror)))
-            except ValueProblem as e:
-                errors.append(ConfigError(merged["password_file"].where, "password_file",
-                                          "%s %s" % (values["password_file"], e)))
-            else:
-                port.secret = content.split(b"\n", 1)[0].rstrip(b"\r\n")
-                if not port.secret:
-                    errors.append(ConfigError(merged["password_file"].where, "password_file",
-                                              "the first line of %s is empty" % values["password_file"]))
-                elif len(port.secret) > PASSWORD_LINE_LIMIT:
-                    errors.append(ConfigError(merged["password_file"].where, "password_file",
-                                              "the first line of %s is longer than %d bytes"
-                                              % (values["password_file"], PASSWORD_LINE_LIMIT)))
+            port.secret = read_secret_line(values["password_file"], merged["password_file"].where,
+                                           "password_file", errors)
         ports.append(port)
         wheres[name] = merged
 
@@ -1085,9 +1077,61 @@ def build_config(config_path, port_flags, global_flags, device):
 
     _validate_ports(ports, lambda port, key: (wheres[port.name][key].where if key in wheres[port.name]
                                               else "[%s]" % port.name), errors)
+    token = read_control_token(global_values, global_settings, errors)
     if errors:
         raise ConfigErrors(errors)
-    return Config(global_values, ports, config_path)
+    config = Config(global_values, ports, config_path)
+    config.control_token = token
+    return config
+
+
+def read_secret_line(path, where, key, errors):
+    """The first line of a password or token file, read again at every
+    (re)load; None after adding an error (unreadable, empty, too long)."""
+    try:
+        content = read_regular_file(path, PASSWORD_FILE_LIMIT)
+    except OSError as e:
+        errors.append(ConfigError(where, key, "cannot read %s: %s" % (path, e.strerror)))
+        return None
+    except ValueProblem as e:
+        errors.append(ConfigError(where, key, "%s %s" % (path, e)))
+        return None
+    line = content.split(b"\n", 1)[0].rstrip(b"\r\n")
+    if not line:
+        errors.append(ConfigError(where, key, "the first line of %s is empty" % path))
+    elif len(line) > PASSWORD_LINE_LIMIT:
+        errors.append(ConfigError(where, key, "the first line of %s is longer than %d bytes" % (path, PASSWORD_LINE_LIMIT)))
+    else:
+        return line
+    return None
+
+
+def read_control_token(values, settings, errors):
+    """The control API's token as bytes (control_token, or the first line
+    of control_token_file), or None: the API is off.  The keys of the
+    status endpoint need `status`."""
+    def where(key):
+        return settings[key].where
+    for key in ("control_token", "control_token_file", "status_allow"):
+        if values[key] is not None and values["status"] is None:
+            errors.append(ConfigError(where(key), key, "needs status (the HTTP endpoint it applies to)"))
+    if values["control_token"] is not None and values["control_token_file"] is not None:
+        errors.append(ConfigError(where("control_token_file"), "control_token_file",
+                                  "set control_token or control_token_file, not both"))
+        return None
+    if values["control_token"] is not None:
+        key, token = "control_token", values["control_token"].encode("utf-8")
+    elif values["control_token_file"] is not None:
+        key = "control_token_file"
+        token = read_secret_line(values[key], where(key), key, errors)
+    else:
+        return None
+    # it travels in a header line: "Authorization: Bearer TOKEN"
+    if token is not None and not (0 < len(token) <= PASSWORD_LINE_LIMIT and all(33 <= b < 127 for b in token)):
+        errors.append(ConfigError(where(key), key, "must be 1-%d printable ASCII characters without spaces "
+                                  "(it is sent in an HTTP header)" % PASSWORD_LINE_LIMIT))
+        return None
+    return token
 
 
 class ConfigErrors(Exception):
@@ -6014,6 +6058,10 @@ class Port:
         self.end_connection = self.admission.end
         self.peer_finished = self.admission.peer_finished
 
+    # stopped through the control API (POST /ports/NAME/disable) until
+    # enabled again, when the server starts a fresh Port in its place
+    disabled = False
+
     @property
     def dial_state(self):
         return self.dialer.plan.state if self.dialer else "off"
@@ -6030,6 +6078,8 @@ class Port:
             self.udp.start()
 
     def stop(self, reason="shutdown"):
+        if self.stopping:
+            return                      # a disabled port, stopped already
         self.stopping = True
         for timer in (self.reopen_timer, self.pack_timer):
             if timer:
@@ -6220,18 +6270,26 @@ class Port:
 
     def break_on_connect(self):
         """A break of break_on_connect seconds (boards that reset on break)."""
-        device, seconds = self.device, self.config.break_on_connect
+        self.send_break(self.config.break_on_connect, "break_on_connect")
+
+    def send_break(self, seconds, why, done=None):
+        """A break of `seconds` on the device, if it is open; done(problem)
+        once it has started ("") or been refused (why, for the log)."""
+        device = self.device
         if not device.is_open:
+            if done is not None:
+                done("device not open")
             return
 
         def started(problem, error):
             problem = problem or (describe_error(error) if error else "")
             if problem:
-                self.log.warning("[%s] break_on_connect: %s refused the break: %s", self.name,
-                                 device.label(), problem)
-                return
-            self.log.info("[%s] break for %gs (break_on_connect)", self.name, seconds)
-            self.reactor.call_later(seconds, end)
+                self.log.warning("[%s] %s: %s refused the break: %s", self.name, why, device.label(), problem)
+            else:
+                self.log.info("[%s] break for %gs (%s)", self.name, seconds, why)
+                self.reactor.call_later(seconds, end)
+            if done is not None:
+                done(problem)
 
         def end():
             if device.is_open:
@@ -6832,6 +6890,7 @@ def port_status(port):
         # open, opening (a URL device's open under way), missing (retried
         # every reopen_interval), closed (open_on_demand, or stopped)
         "device_state": port.device_state,
+        "disabled": port.disabled,      # through the control API, until enabled
         "settings": (dict(port.rfc2217.in_force) if port.rfc2217 and port.rfc2217.role == "server" else  # as clients set them
                      {"baudrate": c.baudrate, "bytesize": c.bytesize, "parity": c.parity,
                       "stopbits": c.stopbits, "flow": c.flow}),
@@ -6864,6 +6923,8 @@ def device_side_status(port, status):
         status["modem_lines"] = {k.lower(): bool(v) for k, v in sorted(port.modem_lines.items())}
     if isinstance(device, StreamDevice):
         status["settings"] = "not applicable (not a tty)"
+    if device.is_open and isinstance(device, PyserialDevice):
+        status["lines"] = device.line_states({})   # DTR, RTS, break as last set
 
 
 def server_status(server):
@@ -6965,26 +7026,329 @@ def format_modbus_metrics(ports, label):
 
 
 class HttpProblem(Exception):
-    def __init__(self, code, reason):
-        self.code, self.reason = code, reason
+    """An answer other than 200: code, reason phrase, and for the control
+    API a detail (its JSON "error") and extra header lines."""
+
+    def __init__(self, code, reason, detail=None, headers=""):
+        self.code, self.reason, self.detail, self.headers = code, reason, detail, headers
 
 
-def parse_http_request(head):
-    """The request line of an HTTP/1.x request head (bytes up to the blank
-    line) -> (method, path).  Raises HttpProblem for anything else."""
-    try:
-        text = head.decode("latin-1")
-    except ValueError:
-        raise HttpProblem(400, "Bad Request")
-    request_line = text.split("\r\n", 1)[0].split("\n", 1)[0]
-    parts = request_line.split(" ")
+class HttpRequest:
+    """One request to the status endpoint: method, path (still %-escaped),
+    query (after '?'), headers {lower-case name: value}, body, peer."""
+    __slots__ = ("method", "path", "query", "headers", "body", "peer", "control")
+
+
+def parse_http_head(head):
+    """An HTTP/1.x request head (bytes up to the blank line) -> HttpRequest
+    (body empty).  Raises HttpProblem: 400 for anything malformed, 405 for
+    a method other than GET, HEAD and POST."""
+    lines = head.decode("latin-1").replace("\r\n", "\n").split("\n")
+    parts = lines[0].split(" ")
     if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
         raise HttpProblem(400, "Bad Request")
-    method, target = parts[0], parts[1]
-    if method not in ("GET", "HEAD"):
+    request = HttpRequest()
+    request.method, target = parts[0], parts[1]
+    if request.method not in ("GET", "HEAD", "POST"):
         raise HttpProblem(405, "Method Not Allowed")
-    path = target.split("?", 1)[0]
-    return method, path
+    request.path, _, request.query = target.partition("?")
+    request.headers = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        name = name.lower()
+        if not colon or not name or name != name.strip():
+            raise HttpProblem(400, "Bad Request", "malformed header line")
+        if name in request.headers and name in ("content-length", "content-type", "authorization"):
+            raise HttpProblem(400, "Bad Request", "%s given twice" % name)
+        request.headers[name] = value.strip()
+    request.body, request.peer, request.control = b"", None, False
+    return request
+
+
+def http_body_length(request):
+    """The bytes of body a request announces (Content-Length), at most
+    CONTROL_BODY_LIMIT; HttpProblem otherwise (a chunked body: 411)."""
+    if "transfer-encoding" in request.headers:
+        raise HttpProblem(411, "Length Required", "send the body with a Content-Length")
+    text = request.headers.get("content-length", "0")
+    if not (text.isascii() and text.isdigit()):
+        raise HttpProblem(400, "Bad Request", "Content-Length is not a number")
+    if int(text) > CONTROL_BODY_LIMIT:
+        raise HttpProblem(413, "Payload Too Large", "a body takes at most %d bytes" % CONTROL_BODY_LIMIT)
+    return int(text)
+
+
+def percent_decode(text, form=False):
+    """A path segment or form field with %XX escapes (and, in a form, '+'
+    for a space) -> str; HttpProblem 400 for a bad escape or non-UTF-8."""
+    raw = text.encode("latin-1")        # the head was decoded as latin-1: these are its bytes
+    if form:
+        raw = raw.replace(b"+", b" ")
+    pieces = raw.split(b"%")
+    out = bytearray(pieces[0])
+    for piece in pieces[1:]:
+        if len(piece) < 2 or not all(c in b"0123456789abcdefABCDEF" for c in piece[:2]):
+            raise HttpProblem(400, "Bad Request", "bad %-escape")
+        out.append(int(piece[:2], 16))
+        out += piece[2:]
+    try:
+        return out.decode("utf-8")
+    except UnicodeDecodeError:
+        raise HttpProblem(400, "Bad Request", "not UTF-8 after %-decoding")
+
+
+def parse_form(text, fields=None):
+    """name=value&... (a query string, or an x-www-form-urlencoded body)
+    added to `fields`; HttpProblem 400 for a name given twice."""
+    fields = {} if fields is None else fields
+    for item in text.split("&"):
+        if item:
+            name, _, value = item.partition("=")
+            name = percent_decode(name, form=True)
+            if name in fields:
+                raise HttpProblem(400, "Bad Request", "%s given twice" % name)
+            fields[name] = percent_decode(value, form=True)
+    return fields
+
+
+# ---------------------------------------------------------------------
+# The control API: POST /ports/NAME/ACTION and POST /reload
+# ---------------------------------------------------------------------
+
+# what each action takes: parameter -> parser (from the query string or
+# an x-www-form-urlencoded body)
+CONTROL_ACTIONS = {
+    "disconnect": {"peer": str},
+    "lines": {"dtr": choice_parser("on", "off"), "rts": choice_parser("on", "off"),
+              "break": number_parser(float, 0.01, 60)},
+    "enable": {},
+    "disable": {},
+    "reload": {},
+}
+
+
+def control_route(path):
+    """The control API's (action, port name) for a path: ("reload", None)
+    for /reload, (ACTION, NAME) for /ports/NAME/ACTION with NAME still
+    %-escaped; None for a path that is not the control API's."""
+    if path == "/reload":
+        return "reload", None
+    parts = path.split("/")
+    if len(parts) == 4 and parts[:2] == ["", "ports"] and parts[2] and parts[3] != "reload":
+        return parts[3], parts[2]
+    return None
+
+
+def control_parameters(action, fields):
+    """The parsed parameters of an action; HttpProblem 400 naming what is
+    wrong (an unknown parameter, a value out of range, lines without any)."""
+    takes = CONTROL_ACTIONS[action]
+    unknown = sorted(set(fields) - set(takes))
+    if unknown:
+        raise HttpProblem(400, "Bad Request", "%s takes %s, not %s" % (
+            action, ", ".join(sorted(takes)) or "no parameters", ", ".join(unknown)))
+    values = {}
+    for name, text in fields.items():
+        try:
+            values[name] = takes[name](text)
+        except ValueProblem as e:
+            raise HttpProblem(400, "Bad Request", "%s: %s" % (name, e))
+    if action == "lines" and not values:
+        raise HttpProblem(400, "Bad Request", "lines takes dtr=on|off, rts=on|off, break=SECONDS")
+    return values
+
+
+def bearer_token(request):
+    """The token of an `Authorization: Bearer TOKEN` header, as bytes (b"" if none)."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip().encode("latin-1") if scheme.lower() == "bearer" else b""
+
+
+class ControlApi:
+    """The control API of a status endpoint (only with a control token):
+    POST only; then the token, compared in constant time, where a missing
+    or wrong one is answered 401 after WRONG_PASSWORD_DELAY, as a wrong
+    password is, and PASSWORD_FAILURES of them from one address within
+    PASSWORD_WINDOW refuse it (429) for PASSWORD_BLOCK seconds; then the
+    action.  Answers are JSON; each action is logged with the address."""
+
+    def __init__(self, server):
+        self.server = server
+        self.log = server.log
+        self.failed_tokens = FailedPasswords()
+
+    def handle(self, handler, action, name):
+        """(code, JSON-able answer), or None when the StatusRequest
+        `handler` is answered later."""
+        request = handler.request
+        if request.method != "POST":
+            raise HttpProblem(405, "Method Not Allowed", "the control API takes POST", "Allow: POST\r\n")
+        host, now = request.peer[0], self.server.reactor.now()
+        if self.failed_tokens.is_blocked(host, now):
+            raise HttpProblem(429, "Too Many Requests", "too many wrong tokens from %s: refused for up to %ds"
+                              % (host, PASSWORD_BLOCK), "Retry-After: %d\r\n" % PASSWORD_BLOCK)
+        import hmac  # only with a control token
+        given = bearer_token(request)
+        if not hmac.compare_digest(given, self.server.config.control_token):
+            blocked = self.failed_tokens.failed(host, now)
+            self.server.peer_log(host, WARNING, "control API: POST %s from %s refused: %s token%s", request.path,
+                                 host, "wrong" if given else "no",
+                                 "; %s blocked for %ds" % (host, PASSWORD_BLOCK) if blocked else "")
+            # answered after a pause, as a wrong password: guessing costs the guesser time
+            problem = HttpProblem(401, "Unauthorized", "missing or wrong token (Authorization: Bearer TOKEN)",
+                                  "WWW-Authenticate: Bearer\r\n")
+            self.server.reactor.call_later(WRONG_PASSWORD_DELAY, lambda: handler.answer_problem(problem))
+            return None
+        if action not in CONTROL_ACTIONS:
+            raise HttpProblem(404, "Not Found", "no action %r: %s" % (action, ", ".join(sorted(CONTROL_ACTIONS))))
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if request.body and kind not in ("", "application/x-www-form-urlencoded"):
+            raise HttpProblem(415, "Unsupported Media Type", "send parameters as a query string or a form")
+        values = control_parameters(action, parse_form(request.body.decode("latin-1"), parse_form(request.query)))
+        by = "through the control API by %s" % host
+        if action == "reload":
+            outcome = self.server.reload("reload requested %s" % by)
+            return (200 if outcome["reloaded"] else 409), outcome
+        name = percent_decode(name)
+        port = next((p for p in self.server.ports if p.name == name), None)
+        if port is None:
+            raise HttpProblem(404, "Not Found", "no port named %r" % name)
+        return getattr(self, action)(handler, port, values, by)
+
+    def disconnect(self, handler, port, values, by):
+        peer = values.get("peer")
+        chosen = [conn for conn in port.clients if peer is None or format_peer(conn.peer) == peer]
+        if peer is not None and not chosen:
+            raise HttpProblem(404, "Not Found", "port %s has no client %s" % (port.name, peer))
+        self.log.info("[%s] disconnecting %s %s", port.name, peer or "every client (%d)" % len(chosen), by)
+        for conn in chosen:
+            port.end_connection(conn, "disconnected %s" % by)
+        return 200, {"port": port.name, "disconnected": [format_peer(conn.peer) for conn in chosen]}
+
+    def enable(self, handler, port, values, by):
+        if port.disabled:
+            refused = self.server.enable_port(port, "enabled %s" % by)
+            if refused:
+                raise HttpProblem(409, "Conflict", refused)
+        return 200, {"port": port.name, "disabled": False}
+
+    def disable(self, handler, port, values, by):
+        if not port.disabled:
+            self.server.disable_port(port, "disabled %s" % by)
+        return 200, {"port": port.name, "disabled": True}
+
+    def lines(self, handler, port, values, by):
+        """DTR and RTS, then the break, through the device's call() (a URL
+        device answers later): answered once the device has done them."""
+        device, problems = port.device, []
+        if not device.is_open:
+            raise HttpProblem(409, "Conflict", "the device of port %s is %s" % (
+                port.name, "disabled" if port.disabled else port.device_state))
+        dtr, rts = [None if values.get(k) is None else values[k] == "on" for k in ("dtr", "rts")]
+
+        def lines_set(problem, error):
+            problem = problem or (describe_error(error) if error else "")
+            if problem:
+                problems.append(problem)
+            elif dtr is not None or rts is not None:
+                self.log.info("[%s] lines %s %s", port.name, " ".join(
+                    "%s=%s" % (k.upper(), values[k]) for k in ("dtr", "rts") if k in values), by)
+            if "break" in values:
+                port.send_break(values["break"], by, done)
+            else:
+                done("")
+
+        def done(problem):
+            if problem:
+                problems.append(problem)
+            answer = {"port": port.name, "lines": device.line_states({})}
+            if problems:
+                answer["error"] = "; ".join(problems)
+            handler.answer_json(409 if problems else 200, answer)
+        if dtr is None and rts is None:
+            lines_set("", None)
+        else:
+            device.call(lambda: device.set_lines(dtr, rts), lines_set)
+        return None
+
+
+# ---------------------------------------------------------------------
+# The web page: GET / (no external assets; it reads /status every few s)
+# ---------------------------------------------------------------------
+# Every name and value goes in with textContent, never as markup: a port
+# name, a device path or a peer cannot inject anything.
+
+STATUS_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width,initial-scale=1">
+<title>sertcp</title>
+<style>
+body{font:15px/1.35 system-ui,sans-serif;margin:0;padding:6px;background:#eee;color:#222}
+h1{font-size:1.15em;margin:4px}h2{font-size:1.05em;margin:0 0 4px;overflow-wrap:anywhere}
+.port{background:#fff;border-radius:6px;padding:8px;margin:8px 0}
+.st{color:#fff;background:#888;border-radius:4px;padding:0 5px;font-size:.85em;font-weight:normal}
+.open{background:#297}.missing,.disabled{background:#c33}.opening{background:#d80}
+.k{color:#666;font-size:.9em;overflow-wrap:anywhere}
+table{border-collapse:collapse;margin-top:4px}td,th{padding:1px 8px 1px 0;text-align:left;font-size:.9em}
+td.n{text-align:right;font-variant-numeric:tabular-nums}
+@media(min-width:700px){.port{display:inline-block;vertical-align:top;width:46%;margin:8px}}
+</style></head><body>
+<h1>sertcp <span id="info" class="k"></span></h1><div id="ports"></div>
+<script>
+"use strict";
+var seen = {};
+function add(to, tag, text, cls) {
+  var e = document.createElement(tag);
+  if (text !== undefined && text !== null) e.textContent = String(text);
+  if (cls) e.className = cls;
+  return to.appendChild(e);
+}
+function table(to, head, rows) {
+  var t = add(to, "table"), r = add(t, "tr");
+  head.forEach(function (h) { add(r, "th", h); });
+  rows.forEach(function (row) {
+    var r = add(t, "tr");
+    row.forEach(function (v) { add(r, "td", v, typeof v == "number" ? "n" : ""); });
+  });
+}
+function render(s) {
+  var box = document.getElementById("ports");
+  document.getElementById("info").textContent = s.version + ", pid " + s.pid + ", up " +
+    Math.round(s.uptime) + " s, read " + new Date().toLocaleTimeString();
+  box.textContent = "";
+  s.ports.forEach(function (p) {
+    var d = add(box, "div", null, "port"), h = add(d, "h2", p.name + " ");
+    var state = p.disabled ? "disabled" : p.device_state;
+    add(h, "span", state, "st " + state);
+    var set = p.settings, lines = p.lines || {};
+    if (set && typeof set == "object")
+      set = set.baudrate + " " + set.bytesize + (set.parity || "n")[0].toUpperCase() + set.stopbits + " " + set.flow;
+    add(d, "div", (p.virtual ? "virtual " : "") + p.device + ": " + set +
+      Object.keys(lines).filter(function (k) { return lines[k]; }).map(function (k) { return " " + k.toUpperCase(); }).join(""), "k");
+    var listens = s.listeners.filter(function (l) { return l.ports.indexOf(p.name) >= 0; }).map(function (l) { return l.listen; });
+    add(d, "div", "listen " + (listens.join(", ") || (p.listen ? p.listen + " (closed)" : "-")) + (p.connect ? "; connect " + p.connect.join(", ") + " (" + p.dial_state + ")" : ""), "k");
+    var now = p.updated;
+    table(d, ["client", "since", "in", "out"], p.clients.map(function (c) {
+      return [c.peer + (c.dialed ? " (dialed)" : ""), new Date(c.since * 1000).toLocaleTimeString() + " (" + Math.round(now - c.since) + " s)", c.bytes_in, c.bytes_out];
+    }));
+    var before = seen[p.name], rows = [];
+    Object.keys(p).forEach(function (k) {
+      if (typeof p[k] != "number" || k == "updated") return;
+      var rate = before && now > before.updated ? Math.round((p[k] - before[k]) / (now - before.updated)) : "";
+      rows.push([k, p[k], rate]);
+    });
+    table(d, ["counter", "total", "per s"], rows);
+    seen[p.name] = p;
+  });
+}
+function refresh() {
+  fetch("status", {cache: "no-store"}).then(function (r) { return r.json(); }).then(render).catch(function (e) {
+    document.getElementById("info").textContent = "cannot read /status: " + e;
+  }).then(function () { setTimeout(refresh, 3000); });
+}
+refresh();
+</script></body></html>
+"""
 
 
 STATUS_REQUEST_LIMIT = 8192
@@ -6992,41 +7356,81 @@ STATUS_REQUEST_TIMEOUT = 5.0
 
 
 class StatusEndpoint:
-    """GET /status (JSON) and GET /metrics (Prometheus) on the same loop.
-    A tiny HTTP/1.0 responder instead of http.server, which would pull in
-    email and urllib (absent from OpenWrt's python3-light)."""
+    """GET / (a web page), GET /status (JSON) and GET /metrics
+    (Prometheus) on the same loop, and the control API's POST paths with
+    a control token; status_allow says who reaches any of them.  A tiny
+    HTTP/1.0 responder instead of http.server, which would pull in email
+    and urllib (absent from OpenWrt's python3-light)."""
 
     def __init__(self, server, address):
         self.server = server
+        self.control = None             # ControlApi, made at the first control request
         self.listener = Listener(server.reactor, address, 16, self.on_accept, "status")
-        server.log.info("status endpoint on http://%s/status and /metrics", self.listener.bound())
+        server.log.info("status endpoint on http://%s/ (a web page), /status and /metrics",
+                        self.listener.bound())
 
     def on_accept(self, sock, peer):
-        StatusRequest(self, sock).start()
+        allow = self.server.config.globals["status_allow"]
+        if allow is not None and not host_allowed(allow, peer[0]):
+            self.server.peer_log(peer[0], INFO, "status endpoint: %s refused: not in status_allow", format_peer(peer))
+            sock.close()
+            return
+        StatusRequest(self, sock, peer).start()
 
-    def respond(self, method, path):
-        if path == "/status":
+    def respond(self, handler):
+        """(code, content type, body) for the request of a StatusRequest,
+        or None when it is answered otherwise (the control API); raises
+        HttpProblem."""
+        request = handler.request
+        route = control_route(request.path) if self.server.config.control_token is not None else None
+        if route is not None:
+            request.control = True      # answered in JSON, errors too
+            if self.control is None:
+                self.control = ControlApi(self.server)
+            answer = self.control.handle(handler, *route)
+            if answer is not None:
+                handler.answer_json(*answer)
+            return None
+        if request.method == "POST":
+            raise HttpProblem(405, "Method Not Allowed", None, "Allow: GET, HEAD\r\n")
+        if request.path == "/":
+            return 200, "text/html; charset=utf-8", STATUS_PAGE.encode()
+        if request.path == "/status":
             import json
             body = json.dumps(server_status(self.server), indent=1).encode() + b"\n"
-            return 200, "OK", "application/json", body
-        if path == "/metrics":
-            return 200, "OK", "text/plain; version=0.0.4", format_metrics(self.server).encode()
-        return 404, "Not Found", "text/plain", b"not found: try /status or /metrics\n"
+            return 200, "application/json", body
+        if request.path == "/metrics":
+            return 200, "text/plain; version=0.0.4", format_metrics(self.server).encode()
+        return 404, "text/plain", b"not found: try /, /status or /metrics\n"
 
     def close(self):
         self.listener.close()
 
 
-class StatusRequest(Handler):
-    """One HTTP request on the status endpoint: read the head, answer,
-    close; bounded in size and time."""
+def json_line(answer):
+    import json
+    return json.dumps(answer).encode() + b"\n"
 
-    def __init__(self, endpoint, sock):
+
+HTTP_REASONS = {200: "OK", 404: "Not Found", 409: "Conflict"}  # the codes answered without an HttpProblem
+
+
+class StatusRequest(Handler):
+    """One HTTP request on the status endpoint: read the head (and a
+    bounded body), answer, close; bounded in size and time.  A malformed
+    request is answered 4xx and costs nothing else."""
+
+    def __init__(self, endpoint, sock, peer=("", 0)):
         self.endpoint = endpoint
         self.reactor = endpoint.server.reactor
         self.sock = sock
+        self.peer = peer
         self.head = bytearray()
+        self.request = None             # the HttpRequest, once its head is read
+        self.body_at = 0                # where the body starts in self.head
+        self.body_length = 0
         self.reply = b""
+        self.answering = False          # the request is whole: what comes now is not read
         self.replied = False
         self.timer = None
 
@@ -7048,26 +7452,61 @@ class StatusRequest(Handler):
         if not data:
             self.close()
             return
-        if self.replied:
+        if self.answering:
             return  # draining what the client still sends, so close() sends FIN, not RST
         self.head += data
-        end = self.head.find(b"\r\n\r\n")
-        if end < 0:
-            end = self.head.find(b"\n\n")
-        if end < 0 and len(self.head) <= STATUS_REQUEST_LIMIT:
-            return
-        method = "GET"
         try:
-            if end < 0:
-                raise HttpProblem(431, "Request Header Fields Too Large")
-            method, path = parse_http_request(bytes(self.head[:end]))
-            code, reason, kind, body = self.endpoint.respond(method, path)
+            if self.request is None and not self._head_read():
+                return
+            if len(self.head) < self.body_at + self.body_length:
+                return
+            self.answering = True
+            self.request.body = bytes(self.head[self.body_at:self.body_at + self.body_length])
+            answer = self.endpoint.respond(self)
         except HttpProblem as e:
-            code, reason, kind, body = e.code, e.reason, "text/plain", (e.reason + "\n").encode()
-        header = ("HTTP/1.0 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
-                  % (code, reason, kind, len(body))).encode()
-        self.reply = header + (body if method != "HEAD" else b"")
+            self.answering = True
+            self.answer_problem(e)
+            return
+        if answer is not None:
+            self.answer(*answer)
+
+    def _head_read(self):
+        """Parse the head once it is all here; False while it is not."""
+        end = self.head.find(b"\r\n\r\n")
+        blank = 4
+        if end < 0:
+            end, blank = self.head.find(b"\n\n"), 2
+        if end < 0:
+            if len(self.head) <= STATUS_REQUEST_LIMIT:
+                return False
+            raise HttpProblem(431, "Request Header Fields Too Large")
+        self.request = parse_http_head(bytes(self.head[:end]))
+        self.request.peer = self.peer
+        self.body_at = end + blank
+        self.body_length = http_body_length(self.request)
+        return True
+
+    def answer(self, code, kind, body, headers="", reason=None):
+        """Send the answer and close (a request that ended meanwhile, by
+        its timeout or its client, is not answered)."""
+        if self.finished:
+            return
+        self.answering = True
+        head = ("HTTP/1.0 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%sConnection: close\r\n\r\n"
+                % (code, reason or HTTP_REASONS[code], kind, len(body), headers)).encode()
+        method = self.request.method if self.request is not None else "GET"
+        self.reply = head + (body if method != "HEAD" else b"")
         self.reactor.set_interest(self, False, True)
+
+    def answer_json(self, code, answer):
+        self.answer(code, "application/json", json_line(answer))
+
+    def answer_problem(self, problem):
+        if self.request is not None and self.request.control:
+            body, kind = json_line({"error": problem.detail or problem.reason}), "application/json"
+        else:
+            body, kind = (problem.reason + "\n").encode(), "text/plain"
+        self.answer(problem.code, kind, body, problem.headers, problem.reason)
 
     def on_writable(self):
         try:
@@ -7764,14 +8203,16 @@ class Server:
                     self.log.info("status %s", json.dumps(server_status(self)))
         self.shutdown()
 
-    def reload(self):
-        """SIGHUP: re-read the configuration; unchanged ports keep their
-        device and connections, changed ones restart, removed ones close,
-        new ones start.  An invalid file changes nothing."""
+    def reload(self, why="SIGHUP received"):
+        """SIGHUP (or POST /reload): re-read the configuration; unchanged
+        ports keep their device and connections, changed ones restart,
+        removed ones close, new ones start; a disabled port stays disabled
+        (with its new configuration, if that changed).  An invalid file
+        changes nothing.  Returns what happened, for the control API."""
         reopen_log_file(self.log)
-        self.log.info("SIGHUP received: reloading configuration")
+        self.log.info("%s: reloading configuration", why)
         if self.reload_config is None:
-            return
+            return {"reloaded": False, "errors": ["no configuration to reload"]}
         try:
             new = self.reload_config()
         except ConfigErrors as e:
@@ -7779,11 +8220,11 @@ class Server:
                 self.log.error("reload refused: %s", error)
             self.log.error("reload refused: %d error%s; the running configuration stays",
                            len(e.errors), "" if len(e.errors) == 1 else "s")
-            return
+            return {"reloaded": False, "errors": [str(error) for error in e.errors]}
         refused = self.apply_globals(new.globals)
         if refused:
             self.log.error("reload refused: %s; the running configuration stays", refused)
-            return
+            return {"reloaded": False, "errors": [refused]}
         old_by_name = {p.name: p for p in self.ports}
         kept, restarted, started, stopped = [], [], [], []
         ports = []
@@ -7799,28 +8240,82 @@ class Server:
             else:
                 started.append(pc.name)
             ports.append(Port(pc, self.reactor, self.log, self.peer_log))
+            if old is not None and old.disabled:
+                ports[-1].stop("disabled")  # the new configuration waits for enable
+                ports[-1].disabled = True
         for old in old_by_name.values():
             old.stop("port removed from the configuration")
             stopped.append(old.name)
-        # gates whose ports all stayed keep their sockets; others are rebuilt
-        keep = {g.listener.address: g for g in self.gates if all(p in ports for p in g.ports)}
-        for gate in self.gates:
-            if gate not in keep.values():
-                gate.close()
         try:
-            self.gates = self._bind(ports, keep)
+            self._rebind_gates(ports)
         except OSError as e:
             self.log.error("reload: %s", e)
-            self.gates = [g for g in keep.values()]
         self.ports = ports
         for port in ports:
-            if port.name in started or port.name in restarted:
+            if (port.name in started or port.name in restarted) and not port.disabled:
                 port.start()
         if new.globals["log_level"] != self.config.globals["log_level"]:
             self.log.setLevel(new.globals["log_level"].upper())
+        if (new.control_token is None) != (self.config.control_token is None):
+            self.log.info("reload: control API %s", "off" if new.control_token is None else "on")
         self.config = new
-        self.log.info("reloaded: kept %s; restarted %s; started %s; stopped %s",
-                      *(", ".join(names) or "none" for names in (kept, restarted, started, stopped)))
+        disabled = [p.name for p in ports if p.disabled]
+        self.log.info("reloaded: kept %s; restarted %s; started %s; stopped %s%s",
+                      *(", ".join(names) or "none" for names in (kept, restarted, started, stopped)),
+                      "; still disabled: %s" % ", ".join(disabled) if disabled else "")
+        return {"reloaded": True, "kept": kept, "restarted": restarted, "started": started, "stopped": stopped,
+                "disabled": disabled}
+
+    def _rebind_gates(self, ports):
+        """Gates for the enabled ones of `ports`: a gate whose ports all
+        stay (and stay enabled) keeps its sockets; the others close and
+        are bound again for the ports left.  Raises OSError (a listen
+        address taken meanwhile); self.gates then holds what listens."""
+        enabled = [p for p in ports if not p.disabled]
+        keep = {g.listener.address: g for g in self.gates if all(p in enabled for p in g.ports)}
+        for gate in self.gates:
+            if gate not in keep.values():
+                gate.close()
+        self.gates = list(keep.values())
+        self.gates = self._bind(enabled, keep)
+
+    # -- the control API's enable and disable --
+
+    def disable_port(self, port, why):
+        """Stop the port (clients, dialer, UDP, device) and close its
+        listener (one it shares is bound again for the other ports).  It
+        stays in /status, disabled, until enable_port(); a SIGHUP keeps it
+        disabled; a restart of sertcp forgets it."""
+        self.log.info("[%s] %s", port.name, why)
+        port.stop(why)
+        port.disabled = True
+        try:
+            self._rebind_gates(self.ports)
+        except OSError as e:
+            self.log.error("%s", e)
+
+    def enable_port(self, port, why):
+        """A fresh Port from the same configuration in place of the
+        disabled one (its counters carried on), listening again.  Returns
+        None, or why it cannot be (its address is taken now): then it
+        stays disabled."""
+        fresh = Port(port.config, self.reactor, self.log, self.peer_log)
+        fresh.counters.update(port.counters)
+        ports = [fresh if p is port else p for p in self.ports]
+        try:
+            self._rebind_gates(ports)
+        except OSError as e:
+            fresh.stop("not enabled")
+            try:
+                self._rebind_gates(self.ports)
+            except OSError:
+                pass
+            self.log.error("[%s] cannot be enabled: %s", port.name, e)
+            return str(e)
+        self.ports = ports
+        self.log.info("[%s] %s", port.name, why)
+        fresh.start()
+        return None
 
     def shutdown(self):
         name = "SIGTERM" if self.stop_requested == signal.SIGTERM else "SIGINT"

@@ -40,6 +40,7 @@ SPEC_PORT_KEYS += """
     device_unreachable_msg heartbeat_interval heartbeat_data""".split()
 SPEC_GLOBAL_KEYS = "log_level log pidfile status user".split()
 SPEC_GLOBAL_KEYS += ["log_max_size"]  # bounds the log on a router's RAM-backed /tmp
+SPEC_GLOBAL_KEYS += ["status_allow", "control_token", "control_token_file"]  # SPEC "Operating it"
 
 
 def write_ini(tmp_path, text, name="sertcp.ini"):

@@ -4,7 +4,8 @@ DIR/lines holds the names of the input lines that are on now, separated
 by spaces ("DSR CD CTS RI"); the test rewrites it (write a temporary file
 and rename, so a read never sees half of it).  What sertcp writes to the
 port is appended to DIR/tx; each start and end of a break is a line
-"on TIME" or "off TIME" (time.monotonic()) in DIR/breaks; nothing is ever
+"on TIME" or "off TIME" (time.monotonic()) in DIR/breaks; DIR/outputs
+holds the output lines that are on ("DTR RTS"); nothing is ever
 received."""
 import os
 import time
@@ -22,6 +23,7 @@ class Serial(SerialBase):
             raise SerialException("testuart: no directory %s" % self.folder)
         self.is_open = True
         self._reconfigure_port()
+        self._write_outputs()
 
     def close(self):
         self.is_open = False
@@ -66,10 +68,18 @@ class Serial(SerialBase):
             f.write("%s %.6f\n" % ("on" if self._break_state else "off", time.monotonic()))
 
     def _update_rts_state(self):
-        pass
+        self._write_outputs()
 
     def _update_dtr_state(self):
-        pass
+        self._write_outputs()
+
+    def _write_outputs(self):
+        if not self.is_open:
+            return                      # written at open
+        path = os.path.join(self.folder, "outputs")
+        with open(path + ".tmp", "w") as f:
+            f.write(" ".join(name for name, on in (("DTR", self._dtr_state), ("RTS", self._rts_state)) if on))
+        os.replace(path + ".tmp", path)
 
     @property
     def cts(self):
