@@ -7382,16 +7382,14 @@ class StatusEndpoint:
         or None when it is answered otherwise (the control API); raises
         HttpProblem."""
         request = handler.request
-        route = control_route(request.path) if self.server.config.control_token is not None else None
-        if route is not None:
-            request.control = True      # answered in JSON, errors too
+        if request.control:
             if self.control is None:
                 self.control = ControlApi(self.server)
-            answer = self.control.handle(handler, *route)
+            answer = self.control.handle(handler, *control_route(request.path))
             if answer is not None:
                 handler.answer_json(*answer)
             return None
-        if request.method == "POST":
+        if request.method == "POST" and request.path in ("/", "/status", "/metrics"):
             raise HttpProblem(405, "Method Not Allowed", None, "Allow: GET, HEAD\r\n")
         if request.path == "/":
             return 200, "text/html; charset=utf-8", STATUS_PAGE.encode()
@@ -7482,6 +7480,9 @@ class StatusRequest(Handler):
             raise HttpProblem(431, "Request Header Fields Too Large")
         self.request = parse_http_head(bytes(self.head[:end]))
         self.request.peer = self.peer
+        # the control API's paths answer in JSON, errors too
+        self.request.control = (self.endpoint.server.config.control_token is not None
+                                and control_route(self.request.path) is not None)
         self.body_at = end + blank
         self.body_length = http_body_length(self.request)
         return True

@@ -479,10 +479,14 @@ def test_status_endpoint_works_without_http_server_modules(pty, tmp_path):
 
     def ask():
         assert json.loads(raw_http(status, b"GET /status HTTP/1.0\r\n\r\n").split(b"\r\n\r\n", 1)[1])
+        assert b"<html" in raw_http(status, b"GET / HTTP/1.0\r\n\r\n")
     names = imported_modules([pty.path, "--listen", "127.0.0.1:%d" % port, "--status", "127.0.0.1:%d" % status],
                              tmp_path, port, extra_wait=ask)
     assert "json" in names
     assert not (names & {"ssl", "http", "email", "urllib"}), sorted(names & {"ssl", "http", "email", "urllib"})
+    # the web page is a constant; the control API (hmac) and status_allow
+    # (ipaddress) are imported only when their keys are set
+    assert not (names & {"hmac", "hashlib", "ipaddress"}), sorted(names & {"hmac", "hashlib", "ipaddress"})
 
 
 def test_user_drops_root_after_opening_and_binding(sertcp, pty, clients):
