@@ -33,7 +33,8 @@ The file reads top to bottom; each section uses only the ones above it:
                       notices to the device); its admission shell (break
                       on connect, heartbeat);
                       its dialer (the client role)
-    7. status       - /status and /metrics, traces, reload (SIGHUP)
+    7. status       - /status and /metrics, the web page, the control API
+                      (POST /ports/NAME/...), traces, reload (SIGHUP)
     8. main         - command line, logging, service files, signals
 """
 

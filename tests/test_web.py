@@ -377,6 +377,27 @@ def test_disable_closes_listener_and_device_until_enabled_even_across_sighup(ser
         c.close()
 
 
+def test_a_disabled_port_changed_at_sighup_stays_disabled_and_enables_as_changed(sertcp, pty):
+    status, port, moved = free_port(), free_port(), free_port()
+    s = start_with_control(sertcp, "[p]\ndevice = %s\nlisten = 127.0.0.1:%d\n" % (pty.path, port), status)
+    s.wait_log(r"\[p\] device \S+ opened")
+    assert post(status, "/ports/p/disable")[0] == 200
+    s.config.write_text(s.config.read_text().replace(":%d\n" % port, ":%d\n" % moved))
+    s.signal(signal.SIGHUP)
+    s.wait_log(r"reloaded: kept none; restarted p; .*still disabled: p")
+    assert refused(port) and refused(moved)
+    p = status_of(status, "p")
+    assert p["disabled"] is True and p["listen"] == "127.0.0.1:%d" % moved and p["device_state"] == "closed"
+    assert post(status, "/ports/p/enable")[0] == 200
+    c = Client(moved)
+    try:
+        c.send(b"z")
+        assert pty.read(1) == b"z"
+    finally:
+        c.close()
+    assert refused(port)
+
+
 def test_disabling_one_port_of_a_shared_listener_leaves_the_others(sertcp, pty_factory):
     a, b = pty_factory(), pty_factory()
     status, port = free_port(), free_port()
