@@ -12,6 +12,7 @@ from pathlib import Path
 
 from conftest import ROOT, Client, free_port, http_get, need_programs, run_sertcp, wait_for
 from test_device import SimulatedUart
+from test_ops import raw_http
 
 TOKEN = "tok-3n7Yq"
 
@@ -450,17 +451,6 @@ def test_reload_through_the_api(sertcp, pty_factory):
 
 # --- bad requests ------------------------------------------------------------------
 
-def raw_request(status, data, timeout=5.0):
-    with socket.create_connection(("127.0.0.1", status), timeout=timeout) as s:
-        s.sendall(data)
-        out = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                return out
-            out += chunk
-
-
 def test_bad_requests_get_4xx_and_cost_only_themselves(sertcp, pty):
     status = free_port()
     s = start_with_control(sertcp, "[p]\ndevice = %s\nlisten = 127.0.0.1:%d\n" % (pty.path, free_port()), status)
@@ -483,7 +473,7 @@ def test_bad_requests_get_4xx_and_cost_only_themselves(sertcp, pty):
                 (b"POST /ports/p/explode HTTP/1.0\r\n" + auth + b"\r\n", 404),
                 (b"GET /ports/p/disable HTTP/1.0\r\n" + auth + b"\r\n", 405),
                 (b"PUT /ports/p/disable HTTP/1.0\r\n" + auth + b"\r\n", 405)]:
-            answer = raw_request(status, request)
+            answer = raw_http(status, request)
             assert answer.startswith(b"HTTP/1.0 %d " % code), (request, answer)
             if not request.startswith(b"PUT") and b"no colon" not in request:    # (no head, no path)
                 assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"], answer
