@@ -7192,8 +7192,8 @@ class ControlApi:
         given = bearer_token(request)
         if not hmac.compare_digest(given, self.server.config.control_token):
             blocked = self.failed_tokens.failed(host, now)
-            self.server.peer_log(host, WARNING, "control API: POST %s from %s refused: %s token%s", request.path,
-                                 host, "wrong" if given else "no",
+            self.server.peer_log(host, WARNING, "control API: POST %s from %s refused: %s token%s",
+                                 repr(request.path[:200])[1:-1], host, "wrong" if given else "no",
                                  "; %s blocked for %ds" % (host, PASSWORD_BLOCK) if blocked else "")
             # answered after a pause, as a wrong password: guessing costs the guesser time
             problem = HttpProblem(401, "Unauthorized", "missing or wrong token (Authorization: Bearer TOKEN)",
@@ -7218,6 +7218,8 @@ class ControlApi:
 
     def disconnect(self, handler, port, values, by):
         peer = values.get("peer")
+        if peer == "all":
+            peer = None
         chosen = [conn for conn in port.clients if peer is None or format_peer(conn.peer) == peer]
         if peer is not None and not chosen:
             raise HttpProblem(404, "Not Found", "port %s has no client %s" % (port.name, peer))

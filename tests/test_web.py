@@ -297,7 +297,7 @@ def test_disconnect_one_peer_then_all(sertcp, pty):
         assert clients[0].recv(10) == b"still here" and clients[2].recv(10) == b"still here"
         code, body, _ = post(status, "/ports/p/disconnect?peer=%s" % one)
         assert code == 404 and one in body["error"]
-        code, body, _ = post(status, "/ports/p/disconnect")
+        code, body, _ = post(status, "/ports/p/disconnect", "-d", "peer=all")
         assert code == 200 and len(body["disconnected"]) == 2
         assert clients[0].closed_by_peer(5) and clients[2].closed_by_peer(5)
         assert status_of(status, "p")["clients"] == []
