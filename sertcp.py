@@ -6981,7 +6981,8 @@ def format_metrics(server):
                [('{port="%s"}' % label(port.name), port.counters[counter]) for port in server.ports])
     for gauge, help_text, value in (
             ("clients", "Connections open now.", lambda p: len(p.clients)),
-            ("device_open", "1 if the device is open.", lambda p: 1 if p.device.is_open else 0)):
+            ("device_open", "1 if the device is open.", lambda p: 1 if p.device.is_open else 0),
+            ("port_disabled", "1 if the port is disabled through the control API.", lambda p: 1 if p.disabled else 0)):
         family("sertcp_" + gauge, "gauge", help_text,
                [('{port="%s"}' % label(port.name), value(port)) for port in server.ports])
     family(counter_metric("listener_connections_rejected"), "counter",

@@ -356,6 +356,8 @@ def test_disable_closes_listener_and_device_until_enabled_even_across_sighup(ser
         assert p["disabled"] is True and p["device_state"] == "closed" and p["open"] is False
         assert p["bytes_to_device"] == 1
         s.wait_log(r"\[p\] device \S+ closed \(port stopped: disabled through the control API by 127\.0\.0\.1\)")
+        metrics = http_get(status, "/metrics")[1]
+        assert 'sertcp_port_disabled{port="p"} 1' in metrics and 'sertcp_device_open{port="p"} 0' in metrics
         assert post(status, "/ports/p/disable")[0] == 200        # again: no change
         code, body, _ = post(status, "/ports/p/lines", "-d", "dtr=on")
         assert code == 409 and "disabled" in body["error"]
@@ -368,6 +370,7 @@ def test_disable_closes_listener_and_device_until_enabled_even_across_sighup(ser
         s.wait_log(r"\[p\] device \S+ opened", count=2)
         p = status_of(status, "p")
         assert p["disabled"] is False and p["device_state"] == "open" and p["bytes_to_device"] == 1
+        assert 'sertcp_port_disabled{port="p"} 0' in http_get(status, "/metrics")[1]
         c2 = Client(port)
         c2.send(b"b")
         assert pty.read(1) == b"b"
