@@ -7335,14 +7335,13 @@ function render(s) {
     table(d, ["client", "since", "in", "out"], p.clients.map(function (c) {
       return [c.peer + (c.dialed ? " (dialed)" : ""), new Date(c.since * 1000).toLocaleTimeString() + " (" + Math.round(now - c.since) + " s)", c.bytes_in, c.bytes_out];
     }));
-    var before = seen[p.name], rows = [];
+    var before = seen[p.name], read = Date.now() / 1000, rows = [];
     Object.keys(p).forEach(function (k) {
       if (typeof p[k] != "number" || k == "updated") return;
-      var rate = before && now > before.updated ? Math.round((p[k] - before[k]) / (now - before.updated)) : "";
-      rows.push([k, p[k], rate]);
+      rows.push([k, p[k], before ? Math.round((p[k] - before.p[k]) / (read - before.read)) : ""]);
     });
     table(d, ["counter", "total", "per s"], rows);
-    seen[p.name] = p;
+    seen[p.name] = {p: p, read: read};
   });
 }
 function refresh() {

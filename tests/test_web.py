@@ -148,17 +148,20 @@ listen = 127.0.0.1:%d
         assert meter.read(1) == b"x"
         peer = "127.0.0.1:%d" % c.sock.getsockname()[1]
         url = "http://127.0.0.1:%d/" % status
-        first = chromium(url, tmp_path, "--dump-dom")
+        first = chromium(url, tmp_path, "--dump-dom", budget_ms=2000)     # one read of /status
         assert "<title>sertcp</title>" in first and "injected" not in first.split("<script>")[0].split("<h1>")[0]
         box = port_box(first, "meter")
         assert peer in box and meter.path in box and "open" in box
         assert "&lt;script&gt;document.title=\"injected\"&lt;/script&gt;" in first   # as text
         assert first.count("<script>") == 1                                          # only the page's own
         before = counter_in(box, "bytes_from_device")
+        assert '<td>bytes_from_device</td><td class="n">%d</td><td></td>' % before in box  # no rate yet
         meter.write(b"0123456789" * 10)
         assert c.recv(100) == b"0123456789" * 10
-        second = chromium(url, tmp_path, "--dump-dom")
+        # long enough for the page to read /status again (every 3 s): rates appear
+        second = chromium(url, tmp_path, "--dump-dom", budget_ms=7000)
         assert counter_in(port_box(second, "meter"), "bytes_from_device") == before + 100
+        assert re.search(r'<td>bytes_from_device</td><td class="n">\d+</td><td class="n">\d+</td>', second), second
         assert counter_in(port_box(second, "meter"), "bytes_to_device") == 1
         shot = artifacts_dir() / "status-page.png"
         if shot.exists():
