@@ -7354,7 +7354,6 @@ class MonitorConnection(Handler):
         self.bytes_out = 0
         self.bytes_lost = 0
         self.unsaid = 0                 # lost bytes the peer has not been told of (hex)
-        self.reading = True
 
     def fileno(self):
         return self.sock.fileno()
@@ -7393,7 +7392,7 @@ class MonitorConnection(Handler):
                 self.out[0] = self.out[0][n:]
                 break
             self.out.popleft()
-        self.monitors.port.reactor.set_interest(self, self.reading, bool(self.out))
+        self.monitors.port.reactor.set_interest(self, True, bool(self.out))
 
     def on_readable(self):
         try:
@@ -7404,9 +7403,7 @@ class MonitorConnection(Handler):
             self.finish(describe_error(e))
             return
         if not data:
-            # `nc HOST PORT < /dev/null` closes its side at once and reads on
-            self.reading = False
-            self.monitors.port.reactor.set_interest(self, False, bool(self.out))
+            self.finish("closed by the monitor")
             return
         self.monitors.port.counters["monitor_bytes_ignored"] += len(data)
 

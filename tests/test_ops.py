@@ -474,6 +474,17 @@ def test_nothing_heavy_is_imported_with_optional_features_off(pty, tmp_path):
     assert not (names & {"enum", "socket", "selectors", "signal"}), sorted(names & {"enum", "socket", "selectors", "signal"})
 
 
+def test_monitors_and_trace_rollover_import_nothing(pty, tmp_path):
+    """The keys of watching a port (monitor, trace_max_size) cost no
+    module: the same set as with them off."""
+    port = free_port()
+    plain = imported_modules([pty.path, "--listen", "127.0.0.1:%d" % port], tmp_path, port)
+    port, monitor = free_port(), free_port()
+    watched = imported_modules([pty.path, "--listen", "127.0.0.1:%d" % port, "--monitor", "127.0.0.1:%d" % monitor,
+                                "--trace", tmp_path / "trace", "--trace-max-size", "1k"], tmp_path, port)
+    assert watched == plain, sorted(watched ^ plain)
+
+
 def test_status_endpoint_works_without_http_server_modules(pty, tmp_path):
     port, status = free_port(), free_port()
 
