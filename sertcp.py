@@ -33,7 +33,9 @@ The file reads top to bottom; each section uses only the ones above it:
                       notices to the device); its admission shell (break
                       on connect, heartbeat);
                       its dialer (the client role)
-    7. status       - /status and /metrics, traces, reload (SIGHUP)
+    7. status       - /status and /metrics, traces (rolled over at a
+                      size), monitors (read-only listeners of the
+                      traffic), reload (SIGHUP)
     8. main         - command line, logging, service files, signals
 """
 
@@ -7282,19 +7284,20 @@ def format_hexdump(stamp, direction, peer, data):
 # ---------------------------------------------------------------------
 
 MONITOR_BACKLOG = 256 * 1024   # bytes queued for one monitor; whole records beyond it are dropped
+MONITORS_PER_PORT = 8          # at once; more are refused (each may hold MONITOR_BACKLOG)
 MONITOR_COUNTERS = ("monitor_bytes_dropped", "monitor_bytes_ignored")
 
 
 class Monitors:
-    """A port's `monitor` listener and the monitors connected to it: each
-    gets every record of the traffic (monitor_format), as the trace file
-    does.  A monitor is no client: it is not counted for max_clients or
-    send_to, never pauses the device, and what it sends is read and
-    ignored (monitor_bytes_ignored).  One that falls behind loses whole
-    records beyond MONITOR_BACKLOG (monitor_bytes_dropped, in bytes of
-    traffic), and a hex monitor is told how many.  `allow` applies: a
-    monitor sees what the clients see.  An address that cannot be bound is
-    retried every reopen_interval."""
+    """A port's `monitor` listener and the monitors connected to it (at
+    most MONITORS_PER_PORT): each gets every record of the traffic
+    (monitor_format), as the trace file does.  A monitor is no client: it
+    is not counted for max_clients or send_to, never pauses the device,
+    and what it sends is read and ignored (monitor_bytes_ignored).  One
+    that falls behind loses whole records beyond MONITOR_BACKLOG
+    (monitor_bytes_dropped, in bytes of traffic), and a hex monitor is
+    told how many.  `allow` applies: a monitor sees what the clients see.
+    An address that cannot be bound is retried every reopen_interval."""
 
     def __init__(self, port):
         self.port = port
@@ -7308,11 +7311,13 @@ class Monitors:
 
     def on_accept(self, sock, peer):
         allow = self.port.config.allow
-        if allow is not None and not host_allowed(allow, peer[0]):
-            self.port.peer_log(peer[0], INFO, "[%s] monitor %s refused: address not allowed",
-                               self.port.name, format_peer(peer))
+        refused = "address not allowed" if allow is not None and not host_allowed(allow, peer[0]) else \
+            "%d monitors already watch" % MONITORS_PER_PORT if len(self.connections) >= MONITORS_PER_PORT else None
+        if refused:
+            self.port.peer_log(peer[0], INFO, "[%s] monitor %s refused: %s", self.port.name, format_peer(peer), refused)
             sock.close()
             return
+        tune_socket(sock, self.port.config)     # keepalive finds a vanished monitor; a capped send buffer
         monitor = MonitorConnection(self, sock, peer)
         self.connections.append(monitor)
         self.port.reactor.set_interest(monitor, True, False)

@@ -121,6 +121,17 @@ def test_several_monitors_see_the_same_traffic_and_none_is_a_client(sertcp, pty)
     c.close()
 
 
+def test_at_most_eight_monitors_watch_a_port(sertcp, pty):
+    s, listen, monitor, status = start_with_monitor(sertcp, pty, "--monitor-format", "raw")
+    monitors = [watch(monitor, s) for _ in range(8)]
+    ninth = Client(monitor)
+    assert ninth.closed_by_peer()
+    s.wait_log(r"\[cli\] monitor 127\.0\.0\.1:%d refused: 8 monitors already watch" % ninth.sock.getsockname()[1])
+    c = Client(listen)
+    exchange(c, pty, b"eight", b" see it")
+    assert [m.recv(12) for m in monitors] == [b"eight see it"] * 8
+
+
 def test_what_a_monitor_sends_is_read_and_ignored(sertcp, pty):
     s, listen, monitor, status = start_with_monitor(sertcp, pty, "--monitor-format", "raw")
     m = watch(monitor, s)

@@ -143,7 +143,8 @@ identity = id-b
     assert b.read(2) == b"hi"
     s.wait_log(r"refused: unknown id 'nobody'", count=3)
     listeners = json.loads(http_get(status, "/status")[1])["listeners"]
-    assert listeners == [{"listen": "127.0.0.1:%d" % port, "ports": ["a", "b"], "connections_rejected": 3}]
+    assert listeners == [{"listen": "127.0.0.1:%d" % port, "ports": ["a", "b"], "connections_rejected": 3,
+                          "error": None}]  # (why it is not bound yet, while retried)
     metrics = http_get(status, "/metrics")[1]
     assert 'sertcp_listener_connections_rejected_total{listen="127.0.0.1:%d"} 3\n' % port in metrics
 
