@@ -31,10 +31,10 @@ def start_with_monitor(sertcp, pty, *flags):
     return s, listen, monitor, status
 
 
-def watch(monitor_port, s, source=None, count=1):
+def watch(monitor_port, s, source=None):
     """A monitor connected and seen by the port."""
     m = Client(monitor_port, source=source)
-    s.wait_log(r"\[cli\] monitor 127\.0\.0\.\d+:%d connected" % m.sock.getsockname()[1])
+    s.wait_log(r"\] monitor 127\.0\.0\.\d+:%d connected" % m.sock.getsockname()[1])
     return m
 
 
@@ -157,6 +157,34 @@ def test_allow_applies_to_monitors(sertcp, pty):
     c = Client(listen, source="127.0.0.2")
     exchange(c, pty, b"q", b"a")
     assert m.recv(2) == b"qa"
+
+
+def test_a_reload_keeps_a_watched_port_and_its_monitors_and_moves_a_changed_monitor(sertcp, pty, tmp_path):
+    listen, monitor, other = free_port(), free_port(), free_port()
+    trace = tmp_path / "both.trace"
+    ini = ("[p]\ndevice = %s\nlisten = 127.0.0.1:%d\nmonitor = 127.0.0.1:%%d\nmonitor_format = raw\n"
+           "trace = %s\ntrace_format = raw\n" % (pty.path, listen, trace))
+    s = sertcp(config=ini % monitor)
+    s.wait_log(r"\[p\] monitor \(raw\) listening on 127\.0\.0\.1:%d" % monitor)
+    s.wait_log(r"\[p\] device \S+ opened")
+    m = Client(monitor)
+    s.wait_log(r"\[p\] monitor 127\.0\.0\.1:\d+ connected")
+    c = Client(listen)
+    exchange(c, pty, b"one", b"two")
+    assert m.recv(6) == b"onetwo"
+    s.signal(signal.SIGHUP)
+    s.wait_log(r"reloaded: kept p")
+    exchange(c, pty, b"three", b"four")
+    assert m.recv(9) == b"threefour"                 # the trace and the monitor, both
+    wait_for(lambda: trace.read_bytes() == b"onetwothreefour", message="the trace")
+    s.config.write_text(ini % other)
+    s.signal(signal.SIGHUP)
+    s.wait_log(r"\[p\] monitor \(raw\) listening on 127\.0\.0\.1:%d" % other)
+    assert m.closed_by_peer()
+    moved = watch(other, s)
+    c = Client(listen)
+    exchange(c, pty, b"five", b"six")
+    assert moved.recv(7) == b"fivesix"
 
 
 # --- a monitor that falls behind --------------------------------------------
