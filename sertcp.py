@@ -33,7 +33,9 @@ The file reads top to bottom; each section uses only the ones above it:
                       notices to the device); its admission shell (break
                       on connect, heartbeat);
                       its dialer (the client role)
-    7. status       - /status and /metrics, traces, reload (SIGHUP)
+    7. status       - /status and /metrics, traces (rolled over at a
+                      size), monitors (read-only listeners of the
+                      traffic), reload (SIGHUP)
     8. main         - command line, logging, service files, signals
 """
 
@@ -608,6 +610,9 @@ PORT_KEYS = [
     Key("tls_server_name", parse_text, None, "client role: name to verify (default: the host dialled)"),
     Key("trace", parse_path, None, "file to which both directions are appended with timestamps"),
     Key("trace_format", choice_parser("hex", "raw"), "hex", "hex (lines marked < device->net, > net->device) or raw"),
+    Key("trace_max_size", size_parser(0, 1024 ** 3), 0, "the trace file this large becomes FILE.1 and a new one starts (0 = never)", show_size),
+    Key("monitor", parse_listen, None, "[HOST:]PORT of a read-only listener streaming a copy of both directions (allow applies)", show_hostport),
+    Key("monitor_format", choice_parser("hex", "raw"), "hex", "monitor: hex (timestamped lines marked < device->net, > net->device) or raw"),
     # UDP side
     Key("udp_listen", parse_listen, None, "[HOST:]PORT: datagrams received here go to the device (allow applies)", show_hostport),
     Key("udp_send_to", parse_connect, None, "HOST:PORT[, HOST:PORT ...]: each packet of device data goes to each as one datagram "
@@ -782,6 +787,8 @@ PORT_RULES = (
      "heartbeat_interval", "needs connect (the heartbeat is for dialed connections)"),
     (lambda v: v["device_unreachable_msg"] is not None and v["connect"] is None,
      "device_unreachable_msg", "needs connect"),
+    (lambda v: v["monitor"] is not None and v["monitor"] == v["listen"],
+     "monitor", "is the port's own listen address; the monitor needs one of its own"),
     (lambda v: v["virtual"] is None and v["listen_on_open"],
      "listen_on_open", "applies only to virtual ports"),
     (lambda v: v["password"] is not None and v["password_file"] is not None,
@@ -4389,37 +4396,75 @@ def resolve_listen(address):
     return out
 
 
+# An address not there yet (an interface that comes up after sertcp at
+# boot) or held by another program: retried every reopen_interval, the
+# rest of the process working meanwhile.  Other errors (EACCES for a port
+# below 1024, a name that does not resolve) stop the start.
+RETRIED_BIND_ERRORS = (errno.EADDRNOTAVAIL, errno.EADDRINUSE)
+
+
 class Listener:
     """A bound TCP socket; hands accepted sockets to the port that owns
-    the address (or, for a shared listener, to a router)."""
+    the address (or, for a shared listener, to a router).
 
-    def __init__(self, reactor, address, backlog, on_accept, name):
+    With retry_every, a bind that fails with one of `retried` errors (None:
+    any OSError) is logged and tried again every retry_every seconds;
+    `error` says why meanwhile (None once bound), and on_bound(listener)
+    is called at each successful bind.  Without it, a failed bind raises."""
+
+    def __init__(self, reactor, address, backlog, on_accept, name,
+                 retry_every=None, on_bound=None, retried=RETRIED_BIND_ERRORS):
         self.reactor = reactor
         self.address = address
+        self.backlog = backlog
         self.on_accept = on_accept
         self.name = name
+        self.retry_every, self.on_bound, self.retried = retry_every, on_bound, retried
         self.sockets = []
-        for family, sockaddr, dual in resolve_listen(address):
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual else 1)
-                sock.bind(sockaddr)
-                sock.listen(backlog)
-                sock.setblocking(False)
-            except OSError:
-                sock.close()
-                self.close()
+        self.error = None               # why the address is not bound yet
+        self.retry_timer = None
+        self._bind()
+
+    def _bind(self):
+        self.retry_timer = None
+        try:
+            for family, sockaddr, dual in resolve_listen(self.address):
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    if family == socket.AF_INET6:
+                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual else 1)
+                    sock.bind(sockaddr)
+                    sock.listen(self.backlog)
+                    sock.setblocking(False)
+                except OSError:
+                    sock.close()
+                    raise
+                self.sockets.append(ListenSocket(self, sock))
+        except OSError as e:
+            self.close()
+            if self.retry_every is None or (self.retried is not None and e.errno not in self.retried):
                 raise
-            self.sockets.append(ListenSocket(self, sock))
+            error = describe_error(e)
+            if error != self.error:     # said once, not at every retry
+                log_warning("[%s] cannot listen on %s: %s; retrying every %gs"
+                            % (self.name, show_hostport(self.address), error, self.retry_every))
+            self.error = error
+            self.retry_timer = self.reactor.call_later(self.retry_every, self._bind)
+            return
+        self.error = None
         for s in self.sockets:
-            reactor.set_interest(s, True, False)
+            self.reactor.set_interest(s, True, False)
+        if self.on_bound is not None:
+            self.on_bound(self)
 
     def bound(self):
         return ", ".join(format_peer(s.sock.getsockname()) for s in self.sockets)
 
     def close(self):
+        if self.retry_timer is not None:
+            self.retry_timer.cancel()
+            self.retry_timer = None
         for s in self.sockets:
             s.close()
         self.sockets = []
@@ -4608,8 +4653,12 @@ class Gate:
         self.password = ports[0].password
         self.timeout = min(p.config.identity_timeout for p in ports)
         self.failed_passwords = FailedPasswords()
-        self.listener = Listener(reactor, address, max(p.config.backlog for p in ports), self.on_accept, self.name)
-        bound = self.listener.bound()
+        self.listener = Listener(reactor, address, max(p.config.backlog for p in ports), self.on_accept, self.name,
+                                 min(p.config.reopen_interval for p in ports), self._listening)
+
+    def _listening(self, listener):
+        bound = listener.bound()
+        ports = self.ports
         for port in ports:
             others = [p.name for p in ports if p is not port]
             how = ""
@@ -6033,7 +6082,9 @@ class Port:
         self.counters.update(dict.fromkeys(UDP_COUNTERS, 0))
         self.drop_log = DropLog(self)
         self.count_dropped = self.drop_log.count
-        self.trace = Trace(config.trace, config.trace_format, log, self.name) if config.trace else None
+        self.counters.update(dict.fromkeys(MONITOR_COUNTERS, 0))
+        self.monitors = Monitors(self) if config.monitor is not None else None
+        self.trace = copies_of_traffic(self)    # the trace file and the monitors: both directions go there
         self.modem_lines = {}           # connect_on_line/disconnect_on_line: as last polled
         self.line_polling = False       # a poll of the modem lines is due or under way
         self.rfc2217 = make_com_port_role(self) if config.protocol == "rfc2217" else None
@@ -6882,6 +6933,7 @@ def port_status(port):
         status["modbus"] = port.modbus.status()
     status["udp"] = port.udp.status() if port.udp else None
     status["bytes_held"] = len(port.held)
+    status["monitor"] = port.monitors.status() if port.monitors else None
     status["updated"] = round(wall, 3)
     return status
 
@@ -6903,13 +6955,15 @@ def device_side_status(port, status):
 
 
 def server_status(server):
+    listen_errors = {p.name: g.listener.error for g in server.gates for p in g.ports}
     return {"program": PROGRAM, "version": __version__, "pid": os.getpid(),
             "uptime": round(time.monotonic() - server.started, 3),
             "internal_errors": server.reactor.errors,
-            "ports": [port_status(p) for p in server.ports],
+            "ports": [dict(port_status(p), listen_error=listen_errors.get(p.name)) for p in server.ports],
             # a shared listener refuses before a port is chosen: its own count
             "listeners": [{"listen": show_hostport(g.listener.address), "ports": [p.name for p in g.ports],
-                           "connections_rejected": g.rejected} for g in server.gates]}
+                           "connections_rejected": g.rejected,
+                           "error": g.listener.error} for g in server.gates]}   # why it is not bound (retried)
 
 
 COUNTER_HELP = {
@@ -6927,6 +6981,8 @@ COUNTER_HELP = {
     "udp_datagrams_refused": "UDP datagrams received and not written to the device (allow, receive_from, device queue full).",
     "udp_send_errors": "UDP datagrams not sent, and ICMP errors from UDP peers (unreachable).",
     "udp_packets_split": "Packets of device data longer than one UDP datagram, sent in several.",
+    "monitor_bytes_dropped": "Bytes of traffic a monitor that fell behind did not get (per monitor).",
+    "monitor_bytes_ignored": "Bytes monitors sent (read and ignored).",
 }
 
 
@@ -7033,10 +7089,11 @@ class StatusEndpoint:
     A tiny HTTP/1.0 responder instead of http.server, which would pull in
     email and urllib (absent from OpenWrt's python3-light)."""
 
-    def __init__(self, server, address):
+    def __init__(self, server, address, retry_every=None):
         self.server = server
-        self.listener = Listener(server.reactor, address, 16, self.on_accept, "status")
-        server.log.info("status endpoint on http://%s/status and /metrics", self.listener.bound())
+        self.listener = Listener(server.reactor, address, 16, self.on_accept, "status", retry_every,
+                                 lambda listener: server.log.info("status endpoint on http://%s/status and /metrics",
+                                                                  listener.bound()))
 
     def on_accept(self, sock, peer):
         StatusRequest(self, sock).start()
@@ -7138,19 +7195,77 @@ class StatusRequest(Handler):
             pass
 
 
+class RollingFile:
+    """A file appended to; at max_size (0 = never) it becomes FILE.1
+    (replacing the one before) and a new one starts, so it takes at most
+    about twice max_size.  reopen() starts anew at the same path, as after
+    logrotate moved the file and sent SIGHUP.  open_file(path) opens it."""
+
+    def __init__(self, path, max_size, open_file):
+        self.path, self.max_size, self.open_file = path, max_size, open_file
+        self.file = None
+        self.reopen()
+
+    def write(self, data, divisible=False):
+        """Append data.  Divisible data (a raw byte stream) is cut so that
+        the file rolled over holds exactly max_size; a record (a log line,
+        a hexdump) stays whole and may take the file past max_size."""
+        while True:
+            room = self.limit - self.file.tell() if self.limit else 0
+            cut = room if divisible and 0 < room < len(data) else len(data)
+            self.file.write(data[:cut])
+            self.file.flush()
+            data = data[cut:]
+            if self.limit and self.file.tell() >= self.limit:
+                try:
+                    os.replace(self.path, self.path + ".1")
+                    self.reopen()
+                except OSError:
+                    pass    # keep writing where we are: losing the lines is worse than a big file
+            if not data:
+                return
+
+    def reopen(self):
+        new = self.open_file(self.path)
+        import stat                     # (loaded by os already)
+        # a FIFO or a tty does not roll over
+        self.limit = self.max_size if stat.S_ISREG(os.fstat(new.fileno()).st_mode) else 0
+        if self.file is not None:
+            self.file.close()
+        self.file = new
+
+    def close(self):
+        self.file.close()
+
+
+def open_trace_file(path):
+    # without blocking: a FIFO nobody reads would otherwise hold up the
+    # start (or a SIGHUP) at open, and every port at write
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_NOCTTY, 0o666)
+    return open(fd, "ab")
+
+
+def traffic_record(fmt, direction, peer, data):
+    """Traffic as traces and monitors write it: the bytes themselves
+    (raw), or hexdump lines with the time and the peer (hex)."""
+    if fmt == "raw":
+        return data
+    now = time.time()
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now)) + ".%06d" % int((now % 1) * 1e6)
+    return format_hexdump(stamp, direction, peer, data).encode()
+
+
 class Trace:
     """Both directions of a port appended to a file with timestamps and the
-    peer: `hex` (hexdump lines, '<' device->net, '>' net->device) or `raw`.
+    peer: `hex` (hexdump lines, '<' device->net, '>' net->device) or `raw`;
+    rolled over at max_size (trace_max_size) and reopened at SIGHUP.
     A write error disables the trace with one log line; the bridge goes on."""
 
-    def __init__(self, path, fmt, log, name):
+    def __init__(self, path, fmt, log, name, max_size=0):
         self.path, self.format, self.log, self.name = path, fmt, log, name
         self.file = None
         try:
-            # without blocking: a FIFO nobody reads would otherwise hold up
-            # the start (or a SIGHUP) at open, and every port at write
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_NOCTTY, 0o666)
-            self.file = open(fd, "ab")
+            self.file = RollingFile(path, max_size, open_trace_file)
         except OSError as e:
             self._fail(e)
 
@@ -7166,15 +7281,18 @@ class Trace:
     def record(self, direction, peer, data):
         if self.file is None:
             return
-        now = time.time()
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now)) + ".%06d" % int((now % 1) * 1e6)
         try:
-            if self.format == "raw":
-                self.file.write(data)
-            else:
-                self.file.write(format_hexdump(stamp, direction, peer, data).encode())
-            self.file.flush()
+            self.file.write(traffic_record(self.format, direction, peer, data), divisible=self.format == "raw")
         except (OSError, ValueError) as e:
+            self._fail(e)
+
+    def reopen(self):
+        """SIGHUP: logrotate moved the file; start anew at the path."""
+        if self.file is None:
+            return
+        try:
+            self.file.reopen()
+        except OSError as e:
             self._fail(e)
 
     def close(self):
@@ -7183,15 +7301,201 @@ class Trace:
             self.file = None
 
 
+HEXDUMP_PRINTABLE = bytes(b if 32 <= b < 127 else 46 for b in range(256))     # the rest as '.'
+
+
 def format_hexdump(stamp, direction, peer, data):
     """'<' or '>' lines: timestamp, peer, offset, 16 bytes hex, printable."""
+    # hex and text made whole, then cut in lines: a monitor watching a full
+    # speed port costs 20x less than formatting byte by byte
+    hexes = data.hex(" ")
+    text = data.translate(HEXDUMP_PRINTABLE).decode("ascii")
     lines = ["%s %s %s %d bytes\n" % (stamp, direction, peer, len(data))]
-    for offset in range(0, len(data), 16):
-        chunk = data[offset:offset + 16]
-        hexes = " ".join("%02x" % b for b in chunk)
-        text = "".join(chr(b) if 32 <= b < 127 else "." for b in chunk)
-        lines.append("%s %04x  %-47s  |%s|\n" % (direction, offset, hexes, text))
+    lines += ["%s %04x  %-47s  |%s|\n" % (direction, offset, hexes[3 * offset:3 * offset + 47], text[offset:offset + 16])
+              for offset in range(0, len(data), 16)]
     return "".join(lines)
+
+
+# ---------------------------------------------------------------------
+# Monitors: read-only listeners that stream a copy of both directions
+# ---------------------------------------------------------------------
+
+MONITOR_BACKLOG = 256 * 1024   # bytes queued for one monitor; whole records beyond it are dropped
+MONITORS_PER_PORT = 8          # at once; more are refused (each may hold MONITOR_BACKLOG)
+MONITOR_COUNTERS = ("monitor_bytes_dropped", "monitor_bytes_ignored")
+
+
+class Monitors:
+    """A port's `monitor` listener and the monitors connected to it (at
+    most MONITORS_PER_PORT): each gets every record of the traffic
+    (monitor_format), as the trace file does.  A monitor is no client: it
+    is not counted for max_clients or send_to, never pauses the device,
+    and what it sends is read and ignored (monitor_bytes_ignored).  One
+    that falls behind loses whole records beyond MONITOR_BACKLOG
+    (monitor_bytes_dropped, in bytes of traffic), and a hex monitor is
+    told how many.  `allow` applies: a monitor sees what the clients see.
+    An address that cannot be bound is retried every reopen_interval."""
+
+    def __init__(self, port):
+        self.port = port
+        self.format = port.config.monitor_format
+        self.connections = []
+        self.listener = Listener(port.reactor, port.config.monitor, 16, self.on_accept, port.name,
+                                 port.config.reopen_interval, self._listening, retried=None)
+
+    def _listening(self, listener):
+        self.port.log.info("[%s] monitor (%s) listening on %s", self.port.name, self.format, listener.bound())
+
+    def on_accept(self, sock, peer):
+        allow = self.port.config.allow
+        refused = "address not allowed" if allow is not None and not host_allowed(allow, peer[0]) else \
+            "%d monitors already watch" % MONITORS_PER_PORT if len(self.connections) >= MONITORS_PER_PORT else None
+        if refused:
+            self.port.peer_log(peer[0], INFO, "[%s] monitor %s refused: %s", self.port.name, format_peer(peer), refused)
+            sock.close()
+            return
+        tune_socket(sock, self.port.config)     # keepalive finds a vanished monitor; a capped send buffer
+        monitor = MonitorConnection(self, sock, peer)
+        self.connections.append(monitor)
+        self.port.reactor.set_interest(monitor, True, False)
+        self.port.peer_log(peer[0], INFO, "[%s] monitor %s connected", self.port.name, format_peer(peer))
+
+    def record(self, direction, peer, data):
+        if not self.connections:
+            return
+        record = None                   # formatted once, and only for a monitor with room
+        for monitor in tuple(self.connections):    # (one may end in send())
+            if monitor.queued >= MONITOR_BACKLOG:
+                monitor.lose(len(data))
+                continue
+            if record is None:
+                record = traffic_record(self.format, direction, peer, data)
+            monitor.send(record, len(data))
+
+    def status(self):
+        return {"listen": show_hostport(self.port.config.monitor), "error": self.listener.error,
+                "monitors": [{"peer": format_peer(m.peer), "since": round(m.since, 3), "queued": m.queued,
+                              "bytes_out": m.bytes_out, "bytes_lost": m.bytes_lost} for m in self.connections]}
+
+    def reopen(self):
+        pass                            # (SIGHUP: for the trace file beside it)
+
+    def close(self):
+        self.listener.close()
+        for monitor in list(self.connections):
+            monitor.finish("port stopped")
+
+
+class MonitorConnection(Handler):
+    """One monitor: records queued (whole, at most MONITOR_BACKLOG bytes
+    besides the one being written) and written as the peer reads them."""
+
+    def __init__(self, monitors, sock, peer):
+        self.monitors = monitors
+        self.sock = sock
+        self.peer = peer
+        self.since = time.time()
+        self.out = deque()
+        self.queued = 0
+        self.bytes_out = 0
+        self.bytes_lost = 0
+        self.unsaid = 0                 # lost bytes the peer has not been told of (hex)
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def lose(self, n):
+        self.bytes_lost += n
+        self.unsaid += n
+        self.monitors.port.counters["monitor_bytes_dropped"] += n
+
+    def send(self, record, traffic):
+        """Queue one record (of `traffic` bytes of traffic), or lose it
+        whole if it does not fit."""
+        if self.queued and self.queued + len(record) > MONITOR_BACKLOG:
+            self.lose(traffic)
+            return
+        if self.unsaid and self.monitors.format == "hex":
+            record = b"! %d bytes not shown: this monitor fell behind\n" % self.unsaid + record
+        self.unsaid = 0
+        self.out.append(record)
+        self.queued += len(record)
+        if len(self.out) == 1:
+            self.on_writable()
+
+    def on_writable(self):
+        while self.out:
+            try:
+                n = self.sock.send(self.out[0])
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                self.finish(describe_error(e))
+                return
+            self.bytes_out += n
+            self.queued -= n
+            if n < len(self.out[0]):
+                self.out[0] = self.out[0][n:]
+                break
+            self.out.popleft()
+        self.monitors.port.reactor.set_interest(self, True, bool(self.out))
+
+    def on_readable(self):
+        try:
+            data = self.sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self.finish(describe_error(e))
+            return
+        if not data:
+            self.finish("closed by the monitor")
+            return
+        self.monitors.port.counters["monitor_bytes_ignored"] += len(data)
+
+    def ended(self, reason):
+        port = self.monitors.port
+        port.reactor.forget(self)
+        try:
+            self.monitors.connections.remove(self)
+        except ValueError:
+            pass
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        port.peer_log(self.peer[0], INFO, "[%s] monitor %s gone: %s (%d bytes lost)",
+                      port.name, format_peer(self.peer), reason or "closed", self.bytes_lost)
+
+
+class Tee:
+    """The trace file and the monitors as one place where a port copies
+    both directions (Port.trace)."""
+
+    def __init__(self, *taps):
+        self.taps = taps
+
+    def record(self, direction, peer, data):
+        for tap in self.taps:
+            tap.record(direction, peer, data)
+
+    def reopen(self):
+        for tap in self.taps:
+            tap.reopen()
+
+    def close(self):
+        for tap in self.taps:
+            tap.close()
+
+
+def copies_of_traffic(port):
+    """Port.trace: the trace file, the port's monitors, both (a Tee), or None."""
+    config = port.config
+    trace = Trace(config.trace, config.trace_format, port.log, port.name, config.trace_max_size) \
+        if config.trace else None
+    if trace and port.monitors:
+        return Tee(trace, port.monitors)
+    return trace or port.monitors
 
 
 # =====================================================================
@@ -7263,33 +7567,16 @@ class StreamSink:
         pass
 
 
-class FileSink:
+class FileSink(RollingFile):
     """Log lines appended to a file; at max_size (0 = never) the file
     becomes FILE.1 (replacing the one before) and a new one starts, so a
     router's RAM-backed /tmp holds at most twice max_size."""
 
     def __init__(self, path, max_size=0):
-        self.path, self.max_size = path, max_size
-        self.file = open(path, "a")
+        super().__init__(path, max_size, lambda path: open(path, "a"))
 
     def emit(self, level, message):
-        self.file.write(timestamped(level, message))
-        self.file.flush()
-        if self.max_size and self.file.tell() >= self.max_size:
-            try:
-                os.replace(self.path, self.path + ".1")
-                self.reopen()
-            except OSError:
-                pass  # keep writing where we are: losing the log is worse than a big one
-
-    def reopen(self):
-        """After logrotate moved the file (SIGHUP), or at a rollover."""
-        new = open(self.path, "a")
-        self.file.close()
-        self.file = new
-
-    def close(self):
-        self.file.close()
+        self.write(timestamped(level, message))
 
 
 class SyslogSink:
@@ -7636,13 +7923,15 @@ class Server:
 
     def start(self):
         """Bind every listen address first (a port that cannot listen is a
-        fatal error before anything is opened), then open and dial."""
+        fatal error before anything is opened, unless the address is not
+        there yet or in use: that is retried), then open and dial."""
         self.peer_log = PeerLog(self.log, self.reactor)
         self.ports = [Port(pc, self.reactor, self.log, self.peer_log) for pc in self.config.ports]
         try:
             self.gates = self._bind(self.ports, {})
             if self.config.globals["status"] is not None:
-                self.status = StatusEndpoint(self, self.config.globals["status"])
+                # an address not there yet is retried as a port's listen is
+                self.status = StatusEndpoint(self, self.config.globals["status"], PORT_SCHEMA["reopen_interval"].default)
         except OSError as e:
             for gate in self.gates:
                 gate.close()
@@ -7806,6 +8095,9 @@ class Server:
         device and connections, changed ones restart, removed ones close,
         new ones start.  An invalid file changes nothing."""
         reopen_log_file(self.log)
+        for port in self.ports:
+            if port.trace:
+                port.trace.reopen()     # logrotate moved the trace file too
         self.log.info("SIGHUP received: reloading configuration")
         if self.reload_config is None:
             return

@@ -143,7 +143,8 @@ identity = id-b
     assert b.read(2) == b"hi"
     s.wait_log(r"refused: unknown id 'nobody'", count=3)
     listeners = json.loads(http_get(status, "/status")[1])["listeners"]
-    assert listeners == [{"listen": "127.0.0.1:%d" % port, "ports": ["a", "b"], "connections_rejected": 3}]
+    assert listeners == [{"listen": "127.0.0.1:%d" % port, "ports": ["a", "b"], "connections_rejected": 3,
+                          "error": None}]  # (why it is not bound yet, while retried)
     metrics = http_get(status, "/metrics")[1]
     assert 'sertcp_listener_connections_rejected_total{listen="127.0.0.1:%d"} 3\n' % port in metrics
 
@@ -472,6 +473,17 @@ def test_nothing_heavy_is_imported_with_optional_features_off(pty, tmp_path):
     assert not (names & HEAVY), sorted(names & HEAVY)
     # socket.py and signal.py build enums of their constants (1.5 MiB with enum): the C modules do
     assert not (names & {"enum", "socket", "selectors", "signal"}), sorted(names & {"enum", "socket", "selectors", "signal"})
+
+
+def test_monitors_and_trace_rollover_import_nothing(pty, tmp_path):
+    """The keys of watching a port (monitor, trace_max_size) cost no
+    module: the same set as with them off."""
+    port = free_port()
+    plain = imported_modules([pty.path, "--listen", "127.0.0.1:%d" % port], tmp_path, port)
+    port, monitor = free_port(), free_port()
+    watched = imported_modules([pty.path, "--listen", "127.0.0.1:%d" % port, "--monitor", "127.0.0.1:%d" % monitor,
+                                "--trace", tmp_path / "trace", "--trace-max-size", "1k"], tmp_path, port)
+    assert watched == plain, sorted(watched ^ plain)
 
 
 def test_status_endpoint_works_without_http_server_modules(pty, tmp_path):
