@@ -38,6 +38,8 @@ SPEC_PORT_KEYS += """
     rs485_terminate tx_char_delay_ms break_on_connect connect_on_line
     disconnect_on_line device_connect_msg device_disconnect_msg
     device_unreachable_msg heartbeat_interval heartbeat_data""".split()
+# SPEC "Operating it": DNS-SD
+SPEC_PORT_KEYS += "mdns mdns_name mdns_type mdns_txt".split()
 SPEC_GLOBAL_KEYS = "log_level log pidfile status user".split()
 SPEC_GLOBAL_KEYS += ["log_max_size"]  # bounds the log on a router's RAM-backed /tmp
 
