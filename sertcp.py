@@ -449,15 +449,17 @@ def parse_mdns_name(text):
 
 
 def parse_mdns_type(text):
-    """_NAME._tcp, NAME being 1-15 letters, digits and hyphens (RFC 6335 §5.1)."""
+    """_NAME._tcp, NAME being letters, digits and hyphens.  RFC 6335 §5.1
+    asks for 15 at most, but longer names are in use (Home Assistant
+    looks for _zigbee-coordinator._tcp): up to a DNS label's 62."""
     value = text.strip().lower()
     if value.endswith(".local") or value.endswith(".local."):
         value = value.rsplit(".local", 1)[0]
     parts = value.split(".")
     name = parts[0][1:]
-    if (len(parts) != 2 or parts[1] != "_tcp" or not parts[0].startswith("_") or not 0 < len(name) <= 15
+    if (len(parts) != 2 or parts[1] != "_tcp" or not parts[0].startswith("_") or not 0 < len(name) <= 62
             or not all(c.isascii() and (c.isalnum() or c == "-") for c in name)):
-        raise ValueProblem("expected _NAME._tcp, NAME being 1-15 letters, digits or hyphens (as _iostream._tcp)")
+        raise ValueProblem("expected _NAME._tcp, NAME being letters, digits or hyphens (as _iostream._tcp)")
     return value
 
 
