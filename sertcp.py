@@ -7597,7 +7597,8 @@ def server_status(server):
             "ports": [port_status(p) for p in server.ports],
             # a shared listener refuses before a port is chosen: its own count
             "listeners": [{"listen": show_hostport(g.listener.address), "ports": [p.name for p in g.ports],
-                           "connections_rejected": g.rejected} for g in server.gates]}
+                           "connections_rejected": g.rejected} for g in server.gates],
+            "mdns": server.mdns.status() if server.mdns is not None else None}
 
 
 COUNTER_HELP = {
@@ -7651,9 +7652,23 @@ def format_metrics(server):
            "silence).", [('{listen="%s"}' % label(show_hostport(gate.listener.address)), gate.rejected)
                          for gate in server.gates])
     lines.extend(format_modbus_metrics([p for p in server.ports if p.modbus], label))
+    if server.mdns is not None:
+        for counter, value in sorted(server.mdns.status().items()):
+            if counter in MDNS_COUNTER_HELP:
+                family(counter_metric(counter), "counter", MDNS_COUNTER_HELP[counter], [("", value)])
     family(counter_metric("internal_errors"), "counter",
            "Bugs met and contained: the connection, device or request closed.", [("", server.reactor.errors)])
     return "\n".join(lines) + "\n"
+
+
+MDNS_COUNTER_HELP = {
+    "mdns_packets_in": "Multicast DNS datagrams received on port 5353.",
+    "mdns_packets_malformed": "Multicast DNS datagrams that could not be decoded, ignored.",
+    "mdns_answers": "Multicast DNS answers sent to queries for our names.",
+    "mdns_answers_limited": "Multicast DNS answers not sent: more queries than the rate limit allows.",
+    "mdns_conflicts": "Service names found in use by another host, and renamed.",
+    "mdns_send_errors": "Multicast DNS datagrams the kernel refused to send.",
+}
 
 
 MODBUS_COUNTER_HELP = {

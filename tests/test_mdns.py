@@ -246,3 +246,339 @@ def test_a_specific_listen_address_is_announced_and_a_wildcard_means_the_interfa
     assert S.announced_addresses([("192.0.2.5", 7000)]) == [(socket.AF_INET, socket.inet_aton("192.0.2.5"))]
     everything = S.announced_addresses([("0.0.0.0", 7000)])
     assert everything and all(family == socket.AF_INET for family, _ in everything)
+
+
+# --- the real process in a network namespace, found by real browsers -----------------
+
+BROWSE = r"""
+# python-zeroconf browsing one service type: a JSON line per service
+# added, updated (resolved again) or removed
+import json, sys
+from zeroconf import IPVersion, ServiceBrowser, ServiceStateChange, Zeroconf
+zc = Zeroconf(interfaces=["127.0.0.1"], ip_version=IPVersion.V4Only)
+def changed(zeroconf, service_type, name, state_change):
+    out = {"event": state_change.name, "name": name}
+    if state_change is not ServiceStateChange.Removed:
+        info = zeroconf.get_service_info(service_type, name, timeout=5000)
+        if info is not None:
+            out.update(server=info.server, port=info.port, addresses=info.parsed_addresses(),
+                       txt={k.decode(): (v or b"").decode() for k, v in info.properties.items()})
+    print(json.dumps(out), flush=True)
+ServiceBrowser(zc, sys.argv[1], handlers=[changed])
+print(json.dumps({"event": "ready"}), flush=True)
+try:
+    sys.stdin.read()
+finally:
+    zc.close()
+"""
+
+
+class Browser:
+    """python-zeroconf's ServiceBrowser in the namespace, as its own process;
+    `events` are the JSON lines it printed."""
+
+    def __init__(self, netns, tmp_path, service_type="_iostream._tcp.local."):
+        script = tmp_path / "browse.py"
+        script.write_text(BROWSE)
+        self.events = []
+        self.proc = subprocess.Popen(netns.argv(sys.executable, script, service_type), stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        wait_for(lambda: self.proc.poll() is not None or {"event": "ready"} in self.events, message="zeroconf ready")
+        assert self.proc.poll() is None, self.events
+
+    def _read(self):
+        for line in self.proc.stdout:
+            try:
+                self.events.append(json.loads(line))
+            except ValueError:
+                self.events.append({"event": "output", "text": line})
+
+    def find(self, name, event="Added"):
+        for e in self.events:
+            if e.get("name") == name and e["event"] == event:
+                return e
+        return None
+
+    def wait(self, name, event="Added", timeout=15):
+        wait_for(lambda: self.find(name, event) is not None, timeout=timeout,
+                 message="zeroconf sees %s %s (saw %s)" % (name, event, self.events))
+        return self.find(name, event)
+
+    def names(self):
+        return {e["name"] for e in self.events if e["event"] == "Added"}
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def browsers(netns, tmp_path):
+    made = []
+
+    def make(service_type="_iostream._tcp.local."):
+        made.append(Browser(netns, tmp_path, service_type))
+        return made[-1]
+    yield make
+    for b in made:
+        b.close()
+
+
+def full(instance, service_type="_iostream._tcp"):
+    return "%s.%s.local." % (instance, service_type)
+
+
+def test_zeroconf_finds_each_port_with_its_host_port_and_txt_and_sees_it_go_at_exit(
+        sertcp, pty_factory, netns, browsers, tmp_path):
+    from test_device import usb_env
+    sysfs, devroot, env = usb_env(tmp_path)
+    radio = pty_factory()
+    sysfs.plug("ttyUSB0", "10c4", "ea60", "A1B2", "1-1.3")
+    os.symlink(radio.path, devroot / "ttyUSB0")
+    other = pty_factory()
+    browser = browsers()
+    zigbee = browsers("_zigbee-coordinator._tcp.local.")
+    s = sertcp(config="""
+        [gps]
+        device = %s
+        listen = 7001
+        mdns = yes
+        baudrate = 4800
+        [radio]
+        device = usb:10c4:ea60
+        listen = 127.0.0.1:7002
+        protocol = raw
+        baudrate = 115200
+        mdns = yes
+        mdns_name = Zigbee radio
+        mdns_type = _zigbee-coordinator._tcp
+        mdns_txt = radio_type=ezsp, serial_number=A1B2
+        [quiet]
+        device = %s
+        listen = 7003
+    """.replace("\n        ", "\n") % (other.path, pty_factory().path),
+               preexec_fn=netns.enter, env=env)
+    s.wait_log("mdns: announced 'Zigbee radio'")
+    gps = browser.wait(full("gps on %s" % HOST))
+    # listen without a host: every address of both families (here only loopback has any)
+    assert gps["server"] == "%s.local." % HOST and gps["port"] == 7001
+    assert sorted(gps["addresses"]) == ["127.0.0.1", "::1"]
+    assert gps["txt"] == {"protocol": "raw", "baudrate": "4800"}
+    # bound to 127.0.0.1, it announces that address; but both services name
+    # one host, HOST.local, which holds the addresses of both listeners
+    radio_seen = zigbee.wait(full("Zigbee radio", "_zigbee-coordinator._tcp"))
+    assert radio_seen["port"] == 7002 and sorted(radio_seen["addresses"]) == ["127.0.0.1", "::1"]
+    assert radio_seen["txt"] == {"protocol": "raw", "baudrate": "115200", "usb_vendor": "10c4",
+                                 "usb_product": "ea60", "usb_serial": "A1B2", "radio_type": "ezsp",
+                                 "serial_number": "A1B2"}
+    assert browser.names() == {full("gps on %s" % HOST)}     # [quiet] has no mdns
+    s.signal(signal.SIGTERM)
+    assert s.proc.wait(10) == 0
+    browser.wait(full("gps on %s" % HOST), "Removed", timeout=5)
+    zigbee.wait(full("Zigbee radio", "_zigbee-coordinator._tcp"), "Removed", timeout=5)
+
+
+def ini(text):
+    return text.replace("\n        ", "\n")
+
+
+def test_two_instances_with_one_name_end_with_two_names(sertcp, pty_factory, netns, browsers):
+    browser = browsers()
+    first = sertcp(pty_factory().path, "--listen", "7001", "--mdns", "yes", preexec_fn=netns.enter)
+    second = sertcp(pty_factory().path, "--listen", "7002", "--mdns", "yes", preexec_fn=netns.enter)
+    name = "cli on %s" % HOST
+    first.wait_log("mdns: announced")
+    second.wait_log("mdns: announced")
+    a, b = browser.wait(full(name)), browser.wait(full(name + " (2)"))
+    assert {a["port"], b["port"]} == {7001, 7002}
+    renamed = [s for s in (first, second) if "renamed" in s.log()]
+    assert len(renamed) == 1, first.log() + second.log()
+    assert "mdns: another host uses the name %r: renamed %r" % (name, name + " (2)") in renamed[0].log()
+
+
+def test_sighup_withdraws_a_removed_port_and_announces_a_new_and_a_changed_one(
+        sertcp, pty_factory, netns, browsers, tmp_path):
+    browser = browsers()
+    a, b, c = pty_factory(), pty_factory(), pty_factory()
+    before = ini("""
+        [a]
+        device = %s
+        listen = 7001
+        mdns = yes
+        [b]
+        device = %s
+        listen = 7002
+        mdns = yes
+        mdns_txt = version=1
+    """ % (a.path, b.path))
+    s = sertcp(config=before, preexec_fn=netns.enter)
+    browser.wait(full("a on %s" % HOST))
+    assert browser.wait(full("b on %s" % HOST))["txt"]["version"] == "1"
+    s.config.write_text(ini("""
+        [b]
+        device = %s
+        listen = 7002
+        mdns = yes
+        mdns_txt = version=2
+        [c]
+        device = %s
+        listen = 7003
+        mdns = yes
+    """ % (b.path, c.path)))
+    s.signal(signal.SIGHUP)
+    browser.wait(full("a on %s" % HOST), "Removed")
+    assert browser.wait(full("c on %s" % HOST))["port"] == 7003
+    wait_for(lambda: [e["txt"]["version"] for e in browser.events
+                      if e.get("name") == full("b on %s" % HOST) and "txt" in e][-1:] == ["2"],
+             timeout=15, message="b announced again with version=2 (%s)" % browser.events)
+    s.wait_log(r"mdns: withdrawn 'a on ")
+
+
+def test_malformed_datagrams_and_a_query_flood_are_counted_and_the_responder_goes_on(
+        sertcp, pty, netns, browsers):
+    status = free_port()
+    s = sertcp(pty.path, "--listen", "7001", "--mdns", "yes", "--status", "127.0.0.1:%d" % status,
+               preexec_fn=netns.enter)
+    s.wait_log("mdns: announced")
+
+    def counters():
+        return json.loads(http_get(status, "/status")[1])["mdns"]
+
+    def hostile():
+        """In batches the socket's receive buffer holds, each counted
+        before the next: random bytes, a name pointing at itself, then
+        one-shot queries (from a port other than 5353: each asks for a
+        unicast reply) far faster than the rate limit."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.settimeout(0.3)
+        rnd = random.Random(3)
+        loop = b"\x00\x00\x00\x00\x00\x01\x00\x00\x00\x00\x00\x00\xc0\x0c\x00\x01\x00\x01"
+        good = query((("cli on %s" % HOST, "_iostream", "_tcp", "local"), S.DNS_TXT), ident=7)
+        sent, answers, started = counters()["mdns_packets_in"], 0, time.monotonic()
+        for batch in range(6):
+            for i in range(50):
+                data = [bytes(rnd.randrange(256) for _ in range(rnd.randint(0, 40))), loop, good][batch % 3]
+                sock.sendto(data, ("224.0.0.251" if batch % 3 < 2 else "127.0.0.1", 5353))
+            sent += 50
+            wait_for(lambda: counters()["mdns_packets_in"] >= sent, message="batch %d counted" % batch)
+        while True:
+            try:
+                reply, _ = sock.recvfrom(9000)
+                assert S.parse_dns_message(reply).ident == 7
+                answers += 1
+            except socket.timeout:
+                break
+        sock.close()
+        return answers, time.monotonic() - started, counters()
+    answers, seconds, st = netns.call(hostile)
+    assert 1 <= answers <= S.MDNS_REPLY_BURST + S.MDNS_REPLY_RATE * seconds + 1
+    assert st["mdns_packets_malformed"] >= 100 and st["mdns_answers_limited"] == 100 - answers
+    assert st["names"]["cli"]["name"] == "cli on %s" % HOST and st["names"]["cli"]["state"] in S.MDNS_OWNED
+    metrics = netns.call(lambda: http_get(status, "/metrics")[1])
+    assert "sertcp_mdns_packets_malformed_total %d" % st["mdns_packets_malformed"] in metrics
+    check = subprocess.run(["promtool", "check", "metrics"], input=metrics, capture_output=True, text=True)
+    assert (check.returncode, check.stdout + check.stderr) == (0, ""), metrics
+    # and still answering: a browser started now finds the port
+    assert browsers().wait(full("cli on %s" % HOST))["port"] == 7001
+
+
+DBUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <listen>unix:path=%s</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <allow own="*"/>
+    <allow send_destination="*"/>
+    <allow receive_sender="*"/>
+  </policy>
+</busconfig>
+"""
+
+# avahi-daemon as on a Raspberry Pi, but on lo only (which the namespace
+# gave the MULTICAST flag), publishing this host's name and address as it
+# would: sertcp announces the same name beside it, on the same port 5353
+AVAHI_CONFIG = """[server]
+host-name=%s
+use-ipv4=yes
+use-ipv6=no
+allow-interfaces=lo
+enable-dbus=yes
+[publish]
+publish-addresses=yes
+publish-hinfo=no
+publish-workstation=no
+"""
+
+
+@pytest.fixture
+def avahi(netns, tmp_path):
+    """avahi-daemon in the namespace, on a D-Bus system bus of the test's
+    own (a dbus-daemon with its own config and socket): returns the
+    environment in which avahi-browse finds that bus.  The daemon runs in
+    a mount namespace of its own with a tmpfs on /run/avahi-daemon, so
+    that its pid file cannot meet another avahi-daemon's."""
+    need_programs("avahi-daemon", "avahi-browse", "dbus-daemon", "unshare")
+    bus = tmp_path / "bus.sock"
+    (tmp_path / "bus.conf").write_text(DBUS_CONFIG % bus)
+    (tmp_path / "avahi.conf").write_text(AVAHI_CONFIG % HOST)
+    env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS="unix:path=%s" % bus)
+    log = open(tmp_path / "avahi.log", "wb")
+    procs = [subprocess.Popen(["dbus-daemon", "--config-file=%s" % (tmp_path / "bus.conf"), "--nofork"],
+                              stdout=log, stderr=subprocess.STDOUT)]
+    wait_for(lambda: bus.exists(), message="the D-Bus socket")
+    os.makedirs("/run/avahi-daemon", exist_ok=True)
+    procs.append(subprocess.Popen(netns.argv(
+        "unshare", "--mount", "sh", "-c", "mount -t tmpfs tmpfs /run/avahi-daemon && exec avahi-daemon -f %s "
+        "--no-drop-root --no-chroot --no-rlimits --debug" % (tmp_path / "avahi.conf")),
+        stdout=log, stderr=subprocess.STDOUT, env=env))
+    try:
+        wait_for(lambda: b"Server startup complete" in (tmp_path / "avahi.log").read_bytes()
+                 or procs[1].poll() is not None, message="avahi-daemon started")
+        assert procs[1].poll() is None, (tmp_path / "avahi.log").read_text()
+        yield env
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.close()
+    assert "conflict" not in (tmp_path / "avahi.log").read_text().lower(), (tmp_path / "avahi.log").read_text()
+
+
+def test_avahi_browse_finds_the_port_and_sees_it_go_at_exit(sertcp, pty, netns, avahi, tmp_path):
+    browse = subprocess.Popen(netns.argv("avahi-browse", "--resolve", "--parsable", "--no-db-lookup",
+                                         "_zigbee-coordinator._tcp"),
+                              env=avahi, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    threading.Thread(target=lambda: lines.extend(browse.stdout), daemon=True).start()
+    try:
+        s = sertcp(pty.path, "--listen", "127.0.0.1:7005", "--mdns", "yes", "--mdns-name", "Radio, upstairs",
+                   "--mdns-type", "_zigbee-coordinator._tcp", "--mdns-txt", "radio_type=znp",
+                   preexec_fn=netns.enter)
+        resolved = wait_for(lambda: [line for line in lines if line.startswith("=")], timeout=15,
+                            message="avahi-browse resolves the service (%s)" % lines)
+        fields = resolved[0].rstrip("\n").split(";", 9)
+        # =;lo;IPv4;NAME;TYPE;DOMAIN;HOST;ADDRESS;PORT;TXT (avahi escapes ',' and ' ' in NAME)
+        assert fields[1:6] == ["lo", "IPv4", r"Radio\044\032upstairs", "_zigbee-coordinator._tcp", "local"]
+        assert fields[6:9] == ["%s.local" % HOST, "127.0.0.1", "7005"]
+        assert sorted(fields[9].split(" ")) == ['"baudrate=9600"', '"protocol=raw"', '"radio_type=znp"']
+        s.signal(signal.SIGTERM)
+        assert s.proc.wait(10) == 0
+        wait_for(lambda: any(line.startswith("-;lo;IPv4;Radio") for line in lines), timeout=5,
+                 message="avahi-browse sees the goodbye (%s)" % lines)
+    finally:
+        browse.terminate()
+        browse.wait(10)
