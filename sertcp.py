@@ -13,9 +13,11 @@ The file reads top to bottom; each section uses only the ones above it:
     3. cores        - sans-I/O: packer, client-selection policies, identity
                       matcher, Telnet codec (RFC 854/855/1143), RFC 2217
                       encoders and per-connection state, Modbus (MBAP,
-                      RTU framing, the bus scheduler), the device side
-                      (the RS-485 struct, the USB identity matcher, modem
-                      lines), and the port's state machines: device life
+                      RTU framing, the bus scheduler), DNS-SD (multicast
+                      DNS messages and the responder: probe, announce,
+                      rename, answer), the device side (the RS-485
+                      struct, the USB identity matcher, modem lines),
+                      and the port's state machines: device life
                       (DEVICE_STATE_ON), the back-pressure rule,
                       admission, the dial plan
                       (bytes, times and settings in; bytes, events and
@@ -26,7 +28,8 @@ The file reads top to bottom; each section uses only the ones above it:
                       helper threads, socket, byte stream, virtual pty);
                       RS-485 mode, USB adapters found in sysfs; termios tables;
                       connections and TLS; listeners; the gate of a
-                      listener (allow, password, identity)
+                      listener (allow, password, identity); UDP; the
+                      multicast DNS socket and interface addresses
     6. port         - the RFC 2217 roles (server, client); the Modbus
                       gateway role; the port (device life, delivery,
                       back-pressure, modem lines that drive connections,

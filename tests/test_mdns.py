@@ -582,3 +582,13 @@ def test_avahi_browse_finds_the_port_and_sees_it_go_at_exit(sertcp, pty, netns, 
     finally:
         browse.terminate()
         browse.wait(10)
+
+
+def test_the_readme_documents_each_mdns_key_and_the_example_file_has_it():
+    from conftest import ROOT
+    readme = (ROOT / "README.md").read_text()
+    example = (ROOT / "sertcp.ini.example").read_text()
+    for key in ("mdns", "mdns_name", "mdns_type", "mdns_txt"):
+        assert "\n| `%s` |" % key in readme, key
+        assert "%s = " % key in example, key
+    assert "mdns_type = _zigbee-coordinator._tcp" in readme
