@@ -2440,17 +2440,24 @@ def read_dns_name(data, offset):
 class DnsRecord:
     """One resource record; `rdata` in its uncompressed wire form, so that
     two records compare by their bytes (RFC 6762 §8.2)."""
-    __slots__ = ("name", "rtype", "ttl", "rdata", "unique")
+    __slots__ = ("name", "rtype", "ttl", "rdata", "unique", "_key", "_wire_name")
 
     def __init__(self, name, rtype, ttl, rdata, unique=False):
         self.name, self.rtype, self.ttl, self.rdata, self.unique = tuple(name), rtype, ttl, rdata, unique
+        self._key = self._wire_name = None
 
     def key(self):
-        return name_key(self.name), self.rtype, self.rdata.lower() if self.rtype in (DNS_PTR, DNS_SRV) else self.rdata
+        """(name, type, data) without case where DNS ignores it: the same record, whatever its TTL."""
+        if self._key is None:
+            self._key = (name_key(self.name), self.rtype,
+                         self.rdata.lower() if self.rtype in (DNS_PTR, DNS_SRV) else self.rdata)
+        return self._key
 
     def wire(self, ttl=None, unique=None):
         unique = self.unique if unique is None else unique
-        return (dns_name(self.name) + self.rtype.to_bytes(2, "big")
+        if self._wire_name is None:
+            self._wire_name = dns_name(self.name)
+        return (self._wire_name + self.rtype.to_bytes(2, "big")
                 + (DNS_IN | (DNS_UNIQUE if unique else 0)).to_bytes(2, "big")
                 + (self.ttl if ttl is None else ttl).to_bytes(4, "big")
                 + len(self.rdata).to_bytes(2, "big") + self.rdata)
@@ -2577,13 +2584,21 @@ class MdnsService:
         return [ptr, meta], [srv, txt]
 
 
+def clip_label(text, room=63):
+    """At most `room` bytes of `text` (a DNS label holds 63), cut between characters."""
+    return text.encode("utf-8")[:room].decode("utf-8", "ignore")
+
+
 def next_instance_name(name):
-    """RFC 6763 §9 style renaming: "NAME" -> "NAME (2)" -> "NAME (3)"."""
+    """RFC 6763 §9 style renaming: "NAME" -> "NAME (2)" -> "NAME (3)",
+    NAME shortened if the label would grow past 63 bytes."""
+    base, number = name, 1
     if name.endswith(")") and " (" in name:
-        base, number = name[:-1].rsplit(" (", 1)
-        if number.isdigit():
-            return "%s (%d)" % (base, int(number) + 1)
-    return "%s (2)" % name
+        head, tail = name[:-1].rsplit(" (", 1)
+        if tail.isdigit():
+            base, number = head, int(tail)
+    suffix = " (%d)" % (number + 1)
+    return clip_label(base, 63 - len(suffix)) + suffix
 
 
 # The life of one announced name: (state, event) -> (next state, what to
@@ -2617,9 +2632,18 @@ class MdnsName:
         self.state = "waiting"
         self.due = now                  # the first probe goes at once: the shell starts us after binding
         self.renames = 0
+        self.made = None                # (instance, shared, unique, host records), remade on a rename
 
     def records(self):
-        return self.service.records(self.instance)
+        """(shared, unique) records under the name in use now."""
+        if self.made is None or self.made[0] != self.instance:
+            shared, unique = self.service.records(self.instance)
+            self.made = (self.instance, shared, unique, self.service.host_records())
+        return self.made[1], self.made[2]
+
+    def host_records(self):
+        self.records()
+        return self.made[3]
 
 
 class MdnsResponder:
@@ -2696,13 +2720,16 @@ class MdnsResponder:
         return out
 
     def _probe(self, entry):
+        # asking for a multicast answer, not a unicast one (QU) as §8.1 suggests:
+        # with several responders bound to port 5353 on this host (avahi,
+        # another sertcp) the kernel would hand a unicast answer to one of them
         _, unique = entry.records()
-        return (DnsMessage(0, 0, [(entry.service.full_name(entry.instance), DNS_ANY, True)],
+        return (DnsMessage(0, 0, [(entry.service.full_name(entry.instance), DNS_ANY, False)],
                            authorities=unique).wire(), None)
 
     def _announce(self, entry, now):
         shared, unique = entry.records()
-        records = shared + unique + entry.service.host_records()
+        records = shared + unique + entry.host_records()
         for record in records:
             self.last_multicast[record.key()] = now
         return (DnsMessage(0, DNS_RESPONSE, answers=records).wire(), None)
@@ -2762,11 +2789,11 @@ class MdnsResponder:
             if entry.state not in MDNS_OWNED:
                 continue
             shared, unique = entry.records()
-            hosts = entry.service.host_records()
+            hosts = entry.host_records()
             for name, qtype, _ in query.questions:
                 wanted = name_key(name)
                 for record in shared + unique + hosts:
-                    if name_key(record.name) == wanted and qtype in (record.rtype, DNS_ANY):
+                    if record.key()[0] == wanted and qtype in (record.rtype, DNS_ANY):
                         answers.append(record)
                         if record.rtype == DNS_PTR and record in shared[:1]:
                             extra += unique + hosts
@@ -5820,7 +5847,7 @@ def announced_addresses(bound):
 
 def mdns_host_label():
     """This host's name as the first label of HOST.local."""
-    return socket.gethostname().split(".")[0] or "sertcp"
+    return clip_label(socket.gethostname().split(".")[0]) or "sertcp"
 
 
 def mdns_txt_strings(config):
@@ -5843,7 +5870,7 @@ def mdns_txt_strings(config):
 
 def mdns_service(config, bound, host):
     """The MdnsService of a port with mdns, listening on sockaddrs `bound`."""
-    instance = config.mdns_name or "%s on %s" % (config.name, host)
+    instance = config.mdns_name or clip_label("%s on %s" % (config.name, host))
     return MdnsService(config.name, instance, config.mdns_type.split("."), bound[0][1], mdns_txt_strings(config),
                        host, announced_addresses(bound))
 

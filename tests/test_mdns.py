@@ -102,7 +102,8 @@ def test_three_probes_250ms_apart_then_two_announcements_a_second_apart():
     assert [round(t - 100, 2) for t, _ in sent] == [0, 0.25, 0.5, 0.75, 1.75]
     probes, announcements = [m for _, m in sent[:3]], [m for _, m in sent[3:]]
     for probe in probes:
-        assert not probe.is_response and probe.questions == [(FULL, S.DNS_ANY, True)]
+        # answers by multicast, which every program bound to 5353 here receives
+        assert not probe.is_response and probe.questions == [(FULL, S.DNS_ANY, False)]
         assert sorted(a.rtype for a in probe.authorities) == [S.DNS_TXT, S.DNS_SRV]
     for announcement in announcements:
         assert sorted(a.rtype for a in announcement.answers) == [S.DNS_A, S.DNS_PTR, S.DNS_PTR, S.DNS_TXT, S.DNS_SRV]
@@ -145,9 +146,11 @@ def test_a_simultaneous_probe_with_greater_data_wins_and_we_probe_again_a_second
 
 
 def test_renaming_counts_up():
+    assert S.clip_label("port on " + "\u00e9" * 40) == "port on " + "\u00e9" * 27
     assert S.next_instance_name("radio") == "radio (2)"
     assert S.next_instance_name("radio (2)") == "radio (3)"
     assert S.next_instance_name("radio (x)") == "radio (x) (2)"
+    assert S.next_instance_name("r" * 63) == "r" * 59 + " (2)"
 
 
 def test_withdrawing_sends_goodbyes_with_ttl_0_only_for_a_name_announced():
