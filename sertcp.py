@@ -5790,8 +5790,12 @@ def ipv4_interfaces():
     ifaddr package: fcntl is already imported by pyserial)."""
     import fcntl
     found = []
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:
+        return found
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        for _, name in socket.if_nameindex():
+        for name in names:
             request = name.encode()[:15].ljust(40, b"\0")
             try:
                 flags = int.from_bytes(fcntl.ioctl(sock.fileno(), SIOCGIFFLAGS, request)[16:18], sys.byteorder)

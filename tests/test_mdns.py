@@ -604,3 +604,13 @@ def test_the_readme_documents_each_mdns_key_and_the_example_file_has_it():
         assert "\n| `%s` |" % key in readme, key
         assert "%s = " % key in example, key
     assert "mdns_type = _zigbee-coordinator._tcp" in readme
+
+
+def test_ipv6_addresses_come_from_proc_net_if_inet6(tmp_path):
+    listing = tmp_path / "if_inet6"
+    listing.write_text("00000000000000000000000000000001 01 80 10 80       lo\n"
+                       "fe80000000000000021122fffe334455 02 40 20 80     eth0\n"
+                       "not a line\n")
+    assert S.ipv6_addresses(str(listing)) == [socket.inet_pton(socket.AF_INET6, "::1"),
+                                              socket.inet_pton(socket.AF_INET6, "fe80::211:22ff:fe33:4455")]
+    assert S.ipv6_addresses(str(tmp_path / "absent")) == []
