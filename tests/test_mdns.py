@@ -614,3 +614,44 @@ def test_ipv6_addresses_come_from_proc_net_if_inet6(tmp_path):
     assert S.ipv6_addresses(str(listing)) == [socket.inet_pton(socket.AF_INET6, "::1"),
                                               socket.inet_pton(socket.AF_INET6, "fe80::211:22ff:fe33:4455")]
     assert S.ipv6_addresses(str(tmp_path / "absent")) == []
+
+
+def sockets_on_5353(pid):
+    """The inodes of the UDP sockets process `pid` has bound to port 5353
+    (in its own network namespace, as /proc/PID/net shows it)."""
+    bound = set()
+    with open("/proc/%d/net/udp" % pid) as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[1].endswith(":14E9"):
+                bound.add(fields[9])
+    held = set()
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        try:
+            link = os.readlink("/proc/%d/fd/%s" % (pid, fd))
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            held.add(link[8:-1])
+    return bound & held
+
+
+def test_turning_mdns_off_at_sighup_says_goodbye_and_closes_the_socket(sertcp, pty, netns, browsers):
+    status = free_port()
+    browser = browsers()
+    s = sertcp(config=ini("""
+        [global]
+        status = 127.0.0.1:%d
+        [cli]
+        device = %s
+        listen = 7001
+        mdns = yes
+    """ % (status, pty.path)), preexec_fn=netns.enter)
+    browser.wait(full("cli on %s" % HOST))
+    assert len(sockets_on_5353(s.proc.pid)) == 1
+    s.config.write_text(s.config.read_text().replace("mdns = yes", "mdns = no"))
+    s.signal(signal.SIGHUP)
+    browser.wait(full("cli on %s" % HOST), "Removed")
+    wait_for(lambda: netns.call(lambda: json.loads(http_get(status, "/status")[1])["mdns"]) is None,
+             message="no responder left")
+    assert sockets_on_5353(s.proc.pid) == set()
