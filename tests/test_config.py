@@ -40,6 +40,8 @@ SPEC_PORT_KEYS += """
     device_unreachable_msg heartbeat_interval heartbeat_data""".split()
 # SPEC "Additions (second round)": operating it
 SPEC_PORT_KEYS += "monitor monitor_format trace_max_size".split()
+# SPEC "Operating it": DNS-SD
+SPEC_PORT_KEYS += "mdns mdns_name mdns_type mdns_txt".split()
 SPEC_GLOBAL_KEYS = "log_level log pidfile status user".split()
 SPEC_GLOBAL_KEYS += ["log_max_size"]  # bounds the log on a router's RAM-backed /tmp
 
