@@ -278,6 +278,52 @@ class Sertcp:
         return self.proc.returncode
 
 
+UART_PATH = Path(__file__).resolve().parent / "uart"
+
+
+class SimulatedUart:
+    """testuart://DIR (tests/uart): a UART whose DSR/DCD/CTS this test sets."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.folder.mkdir()
+        self.url = "testuart://%s" % self.folder
+        self.env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [str(UART_PATH)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+        self.set()
+
+    def set(self, *lines):
+        tmp = self.folder / "lines.tmp"
+        tmp.write_text(" ".join(lines))
+        os.replace(tmp, self.folder / "lines")
+
+    def breaks(self):
+        """[("on"|"off", monotonic time), ...] as the UART saw them."""
+        try:
+            text = (self.folder / "breaks").read_text()
+        except FileNotFoundError:
+            return []
+        return [(kind, float(at)) for kind, at in (line.split() for line in text.splitlines())]
+
+    def sent(self):
+        try:
+            return (self.folder / "tx").read_bytes()
+        except FileNotFoundError:
+            return b""
+
+    def receive(self, data):
+        """Bytes the UART receives from the device, after those before."""
+        with open(self.folder / "rx", "ab") as f:
+            f.write(data)
+
+    def outputs(self):
+        """The output lines that are on now, e.g. {"DTR", "RTS"}."""
+        try:
+            return set((self.folder / "out").read_text().split())
+        except FileNotFoundError:
+            return set()
+
+
 # sitecustomize for a Python whose standard library lacks some modules, as
 # OpenWrt's package split leaves python3-light: a meta-path finder refuses
 # them (and their submodules), so every import of them fails as it would
@@ -395,3 +441,65 @@ def serve(sertcp):
 def clients():
     """clients(port, host="127.0.0.1", ...) connects a Client."""
     yield from closing_factory(Client)
+
+
+class NetNamespace:
+    """A network namespace of the test's own (ip netns add): only lo, up,
+    with the MULTICAST flag and a route for 224.0.0.0/4, so that multicast
+    sent in it (mDNS, udp_send_to to a group) reaches the programs in it
+    and nothing leaves the machine.  Several processes join it: `argv()`
+    prefixes a command with `ip netns exec`, `enter` is a preexec_fn for
+    Popen, and `call(fn)` runs fn in a thread of this process that joined
+    it (setns(2) moves only the calling thread)."""
+
+    CLONE_NEWNET = 0x40000000
+
+    def __init__(self):
+        import ctypes
+        self.name = "sertcp-test-%d-%d" % (os.getpid(), id(self) % 100000)
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        subprocess.run(["ip", "netns", "add", self.name], check=True)
+        for command in (["ip", "link", "set", "lo", "up"], ["ip", "link", "set", "lo", "multicast", "on"],
+                        ["ip", "route", "add", "224.0.0.0/4", "dev", "lo"]):
+            subprocess.run(self.argv(*command), check=True)
+
+    def argv(self, *command):
+        return ["ip", "netns", "exec", self.name] + [str(c) for c in command]
+
+    def enter(self):
+        fd = os.open("/run/netns/" + self.name, os.O_RDONLY)
+        try:
+            if self.libc.setns(fd, self.CLONE_NEWNET) != 0:
+                import ctypes
+                raise OSError(ctypes.get_errno(), "setns into %s" % self.name)
+        finally:
+            os.close(fd)
+
+    def call(self, fn, *args):
+        result = {}
+
+        def run():
+            try:
+                self.enter()
+                result["value"] = fn(*args)
+            except BaseException as e:  # handed to the caller
+                result["error"] = e
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join(60)
+        if "error" in result:
+            raise result["error"]
+        return result.get("value")
+
+    def close(self):
+        subprocess.run(["ip", "netns", "del", self.name], check=False)
+
+
+@pytest.fixture
+def netns():
+    """A fresh network namespace (NetNamespace); needs root and ip(8)."""
+    need_programs("ip")
+    assert os.geteuid() == 0, "a network namespace of the test's own (ip netns add) needs root (CI runs as root)"
+    ns = NetNamespace()
+    yield ns
+    ns.close()

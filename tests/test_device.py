@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 
 import sertcp as sertcp_module
-from conftest import Client, free_port, http_get, run_sertcp, wait_for
+from conftest import Client, SimulatedUart, free_port, http_get, run_sertcp, wait_for
 
-UART_PATH = Path(__file__).resolve().parent / "uart"
 
 
 # --- RS-485: struct serial_rs485 --------------------------------------------
@@ -450,37 +449,6 @@ def test_heartbeat_keys_are_checked():
 
 
 # --- modem lines that drive connections --------------------------------------
-
-class SimulatedUart:
-    """testuart://DIR (tests/uart): a UART whose DSR/DCD/CTS this test sets."""
-
-    def __init__(self, folder):
-        self.folder = Path(folder)
-        self.folder.mkdir()
-        self.url = "testuart://%s" % self.folder
-        self.env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            [str(UART_PATH)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-        self.set()
-
-    def set(self, *lines):
-        tmp = self.folder / "lines.tmp"
-        tmp.write_text(" ".join(lines))
-        os.replace(tmp, self.folder / "lines")
-
-    def breaks(self):
-        """[("on"|"off", monotonic time), ...] as the UART saw them."""
-        try:
-            text = (self.folder / "breaks").read_text()
-        except FileNotFoundError:
-            return []
-        return [(kind, float(at)) for kind, at in (line.split() for line in text.splitlines())]
-
-    def sent(self):
-        try:
-            return (self.folder / "tx").read_bytes()
-        except FileNotFoundError:
-            return b""
-
 
 def test_server_role_accepts_only_while_dsr_is_on_and_closes_when_dcd_drops(sertcp, tmp_path):
     uart = SimulatedUart(tmp_path / "uart")

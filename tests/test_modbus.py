@@ -236,6 +236,28 @@ def test_device_bytes_nobody_asked_for_are_stray():
     assert kinds(gw.expire(0.004)) == ["stray"]
 
 
+def test_while_the_device_is_not_open_a_request_gets_0x0a_at_once():
+    gw = gateway()
+    assert gw.from_client(A, mbap_frame(9, 1, READ_2), 0.0, available=False) == [
+        ("reply", A, mbap_frame(9, 1, b"\x83\x0a"))]
+    assert gw.from_client(A, mbap_frame(10, 0, READ_2), 0.0, available=False) == []   # a broadcast: no answer
+    assert gw.bus.counters["unavailable"] == 2 and gw.bus.counters["exceptions_sent"] == 1
+    assert gw.bus.depth() == 0 and gw.deadline() is None
+
+
+def test_a_device_that_goes_answers_the_bus_and_the_queue_with_0x0a():
+    gw = gateway()
+    gw.from_client(A, mbap_frame(1, 1, READ_2), 0.0)
+    gw.from_client(B, mbap_frame(2, 2, READ_2), 0.0)
+    gw.from_client(A, mbap_frame(3, 0, READ_2), 0.0)
+    assert gw.bus.device_gone() == [("reply", A, mbap_frame(1, 1, b"\x83\x0a")),
+                                    ("reply", B, mbap_frame(2, 2, b"\x83\x0a"))]
+    assert gw.bus.state == "idle" and gw.bus.depth() == 0 and gw.deadline() is None
+    assert gw.bus.device_gone() == []
+    # and the bus works again when the device is back
+    assert gw.from_client(B, mbap_frame(4, 1, READ_2), 1.0) == [("write", rtu_frame(1, READ_2))]
+
+
 def test_a_client_that_leaves_loses_its_queue_and_the_answer_on_the_bus():
     gw = gateway()
     gw.from_client(A, mbap_frame(1, 1, READ_2), 0.0)
@@ -360,6 +382,7 @@ def test_any_interleaving_of_clients_gets_each_reply_to_its_client_and_transacti
 # =====================================================================
 
 import json  # noqa: E402
+import os  # noqa: E402
 import re  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
@@ -475,7 +498,8 @@ def test_a_slave_that_stops_answering_gives_0x0b_within_the_timeout(gateway_to_s
 
 
 def test_broadcast_writes_reach_every_unit_and_get_no_answer(gateway_to_slave):
-    s, port, status, _ = gateway_to_slave()
+    # timeouts must stay 0: a slave slowed by a loaded machine gets 3 s, not 1
+    s, port, status, _ = gateway_to_slave("--modbus-timeout-ms", "3000")
     client = master(port)
     assert client.write_register(7, 4321, device_id=0, no_response_expected=True) is None
     for unit in (1, 2):
@@ -607,6 +631,30 @@ def test_a_reply_in_pieces_within_the_gap_is_one_frame(gateway_to_emulator, pty)
     time.sleep(0.05)                # a pause shorter than the gap (the thing under test)
     pty.write(reply[5:])
     assert recv_exactly(c, 6 + len(reply) - 2) == mbap_frame(1, 1, reply[1:-2])
+
+
+def test_a_device_that_is_not_open_gives_0x0a_without_waiting_for_the_timeout(sertcp, tmp_path, pty):
+    port, status = free_port(), free_port()
+    while status == port:
+        status = free_port()
+    link = tmp_path / "ttyRTU"
+    os.symlink(pty.path, str(link))
+    s = sertcp("--listen", "127.0.0.1:%d" % port, "--status", "127.0.0.1:%d" % status, "--protocol", "modbus",
+               "--modbus-timeout-ms", "5000", "--reopen-interval", "0.2", str(link))
+    s.wait_log(r"device \S+ opened")
+    c = Client(port)
+    c.send(mbap_frame(1, 1, READ_2))
+    assert pty.read(8) == rtu_frame(1, READ_2)  # on the bus, waiting for an answer
+    os.symlink("/nonexistent-rtu-device", str(link) + ".new")
+    os.replace(str(link) + ".new", str(link))   # unplugged: the link points nowhere
+    pty.close()
+    started = time.monotonic()
+    assert recv_exactly(c, 9) == mbap_frame(1, 1, b"\x83\x0a")
+    c.send(mbap_frame(2, 1, READ_2))            # and while it stays away
+    assert recv_exactly(c, 9) == mbap_frame(2, 1, b"\x83\x0a")
+    assert time.monotonic() - started < 2.5     # not the 5 s timeout
+    stats = modbus_status(status)
+    assert stats["unavailable"] == 2 and stats["timeouts"] == 0
 
 
 def test_device_bytes_nobody_asked_for_are_dropped_and_counted(gateway_to_emulator, pty):

@@ -318,7 +318,7 @@ def test_lines_and_break_on_the_simulated_uart(sertcp, tmp_path):
     s.wait_log(r"device testuart://\S+ opened")
 
     def outputs():
-        return (uart.folder / "outputs").read_text().split()
+        return (uart.folder / "out").read_text().split()
     code, body, _ = post(status, "/ports/u/lines", "-d", "dtr=off")
     assert (code, body["lines"]["dtr"]) == (200, False)
     assert "DTR" not in outputs()
