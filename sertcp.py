@@ -13,9 +13,11 @@ The file reads top to bottom; each section uses only the ones above it:
     3. cores        - sans-I/O: packer, client-selection policies, identity
                       matcher, Telnet codec (RFC 854/855/1143), RFC 2217
                       encoders and per-connection state, Modbus (MBAP,
-                      RTU framing, the bus scheduler), the device side
-                      (the RS-485 struct, the USB identity matcher, modem
-                      lines), and the port's state machines: device life
+                      RTU framing, the bus scheduler), DNS-SD (multicast
+                      DNS messages and the responder: probe, announce,
+                      rename, answer), the device side (the RS-485
+                      struct, the USB identity matcher, modem lines),
+                      and the port's state machines: device life
                       (DEVICE_STATE_ON), the back-pressure rule,
                       admission, the dial plan; Hayes AT commands
                       (the modem emulation's command and online modes)
@@ -27,7 +29,8 @@ The file reads top to bottom; each section uses only the ones above it:
                       helper threads, socket, byte stream, virtual pty);
                       RS-485 mode, USB adapters found in sysfs; termios tables;
                       connections and TLS; listeners; the gate of a
-                      listener (allow, password, identity)
+                      listener (allow, password, identity); UDP; the
+                      multicast DNS socket and interface addresses
     6. port         - the RFC 2217 roles (server, client); the Modbus
                       gateway role; the modem role (dialing, ringing,
                       answering for AT commands); the port (device
@@ -35,7 +38,10 @@ The file reads top to bottom; each section uses only the ones above it:
                       drive connections, notices to the device); its
                       admission shell (break on connect, heartbeat);
                       its dialer (the client role)
-    7. status       - /status and /metrics, traces, reload (SIGHUP)
+    7. status       - /status and /metrics, the web page, the control API
+                      (POST /ports/NAME/...), traces (rolled over at a
+                      size), monitors (read-only listeners of the
+                      traffic), reload (SIGHUP)
     8. main         - command line, logging, service files, signals
 """
 
@@ -124,6 +130,7 @@ PASSWORD_LINE_LIMIT = 256      # bytes: a longer first line is not a password
 WRONG_PASSWORD_DELAY = 1.0     # seconds before a wrong password is answered by closing
 PASSWORD_FAILURES, PASSWORD_WINDOW, PASSWORD_BLOCK = 5, 60.0, 60  # then refuse that address
 PEER_LOG_BURST, PEER_LOG_WINDOW = 10, 10.0  # per-peer log lines per window
+CONTROL_BODY_LIMIT = 4096      # bytes: the form body of a control API request
 DEBUG, INFO, WARNING, ERROR = 10, 20, 30, 40  # logging's levels (sertcp has its own logger)
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE = 0, 1, 2
@@ -440,6 +447,47 @@ def parse_usb_spec(text):
     return ("id", ids[0], ids[1], serial or "*")
 
 
+def parse_mdns_name(text):
+    """A DNS-SD instance name: any UTF-8 text of 1-63 bytes without
+    control characters (RFC 6763 §4.1.1)."""
+    value = text.strip()
+    if not 0 < len(value.encode("utf-8")) <= 63:
+        raise ValueProblem("expected 1-63 bytes of text")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueProblem("must not contain control characters")
+    return value
+
+
+def parse_mdns_type(text):
+    """_NAME._tcp, NAME being letters, digits and hyphens.  RFC 6335 §5.1
+    asks for 15 at most, but longer names are in use (Home Assistant
+    looks for _zigbee-coordinator._tcp): up to a DNS label's 62."""
+    value = text.strip().lower()
+    if value.endswith(".local") or value.endswith(".local."):
+        value = value.rsplit(".local", 1)[0]
+    parts = value.split(".")
+    name = parts[0][1:]
+    if (len(parts) != 2 or parts[1] != "_tcp" or not parts[0].startswith("_") or not 0 < len(name) <= 62
+            or not all(c.isascii() and (c.isalnum() or c == "-") for c in name)):
+        raise ValueProblem("expected _NAME._tcp, NAME being letters, digits or hyphens (as _iostream._tcp)")
+    return value
+
+
+def parse_mdns_txt(text):
+    """key=value[, key=value ...] -> [(key, value)]; keys are printable
+    ASCII without '=' (RFC 6763 §6.4), each pair at most 255 bytes."""
+    pairs = []
+    for item in text.split(","):
+        key, sep, value = item.strip().partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or not all(33 <= ord(c) <= 126 and c != "=" for c in key):
+            raise ValueProblem("expected key=value[, key=value ...], keys in printable ASCII; got %r" % item.strip())
+        if len(("%s=%s" % (key, value)).encode("utf-8")) > 255:
+            raise ValueProblem("%s=... is longer than 255 bytes" % key)
+        pairs.append((key, value))
+    return pairs
+
+
 def parse_path(text):
     value = text.strip()
     if not value:
@@ -611,6 +659,9 @@ PORT_KEYS = [
     Key("tls_server_name", parse_text, None, "client role: name to verify (default: the host dialled)"),
     Key("trace", parse_path, None, "file to which both directions are appended with timestamps"),
     Key("trace_format", choice_parser("hex", "raw"), "hex", "hex (lines marked < device->net, > net->device) or raw"),
+    Key("trace_max_size", size_parser(0, 1024 ** 3), 0, "the trace file this large becomes FILE.1 and a new one starts (0 = never)", show_size),
+    Key("monitor", parse_listen, None, "[HOST:]PORT of a read-only listener streaming a copy of both directions (allow applies)", show_hostport),
+    Key("monitor_format", choice_parser("hex", "raw"), "hex", "monitor: hex (timestamped lines marked < device->net, > net->device) or raw"),
     # UDP side
     Key("udp_listen", parse_listen, None, "[HOST:]PORT: datagrams received here go to the device (allow applies)", show_hostport),
     Key("udp_send_to", parse_connect, None, "HOST:PORT[, HOST:PORT ...]: each packet of device data goes to each as one datagram "
@@ -625,6 +676,13 @@ PORT_KEYS = [
         "NUMBER=HOST:PORT[, NUMBER=HOST:PORT ...]: what ATD NUMBER dials", lambda v: show_modem_phonebook(v)),
     Key("modem_init", lambda text: parse_modem_init(text), None, "AT commands applied at start and after ATZ "
         "(such as ATE0 S0=1)", " ".join),
+    # DNS-SD
+    Key("mdns", parse_bool, False, "announce the port (its listen address) with DNS-SD over multicast DNS; withdrawn at exit",
+        _show_bool),
+    Key("mdns_name", parse_mdns_name, None, "the service instance name (default: PORT on HOST)"),
+    Key("mdns_type", parse_mdns_type, "_iostream._tcp", "the service type: _NAME._tcp"),
+    Key("mdns_txt", parse_mdns_txt, None, "key=value[, key=value ...] added to the TXT record "
+        "(which holds protocol, baudrate and the USB ids)", lambda v: ", ".join("%s=%s" % kv for kv in v)),
 ]
 
 GLOBAL_KEYS = [
@@ -634,6 +692,10 @@ GLOBAL_KEYS = [
     Key("pidfile", parse_path, None, "written at start, removed at exit"),
     Key("status", parse_listen, None, "[HOST:]PORT of the HTTP status endpoint (/status JSON, /metrics)", show_hostport),
     Key("user", parse_text, None, "after opening devices and binding, drop to this user"),
+    Key("status_allow", parse_allow, None, "comma list of IPs/CIDRs that may use the status endpoint, every path (default: any)", _show_list),
+    Key("control_token", parse_text, None, "enables the control API (POST) on the status endpoint: requests carry "
+        "Authorization: Bearer TOKEN", secret=True),
+    Key("control_token_file", parse_path, None, "file whose first line is the control token (re-read on SIGHUP)"),
 ]
 
 PORT_SCHEMA = {k.name: k for k in PORT_KEYS}
@@ -728,6 +790,8 @@ class PortConfig:
 
 
 class Config:
+    control_token = None    # bytes: the control API is on (control_token or control_token_file)
+
     def __init__(self, global_values, ports, source=None):
         self.globals = global_values
         self.ports = ports          # list of PortConfig, in file order
@@ -811,6 +875,8 @@ PORT_RULES = (
      "heartbeat_interval", "needs connect (the heartbeat is for dialed connections)"),
     (lambda v: v["device_unreachable_msg"] is not None and v["connect"] is None,
      "device_unreachable_msg", "needs connect"),
+    (lambda v: v["monitor"] is not None and v["monitor"] == v["listen"],
+     "monitor", "is the port's own listen address; the monitor needs one of its own"),
     (lambda v: v["virtual"] is None and v["listen_on_open"],
      "listen_on_open", "applies only to virtual ports"),
     (lambda v: v["password"] is not None and v["password_file"] is not None,
@@ -857,6 +923,10 @@ PORT_RULES = (
     (lambda v, key=key: v["modem"] and v[key] != PORT_SCHEMA[key].default, key, "cannot go with modem = yes: " + why)
     for key, why in MODEM_CONFLICTS
 ) + (
+    (lambda v: v["mdns"] and v["listen"] is None,
+     "mdns", "announces the TCP service on listen, which is not set (a client-role port offers no service)"),
+    (lambda v: not v["mdns"] and any(v[k] != PORT_SCHEMA[k].default for k in ("mdns_name", "mdns_type", "mdns_txt")),
+     "mdns", "is off, but an mdns_* key is set: add mdns = yes"),
     (lambda v: v["open_on_demand"] and v["listen"] is None and v["connect"] is None,
      "open_on_demand", "opens the device while a TCP client is connected; set listen or connect (UDP has no connections)"),
 )
@@ -1090,23 +1160,8 @@ def build_config(config_path, port_flags, global_flags, device):
             port.secret = values["password"].encode("utf-8")
         elif values["password_file"] is not None:
             # read at every (re)load, so SIGHUP picks up a changed file
-            try:
-                content = read_regular_file(values["password_file"], PASSWORD_FILE_LIMIT)
-            except OSError as e:
-                errors.append(ConfigError(merged["password_file"].where, "password_file",
-                                          "cannot read %s: %s" % (values["password_file"], e.strerror)))
-            except ValueProblem as e:
-                errors.append(ConfigError(merged["password_file"].where, "password_file",
-                                          "%s %s" % (values["password_file"], e)))
-            else:
-                port.secret = content.split(b"\n", 1)[0].rstrip(b"\r\n")
-                if not port.secret:
-                    errors.append(ConfigError(merged["password_file"].where, "password_file",
-                                              "the first line of %s is empty" % values["password_file"]))
-                elif len(port.secret) > PASSWORD_LINE_LIMIT:
-                    errors.append(ConfigError(merged["password_file"].where, "password_file",
-                                              "the first line of %s is longer than %d bytes"
-                                              % (values["password_file"], PASSWORD_LINE_LIMIT)))
+            port.secret = read_secret_line(values["password_file"], merged["password_file"].where,
+                                           "password_file", errors)
         ports.append(port)
         wheres[name] = merged
 
@@ -1121,9 +1176,61 @@ def build_config(config_path, port_flags, global_flags, device):
 
     _validate_ports(ports, lambda port, key: (wheres[port.name][key].where if key in wheres[port.name]
                                               else "[%s]" % port.name), errors)
+    token = read_control_token(global_values, global_settings, errors)
     if errors:
         raise ConfigErrors(errors)
-    return Config(global_values, ports, config_path)
+    config = Config(global_values, ports, config_path)
+    config.control_token = token
+    return config
+
+
+def read_secret_line(path, where, key, errors):
+    """The first line of a password or token file, read again at every
+    (re)load; None after adding an error (unreadable, empty, too long)."""
+    try:
+        content = read_regular_file(path, PASSWORD_FILE_LIMIT)
+    except OSError as e:
+        errors.append(ConfigError(where, key, "cannot read %s: %s" % (path, e.strerror)))
+        return None
+    except ValueProblem as e:
+        errors.append(ConfigError(where, key, "%s %s" % (path, e)))
+        return None
+    line = content.split(b"\n", 1)[0].rstrip(b"\r\n")
+    if not line:
+        errors.append(ConfigError(where, key, "the first line of %s is empty" % path))
+    elif len(line) > PASSWORD_LINE_LIMIT:
+        errors.append(ConfigError(where, key, "the first line of %s is longer than %d bytes" % (path, PASSWORD_LINE_LIMIT)))
+    else:
+        return line
+    return None
+
+
+def read_control_token(values, settings, errors):
+    """The control API's token as bytes (control_token, or the first line
+    of control_token_file), or None: the API is off.  The keys of the
+    status endpoint need `status`."""
+    def where(key):
+        return settings[key].where
+    for key in ("control_token", "control_token_file", "status_allow"):
+        if values[key] is not None and values["status"] is None:
+            errors.append(ConfigError(where(key), key, "needs status (the HTTP endpoint it applies to)"))
+    if values["control_token"] is not None and values["control_token_file"] is not None:
+        errors.append(ConfigError(where("control_token_file"), "control_token_file",
+                                  "set control_token or control_token_file, not both"))
+        return None
+    if values["control_token"] is not None:
+        key, token = "control_token", values["control_token"].encode("utf-8")
+    elif values["control_token_file"] is not None:
+        key = "control_token_file"
+        token = read_secret_line(values[key], where(key), key, errors)
+    else:
+        return None
+    # it travels in a header line: "Authorization: Bearer TOKEN"
+    if token is not None and not (0 < len(token) <= PASSWORD_LINE_LIMIT and all(33 <= b < 127 for b in token)):
+        errors.append(ConfigError(where(key), key, "must be 1-%d printable ASCII characters without spaces "
+                                  "(it is sent in an HTTP header)" % PASSWORD_LINE_LIMIT))
+        return None
+    return token
 
 
 class ConfigErrors(Exception):
@@ -2366,6 +2473,492 @@ class ModbusGateway:
         for frame in self.assembler.expire(now):
             actions += self.bus.frame(frame, now)
         return actions + self.bus.expire(now)
+
+
+# ---------------------------------------------------------------------
+# DNS-SD: multicast DNS messages, records and the responder (RFC 6762/6763)
+# ---------------------------------------------------------------------
+# Names are tuples of labels (an instance name may hold dots and spaces:
+# "cli on host"), compared without case as RFC 6762 §16 asks.
+
+MDNS_GROUP, MDNS_PORT = "224.0.0.251", 5353
+DNS_A, DNS_PTR, DNS_TXT, DNS_AAAA, DNS_SRV, DNS_ANY = 1, 12, 16, 28, 33, 255
+DNS_IN = 1
+DNS_RESPONSE = 0x8400            # QR and AA: every mDNS response is authoritative
+DNS_UNIQUE = 0x8000              # in a record's class: cache-flush; in a question's: unicast wanted (QU)
+MDNS_HOST_TTL = 120              # seconds, RFC 6762 §10: records that name a host
+MDNS_OTHER_TTL = 4500            # the others
+MDNS_LEGACY_TTL = 10             # the most a legacy (one-shot) querier may be told, §6.7
+MDNS_PROBE_INTERVAL = 0.25       # §8.1: three probes this far apart
+MDNS_ANNOUNCE_INTERVAL = 1.0     # §8.3: two announcements this far apart
+MDNS_TIEBREAK_WAIT = 1.0         # §8.2: the loser of a simultaneous probe tries again after this
+MDNS_REPEAT_GAP = 1.0            # §6: a record is multicast again only this long after the last time
+MDNS_PROBE_REPEAT_GAP = 0.25     # ... or this long when it defends a name against a probe
+MDNS_REPLY_BURST = 20            # answers sent back to back before the rate below applies
+MDNS_REPLY_RATE = 10.0           # answers per second, however many queries arrive
+DNS_MESSAGE_LIMIT = 9000         # bytes, §17: the most an mDNS message may hold
+
+
+class DnsError(ValueError):
+    """A malformed DNS message."""
+
+
+def dns_name(labels):
+    """A name's wire form, uncompressed; raises DnsError for a label of
+    more than 63 bytes or a name of more than 255."""
+    out = bytearray()
+    for label in labels:
+        raw = label.encode("utf-8")
+        if not 0 < len(raw) <= 63:
+            raise DnsError("label %r is not 1-63 bytes" % label)
+        out += bytes((len(raw),)) + raw
+    out.append(0)
+    if len(out) > 255:
+        raise DnsError("name longer than 255 bytes")
+    return bytes(out)
+
+
+def name_key(labels):
+    return tuple(label.lower() for label in labels)
+
+
+def read_dns_name(data, offset):
+    """(labels, offset after the name) of the name at `offset`, following
+    compression pointers (RFC 1035 §4.1.4); a pointer must point back,
+    before the one that follows it, so a loop cannot be made."""
+    labels, end, length, limit = [], None, 0, offset
+    while True:
+        if offset >= len(data):
+            raise DnsError("name runs past the end")
+        size = data[offset]
+        if size >= 0xC0:
+            if offset + 1 >= len(data):
+                raise DnsError("pointer runs past the end")
+            target = ((size & 0x3F) << 8) | data[offset + 1]
+            if target >= limit:
+                raise DnsError("compression pointer does not point back")
+            if end is None:
+                end = offset + 2
+            offset = limit = target
+            continue
+        if size > 63:
+            raise DnsError("bad label length %d" % size)
+        if size == 0:
+            return tuple(labels), (offset + 1 if end is None else end)
+        length += size + 1
+        if length > 255 or offset + 1 + size > len(data):
+            raise DnsError("name too long or past the end")
+        labels.append(data[offset + 1:offset + 1 + size].decode("utf-8", "replace"))
+        offset += 1 + size
+
+
+class DnsRecord:
+    """One resource record; `rdata` in its uncompressed wire form, so that
+    two records compare by their bytes (RFC 6762 §8.2)."""
+    __slots__ = ("name", "rtype", "ttl", "rdata", "unique", "_key", "_wire_name")
+
+    def __init__(self, name, rtype, ttl, rdata, unique=False):
+        self.name, self.rtype, self.ttl, self.rdata, self.unique = tuple(name), rtype, ttl, rdata, unique
+        self._key = self._wire_name = None
+
+    def key(self):
+        """(name, type, data) without case where DNS ignores it: the same record, whatever its TTL."""
+        if self._key is None:
+            self._key = (name_key(self.name), self.rtype,
+                         self.rdata.lower() if self.rtype in (DNS_PTR, DNS_SRV) else self.rdata)
+        return self._key
+
+    def wire(self, ttl=None, unique=None):
+        unique = self.unique if unique is None else unique
+        if self._wire_name is None:
+            self._wire_name = dns_name(self.name)
+        return (self._wire_name + self.rtype.to_bytes(2, "big")
+                + (DNS_IN | (DNS_UNIQUE if unique else 0)).to_bytes(2, "big")
+                + (self.ttl if ttl is None else ttl).to_bytes(4, "big")
+                + len(self.rdata).to_bytes(2, "big") + self.rdata)
+
+    def __repr__(self):
+        return "DnsRecord(%r, %d, %d, %r)" % (self.name, self.rtype, self.ttl, self.rdata)
+
+
+def srv_rdata(port, target):
+    return (0).to_bytes(2, "big") * 2 + port.to_bytes(2, "big") + dns_name(target)
+
+
+def txt_rdata(strings):
+    """TXT strings (bytes, 1-255 each); an empty TXT is one empty string (RFC 6763 §6.1)."""
+    return b"".join(bytes((len(s),)) + s for s in strings) or b"\0"
+
+
+def read_txt(rdata):
+    strings, i = [], 0
+    while i < len(rdata):
+        size = rdata[i]
+        strings.append(rdata[i + 1:i + 1 + size])
+        i += 1 + size
+    return [s for s in strings if s]
+
+
+class DnsMessage:
+    """A decoded message: `questions` are (name, qtype, unicast_wanted),
+    the sections lists of DnsRecord."""
+
+    def __init__(self, ident=0, flags=0, questions=(), answers=(), authorities=(), additionals=()):
+        self.ident, self.flags = ident, flags
+        self.questions, self.answers = list(questions), list(answers)
+        self.authorities, self.additionals = list(authorities), list(additionals)
+
+    @property
+    def is_response(self):
+        return bool(self.flags & 0x8000)
+
+    def wire(self, ttl=None, unique=None):
+        """The message as bytes (names uncompressed); `ttl` and `unique`
+        override every record's (a legacy unicast answer)."""
+        out = bytearray(self.ident.to_bytes(2, "big") + self.flags.to_bytes(2, "big"))
+        for section in (self.questions, self.answers, self.authorities, self.additionals):
+            out += len(section).to_bytes(2, "big")
+        for name, qtype, unicast in self.questions:
+            out += dns_name(name) + qtype.to_bytes(2, "big") + (DNS_IN | (DNS_UNIQUE if unicast else 0)).to_bytes(2, "big")
+        for section in (self.answers, self.authorities, self.additionals):
+            for record in section:
+                out += record.wire(None if ttl is None else min(ttl, record.ttl), unique)
+        return bytes(out)
+
+
+def parse_dns_message(data):
+    """A DnsMessage from bytes; raises DnsError for anything malformed.
+    Records of other classes than IN are skipped; the names inside PTR and
+    SRV data are decompressed."""
+    if len(data) < 12:
+        raise DnsError("shorter than a DNS header")
+    counts = [int.from_bytes(data[i:i + 2], "big") for i in range(4, 12, 2)]
+    message = DnsMessage(int.from_bytes(data[0:2], "big"), int.from_bytes(data[2:4], "big"))
+    offset = 12
+    for _ in range(counts[0]):
+        name, offset = read_dns_name(data, offset)
+        if offset + 4 > len(data):
+            raise DnsError("question runs past the end")
+        qtype, qclass = int.from_bytes(data[offset:offset + 2], "big"), int.from_bytes(data[offset + 2:offset + 4], "big")
+        offset += 4
+        if qclass & 0x7FFF in (DNS_IN, DNS_ANY):
+            message.questions.append((name, qtype, bool(qclass & DNS_UNIQUE)))
+    for section, count in zip((message.answers, message.authorities, message.additionals), counts[1:]):
+        for _ in range(count):
+            name, offset = read_dns_name(data, offset)
+            if offset + 10 > len(data):
+                raise DnsError("record runs past the end")
+            rtype = int.from_bytes(data[offset:offset + 2], "big")
+            rclass = int.from_bytes(data[offset + 2:offset + 4], "big")
+            ttl = int.from_bytes(data[offset + 4:offset + 8], "big")
+            size = int.from_bytes(data[offset + 8:offset + 10], "big")
+            start, offset = offset + 10, offset + 10 + size
+            if offset > len(data):
+                raise DnsError("record data runs past the end")
+            rdata = data[start:offset]
+            if rtype == DNS_PTR:
+                rdata = dns_name(read_dns_name(data, start)[0])
+            elif rtype == DNS_SRV:
+                if size < 7:
+                    raise DnsError("SRV data too short")
+                rdata = data[start:start + 6] + dns_name(read_dns_name(data, start + 6)[0])
+            if rclass & 0x7FFF == DNS_IN:
+                section.append(DnsRecord(name, rtype, ttl, rdata, bool(rclass & DNS_UNIQUE)))
+    return message
+
+
+class MdnsService:
+    """What one port announces: its instance name, type (labels such as
+    ("_iostream", "_tcp")), TCP port, TXT strings, and the host's name and
+    addresses ((family, packed address) pairs) for A and AAAA."""
+
+    def __init__(self, key, instance, service_type, port, txt, host, addresses):
+        self.key, self.instance, self.service_type, self.port = key, instance, tuple(service_type), port
+        self.txt, self.host, self.addresses = list(txt), host, list(addresses)
+
+    def same_as(self, other):
+        return (self.instance, self.service_type, self.port, self.txt, self.host, self.addresses) == \
+            (other.instance, other.service_type, other.port, other.txt, other.host, other.addresses)
+
+    def full_name(self, instance=None):
+        return (self.instance if instance is None else instance,) + self.service_type + ("local",)
+
+    def host_records(self):
+        host = (self.host, "local")
+        return [DnsRecord(host, DNS_A if len(packed) == 4 else DNS_AAAA, MDNS_HOST_TTL, packed)
+                for _, packed in self.addresses]
+
+    def records(self, instance):
+        """(answers for a PTR browse, the name's own unique records)."""
+        full = self.full_name(instance)
+        srv = DnsRecord(full, DNS_SRV, MDNS_HOST_TTL, srv_rdata(self.port, (self.host, "local")), True)
+        txt = DnsRecord(full, DNS_TXT, MDNS_OTHER_TTL, txt_rdata(self.txt), True)
+        ptr = DnsRecord(self.service_type + ("local",), DNS_PTR, MDNS_OTHER_TTL, dns_name(full))
+        meta = DnsRecord(("_services", "_dns-sd", "_udp", "local"), DNS_PTR, MDNS_OTHER_TTL,
+                         dns_name(self.service_type + ("local",)))
+        return [ptr, meta], [srv, txt]
+
+
+def clip_label(text, room=63):
+    """At most `room` bytes of `text` (a DNS label holds 63), cut between characters."""
+    return text.encode("utf-8")[:room].decode("utf-8", "ignore")
+
+
+def next_instance_name(name):
+    """RFC 6763 §9 style renaming: "NAME" -> "NAME (2)" -> "NAME (3)",
+    NAME shortened if the label would grow past 63 bytes."""
+    base, number = name, 1
+    if name.endswith(")") and " (" in name:
+        head, tail = name[:-1].rsplit(" (", 1)
+        if tail.isdigit():
+            base, number = head, int(tail)
+    suffix = " (%d)" % (number + 1)
+    return clip_label(base, 63 - len(suffix)) + suffix
+
+
+# The life of one announced name: (state, event) -> (next state, what to
+# send, seconds until the next "timer" event or None).  Probing (§8.1)
+# asks three times whether anyone holds the name; announcing (§8.3) tells
+# twice; a conflict at any point renames and probes again (§9); losing
+# a simultaneous probe (§8.2) waits a second and probes again.
+MDNS_NAME_ON = {
+    ("waiting", "timer"): ("probe 1", "probe", MDNS_PROBE_INTERVAL),
+    ("probe 1", "timer"): ("probe 2", "probe", MDNS_PROBE_INTERVAL),
+    ("probe 2", "timer"): ("probe 3", "probe", MDNS_PROBE_INTERVAL),
+    ("probe 3", "timer"): ("announce 1", "announce", MDNS_ANNOUNCE_INTERVAL),
+    ("announce 1", "timer"): ("announced", "announce", None),
+}
+for _state in ("probe 1", "probe 2", "probe 3"):
+    MDNS_NAME_ON[(_state, "lost tiebreak")] = ("waiting", None, MDNS_TIEBREAK_WAIT)
+for _state in ("waiting", "probe 1", "probe 2", "probe 3", "announce 1", "announced"):
+    MDNS_NAME_ON[(_state, "conflict")] = ("waiting", "rename", 0.0)
+    MDNS_NAME_ON[(_state, "withdraw")] = ("withdrawn", "goodbye" if _state.startswith("announce") else None, None)
+del _state
+MDNS_OWNED = ("announce 1", "announced")     # states in which the name is ours to answer for
+
+
+class MdnsName:
+    """One service as the responder holds it: the name in use now, its
+    state (MDNS_NAME_ON) and when its next timer event is due."""
+
+    def __init__(self, service, now):
+        self.service = service
+        self.instance = service.instance
+        self.state = "waiting"
+        self.due = now                  # the first probe goes at once: the shell starts us after binding
+        self.renames = 0
+        self.made = None                # (instance, shared, unique, host records), remade on a rename
+
+    def records(self):
+        """(shared, unique) records under the name in use now."""
+        if self.made is None or self.made[0] != self.instance:
+            shared, unique = self.service.records(self.instance)
+            self.made = (self.instance, shared, unique, self.service.host_records())
+        return self.made[1], self.made[2]
+
+    def host_records(self):
+        self.records()
+        return self.made[3]
+
+
+class MdnsResponder:
+    """Multicast DNS for a set of services, sans I/O.
+
+    add(service, now) and remove(key) change the set; feed(data, source,
+    now) takes one datagram; expire(now) runs what is due by deadline().
+    Each returns a list of (bytes, destination): destination None means
+    the group (224.0.0.251:5353), else the (host, port) to answer by
+    unicast.  take_notes() hands out what the shell should log: ("renamed",
+    old, new), ("announced", name), ("withdrawn", name).  `counters` count
+    the datagrams received, those malformed and ignored, the answers
+    sent, the answers held back by the rate limit, and the conflicts."""
+
+    def __init__(self):
+        self.names = {}                 # key -> MdnsName
+        self.last_multicast = {}        # record key -> when it was last multicast
+        self.tokens, self.tokens_at = float(MDNS_REPLY_BURST), None
+        self.notes = []
+        self.counters = {"mdns_packets_in": 0, "mdns_packets_malformed": 0, "mdns_answers": 0,
+                         "mdns_answers_limited": 0, "mdns_conflicts": 0}
+
+    def take_notes(self):
+        notes, self.notes = self.notes, []
+        return notes
+
+    # --- the set of services ---
+    def add(self, service, now):
+        self.names[service.key] = MdnsName(service, now)
+
+    def remove(self, key):
+        entry = self.names.pop(key, None)
+        return self._step(entry, "withdraw", None) if entry is not None else []
+
+    def remove_all(self):
+        out = []
+        for key in list(self.names):
+            out += self.remove(key)
+        return out
+
+    # --- time ---
+    def deadline(self):
+        due = [e.due for e in self.names.values() if e.due is not None]
+        return min(due) if due else None
+
+    def expire(self, now):
+        out = []
+        for entry in list(self.names.values()):
+            if entry.due is not None and entry.due <= now:
+                out += self._step(entry, "timer", now)
+        return out
+
+    def _step(self, entry, event, now):
+        state, action, delay = MDNS_NAME_ON[(entry.state, event)]
+        out = []
+        if action == "goodbye":
+            out.append(self._goodbye(entry))
+            self.notes.append(("withdrawn", entry.instance))
+        elif action == "rename":
+            self.counters["mdns_conflicts"] += 1
+            old, entry.instance = entry.instance, next_instance_name(entry.instance)
+            entry.renames += 1
+            self.notes.append(("renamed", old, entry.instance))
+            # §8.1: after 15 conflicts in a row, slow down to one try every 5 s
+            delay = 5.0 if entry.renames > 15 else delay
+        entry.state = state
+        entry.due = None if delay is None else now + delay
+        if action == "probe":
+            out.append(self._probe(entry))
+        elif action == "announce":
+            out.append(self._announce(entry, now))
+            if state == "announce 1":
+                self.notes.append(("announced", entry.instance))
+        return out
+
+    def _probe(self, entry):
+        # asking for a multicast answer, not a unicast one (QU) as §8.1 suggests:
+        # with several responders bound to port 5353 on this host (avahi,
+        # another sertcp) the kernel would hand a unicast answer to one of them
+        _, unique = entry.records()
+        return (DnsMessage(0, 0, [(entry.service.full_name(entry.instance), DNS_ANY, False)],
+                           authorities=unique).wire(), None)
+
+    def _announce(self, entry, now):
+        shared, unique = entry.records()
+        records = shared + unique + entry.host_records()
+        for record in records:
+            self.last_multicast[record.key()] = now
+        return (DnsMessage(0, DNS_RESPONSE, answers=records).wire(), None)
+
+    def _goodbye(self, entry):
+        shared, unique = entry.records()
+        return (DnsMessage(0, DNS_RESPONSE, answers=shared + unique).wire(ttl=0), None)
+
+    # --- what arrives ---
+    def feed(self, data, source, now):
+        self.counters["mdns_packets_in"] += 1
+        try:
+            message = parse_dns_message(data)
+        except DnsError:
+            self.counters["mdns_packets_malformed"] += 1
+            return []
+        if message.flags & 0x7800:      # an opcode other than QUERY: §18.3 says ignore
+            return []
+        out = []
+        for entry in list(self.names.values()):
+            event = self._conflict_in(entry, message)
+            if event is not None:
+                out += self._step(entry, event, now)
+        if not message.is_response and message.questions:
+            out += self._answer(message, source, now)
+        return out
+
+    def _conflict_in(self, entry, message):
+        """"conflict", "lost tiebreak" or None: does `message` hold another
+        host's records for the name `entry` uses?"""
+        full = name_key(entry.service.full_name(entry.instance))
+        _, unique = entry.records()
+        ours = sorted(r.key()[1:] for r in unique)
+        if message.is_response:
+            for record in message.answers + message.additionals:
+                if name_key(record.name) == full and record.ttl and record.rtype in (DNS_SRV, DNS_TXT) \
+                        and record.key()[1:] not in ours:
+                    return "conflict"
+            return None
+        if entry.state.startswith("probe"):
+            theirs = sorted(r.key()[1:] for r in message.authorities if name_key(r.name) == full)
+            if theirs and any(name_key(q[0]) == full for q in message.questions) and theirs > ours:
+                return "lost tiebreak"
+        return None
+
+    def _answer(self, query, source, now):
+        """The answers to a query's questions about names we own: sent to
+        the group, or to the asker when it is a one-shot (legacy) querier
+        on a port other than 5353 (§6.7).  QU questions get multicast
+        answers too: several programs share port 5353 on one host, and a
+        unicast reply would reach only one of them."""
+        legacy = source[1] != MDNS_PORT
+        probe = bool(query.authorities)
+        known = {r.key() for r in query.answers}
+        answers, extra = [], []
+        for entry in self.names.values():
+            if entry.state not in MDNS_OWNED:
+                continue
+            shared, unique = entry.records()
+            hosts = entry.host_records()
+            for name, qtype, _ in query.questions:
+                wanted = name_key(name)
+                for record in shared + unique + hosts:
+                    if record.key()[0] == wanted and qtype in (record.rtype, DNS_ANY):
+                        answers.append(record)
+                        if record.rtype == DNS_PTR and record in shared[:1]:
+                            extra += unique + hosts
+                        elif record.rtype == DNS_SRV:
+                            extra += hosts
+        # §7.1: a record the querier already holds with at least half its TTL left is not sent
+        answers = self._unique(r for r in answers if not self._known(r, query.answers))
+        if not answers:
+            return []
+        if not legacy:
+            gap = MDNS_PROBE_REPEAT_GAP if probe else MDNS_REPEAT_GAP
+            answers = [r for r in answers if now - self.last_multicast.get(r.key(), -gap) >= gap]
+            if not answers:
+                return []
+        if not self._take_token(now):
+            self.counters["mdns_answers_limited"] += 1
+            return []
+        given = {r.key() for r in answers}
+        extra = [r for r in self._unique(extra) if r.key() not in given and r.key() not in known]
+        self.counters["mdns_answers"] += 1
+        if legacy:
+            reply = DnsMessage(query.ident, DNS_RESPONSE, query.questions, answers, additionals=extra)
+            return [(reply.wire(ttl=MDNS_LEGACY_TTL, unique=False), source)]
+        for record in answers + extra:
+            self.last_multicast[record.key()] = now
+        return [(DnsMessage(0, DNS_RESPONSE, answers=answers, additionals=extra).wire(), None)]
+
+    @staticmethod
+    def _known(record, known_answers):
+        return any(k.key() == record.key() and k.ttl >= record.ttl // 2 for k in known_answers)
+
+    @staticmethod
+    def _unique(records):
+        seen, out = set(), []
+        for record in records:
+            if record.key() not in seen:
+                seen.add(record.key())
+                out.append(record)
+        return out
+
+    def _take_token(self, now):
+        """A token bucket over every answer: a flood of queries gets at
+        most MDNS_REPLY_RATE answers a second out of us (§6)."""
+        if self.tokens_at is not None:
+            self.tokens = min(MDNS_REPLY_BURST, self.tokens + (now - self.tokens_at) * MDNS_REPLY_RATE)
+        self.tokens_at = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
 
 
 # ---------------------------------------------------------------------
@@ -4871,37 +5464,75 @@ def resolve_listen(address):
     return out
 
 
+# An address not there yet (an interface that comes up after sertcp at
+# boot) or held by another program: retried every reopen_interval, the
+# rest of the process working meanwhile.  Other errors (EACCES for a port
+# below 1024, a name that does not resolve) stop the start.
+RETRIED_BIND_ERRORS = (errno.EADDRNOTAVAIL, errno.EADDRINUSE)
+
+
 class Listener:
     """A bound TCP socket; hands accepted sockets to the port that owns
-    the address (or, for a shared listener, to a router)."""
+    the address (or, for a shared listener, to a router).
 
-    def __init__(self, reactor, address, backlog, on_accept, name):
+    With retry_every, a bind that fails with one of `retried` errors (None:
+    any OSError) is logged and tried again every retry_every seconds;
+    `error` says why meanwhile (None once bound), and on_bound(listener)
+    is called at each successful bind.  Without it, a failed bind raises."""
+
+    def __init__(self, reactor, address, backlog, on_accept, name,
+                 retry_every=None, on_bound=None, retried=RETRIED_BIND_ERRORS):
         self.reactor = reactor
         self.address = address
+        self.backlog = backlog
         self.on_accept = on_accept
         self.name = name
+        self.retry_every, self.on_bound, self.retried = retry_every, on_bound, retried
         self.sockets = []
-        for family, sockaddr, dual in resolve_listen(address):
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual else 1)
-                sock.bind(sockaddr)
-                sock.listen(backlog)
-                sock.setblocking(False)
-            except OSError:
-                sock.close()
-                self.close()
+        self.error = None               # why the address is not bound yet
+        self.retry_timer = None
+        self._bind()
+
+    def _bind(self):
+        self.retry_timer = None
+        try:
+            for family, sockaddr, dual in resolve_listen(self.address):
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    if family == socket.AF_INET6:
+                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual else 1)
+                    sock.bind(sockaddr)
+                    sock.listen(self.backlog)
+                    sock.setblocking(False)
+                except OSError:
+                    sock.close()
+                    raise
+                self.sockets.append(ListenSocket(self, sock))
+        except OSError as e:
+            self.close()
+            if self.retry_every is None or (self.retried is not None and e.errno not in self.retried):
                 raise
-            self.sockets.append(ListenSocket(self, sock))
+            error = describe_error(e)
+            if error != self.error:     # said once, not at every retry
+                log_warning("[%s] cannot listen on %s: %s; retrying every %gs"
+                            % (self.name, show_hostport(self.address), error, self.retry_every))
+            self.error = error
+            self.retry_timer = self.reactor.call_later(self.retry_every, self._bind)
+            return
+        self.error = None
         for s in self.sockets:
-            reactor.set_interest(s, True, False)
+            self.reactor.set_interest(s, True, False)
+        if self.on_bound is not None:
+            self.on_bound(self)
 
     def bound(self):
         return ", ".join(format_peer(s.sock.getsockname()) for s in self.sockets)
 
     def close(self):
+        if self.retry_timer is not None:
+            self.retry_timer.cancel()
+            self.retry_timer = None
         for s in self.sockets:
             s.close()
         self.sockets = []
@@ -5090,8 +5721,12 @@ class Gate:
         self.password = ports[0].password
         self.timeout = min(p.config.identity_timeout for p in ports)
         self.failed_passwords = FailedPasswords()
-        self.listener = Listener(reactor, address, max(p.config.backlog for p in ports), self.on_accept, self.name)
-        bound = self.listener.bound()
+        self.listener = Listener(reactor, address, max(p.config.backlog for p in ports), self.on_accept, self.name,
+                                 min(p.config.reopen_interval for p in ports), self._listening)
+
+    def _listening(self, listener):
+        bound = listener.bound()
+        ports = self.ports
         for port in ports:
             others = [p.name for p in ports if p is not port]
             how = ""
@@ -5740,6 +6375,223 @@ class UdpSide:
                 "reply_to": shown,
                 "sources": [{"peer": e[0], "datagrams_in": e[1], "bytes_in": e[2], "last_heard": round(e[3], 3)}
                             for e in reversed(list(self.sources.values()))]}
+
+
+# ---------------------------------------------------------------------
+# DNS-SD: the multicast DNS socket, interface addresses, what a port announces
+# ---------------------------------------------------------------------
+# Only a Server with a port that sets mdns builds any of this; fcntl is
+# the one module it needs beyond _socket, and pyserial has imported it.
+
+SIOCGIFFLAGS, SIOCGIFADDR = 0x8913, 0x8915      # linux/sockios.h
+IFF_UP, IFF_LOOPBACK, IFF_MULTICAST = 0x1, 0x8, 0x1000
+
+
+def ipv4_interfaces():
+    """[(name, address, flags)] of the interfaces that are up and have
+    an IPv4 address, by ioctl on a datagram socket (no netlink, no
+    ifaddr package: fcntl is already imported by pyserial)."""
+    import fcntl
+    found = []
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:
+        return found
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for name in names:
+            request = name.encode()[:15].ljust(40, b"\0")
+            try:
+                flags = int.from_bytes(fcntl.ioctl(sock.fileno(), SIOCGIFFLAGS, request)[16:18], sys.byteorder)
+                address = fcntl.ioctl(sock.fileno(), SIOCGIFADDR, request)[20:24]
+            except OSError:
+                continue                # no IPv4 address on it
+            if flags & IFF_UP:
+                found.append((name, socket.inet_ntoa(address), flags))
+    return found
+
+
+def ipv6_addresses(path="/proc/net/if_inet6"):
+    """The IPv6 addresses of the interfaces (Linux lists them in
+    /proc/net/if_inet6: address, index, prefix, scope, flags, name)."""
+    found = []
+    try:
+        with open(path) as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 6 and len(fields[0]) == 32:
+                    found.append(bytes.fromhex(fields[0]))
+    except OSError:
+        pass
+    return found
+
+
+def announced_addresses(bound):
+    """(family, packed) pairs for the A and AAAA records of a listener
+    bound to the sockaddrs `bound`: a specific address is itself; a
+    wildcard stands for every interface's address of its family (IPv4
+    too for a dual-stack "::").  Loopback addresses only when there is
+    nothing else: another machine cannot reach us there."""
+    v4, v6 = [], []
+    for address in bound:
+        host = address[0].split("%")[0]
+        if host in ("0.0.0.0", "::"):
+            v4 += [socket.inet_aton(a) for _, a, _ in ipv4_interfaces()]
+            if host == "::":
+                v6 += ipv6_addresses()
+        elif ":" in host and not host.startswith("::ffff:"):
+            v6.append(socket.inet_pton(socket.AF_INET6, host))
+        else:
+            v4.append(socket.inet_aton(host.replace("::ffff:", "")))
+    pairs = [(socket.AF_INET, a) for a in v4] + [(socket.AF_INET6, a) for a in v6]
+    outside = [(f, a) for f, a in pairs if not (a[:1] == b"\x7f" or a == bytes(15) + b"\1")]
+    seen, out = set(), []
+    for pair in outside or pairs:
+        if pair not in seen:
+            seen.add(pair)
+            out.append(pair)
+    return out
+
+
+def mdns_host_label():
+    """This host's name as the first label of HOST.local."""
+    return clip_label(socket.gethostname().split(".")[0]) or "sertcp"
+
+
+def mdns_txt_strings(config):
+    """The TXT record of a port: protocol, baudrate, the USB adapter's
+    vendor, product and serial number when the device is a usb: spec
+    that resolves now, then the mdns_txt pairs (which may override)."""
+    pairs = [("protocol", config.protocol), ("baudrate", str(config.baudrate))]
+    if is_usb_spec(config.device):
+        try:
+            _, adapter = resolve_usb_device(config.device)
+            pairs += [(key, adapter[field]) for key, field in
+                      (("usb_vendor", "vendor"), ("usb_product", "product"), ("usb_serial", "serial"))
+                      if adapter[field]]
+        except OSError:
+            pass                        # not plugged in now: announced without
+    given = dict(config.mdns_txt or ())
+    pairs = [(k, v) for k, v in pairs if k not in given] + list(config.mdns_txt or ())
+    return [("%s=%s" % (k, v)).encode("utf-8")[:255] for k, v in pairs]
+
+
+def mdns_service(config, bound, host):
+    """The MdnsService of a port with mdns, listening on sockaddrs `bound`."""
+    instance = config.mdns_name or clip_label("%s on %s" % (config.name, host))
+    return MdnsService(config.name, instance, config.mdns_type.split("."), bound[0][1], mdns_txt_strings(config),
+                       host, announced_addresses(bound))
+
+
+class MdnsSocket(Handler):
+    """The responder's socket: UDP 5353 shared with any other responder
+    on the host (avahi-daemon: SO_REUSEADDR and SO_REUSEPORT), member of
+    224.0.0.251 on each multicast interface, with loopback on so that
+    browsers on this host see us.  IPv4 only (no ff02::fb).  It feeds
+    datagrams to an MdnsResponder and sends what that returns, on every
+    interface for the group."""
+
+    def __init__(self, reactor, log):
+        self.reactor, self.log = reactor, log
+        self.responder = MdnsResponder()
+        self.timer = None
+        self.send_errors = 0
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_REUSEPORT", 15), 1)
+            self.sock.bind(("", MDNS_PORT))
+            self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 255)
+            self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
+            self.interfaces = [address for _, address, flags in ipv4_interfaces() if flags & IFF_MULTICAST]
+            for address in self.interfaces or ["0.0.0.0"]:
+                try:
+                    self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
+                                         socket.inet_aton(MDNS_GROUP) + socket.inet_aton(address))
+                except OSError as e:
+                    if e.errno != errno.EADDRINUSE:     # two interfaces with one address
+                        log.warning("mdns: cannot join %s on %s: %s", MDNS_GROUP, address, describe_error(e))
+            self.sock.setblocking(False)
+        except OSError:
+            self.sock.close()
+            raise
+        self.buffer = bytearray(DNS_MESSAGE_LIMIT)
+        reactor.set_interest(self, True, False)
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def update(self, services):
+        """Announce `services` ({port name: MdnsService}), withdraw the
+        ones no longer there or changed (and announce them anew)."""
+        now = monotonic()
+        for key, entry in list(self.responder.names.items()):
+            if key not in services or not entry.service.same_as(services[key]):
+                self.send(self.responder.remove(key))
+        for key, service in services.items():
+            if key not in self.responder.names:
+                self.responder.add(service, now)
+        self.run_due()
+
+    def on_readable(self):
+        for _ in range(UDP_READ_BURST):
+            try:
+                n, source = self.sock.recvfrom_into(self.buffer)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                self.log.debug("mdns: receive: %s", describe_error(e))
+                break
+            self.send(self.responder.feed(bytes(self.buffer[:n]), source, monotonic()))
+        self.run_due()
+
+    def run_due(self):
+        self.send(self.responder.expire(monotonic()))
+        for note in self.responder.take_notes():
+            if note[0] == "renamed":
+                self.log.warning("mdns: another host uses the name %r: renamed %r", note[1], note[2])
+            else:
+                self.log.info("mdns: %s %r", note[0], note[1])
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        due = self.responder.deadline()
+        if due is not None:
+            self.timer = self.reactor.call_at(due, self.run_due)
+
+    def send(self, packets):
+        for data, destination in packets:
+            if destination is not None:
+                self.send_one(data, destination)
+                continue
+            for address in self.interfaces or [None]:
+                if address is not None:
+                    try:
+                        self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(address))
+                    except OSError:
+                        continue
+                self.send_one(data, (MDNS_GROUP, MDNS_PORT))
+
+    def send_one(self, data, destination):
+        try:
+            self.sock.sendto(data, destination)
+        except OSError as e:
+            self.send_errors += 1
+            self.log.debug("mdns: send to %s: %s", format_peer(destination), describe_error(e))
+
+    def status(self):
+        return dict(self.responder.counters, mdns_send_errors=self.send_errors,
+                    names={key: {"name": e.instance, "state": e.state} for key, e in self.responder.names.items()})
+
+    def fail(self, reason):
+        pass    # that datagram is lost (the traceback is logged); the socket goes on
+
+    def close(self):
+        """Goodbye (TTL 0) for every name we announced, then the socket."""
+        self.send(self.responder.remove_all())
+        if self.timer is not None:
+            self.timer.cancel()
+        self.reactor.forget(self)
+        self.sock.close()
 
 
 # =====================================================================
@@ -6820,7 +7672,9 @@ class Port:
         self.counters.update(dict.fromkeys(MODEM_COUNTERS, 0))
         self.drop_log = DropLog(self)
         self.count_dropped = self.drop_log.count
-        self.trace = Trace(config.trace, config.trace_format, log, self.name) if config.trace else None
+        self.counters.update(dict.fromkeys(MONITOR_COUNTERS, 0))
+        self.monitors = Monitors(self) if config.monitor is not None else None
+        self.trace = copies_of_traffic(self)    # the trace file and the monitors: both directions go there
         self.modem_lines = {}           # connect_on_line/disconnect_on_line: as last polled
         self.line_polling = False       # a poll of the modem lines is due or under way
         self.rfc2217 = make_com_port_role(self) if config.protocol == "rfc2217" else None
@@ -6835,6 +7689,10 @@ class Port:
         self.on_accept = self.modem.on_accept if self.modem else self.admission.on_accept
         self.end_connection = self.admission.end
         self.peer_finished = self.admission.peer_finished
+
+    # stopped through the control API (POST /ports/NAME/disable) until
+    # enabled again, when the server starts a fresh Port in its place
+    disabled = False
 
     @property
     def dial_state(self):
@@ -6852,6 +7710,8 @@ class Port:
             self.udp.start()
 
     def stop(self, reason="shutdown"):
+        if self.stopping:
+            return                      # a disabled port, stopped already
         self.stopping = True
         for timer in (self.reopen_timer, self.pack_timer):
             if timer:
@@ -7051,18 +7911,26 @@ class Port:
 
     def break_on_connect(self):
         """A break of break_on_connect seconds (boards that reset on break)."""
-        device, seconds = self.device, self.config.break_on_connect
+        self.send_break(self.config.break_on_connect, "break_on_connect")
+
+    def send_break(self, seconds, why, done=None):
+        """A break of `seconds` on the device, if it is open; done(problem)
+        once it has started ("") or been refused (why, for the log)."""
+        device = self.device
         if not device.is_open:
+            if done is not None:
+                done("device not open")
             return
 
         def started(problem, error):
             problem = problem or (describe_error(error) if error else "")
             if problem:
-                self.log.warning("[%s] break_on_connect: %s refused the break: %s", self.name,
-                                 device.label(), problem)
-                return
-            self.log.info("[%s] break for %gs (break_on_connect)", self.name, seconds)
-            self.reactor.call_later(seconds, end)
+                self.log.warning("[%s] %s: %s refused the break: %s", self.name, why, device.label(), problem)
+            else:
+                self.log.info("[%s] break for %gs (%s)", self.name, seconds, why)
+                self.reactor.call_later(seconds, end)
+            if done is not None:
+                done(problem)
 
         def end():
             if device.is_open:
@@ -7675,6 +8543,7 @@ def port_status(port):
         # open, opening (a URL device's open under way), missing (retried
         # every reopen_interval), closed (open_on_demand, or stopped)
         "device_state": port.device_state,
+        "disabled": port.disabled,      # through the control API, until enabled
         "settings": (dict(port.rfc2217.in_force) if port.rfc2217 and port.rfc2217.role == "server" else  # as clients set them
                      {"baudrate": c.baudrate, "bytesize": c.bytesize, "parity": c.parity,
                       "stopbits": c.stopbits, "flow": c.flow}),
@@ -7691,6 +8560,7 @@ def port_status(port):
         status["modem"] = port.modem.status()
     status["udp"] = port.udp.status() if port.udp else None
     status["bytes_held"] = len(port.held)
+    status["monitor"] = port.monitors.status() if port.monitors else None
     status["updated"] = round(wall, 3)
     return status
 
@@ -7709,16 +8579,21 @@ def device_side_status(port, status):
         status["modem_lines"] = {k.lower(): bool(v) for k, v in sorted(port.modem_lines.items())}
     if isinstance(device, StreamDevice):
         status["settings"] = "not applicable (not a tty)"
+    if device.is_open and isinstance(device, PyserialDevice):
+        status["lines"] = device.line_states({})   # DTR, RTS, break as last set
 
 
 def server_status(server):
+    listen_errors = {p.name: g.listener.error for g in server.gates for p in g.ports}
     return {"program": PROGRAM, "version": __version__, "pid": os.getpid(),
             "uptime": round(time.monotonic() - server.started, 3),
             "internal_errors": server.reactor.errors,
-            "ports": [port_status(p) for p in server.ports],
+            "ports": [dict(port_status(p), listen_error=listen_errors.get(p.name)) for p in server.ports],
             # a shared listener refuses before a port is chosen: its own count
             "listeners": [{"listen": show_hostport(g.listener.address), "ports": [p.name for p in g.ports],
-                           "connections_rejected": g.rejected} for g in server.gates]}
+                           "connections_rejected": g.rejected,
+                           "error": g.listener.error} for g in server.gates],   # why it is not bound (retried)
+            "mdns": server.mdns.status() if server.mdns is not None else None}
 
 
 COUNTER_HELP = {
@@ -7739,6 +8614,8 @@ COUNTER_HELP = {
     "modem_calls_in": "Modem emulation: incoming calls answered (ATA or auto-answer).",
     "modem_calls_out": "Modem emulation: calls dialed (ATD).",
     "modem_rings": "Modem emulation: RINGs sent to the device.",
+    "monitor_bytes_dropped": "Bytes of traffic a monitor that fell behind did not get (per monitor).",
+    "monitor_bytes_ignored": "Bytes monitors sent (read and ignored).",
 }
 
 
@@ -7767,7 +8644,8 @@ def format_metrics(server):
                [('{port="%s"}' % label(port.name), port.counters[counter]) for port in server.ports])
     for gauge, help_text, value in (
             ("clients", "Connections open now.", lambda p: len(p.clients)),
-            ("device_open", "1 if the device is open.", lambda p: 1 if p.device.is_open else 0)):
+            ("device_open", "1 if the device is open.", lambda p: 1 if p.device.is_open else 0),
+            ("port_disabled", "1 if the port is disabled through the control API.", lambda p: 1 if p.disabled else 0)):
         family("sertcp_" + gauge, "gauge", help_text,
                [('{port="%s"}' % label(port.name), value(port)) for port in server.ports])
     family(counter_metric("listener_connections_rejected"), "counter",
@@ -7775,9 +8653,23 @@ def format_metrics(server):
            "silence).", [('{listen="%s"}' % label(show_hostport(gate.listener.address)), gate.rejected)
                          for gate in server.gates])
     lines.extend(format_modbus_metrics([p for p in server.ports if p.modbus], label))
+    if server.mdns is not None:
+        for counter, value in sorted(server.mdns.status().items()):
+            if counter in MDNS_COUNTER_HELP:
+                family(counter_metric(counter), "counter", MDNS_COUNTER_HELP[counter], [("", value)])
     family(counter_metric("internal_errors"), "counter",
            "Bugs met and contained: the connection, device or request closed.", [("", server.reactor.errors)])
     return "\n".join(lines) + "\n"
+
+
+MDNS_COUNTER_HELP = {
+    "mdns_packets_in": "Multicast DNS datagrams received on port 5353.",
+    "mdns_packets_malformed": "Multicast DNS datagrams that could not be decoded, ignored.",
+    "mdns_answers": "Multicast DNS answers sent to queries for our names.",
+    "mdns_answers_limited": "Multicast DNS answers not sent: more queries than the rate limit allows.",
+    "mdns_conflicts": "Service names found in use by another host, and renamed.",
+    "mdns_send_errors": "Multicast DNS datagrams the kernel refused to send.",
+}
 
 
 MODBUS_COUNTER_HELP = {
@@ -7814,26 +8706,330 @@ def format_modbus_metrics(ports, label):
 
 
 class HttpProblem(Exception):
-    def __init__(self, code, reason):
-        self.code, self.reason = code, reason
+    """An answer other than 200: code, reason phrase, and for the control
+    API a detail (its JSON "error") and extra header lines."""
+
+    def __init__(self, code, reason, detail=None, headers=""):
+        self.code, self.reason, self.detail, self.headers = code, reason, detail, headers
 
 
-def parse_http_request(head):
-    """The request line of an HTTP/1.x request head (bytes up to the blank
-    line) -> (method, path).  Raises HttpProblem for anything else."""
-    try:
-        text = head.decode("latin-1")
-    except ValueError:
-        raise HttpProblem(400, "Bad Request")
-    request_line = text.split("\r\n", 1)[0].split("\n", 1)[0]
-    parts = request_line.split(" ")
+class HttpRequest:
+    """One request to the status endpoint: method, path (still %-escaped),
+    query (after '?'), headers {lower-case name: value}, body, peer."""
+    __slots__ = ("method", "path", "query", "headers", "body", "peer", "control")
+
+
+def parse_http_head(head):
+    """An HTTP/1.x request head (bytes up to the blank line) -> HttpRequest
+    (body empty).  Raises HttpProblem: 400 for anything malformed, 405 for
+    a method other than GET, HEAD and POST."""
+    lines = head.decode("latin-1").replace("\r\n", "\n").split("\n")
+    parts = lines[0].split(" ")
     if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
         raise HttpProblem(400, "Bad Request")
-    method, target = parts[0], parts[1]
-    if method not in ("GET", "HEAD"):
+    request = HttpRequest()
+    request.method, target = parts[0], parts[1]
+    if request.method not in ("GET", "HEAD", "POST"):
         raise HttpProblem(405, "Method Not Allowed")
-    path = target.split("?", 1)[0]
-    return method, path
+    request.path, _, request.query = target.partition("?")
+    request.headers = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        name = name.lower()
+        if not colon or not name or name != name.strip():
+            raise HttpProblem(400, "Bad Request", "malformed header line")
+        if name in request.headers and name in ("content-length", "content-type", "authorization"):
+            raise HttpProblem(400, "Bad Request", "%s given twice" % name)
+        request.headers[name] = value.strip()
+    request.body, request.peer, request.control = b"", None, False
+    return request
+
+
+def http_body_length(request):
+    """The bytes of body a request announces (Content-Length), at most
+    CONTROL_BODY_LIMIT; HttpProblem otherwise (a chunked body: 411)."""
+    if "transfer-encoding" in request.headers:
+        raise HttpProblem(411, "Length Required", "send the body with a Content-Length")
+    text = request.headers.get("content-length", "0")
+    if not (text.isascii() and text.isdigit()):
+        raise HttpProblem(400, "Bad Request", "Content-Length is not a number")
+    if int(text) > CONTROL_BODY_LIMIT:
+        raise HttpProblem(413, "Payload Too Large", "a body takes at most %d bytes" % CONTROL_BODY_LIMIT)
+    return int(text)
+
+
+def percent_decode(text, form=False):
+    """A path segment or form field with %XX escapes (and, in a form, '+'
+    for a space) -> str; HttpProblem 400 for a bad escape or non-UTF-8."""
+    raw = text.encode("latin-1")        # the head was decoded as latin-1: these are its bytes
+    if form:
+        raw = raw.replace(b"+", b" ")
+    pieces = raw.split(b"%")
+    out = bytearray(pieces[0])
+    for piece in pieces[1:]:
+        if len(piece) < 2 or not all(c in b"0123456789abcdefABCDEF" for c in piece[:2]):
+            raise HttpProblem(400, "Bad Request", "bad %-escape")
+        out.append(int(piece[:2], 16))
+        out += piece[2:]
+    try:
+        return out.decode("utf-8")
+    except UnicodeDecodeError:
+        raise HttpProblem(400, "Bad Request", "not UTF-8 after %-decoding")
+
+
+def parse_form(text, fields=None):
+    """name=value&... (a query string, or an x-www-form-urlencoded body)
+    added to `fields`; HttpProblem 400 for a name given twice."""
+    fields = {} if fields is None else fields
+    for item in text.split("&"):
+        if item:
+            name, _, value = item.partition("=")
+            name = percent_decode(name, form=True)
+            if name in fields:
+                raise HttpProblem(400, "Bad Request", "%s given twice" % name)
+            fields[name] = percent_decode(value, form=True)
+    return fields
+
+
+# ---------------------------------------------------------------------
+# The control API: POST /ports/NAME/ACTION and POST /reload
+# ---------------------------------------------------------------------
+
+# what each action takes: parameter -> parser (from the query string or
+# an x-www-form-urlencoded body)
+CONTROL_ACTIONS = {
+    "disconnect": {"peer": str},
+    "lines": {"dtr": choice_parser("on", "off"), "rts": choice_parser("on", "off"),
+              "break": number_parser(float, 0.01, 60)},
+    "enable": {},
+    "disable": {},
+    "reload": {},
+}
+
+
+def control_route(path):
+    """The control API's (action, port name) for a path: ("reload", None)
+    for /reload, (ACTION, NAME) for /ports/NAME/ACTION with NAME still
+    %-escaped; None for a path that is not the control API's."""
+    if path == "/reload":
+        return "reload", None
+    parts = path.split("/")
+    if len(parts) == 4 and parts[:2] == ["", "ports"] and parts[2] and parts[3] != "reload":
+        return parts[3], parts[2]
+    return None
+
+
+def control_parameters(action, fields):
+    """The parsed parameters of an action; HttpProblem 400 naming what is
+    wrong (an unknown parameter, a value out of range, lines without any)."""
+    takes = CONTROL_ACTIONS[action]
+    unknown = sorted(set(fields) - set(takes))
+    if unknown:
+        raise HttpProblem(400, "Bad Request", "%s takes %s, not %s" % (
+            action, ", ".join(sorted(takes)) or "no parameters", ", ".join(unknown)))
+    values = {}
+    for name, text in fields.items():
+        try:
+            values[name] = takes[name](text)
+        except ValueProblem as e:
+            raise HttpProblem(400, "Bad Request", "%s: %s" % (name, e))
+    if action == "lines" and not values:
+        raise HttpProblem(400, "Bad Request", "lines takes dtr=on|off, rts=on|off, break=SECONDS")
+    return values
+
+
+def bearer_token(request):
+    """The token of an `Authorization: Bearer TOKEN` header, as bytes (b"" if none)."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip().encode("latin-1") if scheme.lower() == "bearer" else b""
+
+
+class ControlApi:
+    """The control API of a status endpoint (only with a control token):
+    POST only; then the token, compared in constant time, where a missing
+    or wrong one is answered 401 after WRONG_PASSWORD_DELAY, as a wrong
+    password is, and PASSWORD_FAILURES of them from one address within
+    PASSWORD_WINDOW refuse it (429) for PASSWORD_BLOCK seconds; then the
+    action.  Answers are JSON; each action is logged with the address."""
+
+    def __init__(self, server):
+        self.server = server
+        self.log = server.log
+        self.failed_tokens = FailedPasswords()
+
+    def handle(self, handler, action, name):
+        """(code, JSON-able answer), or None when the StatusRequest
+        `handler` is answered later."""
+        request = handler.request
+        if request.method != "POST":
+            raise HttpProblem(405, "Method Not Allowed", "the control API takes POST", "Allow: POST\r\n")
+        host, now = request.peer[0], self.server.reactor.now()
+        if self.failed_tokens.is_blocked(host, now):
+            raise HttpProblem(429, "Too Many Requests", "too many wrong tokens from %s: refused for up to %ds"
+                              % (host, PASSWORD_BLOCK), "Retry-After: %d\r\n" % PASSWORD_BLOCK)
+        import hmac  # only with a control token
+        given = bearer_token(request)
+        if not hmac.compare_digest(given, self.server.config.control_token):
+            blocked = self.failed_tokens.failed(host, now)
+            self.server.peer_log(host, WARNING, "control API: POST %s from %s refused: %s token%s",
+                                 repr(request.path[:200])[1:-1], host, "wrong" if given else "no",
+                                 "; %s blocked for %ds" % (host, PASSWORD_BLOCK) if blocked else "")
+            # answered after a pause, as a wrong password: guessing costs the guesser time
+            problem = HttpProblem(401, "Unauthorized", "missing or wrong token (Authorization: Bearer TOKEN)",
+                                  "WWW-Authenticate: Bearer\r\n")
+            self.server.reactor.call_later(WRONG_PASSWORD_DELAY, lambda: handler.answer_problem(problem))
+            return None
+        if action not in CONTROL_ACTIONS:
+            raise HttpProblem(404, "Not Found", "no action %r: %s" % (action, ", ".join(sorted(CONTROL_ACTIONS))))
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if request.body and kind not in ("", "application/x-www-form-urlencoded"):
+            raise HttpProblem(415, "Unsupported Media Type", "send parameters as a query string or a form")
+        values = control_parameters(action, parse_form(request.body.decode("latin-1"), parse_form(request.query)))
+        by = "through the control API by %s" % host
+        if action == "reload":
+            outcome = self.server.reload("reload requested %s" % by)
+            return (200 if outcome["reloaded"] else 409), outcome
+        name = percent_decode(name)
+        port = next((p for p in self.server.ports if p.name == name), None)
+        if port is None:
+            raise HttpProblem(404, "Not Found", "no port named %r" % name)
+        return getattr(self, action)(handler, port, values, by)
+
+    def disconnect(self, handler, port, values, by):
+        peer = values.get("peer")
+        if peer == "all":
+            peer = None
+        chosen = [conn for conn in port.clients if peer is None or format_peer(conn.peer) == peer]
+        if peer is not None and not chosen:
+            raise HttpProblem(404, "Not Found", "port %s has no client %s" % (port.name, peer))
+        self.log.info("[%s] disconnecting %s %s", port.name, peer or "every client (%d)" % len(chosen), by)
+        for conn in chosen:
+            port.end_connection(conn, "disconnected %s" % by)
+        return 200, {"port": port.name, "disconnected": [format_peer(conn.peer) for conn in chosen]}
+
+    def enable(self, handler, port, values, by):
+        if port.disabled:
+            refused = self.server.enable_port(port, "enabled %s" % by)
+            if refused:
+                raise HttpProblem(409, "Conflict", refused)
+        return 200, {"port": port.name, "disabled": False}
+
+    def disable(self, handler, port, values, by):
+        if not port.disabled:
+            self.server.disable_port(port, "disabled %s" % by)
+        return 200, {"port": port.name, "disabled": True}
+
+    def lines(self, handler, port, values, by):
+        """DTR and RTS, then the break, through the device's call() (a URL
+        device answers later): answered once the device has done them."""
+        device, problems = port.device, []
+        if not device.is_open:
+            raise HttpProblem(409, "Conflict", "the device of port %s is %s" % (
+                port.name, "disabled" if port.disabled else port.device_state))
+        dtr, rts = [None if values.get(k) is None else values[k] == "on" for k in ("dtr", "rts")]
+
+        def lines_set(problem, error):
+            problem = problem or (describe_error(error) if error else "")
+            if problem:
+                problems.append(problem)
+            elif dtr is not None or rts is not None:
+                self.log.info("[%s] lines %s %s", port.name, " ".join(
+                    "%s=%s" % (k.upper(), values[k]) for k in ("dtr", "rts") if k in values), by)
+            if "break" in values:
+                port.send_break(values["break"], by, done)
+            else:
+                done("")
+
+        def done(problem):
+            if problem:
+                problems.append(problem)
+            answer = {"port": port.name, "lines": device.line_states({})}
+            if problems:
+                answer["error"] = "; ".join(problems)
+            handler.answer_json(409 if problems else 200, answer)
+        if dtr is None and rts is None:
+            lines_set("", None)
+        else:
+            device.call(lambda: device.set_lines(dtr, rts), lines_set)
+        return None
+
+
+# ---------------------------------------------------------------------
+# The web page: GET / (no external assets; it reads /status every few s)
+# ---------------------------------------------------------------------
+# Every name and value goes in with textContent, never as markup: a port
+# name, a device path or a peer cannot inject anything.
+
+STATUS_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width,initial-scale=1">
+<title>sertcp</title>
+<style>
+body{font:15px/1.35 system-ui,sans-serif;margin:0;padding:6px;background:#eee;color:#222}
+h1{font-size:1.15em;margin:4px}h2{font-size:1.05em;margin:0 0 4px;overflow-wrap:anywhere}
+.port{background:#fff;border-radius:6px;padding:8px;margin:8px 0}
+.st{color:#fff;background:#888;border-radius:4px;padding:0 5px;font-size:.85em;font-weight:normal}
+.open{background:#297}.missing,.disabled{background:#c33}.opening{background:#d80}
+.k{color:#666;font-size:.9em;overflow-wrap:anywhere}
+table{border-collapse:collapse;margin-top:4px}td,th{padding:1px 8px 1px 0;text-align:left;font-size:.9em}
+td.n{text-align:right;font-variant-numeric:tabular-nums}
+@media(min-width:700px){.port{display:inline-block;vertical-align:top;width:46%;margin:8px}}
+</style></head><body>
+<h1>sertcp <span id="info" class="k"></span></h1><div id="ports"></div>
+<script>
+"use strict";
+var seen = {};
+function add(to, tag, text, cls) {
+  var e = document.createElement(tag);
+  if (text !== undefined && text !== null) e.textContent = String(text);
+  if (cls) e.className = cls;
+  return to.appendChild(e);
+}
+function table(to, head, rows) {
+  var t = add(to, "table"), r = add(t, "tr");
+  head.forEach(function (h) { add(r, "th", h); });
+  rows.forEach(function (row) {
+    var r = add(t, "tr");
+    row.forEach(function (v) { add(r, "td", v, typeof v == "number" ? "n" : ""); });
+  });
+}
+function render(s) {
+  var box = document.getElementById("ports");
+  document.getElementById("info").textContent = s.version + ", pid " + s.pid + ", up " +
+    Math.round(s.uptime) + " s, read " + new Date().toLocaleTimeString();
+  box.textContent = "";
+  s.ports.forEach(function (p) {
+    var d = add(box, "div", null, "port"), h = add(d, "h2", p.name + " ");
+    var state = p.disabled ? "disabled" : p.device_state;
+    add(h, "span", state, "st " + state);
+    var set = p.settings, lines = p.lines || {};
+    if (set && typeof set == "object")
+      set = set.baudrate + " " + set.bytesize + (set.parity || "n")[0].toUpperCase() + set.stopbits + " " + set.flow;
+    add(d, "div", (p.virtual ? "virtual " : "") + p.device + ": " + set +
+      Object.keys(lines).filter(function (k) { return lines[k]; }).map(function (k) { return " " + k.toUpperCase(); }).join(""), "k");
+    var listens = s.listeners.filter(function (l) { return l.ports.indexOf(p.name) >= 0; }).map(function (l) { return l.listen; });
+    add(d, "div", "listen " + (listens.join(", ") || (p.listen ? p.listen + " (closed)" : "-")) + (p.connect ? "; connect " + p.connect.join(", ") + " (" + p.dial_state + ")" : ""), "k");
+    var now = p.updated;
+    table(d, ["client", "since", "in", "out"], p.clients.map(function (c) {
+      return [c.peer + (c.dialed ? " (dialed)" : ""), new Date(c.since * 1000).toLocaleTimeString() + " (" + Math.round(now - c.since) + " s)", c.bytes_in, c.bytes_out];
+    }));
+    var before = seen[p.name], read = Date.now() / 1000, rows = [];
+    Object.keys(p).forEach(function (k) {
+      if (typeof p[k] != "number" || k == "updated") return;
+      rows.push([k, p[k], before ? Math.round((p[k] - before.p[k]) / (read - before.read)) : ""]);
+    });
+    table(d, ["counter", "total", "per s"], rows);
+    seen[p.name] = {p: p, read: read};
+  });
+}
+function refresh() {
+  fetch("status", {cache: "no-store"}).then(function (r) { return r.json(); }).then(render).catch(function (e) {
+    document.getElementById("info").textContent = "cannot read /status: " + e;
+  }).then(function () { setTimeout(refresh, 3000); });
+}
+refresh();
+</script></body></html>
+"""
 
 
 STATUS_REQUEST_LIMIT = 8192
@@ -7841,41 +9037,80 @@ STATUS_REQUEST_TIMEOUT = 5.0
 
 
 class StatusEndpoint:
-    """GET /status (JSON) and GET /metrics (Prometheus) on the same loop.
-    A tiny HTTP/1.0 responder instead of http.server, which would pull in
-    email and urllib (absent from OpenWrt's python3-light)."""
+    """GET / (a web page), GET /status (JSON) and GET /metrics
+    (Prometheus) on the same loop, and the control API's POST paths with
+    a control token; status_allow says who reaches any of them.  A tiny
+    HTTP/1.0 responder instead of http.server, which would pull in email
+    and urllib (absent from OpenWrt's python3-light)."""
 
-    def __init__(self, server, address):
+    def __init__(self, server, address, retry_every=None):
         self.server = server
-        self.listener = Listener(server.reactor, address, 16, self.on_accept, "status")
-        server.log.info("status endpoint on http://%s/status and /metrics", self.listener.bound())
+        self.control = None             # ControlApi, made at the first control request
+        self.listener = Listener(server.reactor, address, 16, self.on_accept, "status", retry_every,
+                                 lambda listener: server.log.info(
+                                     "status endpoint on http://%s/ (a web page), /status and /metrics",
+                                     listener.bound()))
 
     def on_accept(self, sock, peer):
-        StatusRequest(self, sock).start()
+        allow = self.server.config.globals["status_allow"]
+        if allow is not None and not host_allowed(allow, peer[0]):
+            self.server.peer_log(peer[0], INFO, "status endpoint: %s refused: not in status_allow", format_peer(peer))
+            sock.close()
+            return
+        StatusRequest(self, sock, peer).start()
 
-    def respond(self, method, path):
-        if path == "/status":
+    def respond(self, handler):
+        """(code, content type, body) for the request of a StatusRequest,
+        or None when it is answered otherwise (the control API); raises
+        HttpProblem."""
+        request = handler.request
+        if request.control:
+            if self.control is None:
+                self.control = ControlApi(self.server)
+            answer = self.control.handle(handler, *control_route(request.path))
+            if answer is not None:
+                handler.answer_json(*answer)
+            return None
+        if request.method == "POST" and request.path in ("/", "/status", "/metrics"):
+            raise HttpProblem(405, "Method Not Allowed", None, "Allow: GET, HEAD\r\n")
+        if request.path == "/":
+            return 200, "text/html; charset=utf-8", STATUS_PAGE.encode()
+        if request.path == "/status":
             import json
             body = json.dumps(server_status(self.server), indent=1).encode() + b"\n"
-            return 200, "OK", "application/json", body
-        if path == "/metrics":
-            return 200, "OK", "text/plain; version=0.0.4", format_metrics(self.server).encode()
-        return 404, "Not Found", "text/plain", b"not found: try /status or /metrics\n"
+            return 200, "application/json", body
+        if request.path == "/metrics":
+            return 200, "text/plain; version=0.0.4", format_metrics(self.server).encode()
+        return 404, "text/plain", b"not found: try /, /status or /metrics\n"
 
     def close(self):
         self.listener.close()
 
 
-class StatusRequest(Handler):
-    """One HTTP request on the status endpoint: read the head, answer,
-    close; bounded in size and time."""
+def json_line(answer):
+    import json
+    return json.dumps(answer).encode() + b"\n"
 
-    def __init__(self, endpoint, sock):
+
+HTTP_REASONS = {200: "OK", 404: "Not Found", 409: "Conflict"}  # the codes answered without an HttpProblem
+
+
+class StatusRequest(Handler):
+    """One HTTP request on the status endpoint: read the head (and a
+    bounded body), answer, close; bounded in size and time.  A malformed
+    request is answered 4xx and costs nothing else."""
+
+    def __init__(self, endpoint, sock, peer=("", 0)):
         self.endpoint = endpoint
         self.reactor = endpoint.server.reactor
         self.sock = sock
+        self.peer = peer
         self.head = bytearray()
+        self.request = None             # the HttpRequest, once its head is read
+        self.body_at = 0                # where the body starts in self.head
+        self.body_length = 0
         self.reply = b""
+        self.answering = False          # the request is whole: what comes now is not read
         self.replied = False
         self.timer = None
 
@@ -7897,26 +9132,64 @@ class StatusRequest(Handler):
         if not data:
             self.close()
             return
-        if self.replied:
+        if self.answering:
             return  # draining what the client still sends, so close() sends FIN, not RST
         self.head += data
-        end = self.head.find(b"\r\n\r\n")
-        if end < 0:
-            end = self.head.find(b"\n\n")
-        if end < 0 and len(self.head) <= STATUS_REQUEST_LIMIT:
-            return
-        method = "GET"
         try:
-            if end < 0:
-                raise HttpProblem(431, "Request Header Fields Too Large")
-            method, path = parse_http_request(bytes(self.head[:end]))
-            code, reason, kind, body = self.endpoint.respond(method, path)
+            if self.request is None and not self._head_read():
+                return
+            if len(self.head) < self.body_at + self.body_length:
+                return
+            self.answering = True
+            self.request.body = bytes(self.head[self.body_at:self.body_at + self.body_length])
+            answer = self.endpoint.respond(self)
         except HttpProblem as e:
-            code, reason, kind, body = e.code, e.reason, "text/plain", (e.reason + "\n").encode()
-        header = ("HTTP/1.0 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
-                  % (code, reason, kind, len(body))).encode()
-        self.reply = header + (body if method != "HEAD" else b"")
+            self.answering = True
+            self.answer_problem(e)
+            return
+        if answer is not None:
+            self.answer(*answer)
+
+    def _head_read(self):
+        """Parse the head once it is all here; False while it is not."""
+        end = self.head.find(b"\r\n\r\n")
+        blank = 4
+        if end < 0:
+            end, blank = self.head.find(b"\n\n"), 2
+        if end < 0:
+            if len(self.head) <= STATUS_REQUEST_LIMIT:
+                return False
+            raise HttpProblem(431, "Request Header Fields Too Large")
+        self.request = parse_http_head(bytes(self.head[:end]))
+        self.request.peer = self.peer
+        # the control API's paths answer in JSON, errors too
+        self.request.control = (self.endpoint.server.config.control_token is not None
+                                and control_route(self.request.path) is not None)
+        self.body_at = end + blank
+        self.body_length = http_body_length(self.request)
+        return True
+
+    def answer(self, code, kind, body, headers="", reason=None):
+        """Send the answer and close (a request that ended meanwhile, by
+        its timeout or its client, is not answered)."""
+        if self.finished:
+            return
+        self.answering = True
+        head = ("HTTP/1.0 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%sConnection: close\r\n\r\n"
+                % (code, reason or HTTP_REASONS[code], kind, len(body), headers)).encode()
+        method = self.request.method if self.request is not None else "GET"
+        self.reply = head + (body if method != "HEAD" else b"")
         self.reactor.set_interest(self, False, True)
+
+    def answer_json(self, code, answer):
+        self.answer(code, "application/json", json_line(answer))
+
+    def answer_problem(self, problem):
+        if self.request is not None and self.request.control:
+            body, kind = json_line({"error": problem.detail or problem.reason}), "application/json"
+        else:
+            body, kind = (problem.reason + "\n").encode(), "text/plain"
+        self.answer(problem.code, kind, body, problem.headers, problem.reason)
 
     def on_writable(self):
         try:
@@ -7950,19 +9223,77 @@ class StatusRequest(Handler):
             pass
 
 
+class RollingFile:
+    """A file appended to; at max_size (0 = never) it becomes FILE.1
+    (replacing the one before) and a new one starts, so it takes at most
+    about twice max_size.  reopen() starts anew at the same path, as after
+    logrotate moved the file and sent SIGHUP.  open_file(path) opens it."""
+
+    def __init__(self, path, max_size, open_file):
+        self.path, self.max_size, self.open_file = path, max_size, open_file
+        self.file = None
+        self.reopen()
+
+    def write(self, data, divisible=False):
+        """Append data.  Divisible data (a raw byte stream) is cut so that
+        the file rolled over holds exactly max_size; a record (a log line,
+        a hexdump) stays whole and may take the file past max_size."""
+        while True:
+            room = self.limit - self.file.tell() if self.limit else 0
+            cut = room if divisible and 0 < room < len(data) else len(data)
+            self.file.write(data[:cut])
+            self.file.flush()
+            data = data[cut:]
+            if self.limit and self.file.tell() >= self.limit:
+                try:
+                    os.replace(self.path, self.path + ".1")
+                    self.reopen()
+                except OSError:
+                    pass    # keep writing where we are: losing the lines is worse than a big file
+            if not data:
+                return
+
+    def reopen(self):
+        new = self.open_file(self.path)
+        import stat                     # (loaded by os already)
+        # a FIFO or a tty does not roll over
+        self.limit = self.max_size if stat.S_ISREG(os.fstat(new.fileno()).st_mode) else 0
+        if self.file is not None:
+            self.file.close()
+        self.file = new
+
+    def close(self):
+        self.file.close()
+
+
+def open_trace_file(path):
+    # without blocking: a FIFO nobody reads would otherwise hold up the
+    # start (or a SIGHUP) at open, and every port at write
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_NOCTTY, 0o666)
+    return open(fd, "ab")
+
+
+def traffic_record(fmt, direction, peer, data):
+    """Traffic as traces and monitors write it: the bytes themselves
+    (raw), or hexdump lines with the time and the peer (hex)."""
+    if fmt == "raw":
+        return data
+    now = time.time()
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now)) + ".%06d" % int((now % 1) * 1e6)
+    return format_hexdump(stamp, direction, peer, data).encode()
+
+
 class Trace:
     """Both directions of a port appended to a file with timestamps and the
-    peer: `hex` (hexdump lines, '<' device->net, '>' net->device) or `raw`.
+    peer: `hex` (hexdump lines, '<' device->net, '>' net->device) or `raw`;
+    rolled over at max_size (trace_max_size) and reopened at SIGHUP.
     A write error disables the trace with one log line; the bridge goes on."""
 
-    def __init__(self, path, fmt, log, name):
+    def __init__(self, path, fmt, log, name, max_size=0):
         self.path, self.format, self.log, self.name = path, fmt, log, name
         self.file = None
         try:
-            # without blocking: a FIFO nobody reads would otherwise hold up
-            # the start (or a SIGHUP) at open, and every port at write
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_NOCTTY, 0o666)
-            self.file = open(fd, "ab")
+            self.file = RollingFile(path, max_size, open_trace_file)
         except OSError as e:
             self._fail(e)
 
@@ -7978,15 +9309,18 @@ class Trace:
     def record(self, direction, peer, data):
         if self.file is None:
             return
-        now = time.time()
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now)) + ".%06d" % int((now % 1) * 1e6)
         try:
-            if self.format == "raw":
-                self.file.write(data)
-            else:
-                self.file.write(format_hexdump(stamp, direction, peer, data).encode())
-            self.file.flush()
+            self.file.write(traffic_record(self.format, direction, peer, data), divisible=self.format == "raw")
         except (OSError, ValueError) as e:
+            self._fail(e)
+
+    def reopen(self):
+        """SIGHUP: logrotate moved the file; start anew at the path."""
+        if self.file is None:
+            return
+        try:
+            self.file.reopen()
+        except OSError as e:
             self._fail(e)
 
     def close(self):
@@ -7995,15 +9329,201 @@ class Trace:
             self.file = None
 
 
+HEXDUMP_PRINTABLE = bytes(b if 32 <= b < 127 else 46 for b in range(256))     # the rest as '.'
+
+
 def format_hexdump(stamp, direction, peer, data):
     """'<' or '>' lines: timestamp, peer, offset, 16 bytes hex, printable."""
+    # hex and text made whole, then cut in lines: a monitor watching a full
+    # speed port costs 20x less than formatting byte by byte
+    hexes = data.hex(" ")
+    text = data.translate(HEXDUMP_PRINTABLE).decode("ascii")
     lines = ["%s %s %s %d bytes\n" % (stamp, direction, peer, len(data))]
-    for offset in range(0, len(data), 16):
-        chunk = data[offset:offset + 16]
-        hexes = " ".join("%02x" % b for b in chunk)
-        text = "".join(chr(b) if 32 <= b < 127 else "." for b in chunk)
-        lines.append("%s %04x  %-47s  |%s|\n" % (direction, offset, hexes, text))
+    lines += ["%s %04x  %-47s  |%s|\n" % (direction, offset, hexes[3 * offset:3 * offset + 47], text[offset:offset + 16])
+              for offset in range(0, len(data), 16)]
     return "".join(lines)
+
+
+# ---------------------------------------------------------------------
+# Monitors: read-only listeners that stream a copy of both directions
+# ---------------------------------------------------------------------
+
+MONITOR_BACKLOG = 256 * 1024   # bytes queued for one monitor; whole records beyond it are dropped
+MONITORS_PER_PORT = 8          # at once; more are refused (each may hold MONITOR_BACKLOG)
+MONITOR_COUNTERS = ("monitor_bytes_dropped", "monitor_bytes_ignored")
+
+
+class Monitors:
+    """A port's `monitor` listener and the monitors connected to it (at
+    most MONITORS_PER_PORT): each gets every record of the traffic
+    (monitor_format), as the trace file does.  A monitor is no client: it
+    is not counted for max_clients or send_to, never pauses the device,
+    and what it sends is read and ignored (monitor_bytes_ignored).  One
+    that falls behind loses whole records beyond MONITOR_BACKLOG
+    (monitor_bytes_dropped, in bytes of traffic), and a hex monitor is
+    told how many.  `allow` applies: a monitor sees what the clients see.
+    An address that cannot be bound is retried every reopen_interval."""
+
+    def __init__(self, port):
+        self.port = port
+        self.format = port.config.monitor_format
+        self.connections = []
+        self.listener = Listener(port.reactor, port.config.monitor, 16, self.on_accept, port.name,
+                                 port.config.reopen_interval, self._listening, retried=None)
+
+    def _listening(self, listener):
+        self.port.log.info("[%s] monitor (%s) listening on %s", self.port.name, self.format, listener.bound())
+
+    def on_accept(self, sock, peer):
+        allow = self.port.config.allow
+        refused = "address not allowed" if allow is not None and not host_allowed(allow, peer[0]) else \
+            "%d monitors already watch" % MONITORS_PER_PORT if len(self.connections) >= MONITORS_PER_PORT else None
+        if refused:
+            self.port.peer_log(peer[0], INFO, "[%s] monitor %s refused: %s", self.port.name, format_peer(peer), refused)
+            sock.close()
+            return
+        tune_socket(sock, self.port.config)     # keepalive finds a vanished monitor; a capped send buffer
+        monitor = MonitorConnection(self, sock, peer)
+        self.connections.append(monitor)
+        self.port.reactor.set_interest(monitor, True, False)
+        self.port.peer_log(peer[0], INFO, "[%s] monitor %s connected", self.port.name, format_peer(peer))
+
+    def record(self, direction, peer, data):
+        if not self.connections:
+            return
+        record = None                   # formatted once, and only for a monitor with room
+        for monitor in tuple(self.connections):    # (one may end in send())
+            if monitor.queued >= MONITOR_BACKLOG:
+                monitor.lose(len(data))
+                continue
+            if record is None:
+                record = traffic_record(self.format, direction, peer, data)
+            monitor.send(record, len(data))
+
+    def status(self):
+        return {"listen": show_hostport(self.port.config.monitor), "error": self.listener.error,
+                "monitors": [{"peer": format_peer(m.peer), "since": round(m.since, 3), "queued": m.queued,
+                              "bytes_out": m.bytes_out, "bytes_lost": m.bytes_lost} for m in self.connections]}
+
+    def reopen(self):
+        pass                            # (SIGHUP: for the trace file beside it)
+
+    def close(self):
+        self.listener.close()
+        for monitor in list(self.connections):
+            monitor.finish("port stopped")
+
+
+class MonitorConnection(Handler):
+    """One monitor: records queued (whole, at most MONITOR_BACKLOG bytes
+    besides the one being written) and written as the peer reads them."""
+
+    def __init__(self, monitors, sock, peer):
+        self.monitors = monitors
+        self.sock = sock
+        self.peer = peer
+        self.since = time.time()
+        self.out = deque()
+        self.queued = 0
+        self.bytes_out = 0
+        self.bytes_lost = 0
+        self.unsaid = 0                 # lost bytes the peer has not been told of (hex)
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def lose(self, n):
+        self.bytes_lost += n
+        self.unsaid += n
+        self.monitors.port.counters["monitor_bytes_dropped"] += n
+
+    def send(self, record, traffic):
+        """Queue one record (of `traffic` bytes of traffic), or lose it
+        whole if it does not fit."""
+        if self.queued and self.queued + len(record) > MONITOR_BACKLOG:
+            self.lose(traffic)
+            return
+        if self.unsaid and self.monitors.format == "hex":
+            record = b"! %d bytes not shown: this monitor fell behind\n" % self.unsaid + record
+        self.unsaid = 0
+        self.out.append(record)
+        self.queued += len(record)
+        if len(self.out) == 1:
+            self.on_writable()
+
+    def on_writable(self):
+        while self.out:
+            try:
+                n = self.sock.send(self.out[0])
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                self.finish(describe_error(e))
+                return
+            self.bytes_out += n
+            self.queued -= n
+            if n < len(self.out[0]):
+                self.out[0] = self.out[0][n:]
+                break
+            self.out.popleft()
+        self.monitors.port.reactor.set_interest(self, True, bool(self.out))
+
+    def on_readable(self):
+        try:
+            data = self.sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self.finish(describe_error(e))
+            return
+        if not data:
+            self.finish("closed by the monitor")
+            return
+        self.monitors.port.counters["monitor_bytes_ignored"] += len(data)
+
+    def ended(self, reason):
+        port = self.monitors.port
+        port.reactor.forget(self)
+        try:
+            self.monitors.connections.remove(self)
+        except ValueError:
+            pass
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        port.peer_log(self.peer[0], INFO, "[%s] monitor %s gone: %s (%d bytes lost)",
+                      port.name, format_peer(self.peer), reason or "closed", self.bytes_lost)
+
+
+class Tee:
+    """The trace file and the monitors as one place where a port copies
+    both directions (Port.trace)."""
+
+    def __init__(self, *taps):
+        self.taps = taps
+
+    def record(self, direction, peer, data):
+        for tap in self.taps:
+            tap.record(direction, peer, data)
+
+    def reopen(self):
+        for tap in self.taps:
+            tap.reopen()
+
+    def close(self):
+        for tap in self.taps:
+            tap.close()
+
+
+def copies_of_traffic(port):
+    """Port.trace: the trace file, the port's monitors, both (a Tee), or None."""
+    config = port.config
+    trace = Trace(config.trace, config.trace_format, port.log, port.name, config.trace_max_size) \
+        if config.trace else None
+    if trace and port.monitors:
+        return Tee(trace, port.monitors)
+    return trace or port.monitors
 
 
 # =====================================================================
@@ -8075,33 +9595,16 @@ class StreamSink:
         pass
 
 
-class FileSink:
+class FileSink(RollingFile):
     """Log lines appended to a file; at max_size (0 = never) the file
     becomes FILE.1 (replacing the one before) and a new one starts, so a
     router's RAM-backed /tmp holds at most twice max_size."""
 
     def __init__(self, path, max_size=0):
-        self.path, self.max_size = path, max_size
-        self.file = open(path, "a")
+        super().__init__(path, max_size, lambda path: open(path, "a"))
 
     def emit(self, level, message):
-        self.file.write(timestamped(level, message))
-        self.file.flush()
-        if self.max_size and self.file.tell() >= self.max_size:
-            try:
-                os.replace(self.path, self.path + ".1")
-                self.reopen()
-            except OSError:
-                pass  # keep writing where we are: losing the log is worse than a big one
-
-    def reopen(self):
-        """After logrotate moved the file (SIGHUP), or at a rollover."""
-        new = open(self.path, "a")
-        self.file.close()
-        self.file = new
-
-    def close(self):
-        self.file.close()
+        self.write(timestamped(level, message))
 
 
 class SyslogSink:
@@ -8434,6 +9937,7 @@ class Server:
         self.started = time.monotonic()
         self.pidfile = None         # the path written, removed at exit
         self.cleanup_pipe = None    # with user: held until exit by start_cleanup_after_exit
+        self.mdns = None            # the MdnsSocket, while a port sets mdns
 
     def internal_error(self, where, exc):
         """A bug met while serving `where` (contained by the reactor): the
@@ -8448,19 +9952,45 @@ class Server:
 
     def start(self):
         """Bind every listen address first (a port that cannot listen is a
-        fatal error before anything is opened), then open and dial."""
+        fatal error before anything is opened, unless the address is not
+        there yet or in use: that is retried), then open and dial."""
         self.peer_log = PeerLog(self.log, self.reactor)
         self.ports = [Port(pc, self.reactor, self.log, self.peer_log) for pc in self.config.ports]
         try:
             self.gates = self._bind(self.ports, {})
             if self.config.globals["status"] is not None:
-                self.status = StatusEndpoint(self, self.config.globals["status"])
+                # an address not there yet is retried as a port's listen is
+                self.status = StatusEndpoint(self, self.config.globals["status"], PORT_SCHEMA["reopen_interval"].default)
         except OSError as e:
             for gate in self.gates:
                 gate.close()
             raise RuntimeError(str(e))
         for port in self.ports:
             port.start()
+        self.update_mdns()
+
+    def update_mdns(self):
+        """Announce the ports that set mdns on the addresses their
+        listeners are bound to; withdraw (goodbye, TTL 0) the ones gone
+        or changed, and close the socket when no port is left to announce."""
+        services, host = {}, None
+        for gate in self.gates:
+            bound = [s.sock.getsockname() for s in gate.listener.sockets]
+            for port in gate.ports:
+                if port.config.mdns and bound:
+                    host = host or mdns_host_label()
+                    services[port.name] = mdns_service(port.config, bound, host)
+        if self.mdns is None and services:
+            try:
+                self.mdns = MdnsSocket(self.reactor, self.log)
+            except OSError as e:
+                self.log.error("mdns: cannot use UDP port %d: %s; no port is announced", MDNS_PORT, describe_error(e))
+                return
+        if self.mdns is not None:
+            self.mdns.update(services)
+            if not services:
+                self.mdns.close()
+                self.mdns = None
 
     def _bind(self, ports, keep):
         """Gates for ports grouped by listen address; `keep` maps an address
@@ -8613,14 +10143,19 @@ class Server:
                     self.log.info("status %s", json.dumps(server_status(self)))
         self.shutdown()
 
-    def reload(self):
-        """SIGHUP: re-read the configuration; unchanged ports keep their
-        device and connections, changed ones restart, removed ones close,
-        new ones start.  An invalid file changes nothing."""
+    def reload(self, why="SIGHUP received"):
+        """SIGHUP (or POST /reload): re-read the configuration; unchanged
+        ports keep their device and connections, changed ones restart,
+        removed ones close, new ones start; a disabled port stays disabled
+        (with its new configuration, if that changed).  An invalid file
+        changes nothing.  Returns what happened, for the control API."""
         reopen_log_file(self.log)
-        self.log.info("SIGHUP received: reloading configuration")
+        for port in self.ports:
+            if port.trace:
+                port.trace.reopen()     # logrotate moved the trace file too
+        self.log.info("%s: reloading configuration", why)
         if self.reload_config is None:
-            return
+            return {"reloaded": False, "errors": ["no configuration to reload"]}
         try:
             new = self.reload_config()
         except ConfigErrors as e:
@@ -8628,11 +10163,11 @@ class Server:
                 self.log.error("reload refused: %s", error)
             self.log.error("reload refused: %d error%s; the running configuration stays",
                            len(e.errors), "" if len(e.errors) == 1 else "s")
-            return
+            return {"reloaded": False, "errors": [str(error) for error in e.errors]}
         refused = self.apply_globals(new.globals)
         if refused:
             self.log.error("reload refused: %s; the running configuration stays", refused)
-            return
+            return {"reloaded": False, "errors": [refused]}
         old_by_name = {p.name: p for p in self.ports}
         kept, restarted, started, stopped = [], [], [], []
         ports = []
@@ -8648,32 +10183,92 @@ class Server:
             else:
                 started.append(pc.name)
             ports.append(Port(pc, self.reactor, self.log, self.peer_log))
+            if old is not None and old.disabled:
+                ports[-1].stop("disabled")  # the new configuration waits for enable
+                ports[-1].disabled = True
         for old in old_by_name.values():
             old.stop("port removed from the configuration")
             stopped.append(old.name)
-        # gates whose ports all stayed keep their sockets; others are rebuilt
-        keep = {g.listener.address: g for g in self.gates if all(p in ports for p in g.ports)}
-        for gate in self.gates:
-            if gate not in keep.values():
-                gate.close()
         try:
-            self.gates = self._bind(ports, keep)
+            self._rebind_gates(ports)
         except OSError as e:
             self.log.error("reload: %s", e)
-            self.gates = [g for g in keep.values()]
         self.ports = ports
         for port in ports:
-            if port.name in started or port.name in restarted:
+            if (port.name in started or port.name in restarted) and not port.disabled:
                 port.start()
         if new.globals["log_level"] != self.config.globals["log_level"]:
             self.log.setLevel(new.globals["log_level"].upper())
+        if (new.control_token is None) != (self.config.control_token is None):
+            self.log.info("reload: control API %s", "off" if new.control_token is None else "on")
         self.config = new
-        self.log.info("reloaded: kept %s; restarted %s; started %s; stopped %s",
-                      *(", ".join(names) or "none" for names in (kept, restarted, started, stopped)))
+        self.update_mdns()
+        disabled = [p.name for p in ports if p.disabled]
+        self.log.info("reloaded: kept %s; restarted %s; started %s; stopped %s%s",
+                      *(", ".join(names) or "none" for names in (kept, restarted, started, stopped)),
+                      "; still disabled: %s" % ", ".join(disabled) if disabled else "")
+        return {"reloaded": True, "kept": kept, "restarted": restarted, "started": started, "stopped": stopped,
+                "disabled": disabled}
+
+    def _rebind_gates(self, ports):
+        """Gates for the enabled ones of `ports`: a gate whose ports all
+        stay (and stay enabled) keeps its sockets; the others close and
+        are bound again for the ports left.  Raises OSError (a listen
+        address taken meanwhile); self.gates then holds what listens."""
+        enabled = [p for p in ports if not p.disabled]
+        keep = {g.listener.address: g for g in self.gates if all(p in enabled for p in g.ports)}
+        for gate in self.gates:
+            if gate not in keep.values():
+                gate.close()
+        self.gates = list(keep.values())
+        self.gates = self._bind(enabled, keep)
+
+    # -- the control API's enable and disable --
+
+    def disable_port(self, port, why):
+        """Stop the port (clients, dialer, UDP, device) and close its
+        listener (one it shares is bound again for the other ports).  It
+        stays in /status, disabled, until enable_port(); a SIGHUP keeps it
+        disabled; a restart of sertcp forgets it."""
+        self.log.info("[%s] %s", port.name, why)
+        port.stop(why)
+        port.disabled = True
+        try:
+            self._rebind_gates(self.ports)
+        except OSError as e:
+            self.log.error("%s", e)
+        self.update_mdns()              # withdrawn, as its listener is closed
+
+    def enable_port(self, port, why):
+        """A fresh Port from the same configuration in place of the
+        disabled one (its counters carried on), listening again.  Returns
+        None, or why it cannot be (its address is taken now): then it
+        stays disabled."""
+        fresh = Port(port.config, self.reactor, self.log, self.peer_log)
+        fresh.counters.update(port.counters)
+        ports = [fresh if p is port else p for p in self.ports]
+        try:
+            self._rebind_gates(ports)
+        except OSError as e:
+            fresh.stop("not enabled")
+            try:
+                self._rebind_gates(self.ports)
+            except OSError:
+                pass
+            self.log.error("[%s] cannot be enabled: %s", port.name, e)
+            return str(e)
+        self.ports = ports
+        self.log.info("[%s] %s", port.name, why)
+        fresh.start()
+        self.update_mdns()
+        return None
 
     def shutdown(self):
         name = "SIGTERM" if self.stop_requested == signal.SIGTERM else "SIGINT"
         self.log.info("%s received: stopping", name)
+        if self.mdns is not None:
+            self.mdns.close()       # goodbye packets first, while the ports still serve
+            self.mdns = None
         for gate in self.gates:
             gate.close()
         if self.status:

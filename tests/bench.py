@@ -2850,6 +2850,85 @@ def _udp_check(variant, factor):
     return check
 
 
+MONITOR_VARIANTS = ("none", "raw", "hex")
+
+
+def _monitor_round(variant, size, workdir, settings):
+    """One sertcp port, device -> one TCP client, with no monitor or with
+    one monitor (monitor_format raw or hex) that reads everything it gets
+    in a thread of its own: payload MB/s to the client, and the CPU
+    seconds per MB sertcp spent."""
+    pty = Pty()
+    server = watcher = None
+    try:
+        monitor_port = free_port()
+        extra = [] if variant == "none" else ["--monitor", "%s:%d" % (HOST, monitor_port), "--monitor-format", variant]
+        server = Server("sertcp", pty.path, free_port(), 1, workdir, extra=extra).start()
+        deadline = time.monotonic() + settings.ready_timeout
+        client = connect(server, deadline)
+        readers = [client]
+        if variant != "none":
+            watcher = connect(server, deadline, port=monitor_port)
+            readers.append(watcher)
+        prime(pty, readers, deadline)        # the monitor too is served once it got the priming bytes
+        seen = [0]
+
+        def drain():                         # the monitor reads on, as fast as it can
+            watcher.sock.setblocking(True)
+            try:
+                while True:
+                    data = watcher.sock.recv(CHUNK)
+                    if not data:
+                        return
+                    seen[0] += len(data)
+            except OSError:
+                return
+        thread = threading.Thread(target=drain, daemon=True) if watcher else None
+        if thread:
+            thread.start()
+        payload = make_payload(size)
+        cpu0 = server.cpu()
+        secs, complete = device_to_clients(pty, payload, [client], time.monotonic() + max(2.0, settings.budget))
+        cpu = server.cpu() - cpu0
+        server.check_alive()
+        return {"mbps": client.payload / secs / MB, "complete": complete, "seconds": secs,
+                "cpu_s_per_mb": cpu / (client.payload / MB) if client.payload else None,
+                "monitor_bytes": seen[0]}
+    finally:
+        if server is not None:
+            server.stop()
+        if watcher is not None:
+            watcher.close()
+        pty.close()
+
+
+def own_monitor(settings, workdir, report):
+    """device -> network MB/s with no monitor, a raw monitor and a hex
+    monitor (both reading), rounds of each in turn, the best of each."""
+    size = min(settings.size, 16 * MiB)
+    best = {}
+    for _ in range(settings.rounds):
+        for variant in MONITOR_VARIANTS:
+            r = _monitor_round(variant, size, workdir, settings)
+            if r["mbps"] > best.get(variant, {}).get("mbps", 0):
+                best[variant] = r
+    out = {"size": size, "rounds": settings.rounds}
+    out.update(best)
+    for variant in ("raw", "hex"):
+        out[variant + "_ratio"] = best[variant]["mbps"] / best["none"]["mbps"]
+    return out
+
+
+def _monitor_figure(variant):
+    def compute(m):
+        r = m[variant]
+        shown = "%.1f MB/s, %.4f CPU s/MB" % (r["mbps"], r["cpu_s_per_mb"] or 0)
+        if variant != "none":
+            shown += " (%.2fx without; the monitor read %.1f MB)" % (m[variant + "_ratio"], r["monitor_bytes"] / MB)
+        return r["mbps"], shown
+    return compute
+
+
 REGISTRY = [
     Bench("dev2net", "bytes written into the pty master, received by one TCP client (best round)", [
         Target("device->network MB/s", beside_peers("dev2net.mbps", "%.1f MB/s"),
@@ -2889,6 +2968,12 @@ REGISTRY = [
         Target("device->UDP 1 KiB datagrams/s", own_figure("udp", _udp_figure("small", "datagrams_per_s", "%.0f/s")),
                ">= 0.9x socat", _udp_check("small", 0.9))],
           own=own_udp),
+    Bench("monitor", "device -> network through one port while a monitor reads all it gets (monitor = ...)", [
+        Target("device->network, no monitor", own_figure("monitor", _monitor_figure("none"))),
+        Target("  with a raw monitor reading", own_figure("monitor", _monitor_figure("raw")), ">= 0.6x without",
+               lambda _v, r: own(r, "monitor")["raw_ratio"] >= 0.6),
+        Target("  with a hex monitor reading", own_figure("monitor", _monitor_figure("hex")))],
+          own=own_monitor),
     Bench("memory", "peak RSS of one port and client above a bare python3; RSS per idle client", [
         Target("peak RSS, 1 port + 1 client, above python3", own_figure("memory", _memory_above),
                "<= +3 MiB", lambda v, _r: v <= 3 * 1024),

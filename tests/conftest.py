@@ -441,3 +441,65 @@ def serve(sertcp):
 def clients():
     """clients(port, host="127.0.0.1", ...) connects a Client."""
     yield from closing_factory(Client)
+
+
+class NetNamespace:
+    """A network namespace of the test's own (ip netns add): only lo, up,
+    with the MULTICAST flag and a route for 224.0.0.0/4, so that multicast
+    sent in it (mDNS, udp_send_to to a group) reaches the programs in it
+    and nothing leaves the machine.  Several processes join it: `argv()`
+    prefixes a command with `ip netns exec`, `enter` is a preexec_fn for
+    Popen, and `call(fn)` runs fn in a thread of this process that joined
+    it (setns(2) moves only the calling thread)."""
+
+    CLONE_NEWNET = 0x40000000
+
+    def __init__(self):
+        import ctypes
+        self.name = "sertcp-test-%d-%d" % (os.getpid(), id(self) % 100000)
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        subprocess.run(["ip", "netns", "add", self.name], check=True)
+        for command in (["ip", "link", "set", "lo", "up"], ["ip", "link", "set", "lo", "multicast", "on"],
+                        ["ip", "route", "add", "224.0.0.0/4", "dev", "lo"]):
+            subprocess.run(self.argv(*command), check=True)
+
+    def argv(self, *command):
+        return ["ip", "netns", "exec", self.name] + [str(c) for c in command]
+
+    def enter(self):
+        fd = os.open("/run/netns/" + self.name, os.O_RDONLY)
+        try:
+            if self.libc.setns(fd, self.CLONE_NEWNET) != 0:
+                import ctypes
+                raise OSError(ctypes.get_errno(), "setns into %s" % self.name)
+        finally:
+            os.close(fd)
+
+    def call(self, fn, *args):
+        result = {}
+
+        def run():
+            try:
+                self.enter()
+                result["value"] = fn(*args)
+            except BaseException as e:  # handed to the caller
+                result["error"] = e
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join(60)
+        if "error" in result:
+            raise result["error"]
+        return result.get("value")
+
+    def close(self):
+        subprocess.run(["ip", "netns", "del", self.name], check=False)
+
+
+@pytest.fixture
+def netns():
+    """A fresh network namespace (NetNamespace); needs root and ip(8)."""
+    need_programs("ip")
+    assert os.geteuid() == 0, "a network namespace of the test's own (ip netns add) needs root (CI runs as root)"
+    ns = NetNamespace()
+    yield ns
+    ns.close()

@@ -498,7 +498,8 @@ def test_a_slave_that_stops_answering_gives_0x0b_within_the_timeout(gateway_to_s
 
 
 def test_broadcast_writes_reach_every_unit_and_get_no_answer(gateway_to_slave):
-    s, port, status, _ = gateway_to_slave()
+    # timeouts must stay 0: a slave slowed by a loaded machine gets 3 s, not 1
+    s, port, status, _ = gateway_to_slave("--modbus-timeout-ms", "3000")
     client = master(port)
     assert client.write_register(7, 4321, device_id=0, no_response_expected=True) is None
     for unit in (1, 2):

@@ -143,7 +143,8 @@ identity = id-b
     assert b.read(2) == b"hi"
     s.wait_log(r"refused: unknown id 'nobody'", count=3)
     listeners = json.loads(http_get(status, "/status")[1])["listeners"]
-    assert listeners == [{"listen": "127.0.0.1:%d" % port, "ports": ["a", "b"], "connections_rejected": 3}]
+    assert listeners == [{"listen": "127.0.0.1:%d" % port, "ports": ["a", "b"], "connections_rejected": 3,
+                          "error": None}]  # (why it is not bound yet, while retried)
     metrics = http_get(status, "/metrics")[1]
     assert 'sertcp_listener_connections_rejected_total{listen="127.0.0.1:%d"} 3\n' % port in metrics
 
@@ -439,21 +440,26 @@ finally:
 """
 
 
-def imported_modules(args, tmp_path, port, extra_wait=None):
+def imported_modules(args, tmp_path, port, extra_wait=None, netns=None):
     """Start the real sertcp.py (through runpy, so that the interpreter's
     own start-up imports are not counted), wait until it serves, stop it and
-    return the top-level names of every module sertcp imported."""
+    return the top-level names of every module sertcp imported; in the
+    network namespace `netns` if given."""
     log = tmp_path / "probe.log"
     out = tmp_path / "modules.txt"
     with open(log, "wb") as f:
         proc = subprocess.Popen([sys.executable, "-c", IMPORT_PROBE, str(out), str(SERTCP)] + [str(a) for a in args],
-                                stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                preexec_fn=netns.enter if netns else None)
     try:
         wait_for(lambda: "listening on" in log.read_text(), message="listening")
         if extra_wait:
             extra_wait()
-        c = Client(port)
-        c.close()
+        if netns:
+            netns.call(lambda: Client(port).close())
+        else:
+            c = Client(port)
+            c.close()
         wait_for(lambda: "disconnected" in log.read_text())
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -483,15 +489,43 @@ def test_nothing_heavy_is_imported_by_the_modem_emulation(pty, tmp_path):
         sorted(names & {"enum", "socket", "selectors", "signal", "threading"})
 
 
+def test_monitors_and_trace_rollover_import_nothing(pty, tmp_path):
+    """The keys of watching a port (monitor, trace_max_size) cost no
+    module: the same set as with them off."""
+    port = free_port()
+    plain = imported_modules([pty.path, "--listen", "127.0.0.1:%d" % port], tmp_path, port)
+    port, monitor = free_port(), free_port()
+    watched = imported_modules([pty.path, "--listen", "127.0.0.1:%d" % port, "--monitor", "127.0.0.1:%d" % monitor,
+                                "--trace", tmp_path / "trace", "--trace-max-size", "1k"], tmp_path, port)
+    assert watched == plain, sorted(watched ^ plain)
+
+
+def test_mdns_imports_nothing_that_a_port_without_it_does_not(pty, tmp_path, netns):
+    """The responder is in the file and needs only _socket and fcntl
+    (which pyserial imports anyway): announcing a port costs no module."""
+    port = free_port()
+    plain = imported_modules([pty.path, "--listen", "127.0.0.1:%d" % port], tmp_path, port, netns=netns)
+    log = tmp_path / "probe.log"
+    announced = imported_modules([pty.path, "--listen", "127.0.0.1:%d" % port, "--mdns", "yes"], tmp_path, port,
+                                 extra_wait=lambda: wait_for(lambda: "mdns: announced" in log.read_text()),
+                                 netns=netns)
+    assert "fcntl" in plain
+    assert announced == plain, sorted(announced ^ plain)
+
+
 def test_status_endpoint_works_without_http_server_modules(pty, tmp_path):
     port, status = free_port(), free_port()
 
     def ask():
         assert json.loads(raw_http(status, b"GET /status HTTP/1.0\r\n\r\n").split(b"\r\n\r\n", 1)[1])
+        assert b"<html" in raw_http(status, b"GET / HTTP/1.0\r\n\r\n")
     names = imported_modules([pty.path, "--listen", "127.0.0.1:%d" % port, "--status", "127.0.0.1:%d" % status],
                              tmp_path, port, extra_wait=ask)
     assert "json" in names
     assert not (names & {"ssl", "http", "email", "urllib"}), sorted(names & {"ssl", "http", "email", "urllib"})
+    # the web page is a constant; the control API (hmac) and status_allow
+    # (ipaddress) are imported only when their keys are set
+    assert not (names & {"hmac", "hashlib", "ipaddress"}), sorted(names & {"hmac", "hashlib", "ipaddress"})
 
 
 def test_user_drops_root_after_opening_and_binding(sertcp, pty, clients):
