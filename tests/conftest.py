@@ -8,6 +8,7 @@ import shutil
 import signal
 import threading
 import socket
+import socketserver
 import subprocess
 import sys
 import tempfile
@@ -276,6 +277,39 @@ class Sertcp:
                 self.proc.wait()
         self.logfile.close()
         return self.proc.returncode
+
+
+class EchoServer(socketserver.ThreadingTCPServer):
+    """A TCP echo server on loopback; `accepted` and `closed` list the
+    connections it took and the ones that ended."""
+    daemon_threads = True
+
+    def __init__(self):
+        self.accepted, self.closed = [], []
+        super().__init__(("127.0.0.1", 0), EchoHandler)
+        self.port = self.server_address[1]
+        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def hang_up(self):
+        """End the latest connection from this side."""
+        self.accepted[-1].shutdown(socket.SHUT_RDWR)
+
+    def close(self):
+        self.shutdown()
+        self.server_close()
+        for conn in self.accepted:
+            conn.close()
+
+
+class EchoHandler(socketserver.BaseRequestHandler):
+    def handle(self):
+        self.server.accepted.append(self.request)
+        try:
+            for chunk in iter(lambda: self.request.recv(65536), b""):
+                self.request.sendall(chunk)
+        except OSError:
+            pass
+        self.server.closed.append(self.request)
 
 
 UART_PATH = Path(__file__).resolve().parent / "uart"

@@ -8,8 +8,6 @@ import os
 import re
 import select
 import socket
-import socketserver
-import threading
 import time
 import tty
 
@@ -18,7 +16,7 @@ from hypothesis import given, settings, strategies as st
 
 import sertcp as sertcp_module
 from certs import TlsClient, certs  # noqa: F401 (fixture)
-from conftest import Client, SimulatedUart, free_port, http_get, run_sertcp, wait_for
+from conftest import Client, EchoServer, SimulatedUart, free_port, http_get, run_sertcp, wait_for
 
 ModemCore = sertcp_module.ModemCore
 
@@ -537,35 +535,6 @@ class Terminal:
         """Nothing arrives for `seconds` (the guard time's silence)."""
         self.expect(rb"", 0)
         time.sleep(seconds)
-
-
-class EchoServer(socketserver.ThreadingTCPServer):
-    """A TCP echo server on loopback; `accepted` and `closed` list the
-    connections it took and the ones that ended."""
-    daemon_threads = True
-
-    def __init__(self):
-        self.accepted, self.closed = [], []
-        super().__init__(("127.0.0.1", 0), EchoHandler)
-        self.port = self.server_address[1]
-        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def close(self):
-        self.shutdown()
-        self.server_close()
-        for conn in self.accepted:
-            conn.close()
-
-
-class EchoHandler(socketserver.BaseRequestHandler):
-    def handle(self):
-        self.server.accepted.append(self.request)
-        try:
-            for chunk in iter(lambda: self.request.recv(65536), b""):
-                self.request.sendall(chunk)
-        except OSError:
-            pass
-        self.server.closed.append(self.request)
 
 
 @pytest.fixture

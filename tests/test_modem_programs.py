@@ -3,59 +3,16 @@ and minicom under tmux on a virtual port, and a device that drops DTR on the
 suite's simulated UART.  The far end is a TCP echo server of the test's own."""
 import os
 import select
-import socket
 import subprocess
-import threading
 import time
 import tty
 
 import pytest
 
-from conftest import Client, SimulatedUart, free_port, need_programs, wait_for
+from conftest import Client, EchoServer, SimulatedUart, free_port, need_programs, wait_for
 
 GUARD = 0.2            # S12=10: the escape's guard time, in seconds
 PAUSE = GUARD * 3      # silence well beyond the guard time around +++
-
-
-class EchoServer:
-    """Accepts calls on loopback and echoes; `hang_up()` ends the current one."""
-
-    def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(4)
-        self.port = self.sock.getsockname()[1]
-        self.calls = []
-        self.ended = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.calls.append(conn)
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
-
-    def _echo(self, conn):
-        try:
-            while True:
-                data = conn.recv(4096)
-                if not data:
-                    break
-                conn.sendall(data)
-        except OSError:
-            pass
-        self.ended.append(conn)
-
-    def hang_up(self):
-        self.calls[-1].shutdown(socket.SHUT_RDWR)
-
-    def close(self):
-        self.sock.close()
-        for conn in self.calls:
-            conn.close()
 
 
 @pytest.fixture
@@ -109,7 +66,7 @@ def test_chat_dials_a_tcp_echo_server_and_the_call_carries_data(sertcp, tmp_path
         code, log = run_chat(fd, "ABORT", "BUSY", "ABORT", "NO CARRIER", "", "ATDT127.0.0.1:%d" % echo.port,
                              "CONNECT", "")
         assert code == 0, log
-        wait_for(lambda: echo.calls, message="the call at the echo server")
+        wait_for(lambda: echo.accepted, message="the call at the echo server")
         os.write(fd, b"over the modem\r\n")
         assert read_until(fd, b"over the modem\r\n").endswith(b"over the modem\r\n")
     finally:
@@ -214,10 +171,10 @@ def escape_and_hang_up(term, echo):
     time.sleep(PAUSE)                   # the guard time before +++ is silence
     term.type("+++")
     term.wait_screen("OK", count=2)     # the dial's OK is not printed: ATD ends in CONNECT
-    assert len(echo.ended) == 0         # command mode, call still up
+    assert len(echo.closed) == 0         # command mode, call still up
     term.type("ATH", enter=True)
     term.wait_screen("OK", count=3)
-    wait_for(lambda: len(echo.ended) == 1, message="the echo server to see the hang-up")
+    wait_for(lambda: len(echo.closed) == 1, message="the echo server to see the hang-up")
 
 
 def test_picocom_dials_talks_escapes_and_hangs_up(sertcp, tmp_path, echo):
@@ -235,7 +192,7 @@ def test_picocom_dials_talks_escapes_and_hangs_up(sertcp, tmp_path, echo):
         # the far end hangs up the next call: NO CARRIER
         term.type("ATD127.0.0.1:%d" % echo.port, enter=True)
         term.wait_screen("CONNECT", count=2)
-        wait_for(lambda: len(echo.calls) == 2, message="the second call")
+        wait_for(lambda: len(echo.accepted) == 2, message="the second call")
         echo.hang_up()
         term.wait_screen("NO CARRIER")
     finally:
@@ -271,7 +228,7 @@ def test_a_device_dropping_dtr_hangs_up(sertcp, tmp_path, echo):
     s.wait_log(r"device testuart://\S+ opened")
     uart.receive(b"ATDT127.0.0.1:%d\r" % echo.port)
     wait_for(lambda: b"CONNECT" in uart.sent(), message="CONNECT to the device")
-    wait_for(lambda: echo.calls, message="the call at the echo server")
+    wait_for(lambda: echo.accepted, message="the call at the echo server")
     uart.set()                          # the device drops DTR: AT&D2, the default, hangs up
-    wait_for(lambda: len(echo.ended) == 1, message="the far end to see the hang-up")
+    wait_for(lambda: len(echo.closed) == 1, message="the far end to see the hang-up")
     wait_for(lambda: uart.sent().endswith(b"NO CARRIER\r\n"), message="NO CARRIER to the device")
