@@ -167,6 +167,17 @@ class Tmux:
         subprocess.run(self.base + ["kill-server"], stderr=subprocess.DEVNULL)
 
 
+def dial_and_talk(term, first, echo, text):
+    """Type a first command and see OK, dial the echo server, see CONNECT,
+    and see typed text come back from the far end."""
+    term.type(first, enter=True)
+    term.wait_screen("OK")
+    term.type("ATDT127.0.0.1:%d" % echo.port, enter=True)
+    term.wait_screen("CONNECT")
+    term.type(text)
+    term.wait_screen(text)
+
+
 def escape_and_hang_up(term, echo):
     time.sleep(PAUSE)                   # the guard time before +++ is silence
     term.type("+++")
@@ -182,12 +193,7 @@ def test_picocom_dials_talks_escapes_and_hangs_up(sertcp, tmp_path, echo):
     s, path = modem_port(sertcp, tmp_path)
     term = Tmux(tmp_path, ["picocom", "-q", "--noreset", "-b", "115200", str(path)])
     try:
-        term.type("AT", enter=True)
-        term.wait_screen("OK")
-        term.type("ATDT127.0.0.1:%d" % echo.port, enter=True)
-        term.wait_screen("CONNECT")
-        term.type("echoed by the far end")
-        term.wait_screen("echoed by the far end")
+        dial_and_talk(term, "AT", echo, "echoed by the far end")
         escape_and_hang_up(term, echo)
         # the far end hangs up the next call: NO CARRIER
         term.type("ATD127.0.0.1:%d" % echo.port, enter=True)
@@ -207,12 +213,7 @@ def test_minicom_dials_and_sees_no_carrier(sertcp, tmp_path, echo):
     home.mkdir()
     term = Tmux(tmp_path, ["env", "HOME=%s" % home, "minicom", "-o", "-w", "-D", str(path), "-b", "115200"])
     try:
-        term.type("ATE1", enter=True)
-        term.wait_screen("OK")
-        term.type("ATDT127.0.0.1:%d" % echo.port, enter=True)
-        term.wait_screen("CONNECT")
-        term.type("minicom over tcp")
-        term.wait_screen("minicom over tcp")
+        dial_and_talk(term, "ATE1", echo, "minicom over tcp")
         echo.hang_up()
         term.wait_screen("NO CARRIER")
     finally:
