@@ -2898,15 +2898,20 @@ class MdnsResponder:
         unicast reply would reach only one of them."""
         legacy = source[1] != MDNS_PORT
         probe = bool(query.authorities)
-        known = {r.key() for r in query.answers}
+        # one datagram may repeat a question or a known answer hundreds of
+        # times: each is looked at once, so a packet costs time in
+        # proportion to its size, not to its size squared
+        questions = self._unique_questions(query.questions)
+        known = {}                      # record key -> the longest TTL the querier holds it with
+        for record in query.answers:
+            known[record.key()] = max(known.get(record.key(), 0), record.ttl)
         answers, extra = [], []
         for entry in self.names.values():
             if entry.state not in MDNS_OWNED:
                 continue
             shared, unique = entry.records()
             hosts = entry.host_records()
-            for name, qtype, _ in query.questions:
-                wanted = name_key(name)
+            for wanted, qtype in questions:
                 for record in shared + unique + hosts:
                     if record.key()[0] == wanted and qtype in (record.rtype, DNS_ANY):
                         answers.append(record)
@@ -2915,7 +2920,7 @@ class MdnsResponder:
                         elif record.rtype == DNS_SRV:
                             extra += hosts
         # §7.1: a record the querier already holds with at least half its TTL left is not sent
-        answers = self._unique(r for r in answers if not self._known(r, query.answers))
+        answers = self._unique(r for r in answers if known.get(r.key(), -1) < r.ttl // 2)
         if not answers:
             return []
         if not legacy:
@@ -2937,8 +2942,8 @@ class MdnsResponder:
         return [(DnsMessage(0, DNS_RESPONSE, answers=answers, additionals=extra).wire(), None)]
 
     @staticmethod
-    def _known(record, known_answers):
-        return any(k.key() == record.key() and k.ttl >= record.ttl // 2 for k in known_answers)
+    def _unique_questions(questions):
+        return list(dict.fromkeys((name_key(name), qtype) for name, qtype, _ in questions))
 
     @staticmethod
     def _unique(records):
