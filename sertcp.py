@@ -9039,6 +9039,10 @@ refresh();
 
 STATUS_REQUEST_LIMIT = 8192
 STATUS_REQUEST_TIMEOUT = 5.0
+# requests open at once on the status endpoint: beyond this the oldest one
+# still sending its head is closed (else the new one is answered 503), so
+# that silent connections cannot take the descriptors the ports need
+STATUS_REQUESTS_MAX = 64
 
 
 class StatusEndpoint:
@@ -9051,6 +9055,7 @@ class StatusEndpoint:
     def __init__(self, server, address, retry_every=None):
         self.server = server
         self.control = None             # ControlApi, made at the first control request
+        self.requests = {}              # StatusRequest -> None: those open, oldest first
         self.listener = Listener(server.reactor, address, 16, self.on_accept, "status", retry_every,
                                  lambda listener: server.log.info(
                                      "status endpoint on http://%s/ (a web page), /status and /metrics",
@@ -9062,7 +9067,28 @@ class StatusEndpoint:
             self.server.peer_log(peer[0], INFO, "status endpoint: %s refused: not in status_allow", format_peer(peer))
             sock.close()
             return
-        StatusRequest(self, sock, peer).start()
+        if len(self.requests) >= STATUS_REQUESTS_MAX and not self._make_room(peer):
+            try:
+                sock.send(b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            except OSError:
+                pass
+            sock.close()
+            return
+        request = StatusRequest(self, sock, peer)
+        self.requests[request] = None
+        request.start()
+
+    def _make_room(self, peer):
+        """Close the oldest request still sending its head, for a new
+        connection from `peer`; False if every open one is being answered."""
+        oldest = next((r for r in self.requests if r.request is None), None)
+        self.server.peer_log(peer[0], WARNING, "status endpoint: %d requests open at once: %s",
+                             len(self.requests), "closing the oldest one still sending, from %s"
+                             % format_peer(oldest.peer) if oldest else "refusing %s" % format_peer(peer))
+        if oldest is None:
+            return False
+        oldest.close()
+        return True
 
     def respond(self, handler):
         """(code, content type, body) for the request of a StatusRequest,
@@ -9221,6 +9247,7 @@ class StatusRequest(Handler):
         if self.timer:
             self.timer.cancel()
             self.timer = None
+        self.endpoint.requests.pop(self, None)
         self.reactor.forget(self)
         try:
             self.sock.close()

@@ -1,8 +1,10 @@
 """Faults found by attacking the web page and control API of the status
 endpoint and the DNS-SD responder: each test failed before its fix."""
+import os
 import socket
 
 import sertcp as S
+from conftest import Client, free_port, http_get, wait_for
 
 
 def announced_responder(ports=4):
@@ -51,3 +53,59 @@ def test_an_mdns_query_repeating_questions_and_known_answers_costs_time_in_propo
     answer = S.parse_dns_message(out[0][0])
     assert sorted(S.read_dns_name(rec.rdata, 0)[0][0] for rec in answer.answers) == ["p%d on box" % i for i in range(4)]
     assert calls[0] < 20 * records, calls[0]
+
+
+# --- the status endpoint -------------------------------------------------------
+
+def fd_limit(n):
+    """A preexec_fn: the child may hold at most n descriptors (hard limit too,
+    so that sertcp cannot raise it)."""
+    def apply():
+        import resource
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+    return apply
+
+
+def open_fds(pid):
+    return len(os.listdir("/proc/%d/fd" % pid))
+
+
+def test_connections_held_open_on_the_status_endpoint_cannot_take_the_bridges_descriptors(sertcp, pty):
+    # Before: every connection to the status endpoint was accepted and
+    # held until its 5 s timeout, however many: 400 silent ones used up
+    # the 256 descriptors and the bridge could not accept its clients.
+    port, status = free_port(), free_port()
+    s = sertcp("--listen", "127.0.0.1:%d" % port, "--status", "127.0.0.1:%d" % status, pty.path,
+               preexec_fn=fd_limit(256))
+    s.wait_log(r"\[cli\] device \S+ opened")
+    s.wait_log("status endpoint on")
+    base = open_fds(s.proc.pid)
+    silent = []
+    try:
+        for _ in range(400):
+            sock = socket.socket()
+            sock.settimeout(0.5)
+            silent.append(sock)
+            try:
+                sock.connect(("127.0.0.1", status))
+            except socket.timeout:
+                pass                    # the kernel's backlog is full: sertcp is not accepting
+        assert open_fds(s.proc.pid) <= base + getattr(S, "STATUS_REQUESTS_MAX", 64) + 8
+        # a request among the silent ones is answered: the oldest silent one made room
+        assert http_get(status, "/status", timeout=5)[0] == 200
+        c = Client(port)
+        try:
+            c.send(b"ping")
+            assert pty.read(4) == b"ping"
+            pty.write(b"pong")
+            assert c.recv(4) == b"pong"
+        finally:
+            c.close()
+        assert "cannot accept" not in s.log()
+        # a request that comes when the silent ones have gone is answered
+        for sock in silent:
+            sock.close()
+        wait_for(lambda: http_get(status, "/status", timeout=2)[0] == 200, timeout=20, message="/status answers")
+    finally:
+        for sock in silent:
+            sock.close()
