@@ -473,6 +473,9 @@ def parse_mdns_type(text):
     return value
 
 
+MDNS_TXT_LIMIT = 1300             # bytes of mdns_txt pairs (RFC 6763 §6.2), leaving room for ours
+
+
 def parse_mdns_txt(text):
     """key=value[, key=value ...] -> [(key, value)]; keys are printable
     ASCII without '=' (RFC 6763 §6.4), each pair at most 255 bytes."""
@@ -485,6 +488,11 @@ def parse_mdns_txt(text):
         if len(("%s=%s" % (key, value)).encode("utf-8")) > 255:
             raise ValueProblem("%s=... is longer than 255 bytes" % key)
         pairs.append((key, value))
+    # RFC 6763 §6.2: a TXT record over 1300 bytes is not to be used (and
+    # one over 9000 would not fit in an mDNS message at all)
+    size = sum(1 + len(("%s=%s" % pair).encode("utf-8")) for pair in pairs)
+    if size > MDNS_TXT_LIMIT:
+        raise ValueProblem("the pairs take %d bytes; a TXT record takes at most %d" % (size, MDNS_TXT_LIMIT))
     return pairs
 
 

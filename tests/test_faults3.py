@@ -4,7 +4,7 @@ import os
 import socket
 
 import sertcp as S
-from conftest import Client, free_port, http_get, wait_for
+from conftest import Client, free_port, http_get, run_sertcp, wait_for
 
 
 def announced_responder(ports=4):
@@ -109,3 +109,19 @@ def test_connections_held_open_on_the_status_endpoint_cannot_take_the_bridges_de
     finally:
         for sock in silent:
             sock.close()
+
+
+# --- the DNS-SD responder -------------------------------------------------------
+
+def test_mdns_txt_larger_than_a_txt_record_may_be_is_refused_by_check(tmp_path):
+    # Before: --check took 300 pairs of 255 bytes; the record's length
+    # overflowed its 16 bits and the responder raised at its first probe
+    # (40 pairs made every announcement 10 KB, past mDNS's 9000 bytes).
+    pairs = ", ".join("k%d=%s" % (i, "v" * 248) for i in range(6))     # 6 x 253 bytes
+    config = "[cli]\ndevice = /dev/null\nlisten = 127.0.0.1:%d\nmdns = yes\nmdns_txt = %s\n" % (free_port(), pairs)
+    r = run_sertcp(["--check"], config=config, tmpdir=tmp_path)
+    assert r.returncode == 2, r.stdout[-500:]
+    assert "mdns_txt" in r.stderr and "1300" in r.stderr and ":5:" in r.stderr, r.stderr
+    five = ", ".join("k%d=%s" % (i, "v" * 248) for i in range(5))        # 1270 bytes: taken
+    r = run_sertcp(["--check"], config=config.replace(pairs, five), tmpdir=tmp_path)
+    assert r.returncode == 0, r.stderr
