@@ -2739,7 +2739,11 @@ MDNS_NAME_ON = {
 for _state in ("probe 1", "probe 2", "probe 3"):
     MDNS_NAME_ON[(_state, "lost tiebreak")] = ("waiting", None, MDNS_TIEBREAK_WAIT)
 for _state in ("waiting", "probe 1", "probe 2", "probe 3", "announce 1", "announced"):
-    MDNS_NAME_ON[(_state, "conflict")] = ("waiting", "rename", 0.0)
+    # not while waiting to probe a new name: its probe finds out (a holder
+    # answers it), so that renames go at most at the pace of probes, which
+    # §8.1 slows down, however many claims a flood carries
+    if _state != "waiting":
+        MDNS_NAME_ON[(_state, "conflict")] = ("waiting", "rename", 0.0)
     MDNS_NAME_ON[(_state, "withdraw")] = ("withdrawn", "goodbye" if _state.startswith("announce") else None, None)
 del _state
 MDNS_OWNED = ("announce 1", "announced")     # states in which the name is ours to answer for
@@ -2874,7 +2878,7 @@ class MdnsResponder:
         out = []
         for entry in list(self.names.values()):
             event = self._conflict_in(entry, message)
-            if event is not None:
+            if (entry.state, event) in MDNS_NAME_ON:
                 out += self._step(entry, event, now)
         if not message.is_response and message.questions:
             out += self._answer(message, source, now)

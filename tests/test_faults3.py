@@ -125,3 +125,30 @@ def test_mdns_txt_larger_than_a_txt_record_may_be_is_refused_by_check(tmp_path):
     five = ", ".join("k%d=%s" % (i, "v" * 248) for i in range(5))        # 1270 bytes: taken
     r = run_sertcp(["--check"], config=config.replace(pairs, five), tmpdir=tmp_path)
     assert r.returncode == 0, r.stderr
+
+
+def claims_of_every_name(count):
+    """One response claiming "p on box" and its next `count` renames."""
+    names = ["p on box"] + ["p on box (%d)" % i for i in range(2, count + 2)]
+    return S.DnsMessage(0, S.DNS_RESPONSE, answers=[
+        S.DnsRecord((n, "_iostream", "_tcp", "local"), S.DNS_SRV, 120, S.srv_rdata(9, ("evil", "local")), True)
+        for n in names]).wire()
+
+
+def test_a_flood_of_claims_on_our_next_names_renames_at_the_pace_of_probes_only():
+    # Before: each datagram renamed once, even while waiting to probe the
+    # new name: 1000 datagrams a second were 1000 renames (and warnings in
+    # the log) a second, for as long as the flood lasted.
+    r = S.MdnsResponder()
+    r.add(S.MdnsService("p", "p on box", ("_iostream", "_tcp"), 7000, [b"protocol=raw"], "box",
+                        [(socket.AF_INET, socket.inet_aton("192.0.2.7"))]), 0.0)
+    flood, now = claims_of_every_name(60), 0.0
+    for _ in range(1500):               # 30 s at 50 datagrams a second
+        r.feed(flood, ("192.0.2.66", 5353), now)
+        r.expire(now)
+        now += 0.02
+    renames = [n for n in r.take_notes() if n[0] == "renamed"]
+    print("%d renames in 30 s of 50 claims a second" % len(renames))
+    # 15 at once, then one each 5 s (RFC 6762 §8.1)
+    assert 15 <= len(renames) <= 15 + 30 / 5 + 2, len(renames)
+    assert r.names["p"].state != "announced" and r.counters["mdns_conflicts"] == len(renames)
