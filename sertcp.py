@@ -2505,6 +2505,7 @@ MDNS_PROBE_REPEAT_GAP = 0.25     # ... or this long when it defends a name again
 MDNS_REPLY_BURST = 20            # answers sent back to back before the rate below applies
 MDNS_REPLY_RATE = 10.0           # answers per second, however many queries arrive
 DNS_MESSAGE_LIMIT = 9000         # bytes, §17: the most an mDNS message may hold
+MDNS_READ_BURST = 1              # datagrams read per wake-up: one of 9000 bytes takes ~10 ms to decode, 64 stalled the ports
 
 
 class DnsError(ValueError):
@@ -6550,7 +6551,7 @@ class MdnsSocket(Handler):
         self.run_due()
 
     def on_readable(self):
-        for _ in range(UDP_READ_BURST):
+        for _ in range(MDNS_READ_BURST):
             try:
                 n, source = self.sock.recvfrom_into(self.buffer)
             except BlockingIOError:
