@@ -9069,6 +9069,7 @@ class StatusEndpoint:
         self.server = server
         self.control = None             # ControlApi, made at the first control request
         self.requests = {}              # StatusRequest -> None: those open, oldest first
+        self.crowded, self.crowded_said = 0, -60.0     # requests closed or refused as too many; when logged
         self.listener = Listener(server.reactor, address, 16, self.on_accept, "status", retry_every,
                                  lambda listener: server.log.info(
                                      "status endpoint on http://%s/ (a web page), /status and /metrics",
@@ -9093,11 +9094,16 @@ class StatusEndpoint:
 
     def _make_room(self, peer):
         """Close the oldest request still sending its head, for a new
-        connection from `peer`; False if every open one is being answered."""
+        connection from `peer`; False if every open one is being answered.
+        Said in the log once a minute at most, however many addresses."""
         oldest = next((r for r in self.requests if r.request is None), None)
-        self.server.peer_log(peer[0], WARNING, "status endpoint: %d requests open at once: %s",
-                             len(self.requests), "closing the oldest one still sending, from %s"
-                             % format_peer(oldest.peer) if oldest else "refusing %s" % format_peer(peer))
+        self.crowded += 1
+        now = self.server.reactor.now()
+        if now >= self.crowded_said + 60:
+            self.server.log.warning("status endpoint: %d requests open at once: the oldest still sending "
+                                    "is closed, else a new one refused (%d times since said last)",
+                                    len(self.requests), self.crowded)
+            self.crowded, self.crowded_said = 0, now
         if oldest is None:
             return False
         oldest.close()

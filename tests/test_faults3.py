@@ -104,6 +104,7 @@ def test_connections_held_open_on_the_status_endpoint_cannot_take_the_bridges_de
         finally:
             c.close()
         assert "cannot accept" not in s.log()
+        assert s.log().count("requests open at once") == 1      # said once a minute at most
         # a request that comes when the silent ones have gone is answered
         for sock in silent:
             sock.close()
