@@ -5692,6 +5692,7 @@ class FailedPasswords:
     def __init__(self):
         self.failures = {}      # host -> [times]
         self.blocked = {}       # host -> until
+        self.blocked_limit = 4096       # the size at which blocks that have ended are dropped
 
     def is_blocked(self, host, now):
         until = self.blocked.get(host)
@@ -5710,6 +5711,10 @@ class FailedPasswords:
         times.append(now)
         self.failures[host] = times
         if len(times) >= PASSWORD_FAILURES:
+            if len(self.blocked) >= self.blocked_limit:
+                # an address whose block has ended is forgotten here, or when it comes back
+                self.blocked = {h: until for h, until in self.blocked.items() if until > now}
+                self.blocked_limit = max(4096, 2 * len(self.blocked))
             self.blocked[host] = now + PASSWORD_BLOCK
             del self.failures[host]
             return True

@@ -196,3 +196,19 @@ def test_an_mdns_flood_of_large_queries_does_not_stall_the_bridge(sertcp, pty_fa
         client.close()
     print("%d round trips during the flood of %d datagrams, the slowest %.3f s" % (trips, sent[0], worst))
     assert worst < 0.3, worst           # 4.9 s when answering cost time squared; 0.5 s reading 64 at once
+
+
+def test_addresses_blocked_for_wrong_tokens_are_forgotten_once_their_block_ends():
+    # Before: an address blocked once stayed in memory until it came back:
+    # wrong tokens from ever new addresses (an IPv6 network has plenty)
+    # grew the table without end.
+    failed = S.FailedPasswords()
+    now = 0.0
+    for i in range(20000):              # 20000 addresses, each blocked, over 100 s
+        host = "2001:db8::%x" % i
+        for _ in range(S.PASSWORD_FAILURES):
+            failed.failed(host, now)
+        assert failed.is_blocked(host, now)
+        now += 0.005
+    assert len(failed.blocked) <= 2 * (4096 + S.PASSWORD_BLOCK / 0.005)
+    assert len(failed.blocked) < 20000
