@@ -473,6 +473,9 @@ def parse_mdns_type(text):
     return value
 
 
+MDNS_TXT_LIMIT = 1300             # bytes of mdns_txt pairs (RFC 6763 §6.2), leaving room for ours
+
+
 def parse_mdns_txt(text):
     """key=value[, key=value ...] -> [(key, value)]; keys are printable
     ASCII without '=' (RFC 6763 §6.4), each pair at most 255 bytes."""
@@ -485,6 +488,11 @@ def parse_mdns_txt(text):
         if len(("%s=%s" % (key, value)).encode("utf-8")) > 255:
             raise ValueProblem("%s=... is longer than 255 bytes" % key)
         pairs.append((key, value))
+    # RFC 6763 §6.2: a TXT record over 1300 bytes is not to be used (and
+    # one over 9000 would not fit in an mDNS message at all)
+    size = sum(1 + len(("%s=%s" % pair).encode("utf-8")) for pair in pairs)
+    if size > MDNS_TXT_LIMIT:
+        raise ValueProblem("the pairs take %d bytes; a TXT record takes at most %d" % (size, MDNS_TXT_LIMIT))
     return pairs
 
 
@@ -2497,6 +2505,7 @@ MDNS_PROBE_REPEAT_GAP = 0.25     # ... or this long when it defends a name again
 MDNS_REPLY_BURST = 20            # answers sent back to back before the rate below applies
 MDNS_REPLY_RATE = 10.0           # answers per second, however many queries arrive
 DNS_MESSAGE_LIMIT = 9000         # bytes, §17: the most an mDNS message may hold
+MDNS_READ_BURST = 1              # datagrams read per wake-up: one of 9000 bytes takes ~10 ms to decode, 64 stalled the ports
 
 
 class DnsError(ValueError):
@@ -2731,7 +2740,11 @@ MDNS_NAME_ON = {
 for _state in ("probe 1", "probe 2", "probe 3"):
     MDNS_NAME_ON[(_state, "lost tiebreak")] = ("waiting", None, MDNS_TIEBREAK_WAIT)
 for _state in ("waiting", "probe 1", "probe 2", "probe 3", "announce 1", "announced"):
-    MDNS_NAME_ON[(_state, "conflict")] = ("waiting", "rename", 0.0)
+    # not while waiting to probe a new name: its probe finds out (a holder
+    # answers it), so that renames go at most at the pace of probes, which
+    # §8.1 slows down, however many claims a flood carries
+    if _state != "waiting":
+        MDNS_NAME_ON[(_state, "conflict")] = ("waiting", "rename", 0.0)
     MDNS_NAME_ON[(_state, "withdraw")] = ("withdrawn", "goodbye" if _state.startswith("announce") else None, None)
 del _state
 MDNS_OWNED = ("announce 1", "announced")     # states in which the name is ours to answer for
@@ -2866,7 +2879,7 @@ class MdnsResponder:
         out = []
         for entry in list(self.names.values()):
             event = self._conflict_in(entry, message)
-            if event is not None:
+            if (entry.state, event) in MDNS_NAME_ON:
                 out += self._step(entry, event, now)
         if not message.is_response and message.questions:
             out += self._answer(message, source, now)
@@ -2898,15 +2911,20 @@ class MdnsResponder:
         unicast reply would reach only one of them."""
         legacy = source[1] != MDNS_PORT
         probe = bool(query.authorities)
-        known = {r.key() for r in query.answers}
+        # one datagram may repeat a question or a known answer hundreds of
+        # times: each is looked at once, so a packet costs time in
+        # proportion to its size, not to its size squared
+        questions = self._unique_questions(query.questions)
+        known = {}                      # record key -> the longest TTL the querier holds it with
+        for record in query.answers:
+            known[record.key()] = max(known.get(record.key(), 0), record.ttl)
         answers, extra = [], []
         for entry in self.names.values():
             if entry.state not in MDNS_OWNED:
                 continue
             shared, unique = entry.records()
             hosts = entry.host_records()
-            for name, qtype, _ in query.questions:
-                wanted = name_key(name)
+            for wanted, qtype in questions:
                 for record in shared + unique + hosts:
                     if record.key()[0] == wanted and qtype in (record.rtype, DNS_ANY):
                         answers.append(record)
@@ -2915,7 +2933,7 @@ class MdnsResponder:
                         elif record.rtype == DNS_SRV:
                             extra += hosts
         # §7.1: a record the querier already holds with at least half its TTL left is not sent
-        answers = self._unique(r for r in answers if not self._known(r, query.answers))
+        answers = self._unique(r for r in answers if known.get(r.key(), -1) < r.ttl // 2)
         if not answers:
             return []
         if not legacy:
@@ -2937,8 +2955,8 @@ class MdnsResponder:
         return [(DnsMessage(0, DNS_RESPONSE, answers=answers, additionals=extra).wire(), None)]
 
     @staticmethod
-    def _known(record, known_answers):
-        return any(k.key() == record.key() and k.ttl >= record.ttl // 2 for k in known_answers)
+    def _unique_questions(questions):
+        return list(dict.fromkeys((name_key(name), qtype) for name, qtype, _ in questions))
 
     @staticmethod
     def _unique(records):
@@ -5674,6 +5692,7 @@ class FailedPasswords:
     def __init__(self):
         self.failures = {}      # host -> [times]
         self.blocked = {}       # host -> until
+        self.blocked_limit = 4096       # the size at which blocks that have ended are dropped
 
     def is_blocked(self, host, now):
         until = self.blocked.get(host)
@@ -5692,6 +5711,10 @@ class FailedPasswords:
         times.append(now)
         self.failures[host] = times
         if len(times) >= PASSWORD_FAILURES:
+            if len(self.blocked) >= self.blocked_limit:
+                # an address whose block has ended is forgotten here, or when it comes back
+                self.blocked = {h: until for h, until in self.blocked.items() if until > now}
+                self.blocked_limit = max(4096, 2 * len(self.blocked))
             self.blocked[host] = now + PASSWORD_BLOCK
             del self.failures[host]
             return True
@@ -6533,7 +6556,7 @@ class MdnsSocket(Handler):
         self.run_due()
 
     def on_readable(self):
-        for _ in range(UDP_READ_BURST):
+        for _ in range(MDNS_READ_BURST):
             try:
                 n, source = self.sock.recvfrom_into(self.buffer)
             except BlockingIOError:
@@ -9034,6 +9057,10 @@ refresh();
 
 STATUS_REQUEST_LIMIT = 8192
 STATUS_REQUEST_TIMEOUT = 5.0
+# requests open at once on the status endpoint: beyond this the oldest one
+# still sending its head is closed (else the new one is answered 503), so
+# that silent connections cannot take the descriptors the ports need
+STATUS_REQUESTS_MAX = 64
 
 
 class StatusEndpoint:
@@ -9046,6 +9073,8 @@ class StatusEndpoint:
     def __init__(self, server, address, retry_every=None):
         self.server = server
         self.control = None             # ControlApi, made at the first control request
+        self.requests = {}              # StatusRequest -> None: those open, oldest first
+        self.crowded, self.crowded_said = 0, -60.0     # requests closed or refused as too many; when logged
         self.listener = Listener(server.reactor, address, 16, self.on_accept, "status", retry_every,
                                  lambda listener: server.log.info(
                                      "status endpoint on http://%s/ (a web page), /status and /metrics",
@@ -9057,7 +9086,33 @@ class StatusEndpoint:
             self.server.peer_log(peer[0], INFO, "status endpoint: %s refused: not in status_allow", format_peer(peer))
             sock.close()
             return
-        StatusRequest(self, sock, peer).start()
+        if len(self.requests) >= STATUS_REQUESTS_MAX and not self._make_room(peer):
+            try:
+                sock.send(b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            except OSError:
+                pass
+            sock.close()
+            return
+        request = StatusRequest(self, sock, peer)
+        self.requests[request] = None
+        request.start()
+
+    def _make_room(self, peer):
+        """Close the oldest request still sending its head, for a new
+        connection from `peer`; False if every open one is being answered.
+        Said in the log once a minute at most, however many addresses."""
+        oldest = next((r for r in self.requests if r.request is None), None)
+        self.crowded += 1
+        now = self.server.reactor.now()
+        if now >= self.crowded_said + 60:
+            self.server.log.warning("status endpoint: %d requests open at once: the oldest still sending "
+                                    "is closed, else a new one refused (%d times since said last)",
+                                    len(self.requests), self.crowded)
+            self.crowded, self.crowded_said = 0, now
+        if oldest is None:
+            return False
+        oldest.close()
+        return True
 
     def respond(self, handler):
         """(code, content type, body) for the request of a StatusRequest,
@@ -9216,6 +9271,7 @@ class StatusRequest(Handler):
         if self.timer:
             self.timer.cancel()
             self.timer = None
+        self.endpoint.requests.pop(self, None)
         self.reactor.forget(self)
         try:
             self.sock.close()
