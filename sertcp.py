@@ -7449,7 +7449,11 @@ class ModemRole(CoreTimer):
         for action in actions:
             kind = action[0]
             if kind == "send":
-                if action[1] and port.device_state in ("open", "opening"):
+                if action[1] and port.device.tx_bytes >= DEVICE_HIGH_WATER:
+                    # a device that types without reading its echo: a real
+                    # modem's UART would lose it too; memory must not grow
+                    port.count_dropped(len(action[1]), "modem: the device does not read its echo and results")
+                elif action[1] and port.device_state in ("open", "opening"):
                     if port.trace:
                         port.trace.record(">", "(modem)", action[1])
                     port.device.write(action[1])
@@ -9229,8 +9233,9 @@ class RollingFile:
     about twice max_size.  reopen() starts anew at the same path, as after
     logrotate moved the file and sent SIGHUP.  open_file(path) opens it."""
 
-    def __init__(self, path, max_size, open_file):
+    def __init__(self, path, max_size, open_file, strict=False):
         self.path, self.max_size, self.open_file = path, max_size, open_file
+        self.strict = strict            # a failed rollover raises (else: keep writing, past max_size)
         self.file = None
         self.reopen()
 
@@ -9249,9 +9254,25 @@ class RollingFile:
                     os.replace(self.path, self.path + ".1")
                     self.reopen()
                 except OSError:
-                    pass    # keep writing where we are: losing the lines is worse than a big file
+                    if self.strict:
+                        raise
+                    # keep writing where we are: losing the lines is worse than a big file
+                else:
+                    if divisible:
+                        data = self.last_generations(data)
             if not data:
                 return
+
+    def last_generations(self, data):
+        """Of a stream about to fill the new file more than once, only what
+        ends in FILE.1 and FILE: the generations between would be replaced
+        at once, and renaming a file per max_size bytes (per byte at 1)
+        would hold up the port for minutes."""
+        limit = self.limit
+        if not limit or len(data) <= limit:
+            return data
+        tail = len(data) % limit
+        return data[-(limit + tail):] if tail else data[-limit:]
 
     def reopen(self):
         new = self.open_file(self.path)
@@ -9293,7 +9314,7 @@ class Trace:
         self.path, self.format, self.log, self.name = path, fmt, log, name
         self.file = None
         try:
-            self.file = RollingFile(path, max_size, open_trace_file)
+            self.file = RollingFile(path, max_size, open_trace_file, strict=True)   # never past max_size
         except OSError as e:
             self._fail(e)
 
