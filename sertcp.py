@@ -7379,11 +7379,13 @@ class ModemRole(CoreTimer):
         """A connection on listen: it rings, or is refused while the modem
         is busy (dialing, ringing, a call up)."""
         port = self.port
-        if self.core.mode != "command" or port.stopping:
+        missing = port.device_state not in ("open", "opening")    # nobody to ring
+        if self.core.mode != "command" or port.stopping or missing:
             port.counters["connections_total"] += 1
             port.counters["connections_rejected"] += 1
-            port.peer_log(peer[0], INFO, "[%s] client %s refused: modem busy (%s)", port.name,
-                          format_peer(peer), self.core.mode)
+            port.peer_log(peer[0], INFO, "[%s] client %s refused: %s", port.name, format_peer(peer),
+                          "device %s is not open" % port.device.label() if missing
+                          else "modem busy (%s)" % self.core.mode)
             sock.close()
             return
         port.log.info("[%s] incoming call from %s: ringing", port.name, format_peer(peer))
@@ -7413,6 +7415,13 @@ class ModemRole(CoreTimer):
             self.port.log.info("[%s] DSR went off (the device dropped DTR; AT&D%d)", self.port.name,
                                self.core.dtr_mode)
             self._event("dtr_off")
+
+    def device_lost(self):
+        """The device is gone (unplugged, hung up): as its DTR dropping
+        (AT&D decides), and a call that rings is refused -- nobody is
+        there to answer it, and it would ring on for as long as the caller
+        waits (or be answered by S0 into a missing device)."""
+        self._event("hang_up" if self.core.mode == "ringing" else "dtr_off")
 
     def virtual_peer(self, is_open):
         """A virtual port's program closed it: its DTR dropped, as a tty's does."""
@@ -7828,6 +7837,8 @@ class Port:
         self.log.warning("[%s] device %s lost: %s; reopening every %gs", self.name,
                          self.device.label(), reason, self.config.reopen_interval)
         self._device_gone("device lost with data still queued for it")
+        if self.modem:
+            self.modem.device_lost()
 
     def _device_gone(self, why):
         """Missing: what waited for it is counted, clients are read again

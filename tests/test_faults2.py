@@ -117,3 +117,25 @@ def test_a_trace_whose_directory_is_removed_is_disabled_once_and_the_port_goes_o
     assert len(re.findall(r"trace \S+ disabled", s.log())) == 1
     held = [os.readlink("/proc/%d/fd/%s" % (s.proc.pid, fd)) for fd in os.listdir("/proc/%d/fd" % s.proc.pid)]
     assert not [h for h in held if str(folder) in h], held
+
+
+# --- modem: the device unplugged while a call rings ------------------------------
+
+def test_a_call_ringing_when_the_device_is_unplugged_is_refused(sertcp, pty):
+    """The pty closed (a USB adapter pulled) while a call rang: the modem
+    went on ringing at nobody for as long as the caller waited (or
+    answered by S0 into a missing device), and took new calls while the
+    device was missing."""
+    listen, status = free_port(), free_port()
+    s = sertcp("--modem", "yes", "--listen", listen, "--status", "127.0.0.1:%d" % status, pty.path)
+    s.wait_listening(listen)
+    s.wait_log(r"device \S+ opened")
+    caller = Client(listen)
+    assert pty.read(8) == b"\r\nRING\r\n"
+    pty.close()
+    assert caller.closed_by_peer()
+    wait_for(lambda: status_of(status)["modem"]["state"] == "command", message="back in command mode")
+    assert status_of(status)["device_state"] != "open"
+    late = Client(listen)
+    assert late.closed_by_peer()
+    s.wait_log(r"refused: device \S+ is not open")
