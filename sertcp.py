@@ -3213,6 +3213,7 @@ MODEM_RESULT_CODES = {"OK": 0, "CONNECT": 1, "RING": 2, "NO CARRIER": 3, "ERROR"
 MODEM_REGISTERS = 100
 MODEM_REGISTER_DEFAULTS = {0: 0, 1: 0, 2: 43, 3: 13, 4: 10, 5: 8, 6: 2, 7: 50, 8: 2, 9: 6, 10: 14, 11: 95, 12: 50}
 MODEM_RING_INTERVAL = 2.0       # seconds between RINGs of an incoming call
+MODEM_LOOKUPS = 4               # name lookups (threads) at once; a dial beyond them fails
 MODEM_LINE_LIMIT = 255          # characters of one command line; a longer one is an ERROR
 MODEM_IGNORED = "BLMNPTWXY"     # commands taken and ignored (speaker, dial mode, result set...)
 MODEM_IGNORED_AMPERSAND = "CKSWYQM"  # &C (DCD follows carrier anyway), &K flow, &W (nothing is stored)...
@@ -7355,6 +7356,7 @@ class ModemRole(CoreTimer):
         self.dial = None
         self.generation = 0             # answers for an older dial are dropped
         self.waiting = bytearray()      # the remote's data while in online command mode
+        self.resolving = 0              # name lookups under way (threads), current or given up
 
     # -- what the port hands over --
 
@@ -7540,7 +7542,21 @@ class ModemRole(CoreTimer):
             return
         host, port_number = self.targets.pop(0)
         self.port.log.info("[%s] modem dialing %s", self.port.name, show_hostport((host, port_number)))
-        resolve_in_thread(self.port.reactor, host, port_number, self._current(self._resolved))
+        if not is_ip_literal(host) and self.resolving >= MODEM_LOOKUPS:
+            # dials given up (a key, S7) whose lookups still hang: a device
+            # dialing in a loop must not start a thread per dial
+            self.port.log.warning("[%s] modem dial: %d name lookups still under way; not resolving %s",
+                                  self.port.name, self.resolving, host)
+            self.refused_only = False
+            self._next_target()
+            return
+        answer = self._current(self._resolved)
+
+        def resolved(result, error):
+            self.resolving -= 1
+            answer(result, error)
+        self.resolving += 1
+        resolve_in_thread(self.port.reactor, host, port_number, resolved)
 
     def _current(self, callback):
         """callback(result, error) for the step under way; an answer that

@@ -139,3 +139,42 @@ def test_a_call_ringing_when_the_device_is_unplugged_is_refused(sertcp, pty):
     late = Client(listen)
     assert late.closed_by_peer()
     s.wait_log(r"refused: device \S+ is not open")
+
+
+# --- modem: a device that dials a slow name in a loop ----------------------------
+
+SLOW_RESOLVER = '''
+import _socket, time
+_real = _socket.getaddrinfo
+def _slow(host, *args, **kw):
+    name = host.decode() if isinstance(host, bytes) else host
+    if name and name.endswith(".slow"):       # a name server that does not answer
+        time.sleep(30)
+        raise _socket.gaierror(-2, "no answer")
+    return _real(host, *args, **kw)
+_socket.getaddrinfo = _slow
+'''
+
+
+def test_dials_given_up_while_a_name_resolves_do_not_pile_up_threads(sertcp, pty, tmp_path):
+    """ATD to a name whose lookup hangs, a key (NO CARRIER), again: each
+    dial started a lookup thread that lingered until the resolver gave up
+    (200 dials in 2 s: 201 threads); now at most MODEM_LOOKUPS run, and a
+    dial beyond them fails at once."""
+    (tmp_path / "slowdns").mkdir()
+    (tmp_path / "slowdns" / "sitecustomize.py").write_text(SLOW_RESOLVER)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "slowdns"))
+    s = sertcp("--modem", "yes", pty.path, env=env)
+    s.wait_log(r"device \S+ opened")
+    lookups = getattr(sertcp_module, "MODEM_LOOKUPS", 4)
+    pty.write(b"ATE0\r")
+    assert pty.read(11) == b"ATE0\r\r\nOK\r\n"
+    for n in range(12):
+        pty.write(b"ATDhost.slow:1\r")
+        s.wait_log(r"modem dialing host\.slow:1", count=n + 1)
+        if n < lookups:
+            pty.write(b"x")             # a key gives the dial up; the lookup goes on
+        assert pty.read(14) == b"\r\nNO CARRIER\r\n"
+    threads = len(os.listdir("/proc/%d/task" % s.proc.pid))
+    assert threads <= 1 + lookups
+    s.wait_log(r"name lookups still under way")
