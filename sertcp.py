@@ -3231,6 +3231,7 @@ MODEM_RESULT_CODES = {"OK": 0, "CONNECT": 1, "RING": 2, "NO CARRIER": 3, "ERROR"
 MODEM_REGISTERS = 100
 MODEM_REGISTER_DEFAULTS = {0: 0, 1: 0, 2: 43, 3: 13, 4: 10, 5: 8, 6: 2, 7: 50, 8: 2, 9: 6, 10: 14, 11: 95, 12: 50}
 MODEM_RING_INTERVAL = 2.0       # seconds between RINGs of an incoming call
+MODEM_LOOKUPS = 4               # name lookups (threads) at once; a dial beyond them fails
 MODEM_LINE_LIMIT = 255          # characters of one command line; a longer one is an ERROR
 MODEM_IGNORED = "BLMNPTWXY"     # commands taken and ignored (speaker, dial mode, result set...)
 MODEM_IGNORED_AMPERSAND = "CKSWYQM"  # &C (DCD follows carrier anyway), &K flow, &W (nothing is stored)...
@@ -7378,6 +7379,7 @@ class ModemRole(CoreTimer):
         self.dial = None
         self.generation = 0             # answers for an older dial are dropped
         self.waiting = bytearray()      # the remote's data while in online command mode
+        self.resolving = 0              # name lookups under way (threads), current or given up
 
     # -- what the port hands over --
 
@@ -7402,11 +7404,13 @@ class ModemRole(CoreTimer):
         """A connection on listen: it rings, or is refused while the modem
         is busy (dialing, ringing, a call up)."""
         port = self.port
-        if self.core.mode != "command" or port.stopping:
+        missing = port.device_state not in ("open", "opening")    # nobody to ring
+        if self.core.mode != "command" or port.stopping or missing:
             port.counters["connections_total"] += 1
             port.counters["connections_rejected"] += 1
-            port.peer_log(peer[0], INFO, "[%s] client %s refused: modem busy (%s)", port.name,
-                          format_peer(peer), self.core.mode)
+            port.peer_log(peer[0], INFO, "[%s] client %s refused: %s", port.name, format_peer(peer),
+                          "device %s is not open" % port.device.label() if missing
+                          else "modem busy (%s)" % self.core.mode)
             sock.close()
             return
         port.log.info("[%s] incoming call from %s: ringing", port.name, format_peer(peer))
@@ -7436,6 +7440,13 @@ class ModemRole(CoreTimer):
             self.port.log.info("[%s] DSR went off (the device dropped DTR; AT&D%d)", self.port.name,
                                self.core.dtr_mode)
             self._event("dtr_off")
+
+    def device_lost(self):
+        """The device is gone (unplugged, hung up): as its DTR dropping
+        (AT&D decides), and a call that rings is refused -- nobody is
+        there to answer it, and it would ring on for as long as the caller
+        waits (or be answered by S0 into a missing device)."""
+        self._event("hang_up" if self.core.mode == "ringing" else "dtr_off")
 
     def virtual_peer(self, is_open):
         """A virtual port's program closed it: its DTR dropped, as a tty's does."""
@@ -7472,7 +7483,11 @@ class ModemRole(CoreTimer):
         for action in actions:
             kind = action[0]
             if kind == "send":
-                if action[1] and port.device_state in ("open", "opening"):
+                if action[1] and port.device.tx_bytes >= DEVICE_HIGH_WATER:
+                    # a device that types without reading its echo: a real
+                    # modem's UART would lose it too; memory must not grow
+                    port.count_dropped(len(action[1]), "modem: the device does not read its echo and results")
+                elif action[1] and port.device_state in ("open", "opening"):
                     if port.trace:
                         port.trace.record(">", "(modem)", action[1])
                     port.device.write(action[1])
@@ -7550,7 +7565,21 @@ class ModemRole(CoreTimer):
             return
         host, port_number = self.targets.pop(0)
         self.port.log.info("[%s] modem dialing %s", self.port.name, show_hostport((host, port_number)))
-        resolve_in_thread(self.port.reactor, host, port_number, self._current(self._resolved))
+        if not is_ip_literal(host) and self.resolving >= MODEM_LOOKUPS:
+            # dials given up (a key, S7) whose lookups still hang: a device
+            # dialing in a loop must not start a thread per dial
+            self.port.log.warning("[%s] modem dial: %d name lookups still under way; not resolving %s",
+                                  self.port.name, self.resolving, host)
+            self.refused_only = False
+            self._next_target()
+            return
+        answer = self._current(self._resolved)
+
+        def resolved(result, error):
+            self.resolving -= 1
+            answer(result, error)
+        self.resolving += 1
+        resolve_in_thread(self.port.reactor, host, port_number, resolved)
 
     def _current(self, callback):
         """callback(result, error) for the step under way; an answer that
@@ -7847,6 +7876,8 @@ class Port:
         self.log.warning("[%s] device %s lost: %s; reopening every %gs", self.name,
                          self.device.label(), reason, self.config.reopen_interval)
         self._device_gone("device lost with data still queued for it")
+        if self.modem:
+            self.modem.device_lost()
 
     def _device_gone(self, why):
         """Missing: what waited for it is counted, clients are read again
@@ -9285,8 +9316,9 @@ class RollingFile:
     about twice max_size.  reopen() starts anew at the same path, as after
     logrotate moved the file and sent SIGHUP.  open_file(path) opens it."""
 
-    def __init__(self, path, max_size, open_file):
+    def __init__(self, path, max_size, open_file, strict=False):
         self.path, self.max_size, self.open_file = path, max_size, open_file
+        self.strict = strict            # a failed rollover raises (else: keep writing, past max_size)
         self.file = None
         self.reopen()
 
@@ -9305,9 +9337,25 @@ class RollingFile:
                     os.replace(self.path, self.path + ".1")
                     self.reopen()
                 except OSError:
-                    pass    # keep writing where we are: losing the lines is worse than a big file
+                    if self.strict:
+                        raise
+                    # keep writing where we are: losing the lines is worse than a big file
+                else:
+                    if divisible:
+                        data = self.last_generations(data)
             if not data:
                 return
+
+    def last_generations(self, data):
+        """Of a stream about to fill the new file more than once, only what
+        ends in FILE.1 and FILE: the generations between would be replaced
+        at once, and renaming a file per max_size bytes (per byte at 1)
+        would hold up the port for minutes."""
+        limit = self.limit
+        if not limit or len(data) <= limit:
+            return data
+        tail = len(data) % limit
+        return data[-(limit + tail):] if tail else data[-limit:]
 
     def reopen(self):
         new = self.open_file(self.path)
@@ -9349,7 +9397,7 @@ class Trace:
         self.path, self.format, self.log, self.name = path, fmt, log, name
         self.file = None
         try:
-            self.file = RollingFile(path, max_size, open_trace_file)
+            self.file = RollingFile(path, max_size, open_trace_file, strict=True)   # never past max_size
         except OSError as e:
             self._fail(e)
 
