@@ -10,19 +10,19 @@ The file reads top to bottom; each section uses only the ones above it:
     1. constants
     2. config       - the schema (every key once), INI and flag parsing,
                       validation, --check output, the example file
-    3. cores        - sans-I/O: packer, client-selection policies, identity
+    3. cores        - sans-I/O (bytes, times and settings in; bytes,
+                      events and actions out; no sockets, no clocks):
+                      packer, client-selection policies, identity
                       matcher, Telnet codec (RFC 854/855/1143), RFC 2217
                       encoders and per-connection state, Modbus (MBAP,
                       RTU framing, the bus scheduler), DNS-SD (multicast
                       DNS messages and the responder: probe, announce,
                       rename, answer), the device side (the RS-485
                       struct, the USB identity matcher, modem lines),
-                      and the port's state machines: device life
-                      (DEVICE_STATE_ON), the back-pressure rule,
-                      admission, the dial plan; Hayes AT commands
+                      the port's state machines as tables (device life
+                      DEVICE_STATE_ON, the back-pressure rule,
+                      admission, the dial plan), and Hayes AT commands
                       (the modem emulation's command and online modes)
-                      (bytes, times and settings in; bytes, events and
-                      actions out; no sockets, no clocks)
     4. reactor      - the Handler contract; one selector loop with a
                       timer heap
     5. endpoints    - names and dialing; serial devices (tty, URL through
