@@ -9070,6 +9070,7 @@ function render(s) {
     var before = seen[p.name], read = Date.now() / 1000, rows = [];
     Object.keys(p).forEach(function (k) {
       if (typeof p[k] != "number" || k == "updated") return;
+      if (/^(udp|modem|monitor)_/.test(k) && !p[k.split("_")[0]]) return;   // a side the port does not have
       rows.push([k, p[k], before ? Math.round((p[k] - before.p[k]) / (read - before.read)) : ""]);
     });
     table(d, ["counter", "total", "per s"], rows);

@@ -140,6 +140,7 @@ listen = 127.0.0.1:%d
 [%s]
 device = %s
 listen = 127.0.0.1:%d
+udp_send_to = 127.0.0.1:9
 """ % (status, meter.path, port, HOSTILE, other.path, port2))
     s.wait_log(r"\[meter\] device \S+ opened")
     c = Client(port)
@@ -156,6 +157,9 @@ listen = 127.0.0.1:%d
         assert first.count("<script>") == 1                                          # only the page's own
         before = counter_in(box, "bytes_from_device")
         assert '<td>bytes_from_device</td><td class="n">%d</td><td></td>' % before in box  # no rate yet
+        # the counters of a side a port has (UDP on the other one), not of those it has not
+        assert "udp_datagrams_out" not in box and "modem_rings" not in box and "monitor_bytes_dropped" not in box
+        assert "<td>udp_datagrams_out</td>" in first
         meter.write(b"0123456789" * 10)
         assert c.recv(100) == b"0123456789" * 10
         # long enough for the page to read /status again (every 3 s): rates appear
