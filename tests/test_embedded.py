@@ -334,25 +334,42 @@ def test_openwrt_script_compiles_the_bytecode_without_urllib(tmp_path):
     assert run_step()[0].stat().st_mtime_ns > compiled_at
 
 
-# where a syslog daemon holds /dev/log, sertcp writes there and this cannot listen in;
-# CI's container has none, so there it always runs
-@pytest.mark.skipif(os.path.exists("/dev/log"), reason="a syslog daemon holds /dev/log here; this reads UDP 514")
-def test_syslog_lines_without_the_logging_package(sertcp, pty, tmp_path):
-    """log = syslog writes RFC 3164 datagrams itself (to /dev/log, or to
-    UDP 514 on localhost where there is none, as logging did)."""
+def syslog_lines(sertcp, pty, tmp_path, receiver, devlog):
+    """Start sertcp with log = syslog (SERTCP_DEVLOG = devlog); the
+    datagrams `receiver` got up to a client's disconnection."""
+    receiver.settimeout(10)
+    port = free_port()
+    env = dict(env_without(tmp_path), SERTCP_DEVLOG=str(devlog))
+    s = sertcp(pty.path, "--listen", "127.0.0.1:%d" % port, "--log", "syslog", env=env)
+    lines = []
+    while not any(b"listening on" in line for line in lines):
+        lines.append(receiver.recv(4096))
+    assert b"<14>sertcp[%d]: INFO [cli] listening on 127.0.0.1:%d\x00" % (s.proc.pid, port) in lines
+    Client(port).close()
+    while not any(b"disconnected" in line for line in lines):
+        lines.append(receiver.recv(4096))
+    return lines
+
+
+def test_syslog_lines_to_dev_log_without_the_logging_package(sertcp, pty, tmp_path):
+    """log = syslog writes RFC 3164 datagrams itself to the syslog
+    daemon's socket (here one of the test's own in place of /dev/log)."""
+    devlog = tmp_path / "log"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(devlog))
+    try:
+        syslog_lines(sertcp, pty, tmp_path, receiver, devlog)
+    finally:
+        receiver.close()
+
+
+def test_syslog_lines_to_udp_514_where_there_is_no_dev_log(sertcp, pty, tmp_path):
+    """Without the daemon's socket, UDP port 514 of localhost, as logging's
+    SysLogHandler did."""
     receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     assert os.geteuid() == 0, "binding UDP port 514 needs root (CI runs as root)"
     receiver.bind(("127.0.0.1", 514))
-    receiver.settimeout(10)
-    port = free_port()
     try:
-        s = sertcp(pty.path, "--listen", "127.0.0.1:%d" % port, "--log", "syslog", env=env_without(tmp_path))
-        lines = []
-        while not any(b"listening on" in line for line in lines):
-            lines.append(receiver.recv(4096))
-        assert b"<14>sertcp[%d]: INFO [cli] listening on 127.0.0.1:%d\x00" % (s.proc.pid, port) in lines
-        Client(port).close()
-        while not any(b"disconnected" in line for line in lines):
-            lines.append(receiver.recv(4096))
+        syslog_lines(sertcp, pty, tmp_path, receiver, tmp_path / "no-such-socket")
     finally:
         receiver.close()

@@ -17,7 +17,7 @@ import tty
 
 import pytest
 
-from conftest import Client, Pty, closing_factory, free_port
+from conftest import Client, closing_factory, free_port, need_ipv6_loopback, Pty
 
 LOCALHOST = "127.0.0.1"
 
@@ -349,12 +349,8 @@ def test_peer_that_accepts_and_closes_at_once_gets_backoff(pty, sertcp, peer_ser
 
 
 def test_ipv6_connect(pty, sertcp, peer_server):
-    if not socket.has_ipv6:
-        pytest.skip("no IPv6")
-    try:
-        peer = peer_server(host="::1")
-    except OSError as e:
-        pytest.skip("cannot listen on [::1]: %s" % e)
+    need_ipv6_loopback()
+    peer = peer_server(host="::1")
     s = sertcp("--connect", "[::1]:%d" % peer.port, "--connect-id", "v6", pty.path)
     conn = peer.accept()
     assert conn.recv(2) == b"v6"

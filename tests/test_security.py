@@ -15,7 +15,7 @@ import warnings
 import pytest
 
 from certs import TlsClient, TlsServer, certs, recv_exactly, refused_in_tls  # noqa: F401 (fixture)
-from conftest import free_port, http_get, ipv6_loopback, run_sertcp
+from conftest import free_port, http_get, need_ipv6_loopback, run_sertcp
 
 EVERY_BYTE = bytes(range(256))
 SECRET = "Sw0rdf1sh-7f3a"          # distinctive, so that a leak is easy to find
@@ -430,8 +430,8 @@ def test_allow_cidr_and_lists(serve, pty, clients):
         assert pty.read(2) == b"ok"
 
 
-@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback")
 def test_allow_ipv6(serve, pty_factory, clients):
+    need_ipv6_loopback()
     yes, no = pty_factory(), pty_factory()
     s, port = serve(yes.path, "--allow", "::1/128", host="::1")
     c = clients(port, host="::1")

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import Background, free_port, ipv6_loopback, log_count, random_bytes, wait_for
+from conftest import Background, free_port, log_count, need_ipv6_loopback, random_bytes, wait_for
 
 CONNECTED = r"\[cli\] client \S+ connected"
 DISCONNECTED = r"\[cli\] client \S+ disconnected"
@@ -416,8 +416,8 @@ def test_device_data_keeps_the_connection_open(serve, pty, clients):
 
 # --- IPv6 -------------------------------------------------------------------------
 
-@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback")
 def test_listen_on_ipv6_loopback(sertcp, pty, clients):
+    need_ipv6_loopback()
     port = free_port("::1")
     s = sertcp("--listen", "[::1]:%d" % port, pty.path)
     s.wait_log(r"\[cli\] listening on \[::1\]:%d" % port)
@@ -430,8 +430,8 @@ def test_listen_on_ipv6_loopback(sertcp, pty, clients):
     assert pty.read(4) == b"back"
 
 
-@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback")
 def test_a_bare_port_listens_on_ipv4_and_ipv6(sertcp, pty, clients):
+    need_ipv6_loopback()
     with socket.socket(socket.AF_INET6) as probe:  # a port free on every address
         probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         probe.bind(("::", 0))

@@ -17,7 +17,8 @@ import time
 
 import pytest
 
-from conftest import SERTCP, closing_factory, free_port, http_get, ipv6_loopback, need_programs, run_sertcp, wait_for
+from conftest import (SERTCP, closing_factory, free_port, http_get, need_ipv6_loopback, need_programs, run_sertcp,
+                      wait_for)
 
 
 def udp_port(host="127.0.0.1"):
@@ -423,8 +424,8 @@ def test_a_peer_that_is_gone_is_counted_while_another_keeps_receiving(sertcp, pt
 
 # --- IPv6, and a listener on every address -------------------------------
 
-@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback on this machine")
 def test_ipv6_both_ways(sertcp, pty):
+    need_ipv6_loopback()
     with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as r:
         r.bind(("::1", 0))
         r.settimeout(10)
@@ -444,10 +445,10 @@ def test_ipv6_both_ways(sertcp, pty):
             r.recvfrom(100)
 
 
-@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback on this machine")
 def test_a_listener_on_every_address_answers_ipv4_peers_from_its_own_port(sertcp, pty, receivers):
     """No host: one dual-stack socket; IPv4 peers are reached through it
     (as IPv4-mapped addresses), so the answer comes from udp_listen."""
+    need_ipv6_loopback()
     listen = udp_port()
     r = receivers()
     start_udp(sertcp, pty, "--udp-listen", str(listen), "--udp-send-to", r.address, "--udp-reply", "yes")
