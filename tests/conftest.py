@@ -44,6 +44,17 @@ def need_ipv6_loopback():
         raise AssertionError("this test needs the IPv6 loopback ::1: %s" % e)
 
 
+class Peer:
+    """A client or connection as a sans-I/O core sees it: only its
+    identity matters (the cores' unit tests)."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __repr__(self):
+        return self.name
+
+
 def random_bytes(rnd, n):
     """n bytes from the random.Random rnd, as rnd.randbytes(n) gives them
     on Python 3.9+ (the tests run on 3.8 too)."""

@@ -7,23 +7,13 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, Peer
 
 sys.path.insert(0, str(ROOT))
 import sertcp as core  # noqa: E402  (the module under test)
 
 
 # --- send_to / receive_from: the client-selection policies --------------------
-
-class Peer:
-    """A connection as the policies see it: only its identity matters."""
-
-    def __init__(self, name):
-        self.name = name
-
-    def __repr__(self):
-        return self.name
-
 
 OLDEST, MIDDLE, NEWEST = Peer("oldest"), Peer("middle"), Peer("newest")
 CLIENTS = [OLDEST, MIDDLE, NEWEST]         # in the order they connected

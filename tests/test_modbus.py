@@ -9,21 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import ROOT
+from conftest import ROOT, Peer
 
 sys.path.insert(0, str(ROOT))
 import sertcp as core  # noqa: E402  (the module under test)
 from sertcp import mbap_frame, rtu_frame  # noqa: E402
-
-
-class Peer:
-    """A client as the core sees it: only its identity matters."""
-
-    def __init__(self, name):
-        self.name = name
-
-    def __repr__(self):
-        return self.name
 
 
 A, B = Peer("A"), Peer("B")
